@@ -1,0 +1,66 @@
+"""The ``t2v`` command: one subcommand per entry point, each forwarding to that module's ``main(argv)``.
+
+    t2v demo                       # the main job: re-training flow on embedded defaults
+    t2v corpus --output runs/corpus
+    t2v curate --input runs/corpus/manifest.csv --output runs/curated
+    t2v train --config my.yaml
+    t2v sample --checkpoint ckpt.pt --prompt "a red circle moving left" --out out.mp4
+    t2v evaluate ... | t2v flow ... | t2v bench curate|model|train | t2v test
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# subcommand -> (module with main(argv), one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("flows.demo", "run the main job (re-training flow) on embedded defaults and print where results are"),
+    "corpus": ("pipelines.shapes", "generate the synthetic 'shapes' video/image corpus"),
+    "curate": ("pipelines.curate", "decode, filter, route and shard a corpus with Ray Data"),
+    "train": ("pipelines.train", "train the TF-T2V UNet with Ray Train + DeepSpeed"),
+    "sample": ("model.sample", "generate a video from a prompt with a checkpoint"),
+    "evaluate": ("flows.evaluate", "evaluate a model on a prompt set and log to MLflow"),
+    "flow": ("flows.retrain", "run or serve the scheduled re-training flow"),
+    "bench": ("flows.bench", "run a benchmark (curate | model | train) and print its figures"),
+}
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_tests(argv: list[str]) -> int:
+    """``t2v test [pytest args]``: the whole suite (what CI runs)."""
+    cmd = [sys.executable, "-m", "pytest", str(ROOT / "tests"), *argv]
+    print("+", " ".join(cmd), flush=True)
+    return subprocess.call(cmd, cwd=ROOT)
+
+
+def usage() -> str:
+    lines = ["usage: t2v <command> [args]  (t2v <command> --help for its options)", "", "commands:"]
+    lines += [f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines.append(f"  {'test':<9} run the test suite (arguments go to pytest)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name == "test":
+        return run_tests(rest)
+    if name not in COMMANDS:
+        print(f"t2v: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    module = importlib.import_module(COMMANDS[name][0])
+    result = module.main(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""The generated corpus is deterministic, real media, labelled truthfully, and the detector reads it back."""
+
+import csv
+
+import numpy as np
+import pytest
+
+from model import media
+from pipelines import shapes
+
+
+def read_manifest(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_corpus_files_are_real_media_with_truthful_labels(shapes_corpus):
+    rows = read_manifest(shapes_corpus)
+    videos = [r for r in rows if r["kind"] == "video"]
+    images = [r for r in rows if r["kind"] == "image"]
+    assert len(videos) == 8 and len(images) == 6
+    assert sum(1 for r in videos if r["caption"] == "") == 2  # text_free_fraction 0.25 of 8
+    for r in videos:
+        info = media.probe(r["path"])
+        stream = info["streams"][0]
+        assert stream["codec_name"] == "h264" and (stream["width"], stream["height"]) == (32, 32)
+        frames = media.decode_video_file(r["path"])
+        assert frames.shape == (24, 32, 32, 3)  # 2 s at 12 fps
+        found = shapes.detect(frames)
+        assert (found.colour, found.direction) == (r["colour"], r["direction"]), r
+        if r["caption"]:
+            assert r["caption"] == f"a {r['colour']} {r['shape']} moving {r['direction']}"
+    for r in images:
+        image = media.decode_image(open(r["path"], "rb").read())
+        assert shapes.detect(image).colour == r["colour"]
+        assert r["caption"] == f"a {r['colour']} {r['shape']}"
+    combos = {(r["colour"], r["shape"], r["direction"]) for r in videos}
+    assert not combos & set(shapes.HELDOUT), "held-out combinations must not appear in the corpus"
+
+
+def test_generation_is_deterministic(tmp_path):
+    cfg = shapes.CorpusConfig(num_videos=3, num_images=2, width=32, height=32, seconds=1.0, seed=3)
+    a = shapes.generate(cfg, tmp_path / "a", progress=False)
+    b = shapes.generate(cfg, tmp_path / "b", progress=False)
+    rows_a, rows_b = read_manifest(a), read_manifest(b)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "path"} for r in rows]  # noqa: E731
+    assert strip(rows_a) == strip(rows_b)
+    for ra, rb in zip(rows_a, rows_b):
+        assert open(ra["path"], "rb").read() == open(rb["path"], "rb").read()
+    other = shapes.generate(shapes.CorpusConfig(num_videos=3, num_images=2, width=32, height=32, seconds=1.0, seed=4),
+                            tmp_path / "c", progress=False)
+    assert strip(read_manifest(other)) != strip(rows_a)
+
+
+@pytest.mark.parametrize("direction", shapes.DIRECTIONS)
+def test_detector_reads_direction_and_colour_from_rendered_frames(direction):
+    frames = shapes.render_video("green", "triangle", direction, 48, 40, 8)
+    found = shapes.detect(frames)
+    assert found.colour == "green" and found.direction == direction
+
+
+def test_detector_reports_no_motion_and_no_shape():
+    still = np.repeat(shapes.render_image("blue", "square", 32, 32)[None], 6, axis=0)
+    assert shapes.detect(still).direction is None and shapes.detect(still).colour == "blue"
+    empty = np.full((4, 16, 16, 3), 24, np.uint8)
+    assert shapes.detect(empty).colour is None
+
+
+def test_bad_config_values_are_rejected_with_the_key_named(tmp_path):
+    from model.configuration import ConfigError
+
+    with pytest.raises(ConfigError, match="text_free_fraction"):
+        shapes.main(["--output", str(tmp_path), "--set", "text_free_fraction=2"])
+    with pytest.raises(ConfigError, match="unknown setting"):
+        shapes.main(["--output", str(tmp_path), "--set", "num_vidoes=3"])
+
+
+def test_heldout_prompts_cycle_over_heldout_combinations():
+    prompts = shapes.heldout_prompts(10)
+    assert len(prompts) == 10
+    assert all((c, s, d) in shapes.HELDOUT and p == shapes.caption_for(c, s, d) for p, c, s, d in prompts)

@@ -62,10 +62,7 @@ def load(cls: type[T], path: str | Path | None = None, overrides: typing.Iterabl
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example --set num_frames=16")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+        value = _parse_value(raw)
         _set_dotted(data, key.strip(), value)
     return from_dict(cls, data)
 
@@ -148,6 +145,22 @@ def check_choice(name: str, value: Any, choices: typing.Iterable[Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+
+
+# YAML 1.1 reads these as booleans; on the command line they are far more often option values (e.g. a mode).
+_YAML11_BOOLEAN_WORDS = {"on", "off", "yes", "no", "y", "n"}
+
+
+def _parse_value(raw: str) -> Any:
+    """A ``--set`` value as YAML (numbers, lists, null, true/false), except that on/off/yes/no stay strings."""
+    if not raw.strip():
+        return ""
+    if raw.strip().lower() in _YAML11_BOOLEAN_WORDS:
+        return raw.strip()
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
 
 
 def _join(where: str, name: str) -> str:

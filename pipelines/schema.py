@@ -5,8 +5,13 @@ member names. Layout of a curation output directory::
 
     <out>/shards/<kind>/<kind>-000000.tar       WebDataset tar, one per ~``maxcount`` samples / ``maxsize`` bytes
     <out>/shards/<kind>/<kind>-000000.parquet   index of that tar: one row per sample (key + metadata columns)
-    <out>/ledger.parquet                        one row per input: accepted | rejected, stage, reason, keys
+    <out>/ledger.parquet/                       parquet dataset (part files): one row per input, accepted | rejected,
+                                                stage, reason, keys (read with pipelines.ledger.read_ledger)
     <out>/summary.json                          counts per stage / kind / rejection reason, throughput
+    <out>/curate_config.yaml, .curate.lock      the resolved curation config; a lock against concurrent runs
+
+Shard file names carry the curation run id (``<kind>-<run>-000000.tar``), so an incremental run adds shards
+without touching earlier ones.
 
 A sample (members of the tar, grouped by ``__key__``)::
 
@@ -135,6 +140,10 @@ def decode_sample(raw: dict[str, Any]) -> Sample:
     media = raw.get(media_member(meta.kind))
     if media is None:
         raise KeyError(f"sample {key} has no {media_member(meta.kind)} member")
+    if not isinstance(media, (bytes, bytearray, memoryview)):
+        raise TypeError(
+            f"sample {key}: the {media_member(meta.kind)} member was already decoded ({type(media).__name__}); "
+            "read shards with raw bytes, e.g. ray.data.read_webdataset(paths, decoder=None)")
     caption = raw.get("txt")
     if isinstance(caption, bytes):
         caption = caption.decode("utf-8")

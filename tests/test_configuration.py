@@ -67,3 +67,15 @@ def test_flatten_and_dump_redact_secrets():
     assert "hunter2" not in str(flat) and "sk-live-123" not in str(flat)
     dumped = configuration.dump(cfg)
     assert "sk-live-123" not in dumped and "hunter2" not in dumped and "steps: 10" in dumped
+
+
+def test_on_off_words_stay_strings_for_option_values():
+    @dataclasses.dataclass
+    class Modes:
+        mode: Literal["on", "off", "auto"] = "auto"
+        flag: bool = False
+
+    assert configuration.load(Modes, None, ["mode=off"]).mode == "off"
+    assert configuration.load(Modes, None, ["flag=true"]).flag is True
+    with pytest.raises(ConfigError, match="expected true or false"):
+        configuration.load(Modes, None, ["flag=yes"])

@@ -1,0 +1,289 @@
+"""python -m model.bench [--set sizes=[tiny,small] --set batch=1 --set repeats=3 --set frames=4 --set device=auto]
+
+Model benchmark (also ``t2v bench model``). Prints:
+1. forward+backward time per sample and peak memory of the first training step (TF-T2V loss) for the timed sizes,
+   with ratios against the first (baseline) size measured in the same run;
+2. parameter counts (UNet total / temporal / spatial, frozen encoders) of every registered size, built on the
+   meta device so the 1.7B model costs no memory;
+3. the estimated per-GPU training memory of ``modelscope-1.7b`` under DeepSpeed ZeRO-1/2/3 on ``gpus`` GPUs at bf16.
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above the allocation before the step; on CPU, the
+process's peak resident set (Linux VmHWM, reset through /proc/self/clear_refs before the step) above its resident
+set before the step. Both include activations, gradients and temporaries, not the model weights already held.
+On CPU, ``small`` (240M parameters, SD-VAE latents) takes minutes per step and several GiB: ``--set frames=2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+
+from model import configuration
+from model.configuration import check
+
+GIB = 1024 ** 3
+
+
+@dataclass
+class BenchConfig:
+    sizes: list[str] = field(default_factory=lambda: ["tiny", "small"])  # timed; the first is the baseline
+    batch: int = 1
+    repeats: int = 3                          # timed steps after one warm-up step
+    device: str = "auto"                      # auto | cpu | cuda
+    big: str = "modelscope-1.7b"              # the size whose training memory is estimated
+    gpus: int = 8                             # data-parallel GPUs sharing the ZeRO partitions
+    seed: int = 0
+    frames: int | None = None                 # override num_frames of the timed sizes (quicker CPU runs)
+
+    def __post_init__(self) -> None:
+        check(bool(self.sizes), "sizes is empty: name at least one registered size, e.g. --set sizes=[tiny]")
+        check(self.batch >= 1, f"batch={self.batch}: must be >= 1")
+        check(self.repeats >= 1, f"repeats={self.repeats}: must be >= 1")
+        check(self.gpus >= 1, f"gpus={self.gpus}: must be >= 1")
+        check(self.frames is None or self.frames >= 1, f"frames={self.frames}: must be >= 1 (or null for the size's own)")
+        check(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+              f"device={self.device!r}: use auto, cpu or cuda")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Peak memory of one step
+
+
+class PeakMemory:
+    """Peak bytes above the starting point while the ``with`` block runs (see the module docstring)."""
+
+    def __init__(self, device):
+        import torch
+
+        self.cuda = torch.device(device).type == "cuda"
+        self.method = ("torch.cuda.max_memory_allocated above the pre-step allocation" if self.cuda
+                       else "peak RSS (VmHWM reset via /proc/self/clear_refs) above pre-step RSS")
+        self.peak = 0
+
+    def __enter__(self):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            self.can_reset = _reset_hwm()
+            if not self.can_reset:
+                self.method = "peak RSS (ru_maxrss; cannot reset, so an upper bound) above pre-step RSS"
+            self.start = _status_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.start
+        else:
+            self.peak = _status_kib("VmHWM") * 1024 - self.start
+        return False
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")            # Linux >= 4.0: reset the peak resident set size to the current one
+        return True
+    except OSError:
+        return False
+
+
+def _status_kib(key: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss        # KiB on Linux
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measurements
+
+
+def latent_downsample(model_cfg) -> int:
+    """Pixels per latent (without loading the VAE): 1 in pixel space, 8 for the Stable Diffusion VAE."""
+    return 1 if model_cfg.encoders.first_stage == "identity" else 8
+
+
+def time_train_step(model_cfg, batch: int, repeats: int, device: str, seed: int = 0) -> dict:
+    """Seconds per sample of forward + TF-T2V loss + backward, and the step's peak memory."""
+    import torch
+
+    from model.diffusion import Schedule, sample_timesteps, training_losses
+    from model.unet import UNet3D
+
+    torch.manual_seed(seed)
+    u, d = model_cfg.unet, latent_downsample(model_cfg)
+    unet = UNet3D(u).to(device).train()
+    schedule = Schedule.from_config(model_cfg.diffusion)
+    x0 = torch.randn(batch, u.in_channels, model_cfg.num_frames, model_cfg.height // d, model_cfg.width // d,
+                     device=device)                                          # [b, c, f, h, w]
+    cond = {"context": torch.randn(batch, u.num_text_tokens, u.context_dim, device=device)}
+    if u.image_embed_dim:
+        cond["image_embedding"] = torch.randn(batch, u.image_embed_dim, device=device)
+
+    cuda = torch.device(device).type == "cuda"
+
+    def step() -> None:
+        t = sample_timesteps(batch, schedule.num_timesteps, device=device)
+        # On GPUs training runs in bf16 mixed precision, so time that; CPUs run fp32.
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            out = training_losses(unet, x0, t, model_cfg.diffusion, schedule=schedule, **cond)
+        out["loss"].backward()
+        unet.zero_grad(set_to_none=True)
+
+    # Memory is measured on the first step: afterwards the allocator (glibc on CPU) keeps freed blocks resident,
+    # so later steps would not raise the peak above the pre-step level. That step also warms up the timing.
+    peak = PeakMemory(device)
+    with peak:
+        step()
+    sync = torch.cuda.synchronize if peak.cuda else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    sync()
+    seconds = (time.perf_counter() - start) / repeats
+    return {"sec_per_sample": seconds / batch, "peak_bytes": peak.peak, "memory_method": peak.method,
+            "input": list(x0.shape), "precision": "bf16 autocast" if cuda else "fp32"}
+
+
+def count_parameters(model_cfg) -> dict:
+    """Parameter counts on the meta device (no memory): UNet total/temporal/spatial, CLIP text/vision, VAE."""
+    import torch
+
+    from model.encoders import register_project_clip_configs
+    from model.unet import UNet3D
+
+    with torch.device("meta"):
+        counts = dict(UNet3D(model_cfg.unet).parameter_counts())
+    import open_clip
+
+    register_project_clip_configs()
+    with torch.device("meta"):
+        clip = open_clip.create_model(model_cfg.encoders.clip_model, device="meta",
+                                      force_image_size=model_cfg.encoders.clip_image_size)
+    vision = sum(p.numel() for p in clip.visual.parameters())
+    counts["clip_text"] = sum(p.numel() for p in clip.parameters()) - vision
+    counts["clip_vision"] = vision
+    counts["vae"] = 0
+    if model_cfg.encoders.first_stage == "sd_vae":
+        from diffusers import AutoencoderKL
+
+        with torch.device("meta"):   # Stable Diffusion's KL-f8 autoencoder architecture
+            vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                                block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4)
+        counts["vae"] = sum(p.numel() for p in vae.parameters())
+    counts["all"] = counts["total"] + counts["clip_text"] + counts["clip_vision"] + counts["vae"]
+    return counts
+
+
+def zero_memory(trainable: int, frozen: int, gpus: int) -> dict[str, float]:
+    """Per-GPU bytes of model states for bf16 mixed-precision AdamW (ZeRO paper, Rajbhandari et al. 2020, sec. 3.1).
+
+    With P trainable parameters and N GPUs: bf16 weights 2P, bf16 gradients 2P, fp32 master weights 4P and
+    two fp32 Adam moments 8P (K = 12 bytes of optimizer state per parameter).
+        DDP (no ZeRO): 2P + 2P + 12P          = 16P
+        ZeRO-1:        2P + 2P + 12P / N      (optimizer states partitioned)
+        ZeRO-2:        2P + (2P + 12P) / N    (gradients partitioned too)
+        ZeRO-3:        (2P + 2P + 12P) / N    (weights partitioned too)
+    Frozen encoders add 2 bytes per parameter (bf16) on every GPU. Activations, temporary buffers, communication
+    buckets and the allocator's fragmentation are not included: they depend on batch, frames and checkpointing.
+    """
+    p, n, f = float(trainable), float(gpus), 2.0 * frozen
+    return {
+        "ddp": 16 * p + f,
+        "zero1": 4 * p + 12 * p / n + f,
+        "zero2": 2 * p + 14 * p / n + f,
+        "zero3": 16 * p / n + f,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _fmt_count(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def run(cfg: BenchConfig) -> dict:
+    import torch
+
+    from model.configs import MODEL_CONFIGS, get_config
+
+    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else (
+        "cpu" if cfg.device == "auto" else cfg.device)
+    results: dict = {"device": device, "timed": {}, "params": {}, "zero": {}}
+
+    print(f"== forward+backward per sample (batch {cfg.batch}, {cfg.repeats} timed steps, device {device}, "
+          f"torch threads {torch.get_num_threads()})")
+    base = None
+    for name in cfg.sizes:
+        overrides = {"num_frames": cfg.frames} if cfg.frames else None
+        m = time_train_step(get_config(name, overrides), cfg.batch, cfg.repeats, device, cfg.seed)
+        results["timed"][name] = m
+        base = base or m
+        print(f"{name:>16}: input {m['input']}  {m['sec_per_sample'] * 1e3:9.1f} ms/sample "
+              f"({m['sec_per_sample'] / base['sec_per_sample']:6.2f}x {cfg.sizes[0]})  "
+              f"peak {m['peak_bytes'] / 2 ** 20:9.1f} MiB "
+              f"({m['peak_bytes'] / max(base['peak_bytes'], 1):6.2f}x {cfg.sizes[0]})", flush=True)
+    print(f"   precision: {base['precision']}; memory method: {base['memory_method']}")
+
+    print("== parameters (meta device; UNet trains, encoders are frozen)")
+    first = None
+    for name in MODEL_CONFIGS:
+        c = count_parameters(get_config(name))
+        results["params"][name] = c
+        first = first or c
+        print(f"{name:>16}: UNet {_fmt_count(c['total']):>8} (temporal {_fmt_count(c['temporal'])}, "
+              f"{c['temporal'] / c['total']:.0%})  CLIP text {_fmt_count(c['clip_text'])}  "
+              f"vision {_fmt_count(c['clip_vision'])}  VAE {_fmt_count(c['vae'])}  "
+              f"all {_fmt_count(c['all'])}  ({c['total'] / first['total']:.0f}x {next(iter(MODEL_CONFIGS))} UNet)")
+
+    big = results["params"].get(cfg.big) or count_parameters(get_config(cfg.big))
+    # The image tower is only needed to embed conditioning frames; it is frozen like the text tower and the VAE.
+    frozen = big["clip_text"] + big["clip_vision"] + big["vae"]
+    mem = zero_memory(big["total"], frozen, cfg.gpus)
+    results["zero"] = mem
+    print(f"== {cfg.big} model-state memory per GPU, bf16 + fp32 AdamW, {cfg.gpus} GPUs "
+          f"(P = {_fmt_count(big['total'])} trainable, {_fmt_count(frozen)} frozen in bf16)")
+    print("   formula ZeRO-2: 2P (bf16 weights) + (2P bf16 grads + 4P fp32 master + 8P Adam moments) / N + 2 x frozen")
+    for stage, label in (("ddp", "DDP, no ZeRO"), ("zero1", "ZeRO-1"), ("zero2", "ZeRO-2"), ("zero3", "ZeRO-3")):
+        print(f"{label:>16}: {mem[stage] / GIB:7.1f} GiB  ({mem[stage] / mem['ddp']:.2f}x DDP)")
+    print("   activations are extra: see the measured peaks above and enable unet.gradient_checkpointing")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model.bench", description="TF-T2V model benchmark")
+    configuration.add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = configuration.load(BenchConfig, args.config, args.set)
+    except configuration.ConfigError as e:
+        parser.error(str(e))
+    if args.dry_run:
+        print(configuration.dump(cfg), end="")
+        return 0
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,536 @@
+"""The ModelScope-style 3D UNet that TF-T2V trains: a Stable Diffusion UNet grown with temporal layers.
+
+Layout (ModelScopeT2V, arXiv 2308.06571; shared REFERENCE.md), with module names that match the released
+ModelScope/TF-T2V state dicts so their checkpoints load unchanged (``model/checkpoint.py``):
+
+    time_embed                 sinusoidal(t) -> Linear -> SiLU -> Linear (4 x model_channels)
+    pre_image_condition        TF-T2V: pooled CLIP image embedding -> MLP -> num_image_tokens context tokens
+    input_blocks.0             Conv2d(in + extra -> C) [+ temporal transformer]
+    input_blocks.N             ResBlock (+ its temporal conv block "temopral_conv" [sic]) [+ spatial transformer
+                               + temporal transformer at attention levels], or a Downsample ("op")
+    middle_block               ResBlock, spatial transformer, temporal transformer, ResBlock
+    output_blocks.N            ResBlock on [x, skip] [+ spatial + temporal transformer] [+ Upsample ("conv")]
+    out                        GroupNorm -> SiLU -> Conv2d (zero-initialised)
+
+Inside the network activations are ``[(b f), c, h, w]``: every 2D layer treats frames as a batch of images and
+only the temporal layers fold frames back out. Temporal layers are residual with a zero-initialised last
+projection, so a new video UNet computes exactly the per-frame image UNet it grew from; with one frame
+(``f == 1``, the TF-T2V content branch / image batches) they return their input untouched, so images train only
+the spatial layers and temporal weights get no gradient at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from model.configuration import ConfigError, check
+
+
+@dataclass
+class UNetConfig:
+    """Architecture of ``UNet3D``. Defaults are the released ModelScopeT2V UNet (about 1.4B parameters)."""
+
+    in_channels: int = 4                       # latent channels (4 for the SD VAE; 3 in pixel space)
+    out_channels: int = 4
+    model_channels: int = 320                  # base width C; level i has C * channel_mult[i] channels
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2                    # residual blocks per level on the way down (one more on the way up)
+    attention_levels: tuple[int, ...] = (0, 1, 2)  # levels with spatial + temporal transformers (middle always has)
+    head_dim: int = 64                         # spatial attention: width // head_dim heads of head_dim each
+    context_dim: int = 1024                    # text token width (OpenCLIP ViT-H/14: 1024)
+    num_text_tokens: int = 77                  # zero tokens used when forward() gets context=None
+    image_embed_dim: int = 1024                # pooled CLIP image embedding width; 0 disables the image condition
+    num_image_tokens: int = 4                  # TF-T2V: image embedding -> 4 tokens appended to the text tokens
+    temporal_heads: int = 8                    # heads of the temporal transformer after the input conv (8 x 64)
+    temporal_head_dim: int = 64                # per-level temporal transformers: width // temporal_head_dim heads
+    temporal_attention_after_input: bool = True  # the temporal transformer right after the input conv
+    extra_in_channels: int = 0                 # VideoComposer / Lumiere concat slots, zeros when unused
+    dropout: float = 0.1
+    num_groups: int = 32                       # GroupNorm groups everywhere
+    gradient_checkpointing: bool = False       # recompute block activations in backward (saves memory)
+
+    def __post_init__(self) -> None:
+        self.channel_mult = tuple(self.channel_mult)
+        self.attention_levels = tuple(self.attention_levels)
+        for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks", "head_dim", "context_dim",
+                     "num_text_tokens", "num_image_tokens", "temporal_heads", "temporal_head_dim", "num_groups"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                  f"unet.{name}={value!r}: must be a positive integer")
+        for name in ("image_embed_dim", "extra_in_channels"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= 0,
+                  f"unet.{name}={value!r}: must be an integer >= 0 (0 turns it off)")
+        check(len(self.channel_mult) >= 1 and all(isinstance(m, int) and m >= 1 for m in self.channel_mult),
+              f"unet.channel_mult={list(self.channel_mult)}: must be a non-empty list of positive integers, "
+              "e.g. [1, 2, 4, 4]")
+        levels = range(len(self.channel_mult))
+        check(all(level in levels for level in self.attention_levels),
+              f"unet.attention_levels={list(self.attention_levels)}: levels must be in 0..{len(self.channel_mult) - 1} "
+              f"(one per entry of channel_mult={list(self.channel_mult)})")
+        check(len(set(self.attention_levels)) == len(self.attention_levels),
+              f"unet.attention_levels={list(self.attention_levels)}: list each level once")
+        check(self.model_channels % self.num_groups == 0,
+              f"unet.model_channels={self.model_channels} must be divisible by unet.num_groups={self.num_groups} "
+              "(GroupNorm); pick num_groups that divides it, e.g. 8 for small widths")
+        # The middle block always has attention, at the coarsest width.
+        for level in sorted(set(self.attention_levels) | {len(self.channel_mult) - 1}):
+            width = self.model_channels * self.channel_mult[level]
+            where = "middle block" if level not in self.attention_levels else f"attention level {level}"
+            check(width % self.head_dim == 0,
+                  f"unet.head_dim={self.head_dim} must divide the width {width} of the {where}; "
+                  "choose a head_dim that divides model_channels * channel_mult")
+            check(width % self.temporal_head_dim == 0,
+                  f"unet.temporal_head_dim={self.temporal_head_dim} must divide the width {width} of the {where}")
+        check(0.0 <= self.dropout < 1.0, f"unet.dropout={self.dropout}: must be in [0, 1)")
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.channel_mult)
+
+    @property
+    def downsample_factor(self) -> int:
+        """Height and width of the input must be multiples of this."""
+        return 2 ** (self.num_levels - 1)
+
+    @property
+    def num_context_tokens(self) -> int:
+        """Tokens the cross-attention sees when given ``num_text_tokens`` text tokens (77 + 4 = 81 in TF-T2V)."""
+        return self.num_text_tokens + (self.num_image_tokens if self.image_embed_dim else 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building blocks. Attribute names are the checkpoint's key names: do not rename them.
+
+
+def timestep_embedding(timesteps: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embedding as ModelScope computes it: [cos | sin] of t * 10000^(-i/half). [b] -> [b, dim]."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, device=timesteps.device, dtype=torch.float32) / half)
+    args = timesteps.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def _zero_(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class Attention(nn.Module):
+    """Multi-head attention; self-attention when ``context`` is None. Projections carry no bias (as released)."""
+
+    def __init__(self, query_dim: int, context_dim: int | None, heads: int, head_dim: int, dropout: float):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        # x [B, n, query_dim], context [B, m, context_dim] -> [B, n, query_dim]
+        context = x if context is None else context
+        q, k, v = (self._split(t) for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        out = F.scaled_dot_product_attention(q, k, v)          # [B, heads, n, head_dim]
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+    def _split(self, t: Tensor) -> Tensor:
+        return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # [B, n, heads*d] -> [B, heads, n, d]
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, dropout: float, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm: self-attention, then attention to ``context`` (or a second self-attention), then GEGLU MLP."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None, dropout: float):
+        super().__init__()
+        self.attn1 = Attention(dim, None, heads, head_dim, dropout)
+        self.ff = FeedForward(dim, dropout)
+        self.attn2 = Attention(dim, context_dim, heads, head_dim, dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Per-frame attention over h*w positions plus cross-attention to the text (+ image) tokens."""
+
+    def __init__(self, channels: int, heads: int, head_dim: int, context_dim: int, dropout: float, groups: int):
+        super().__init__()
+        inner = heads * head_dim
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner)
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, head_dim, context_dim, dropout)])
+        self.proj_out = _zero_(nn.Linear(inner, channels))
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        # x [(b f), c, h, w], context [(b f), n, context_dim]
+        n, c, h, w = x.shape
+        y = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))  # [(b f), h*w, inner]
+        for block in self.transformer_blocks:
+            y = block(y, context)
+        y = self.proj_out(y).transpose(1, 2).reshape(n, c, h, w)
+        return x + y
+
+
+class TemporalTransformer(nn.Module):
+    """Self-attention across frames at each spatial position (no positional encoding, as released).
+
+    ``proj_in``/``proj_out`` are kernel-1 Conv1d layers only so that their weights keep the released
+    checkpoint's ``[out, in, 1]`` shape; they are applied as linear layers on ``[(b h w), f, c]``.
+    """
+
+    def __init__(self, channels: int, heads: int, head_dim: int, dropout: float, groups: int):
+        super().__init__()
+        inner = heads * head_dim
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = nn.Conv1d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, head_dim, None, dropout)])
+        self.proj_out = _zero_(nn.Conv1d(inner, channels, 1))
+
+    def forward(self, x: Tensor, num_frames: int) -> Tensor:
+        if num_frames == 1:          # image mode: identity, no compute, no gradient to these weights
+            return x
+        n, c, h, w = x.shape         # [(b f), c, h, w]
+        b, f = n // num_frames, num_frames
+        # GroupNorm over [b, c, f, h, w]: statistics span all frames of a clip, as in the released model.
+        y = self.norm(x.view(b, f, c, h, w).transpose(1, 2))              # [b, c, f, h, w]
+        y = y.permute(0, 3, 4, 2, 1).reshape(b * h * w, f, c)             # [(b h w), f, c]
+        y = F.linear(y, self.proj_in.weight.squeeze(-1), self.proj_in.bias)
+        for block in self.transformer_blocks:
+            y = block(y)
+        y = F.linear(y, self.proj_out.weight.squeeze(-1), self.proj_out.bias)
+        y = y.view(b, h, w, f, c).permute(0, 3, 4, 1, 2).reshape(n, c, h, w)  # back to [(b f), c, h, w]
+        return x + y
+
+
+class TemporalConvBlock(nn.Module):
+    """Four (GroupNorm, SiLU, [Dropout], Conv3d (3,1,1)) layers mixing neighbouring frames; last conv zero-init."""
+
+    def __init__(self, channels: int, dropout: float, groups: int):
+        super().__init__()
+
+        def layer(with_dropout: bool) -> nn.Sequential:
+            mods: list[nn.Module] = [nn.GroupNorm(groups, channels), nn.SiLU()]
+            if with_dropout:
+                mods.append(nn.Dropout(dropout))
+            mods.append(nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0)))
+            return nn.Sequential(*mods)
+
+        # Index layout (conv1.2 vs convN.3) follows the released keys: only conv2..4 carry a dropout.
+        self.conv1 = layer(False)
+        self.conv2 = layer(True)
+        self.conv3 = layer(True)
+        self.conv4 = layer(True)
+        _zero_(self.conv4[-1])
+
+    def forward(self, x: Tensor, num_frames: int) -> Tensor:
+        if num_frames == 1:
+            return x
+        n, c, h, w = x.shape
+        y = x.view(n // num_frames, num_frames, c, h * w).transpose(1, 2)  # [b, c, f, h*w]
+        for layer in (self.conv1, self.conv2, self.conv3, self.conv4):
+            y = self._run_layer(layer, y)
+        return x + y.transpose(1, 2).reshape(n, c, h, w)
+
+    @staticmethod
+    def _run_layer(layer: nn.Sequential, y: Tensor) -> Tensor:
+        # The (3, 1, 1) Conv3d run as a (3, 1) Conv2d over [b, c, f, h*w]: the same numbers, and several times
+        # faster on CPU, where PyTorch has no fast Conv3d kernel. GroupNorm/SiLU/Dropout do not care about the
+        # folded h*w axis.
+        *pre, conv = layer
+        for module in pre:
+            y = module(y)
+        return F.conv2d(y, conv.weight.squeeze(-1), conv.bias, padding=(1, 0))
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice with the time embedding added in between, then the temporal conv block."""
+
+    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, dropout: float, groups: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            nn.GroupNorm(groups, in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
+        self.out_layers = nn.Sequential(
+            nn.GroupNorm(groups, out_channels), nn.SiLU(), nn.Dropout(dropout),
+            _zero_(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
+        self.skip_connection = (nn.Identity() if in_channels == out_channels
+                                else nn.Conv2d(in_channels, out_channels, 1))
+        self.temopral_conv = TemporalConvBlock(out_channels, dropout, groups)  # [sic]: the released key name
+
+    def forward(self, x: Tensor, emb: Tensor, num_frames: int) -> Tensor:
+        # x [(b f), c_in, h, w], emb [(b f), emb_dim] -> [(b f), c_out, h, w]
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb)[:, :, None, None]
+        h = self.skip_connection(x) + self.out_layers(h)
+        return self.temopral_conv(h, num_frames)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Block(nn.ModuleList):
+    """One entry of input_blocks / output_blocks / middle_block: layers applied in order, each fed what it needs."""
+
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor, num_frames: int) -> Tensor:  # type: ignore[override]
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb, num_frames)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, TemporalTransformer):
+                x = layer(x, num_frames)
+            else:                    # input conv, Upsample
+                x = layer(x)
+        return x
+
+
+TEMPORAL_MODULES = (TemporalConvBlock, TemporalTransformer)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class UNet3D(nn.Module):
+    """``forward(x [b, c, f, h, w], timesteps [b], context, image_embedding, concat) -> [b, out, f, h, w]``."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gradient_checkpointing = cfg.gradient_checkpointing
+        C, emb_dim, drop, groups = cfg.model_channels, cfg.model_channels * 4, cfg.dropout, cfg.num_groups
+
+        def attention(width: int) -> list[nn.Module]:
+            return [SpatialTransformer(width, width // cfg.head_dim, cfg.head_dim, cfg.context_dim, drop, groups),
+                    TemporalTransformer(width, width // cfg.temporal_head_dim, cfg.temporal_head_dim, drop, groups)]
+
+        self.time_embed = nn.Sequential(nn.Linear(C, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.image_embed_dim:
+            self.pre_image_condition = nn.Sequential(
+                nn.Linear(cfg.image_embed_dim, cfg.context_dim), nn.SiLU(),
+                nn.Linear(cfg.context_dim, cfg.context_dim * cfg.num_image_tokens))
+
+        # Encoder. skip_channels records every activation the decoder will concatenate, in order.
+        first: list[nn.Module] = [nn.Conv2d(cfg.in_channels + cfg.extra_in_channels, C, 3, padding=1)]
+        if cfg.temporal_attention_after_input:
+            first.append(TemporalTransformer(C, cfg.temporal_heads, cfg.temporal_head_dim, drop, groups))
+        self.input_blocks = nn.ModuleList([Block(first)])
+        skip_channels, ch = [C], C
+        for level, mult in enumerate(cfg.channel_mult):
+            width = C * mult
+            for _ in range(cfg.num_res_blocks):
+                layers: list[nn.Module] = [ResBlock(ch, width, emb_dim, drop, groups)]
+                if level in cfg.attention_levels:
+                    layers += attention(width)
+                self.input_blocks.append(Block(layers))
+                ch = width
+                skip_channels.append(ch)
+            if level != cfg.num_levels - 1:
+                self.input_blocks.append(Downsample(ch))  # bare module: released key "input_blocks.N.op.weight"
+                skip_channels.append(ch)
+
+        self.middle_block = Block([ResBlock(ch, ch, emb_dim, drop, groups), *attention(ch),
+                                   ResBlock(ch, ch, emb_dim, drop, groups)])
+
+        # Decoder: one more ResBlock per level than the encoder, each eating one skip activation.
+        self.output_blocks = nn.ModuleList()
+        for level in reversed(range(cfg.num_levels)):
+            width = C * cfg.channel_mult[level]
+            for j in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), width, emb_dim, drop, groups)]
+                if level in cfg.attention_levels:
+                    layers += attention(width)
+                ch = width
+                if level != 0 and j == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(Block(layers))
+
+        self.out = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(),
+                                 _zero_(nn.Conv2d(ch, cfg.out_channels, 3, padding=1)))
+
+    # -- parameters -----------------------------------------------------------------------------------------------
+
+    def named_temporal_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Temporal conv blocks and temporal transformers: what image (f == 1) batches never touch."""
+        for prefix, module in self.named_modules():
+            if isinstance(module, TEMPORAL_MODULES):
+                for name, p in module.named_parameters():
+                    yield f"{prefix}.{name}", p
+
+    def temporal_parameters(self) -> Iterator[nn.Parameter]:
+        for _, p in self.named_temporal_parameters():
+            yield p
+
+    def spatial_parameters(self) -> Iterator[nn.Parameter]:
+        """Everything else: the Stable-Diffusion-like image layers, time embedding and image-condition MLP."""
+        temporal = {id(p) for p in self.temporal_parameters()}
+        for p in self.parameters():
+            if id(p) not in temporal:
+                yield p
+
+    def parameter_counts(self) -> dict[str, int]:
+        temporal = sum(p.numel() for p in self.temporal_parameters())
+        total = sum(p.numel() for p in self.parameters())
+        return {"total": total, "temporal": temporal, "spatial": total - temporal}
+
+    # -- forward --------------------------------------------------------------------------------------------------
+
+    def forward(self, x: Tensor, timesteps: Tensor | float | int, context: Tensor | None = None,
+                image_embedding: Tensor | None = None, concat: Tensor | None = None) -> Tensor:
+        """x [b, in, f, h, w]; timesteps [b] (or a scalar for all); context [b, n, context_dim] text tokens or None
+        (zeros); image_embedding [b, image_embed_dim] or None (zero tokens); concat [b, extra_in, f, h, w] or None
+        (zeros). Returns [b, out, f, h, w]. With f == 1 every temporal layer is skipped (image mode)."""
+        b, _, f, h, w = self._check_x(x)
+        t = self._check_timesteps(timesteps, b, x.device)
+        if self.cfg.extra_in_channels:
+            x = torch.cat([x, self._check_concat(concat, x)], dim=1)              # [b, in + extra, f, h, w]
+        elif concat is not None:
+            raise ValueError("UNet3D: got concat but this UNet has no extra input channels "
+                             "(unet.extra_in_channels=0); set extra_in_channels to the concat channel count")
+        context = self._build_context(context, image_embedding, b, x)       # [b, n, context_dim]
+
+        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(self.time_embed[0].weight.dtype))
+        emb = emb.repeat_interleave(f, dim=0)                              # [(b f), 4C]
+        context = context.repeat_interleave(f, dim=0)                      # [(b f), n, context_dim]
+        x = x.transpose(1, 2).reshape(b * f, -1, h, w)                     # [(b f), c, h, w]
+
+        skips = []
+        for block in self.input_blocks:
+            x = self._run(block, x, emb, context, f)
+            skips.append(x)
+        x = self._run(self.middle_block, x, emb, context, f)
+        for block in self.output_blocks:
+            x = self._run(block, torch.cat([x, skips.pop()], dim=1), emb, context, f)
+        x = self.out(x)                                                    # [(b f), out, h, w]
+        return x.reshape(b, f, -1, h, w).transpose(1, 2)                   # [b, out, f, h, w]
+
+    def _run(self, block: nn.Module, x: Tensor, emb: Tensor, context: Tensor, f: int) -> Tensor:
+        if not isinstance(block, Block):
+            return block(x)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, emb, context, f, use_reentrant=False)
+        return block(x, emb, context, f)
+
+    # -- input checks: say what is wrong and what was expected ----------------------------------------------------
+
+    def _check_x(self, x: Tensor) -> tuple[int, int, int, int, int]:
+        cfg = self.cfg
+        if not isinstance(x, Tensor) or x.ndim != 5:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"UNet3D: x must be a video tensor [b, c, f, h, w], got {shape}; "
+                             "pass images as 1-frame videos, e.g. images[:, :, None]")
+        b, c, f, h, w = x.shape
+        if c != cfg.in_channels:
+            raise ValueError(f"UNet3D: x has {c} channels but unet.in_channels={cfg.in_channels}; "
+                             "pass the conditioning channels separately as concat=")
+        k = cfg.downsample_factor
+        if h % k or w % k:
+            raise ValueError(f"UNet3D: height and width must be multiples of {k} for {cfg.num_levels} levels, "
+                             f"got {h}x{w}")
+        return b, c, f, h, w
+
+    @staticmethod
+    def _check_timesteps(timesteps: Tensor | float | int, b: int, device: torch.device) -> Tensor:
+        t = torch.as_tensor(timesteps, device=device)
+        if t.ndim == 0:
+            return t.expand(b)
+        if t.shape != (b,):
+            raise ValueError(f"UNet3D: timesteps must have shape [{b}] (one per sample) or be a scalar, "
+                             f"got {tuple(t.shape)}")
+        return t
+
+    def _check_concat(self, concat: Tensor | None, x: Tensor) -> Tensor:
+        b, _, f, h, w = x.shape
+        want = (b, self.cfg.extra_in_channels, f, h, w)
+        if concat is None:
+            return x.new_zeros(want)
+        if tuple(concat.shape) != want:
+            raise ValueError(f"UNet3D: concat must have shape {list(want)} ([b, extra_in_channels, f, h, w]), "
+                             f"got {list(concat.shape)}")
+        return concat.to(x.dtype)
+
+    def _build_context(self, context: Tensor | None, image_embedding: Tensor | None, b: int, x: Tensor) -> Tensor:
+        cfg = self.cfg
+        if context is None:
+            context = x.new_zeros(b, cfg.num_text_tokens, cfg.context_dim)
+        elif context.ndim != 3 or context.shape[0] != b or context.shape[2] != cfg.context_dim:
+            raise ValueError(f"UNet3D: context must be [b={b}, n_tokens, context_dim={cfg.context_dim}], "
+                             f"got {list(context.shape)}; check the text encoder width and batch size")
+        context = context.to(x.dtype)
+        if not cfg.image_embed_dim:
+            if image_embedding is not None:
+                raise ValueError("UNet3D: got image_embedding but this UNet has no image condition "
+                                 "(unet.image_embed_dim=0); set image_embed_dim to the CLIP embedding width")
+            return context
+        if image_embedding is None:
+            tokens = x.new_zeros(b, cfg.num_image_tokens, cfg.context_dim)
+        else:
+            if tuple(image_embedding.shape) != (b, cfg.image_embed_dim):
+                raise ValueError(f"UNet3D: image_embedding must be [b={b}, image_embed_dim={cfg.image_embed_dim}], "
+                                 f"got {list(image_embedding.shape)}")
+            tokens = self.pre_image_condition(image_embedding.to(x.dtype))
+            tokens = tokens.view(b, cfg.num_image_tokens, cfg.context_dim)  # [b, 4, context_dim]
+        return torch.cat([context, tokens], dim=1)                          # text tokens first, then image tokens
+
+
+def build_unet(cfg: UNetConfig, device: str | torch.device | None = None) -> UNet3D:
+    """``UNet3D(cfg)``, optionally straight on ``device`` ("meta" builds a shape-only model for counting)."""
+    if not isinstance(cfg, UNetConfig):
+        raise ConfigError(f"build_unet: expected a UNetConfig, got {type(cfg).__name__}")
+    if device is None:
+        return UNet3D(cfg)
+    with torch.device(device):
+        return UNet3D(cfg)
+
+
+__all__ = ["UNetConfig", "UNet3D", "build_unet", "timestep_embedding", "TEMPORAL_MODULES"]

@@ -1,0 +1,381 @@
+"""What ``--input`` may name, turned into one row per input (the rows the pipeline starts from).
+
+Accepted forms (local paths, or any URI pyarrow's filesystems understand: ``s3://``, ``gs://``, ``hdfs://``):
+
+- a manifest: ``.csv``, ``.parquet`` or ``.jsonl`` with a media path/URI column (``inputs.path_column``, default
+  ``path``) and an optional caption column (``inputs.caption_column``, default ``caption``). Relative paths are
+  relative to the manifest's folder (or ``inputs.media_root``). Other columns are kept as the sample's ``labels``
+  (``inputs.label_columns`` picks some). An empty caption cell means "no caption".
+- a directory of media files (searched recursively; video: mp4 mov mkv webm avi ...; image: jpg png webp ...)
+  with optional sidecars: ``clip.mp4`` + ``clip.txt`` (the caption) and/or ``clip.json`` (``caption`` or
+  ``text`` key; other keys become labels).
+- existing WebDataset tars to re-ingest: a ``.tar`` file, a brace pattern (``shards/data-{000..009}.tar``), a
+  directory of tars, or a curation output directory (its finished shards). Each sample's media member is read
+  in place (byte range inside the tar); its ``txt`` (or json ``caption``) is the caption.
+
+``source`` (the input's identity: sample keys derive from it, the ledger records it) is the resolved URI:
+absolute local path, full remote URI, or ``<tar URI>#<member>``. ``given`` keeps the text as written.
+Rows that cannot even be listed (a manifest row without a path, a tar sample without media) and repeated rows
+of the same source become rejected inputs here (stage ``input``), so they are counted like every other input.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import io
+import json
+import logging
+import os
+import posixpath
+import re
+import tarfile
+from typing import TYPE_CHECKING, Any, Iterable
+
+from model.configuration import ConfigError
+from pipelines import schema
+from pipelines.stages import REJECTED, new_row
+from pipelines.stages.probe import MEDIA_EXTENSIONS, extension, filesystem, is_local
+
+if TYPE_CHECKING:
+    from pipelines.curate import InputConfig
+
+log = logging.getLogger(__name__)
+
+MANIFEST_EXTENSIONS = {"csv": "csv", "parquet": "parquet", "pq": "parquet", "jsonl": "jsonl", "ndjson": "jsonl"}
+_MEDIA_ORDER = ("mp4", "webm", "mkv", "mov", "avi", "m4v", "gif", "jpg", "jpeg", "png", "webp")
+
+
+def resolve(spec: str, cfg: "InputConfig") -> list[dict[str, Any]]:
+    """``--input`` -> input rows (see the module docstring), duplicates marked, in a deterministic order."""
+    rows = list(_list(spec, cfg))
+    mark_duplicates(rows)
+    if cfg.max_inputs is not None:
+        rows = rows[: cfg.max_inputs]
+    return rows
+
+
+def describe(spec: str) -> str:
+    """What kind of input ``spec`` is: manifest | dir | tar (ConfigError when it does not exist)."""
+    if _is_pattern(spec) or extension(spec) == "tar":
+        return "tar"
+    ext = extension(spec)
+    fsys, path = filesystem(spec)
+    info = fsys.get_file_info(path)
+    from pyarrow import fs
+
+    if info.type == fs.FileType.NotFound:
+        raise ConfigError(f"--input {spec!r} does not exist: pass a manifest (.csv/.parquet/.jsonl), a directory of "
+                          "media files, or WebDataset tars")
+    if info.type == fs.FileType.Directory:
+        exts = {extension(p) for p in _walk(spec)}
+        return "tar" if "tar" in exts and not exts & MEDIA_EXTENSIONS else "dir"
+    if ext in MANIFEST_EXTENSIONS:
+        return "manifest"
+    raise ConfigError(f"--input {spec!r}: unknown input type .{ext}; pass a manifest (.csv, .parquet, .jsonl), "
+                      "a directory of media files, or WebDataset .tar shards")
+
+
+def _list(spec: str, cfg: "InputConfig") -> Iterable[dict[str, Any]]:
+    kind = describe(spec)
+    if kind == "manifest":
+        return read_manifest(spec, cfg)
+    if kind == "dir":
+        return read_directory(spec)
+    return read_tars(tar_urls(spec))
+
+
+def mark_duplicates(rows: list[dict[str, Any]]) -> None:
+    """The n-th repeat of a source gets ``occurrence`` n and is rejected (stage input, reason duplicate): one
+    source makes one set of samples, whatever the manifest says."""
+    first: dict[str, int] = {}
+    seen: collections.Counter = collections.Counter()
+    for i, row in enumerate(rows):
+        if row["status"] == REJECTED and row["reason"] == "bad_manifest_row":
+            continue
+        src = row["source"]
+        row["occurrence"] = seen[src]
+        seen[src] += 1
+        if row["occurrence"] == 0:
+            first[src] = i
+        else:
+            row.update(status=REJECTED, stage="input", reason="duplicate",
+                       detail=f"same source as input #{first[src]} ({row['given']}); one source makes one set of "
+                              "samples")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _uri(base_spec: str, fs_path: str) -> str:
+    """A path returned by a pyarrow filesystem -> a URI of the same scheme as ``base_spec``."""
+    if is_local(base_spec):
+        return os.path.abspath(fs_path)
+    scheme = base_spec.split("://", 1)[0]
+    return f"{scheme}://{fs_path}"
+
+
+def _join(base_uri: str, rel: str) -> str:
+    if is_local(base_uri):
+        return os.path.abspath(os.path.join(base_uri, rel))
+    scheme, rest = base_uri.split("://", 1)
+    return f"{scheme}://{posixpath.normpath(posixpath.join(rest, rel))}"
+
+
+def _parent(uri: str) -> str:
+    if is_local(uri):
+        return os.path.dirname(os.path.abspath(uri))
+    scheme, rest = uri.split("://", 1)
+    return f"{scheme}://{posixpath.dirname(rest)}"
+
+
+def decode_text(data: bytes) -> tuple[str | None, str | None]:
+    """Caption bytes -> (text, error). Undecodable UTF-8 keeps a replacement-character copy for the record."""
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        return data.decode("utf-8", "replace"), f"invalid UTF-8 (byte 0x{data[e.start]:02x} at position {e.start})"
+
+
+def _repair(text: str) -> str:
+    """Text holding lone surrogates (undecodable bytes kept by ``surrogateescape``, or JSON "\\ud800" escapes) ->
+    valid text with replacement characters, for the record."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _caption_from(value: Any) -> tuple[str | None, str | None]:
+    """A manifest cell -> (caption or None when empty/missing, encoding error or None)."""
+    if value is None:
+        return None, None
+    if isinstance(value, (bytes, bytearray)):
+        value, error = decode_text(bytes(value))
+        return (value or None), error
+    if not isinstance(value, str):
+        value = str(value)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return _repair(value) or None, f"invalid UTF-8 text at position {e.start}"
+    return (value or None), None
+
+
+def _plain(value: Any) -> Any:
+    """A label value that JSON can hold."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "replace")
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    if value is None or isinstance(value, (int, float, bool)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+def _bad_row(manifest: str, n: int, detail: str) -> dict[str, Any]:
+    return new_row(source=f"{manifest}#row{n}", given=f"row {n}", origin="manifest", uri="", status=REJECTED,
+                   stage="input", reason="bad_manifest_row", detail=detail)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# manifests
+
+
+def _manifest_records(spec: str, fmt: str) -> Iterable[dict[str, Any] | Exception]:
+    fsys, path = filesystem(spec)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        yield from pq.read_table(path, filesystem=fsys).to_pylist()
+        return
+    with fsys.open_input_stream(path) as f:
+        data = f.read()
+    # surrogateescape keeps undecodable bytes addressable, so one bad caption does not sink the whole manifest
+    text = data.decode("utf-8", "surrogateescape").removeprefix("\ufeff")
+    if fmt == "csv":
+        yield from csv.DictReader(io.StringIO(text, newline=""))
+        return
+    for n, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield ValueError(f"line {n + 1} is not JSON: {e}")
+            continue
+        yield record if isinstance(record, dict) else ValueError(f"line {n + 1} is not a JSON object")
+
+
+def read_manifest(spec: str, cfg: "InputConfig") -> Iterable[dict[str, Any]]:
+    fmt = MANIFEST_EXTENSIONS[extension(spec)]
+    manifest_uri = _uri(spec, filesystem(spec)[1])
+    root = cfg.media_root or _parent(manifest_uri)
+    warned = False
+    for n, record in enumerate(_manifest_records(spec, fmt)):
+        if isinstance(record, Exception):
+            yield _bad_row(manifest_uri, n, str(record))
+            continue
+        if n == 0 and cfg.path_column not in record:
+            raise ConfigError(f"manifest {spec} has no {cfg.path_column!r} column (columns: {sorted(record)}); "
+                              f"name the media column with --set inputs.path_column=NAME")
+        if n == 0 and cfg.caption_column not in record and not warned:
+            log.warning("manifest %s has no %r column: every video becomes text-free and every image is rejected "
+                        "(name the caption column with --set inputs.caption_column=NAME)", spec, cfg.caption_column)
+            warned = True
+        given = record.get(cfg.path_column)
+        if isinstance(given, bytes):
+            given = given.decode("utf-8", "replace")
+        if not given or not str(given).strip():
+            yield _bad_row(manifest_uri, n, f"empty {cfg.path_column!r} cell")
+            continue
+        given = str(given).strip()
+        if _repair(given) != given:
+            yield _bad_row(manifest_uri, n, f"the path {_repair(given)!r} is not valid UTF-8")
+            continue
+        uri = given if "://" in given else (os.path.abspath(given) if os.path.isabs(given) else _join(root, given))
+        caption, error = _caption_from(record.get(cfg.caption_column))
+        names = cfg.label_columns if cfg.label_columns is not None else \
+            [k for k in record if k not in (cfg.path_column, cfg.caption_column)]
+        labels = {k: _plain(record.get(k)) for k in names if k in record}
+        yield new_row(source=uri, given=given, origin="manifest", uri=uri, caption=caption, caption_error=error,
+                      labels=json.dumps(labels, sort_keys=True))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# directories of media files
+
+
+def _walk(spec: str) -> list[str]:
+    from pyarrow import fs
+
+    fsys, path = filesystem(spec)
+    infos = fsys.get_file_info(fs.FileSelector(path, recursive=True))
+    return sorted(i.path for i in infos if i.type == fs.FileType.File
+                  and not any(part.startswith(".") for part in i.path[len(path):].split("/")))
+
+
+def read_directory(spec: str) -> Iterable[dict[str, Any]]:
+    fsys, top = filesystem(spec)
+    files = _walk(spec)
+    present = set(files)
+    manifests = [p for p in files if extension(p) in MANIFEST_EXTENSIONS and posixpath.dirname(p) == top.rstrip("/")]
+    if manifests:
+        log.warning("%s holds %s: captions are read from sidecar .txt/.json files only; pass the manifest itself "
+                    "as --input to use its captions", spec, ", ".join(posixpath.basename(m) for m in manifests))
+    for path in files:
+        if extension(path) not in MEDIA_EXTENSIONS:
+            continue
+        stem = path.rsplit(".", 1)[0]
+        caption, error, labels = None, None, {}
+        if stem + ".json" in present:
+            try:
+                with fsys.open_input_stream(stem + ".json") as f:
+                    side = json.loads(f.read())
+                if isinstance(side, dict):
+                    text = side.pop("caption", side.pop("text", None))
+                    caption, error = _caption_from(text)
+                    labels = {k: _plain(v) for k, v in side.items()}
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                error = f"sidecar {posixpath.basename(stem)}.json is not valid JSON: {e}"
+        if stem + ".txt" in present:
+            with fsys.open_input_stream(stem + ".txt") as f:
+                caption, error = decode_text(f.read())
+            caption = caption or None
+        uri = _uri(spec, path)
+        yield new_row(source=uri, given=uri, origin="dir", uri=uri, caption=caption, caption_error=error,
+                      labels=json.dumps(labels, sort_keys=True))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# WebDataset tars (re-ingest)
+
+
+def _is_pattern(spec: str) -> bool:
+    return bool(re.search(r"\{[^}]*\.\.[^}]*\}|[*?\[]", spec))
+
+
+def tar_urls(spec: str) -> list[str]:
+    """Every tar a tar-type ``--input`` names, sorted."""
+    if _is_pattern(spec):
+        import braceexpand
+
+        urls: list[str] = []
+        for item in braceexpand.braceexpand(spec):
+            if re.search(r"[*?\[]", item):
+                if not is_local(item):
+                    raise ConfigError(f"--input {spec!r}: glob patterns work for local paths only; use a brace "
+                                      "pattern like s3://bucket/data-{000..009}.tar")
+                import glob
+
+                urls.extend(os.path.abspath(p) for p in glob.glob(item))
+            else:
+                urls.append(item if not is_local(item) else os.path.abspath(item))
+        if not urls:
+            raise ConfigError(f"--input {spec!r} matches no files")
+        return sorted(set(urls))
+    if extension(spec) == "tar":
+        return [spec if not is_local(spec) else os.path.abspath(spec)]
+    fsys, path = filesystem(spec)
+    # a curation output directory: re-ingest its finished shards only
+    if fsys.get_file_info(posixpath.join(path, schema.SHARDS_DIR)).type.name == "Directory" and is_local(spec):
+        return [u for kind in schema.KINDS for u in schema.shard_urls(spec, kind)]
+    return [_uri(spec, p) for p in _walk(spec) if extension(p) == "tar"]
+
+
+def _split_member(name: str) -> tuple[str | None, str | None]:
+    """WebDataset's rule: the key is everything up to the first dot of the file name."""
+    match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
+    return (match.group(1), match.group(2).lower()) if match else (None, None)
+
+
+def read_tars(urls: list[str]) -> Iterable[dict[str, Any]]:
+    for url in urls:
+        fsys, path = filesystem(url)
+        with fsys.open_input_file(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+            for member in tar.getmembers():
+                if not member.isfile():
+                    continue
+                key, ext = _split_member(member.name)
+                if key is None:
+                    continue
+                groups.setdefault(key, {})[ext] = member
+            for key, members in groups.items():
+                media_ext = next((e for e in _MEDIA_ORDER if e in members), None)
+                if media_ext is None:
+                    media_ext = next((e for e in members if e in MEDIA_EXTENSIONS), None)
+                source = f"{url}#{key}.{media_ext or 'none'}"
+                if media_ext is None:
+                    yield new_row(source=source, given=source, origin="tar", uri=url, status=REJECTED, stage="input",
+                                  reason="no_media_member",
+                                  detail=f"sample {key} has members {sorted(members)} but no video or image")
+                    continue
+                caption, error, labels = None, None, {}
+                if "json" in members:
+                    meta = _read_json(f, members["json"])
+                    if isinstance(meta, dict):
+                        caption, error = _caption_from(meta.get("caption", meta.get("text")))
+                        labels = meta.get("labels") if isinstance(meta.get("labels"), dict) else \
+                            {k: v for k, v in meta.items() if k not in ("caption", "text")}
+                        labels = _plain(labels)
+                if "txt" in members:
+                    caption, error = decode_text(f.read_at(members["txt"].size, members["txt"].offset_data))
+                    caption = caption or None
+                m = members[media_ext]
+                yield new_row(source=source, given=source, origin="tar", uri=url, offset=m.offset_data,
+                              length=m.size, caption=caption, caption_error=error,
+                              labels=json.dumps(labels, sort_keys=True))
+
+
+def _read_json(f, member: tarfile.TarInfo) -> Any:
+    try:
+        return json.loads(f.read_at(member.size, member.offset_data))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+

@@ -1,0 +1,166 @@
+"""The ledger: one row per input, saying how it ended (accepted | rejected), where, why, and what it produced.
+
+``<output>/ledger.parquet`` is a parquet *dataset directory*: one part file per commit
+(``part-<run>-<commit>.parquet``), written to a hidden temporary name and renamed into place, so a part is either
+complete or absent. ``pyarrow.parquet.read_table``, ``pandas.read_parquet`` and ``ray.data.read_parquet`` all read
+the directory as one table (they skip hidden files). Use ``read_ledger(output)``.
+
+The ledger is the record of finished work, and the only one:
+
+- an input (``source``, ``occurrence``) that has a ledger row is done; a re-run skips it;
+- a shard tar is kept only if a ledger row names it (``shards``); tars that none names come from a run killed
+  between two commits and are deleted by ``remove_uncommitted`` before the next run writes anything.
+
+Columns: ``source`` (resolved URI), ``given`` (as the input named it), ``occurrence`` (0, or n for the n-th
+duplicate row of the same source), ``status`` (accepted | rejected), ``stage`` and ``reason`` (where and why it
+was rejected, by its most common reason when several clips were; "write" and "" when accepted), ``detail``,
+``keys`` and ``kinds`` (samples produced), ``shards`` (tars holding them), ``clips_rejected`` (JSON
+``{reason: count}``), ``media_type``, ``origin``, ``run``, ``commit``, ``finished_at`` (unix seconds).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines import schema
+from pipelines.stages import OK
+
+log = logging.getLogger(__name__)
+
+ACCEPTED = "accepted"
+REJECTED = "rejected"
+
+LEDGER_SCHEMA = pa.schema([
+    ("source", pa.string()), ("given", pa.string()), ("occurrence", pa.int32()), ("status", pa.string()),
+    ("stage", pa.string()), ("reason", pa.string()), ("detail", pa.string()),
+    ("keys", pa.list_(pa.string())), ("kinds", pa.list_(pa.string())), ("shards", pa.list_(pa.string())),
+    ("clips_rejected", pa.string()), ("media_type", pa.string()), ("origin", pa.string()),
+    ("run", pa.string()), ("commit", pa.int32()), ("finished_at", pa.float64()),
+])
+
+
+def ledger_dir(output: str | os.PathLike) -> Path:
+    return Path(output) / schema.LEDGER_FILE
+
+
+def read_ledger(output: str | os.PathLike) -> pa.Table:
+    """Every committed ledger row of a curation output (an empty table if there are none yet)."""
+    d = ledger_dir(output)
+    parts = sorted(d.glob("part-*.parquet")) if d.is_dir() else []
+    if not parts:
+        return LEDGER_SCHEMA.empty_table()
+    return pa.concat_tables([pq.read_table(p, schema=LEDGER_SCHEMA) for p in parts])
+
+
+def input_result(rows: list[dict[str, Any]], shard_of: dict[str, str]) -> dict[str, Any]:
+    """All final rows of one input (accepted clips and rejected ones) -> its ledger row (without run/commit).
+
+    ``shard_of`` maps each written sample key to its tar. Accepted when at least one sample was written.
+    """
+    first = rows[0]
+    accepted = [r for r in rows if r["status"] == OK]
+    rejected = [r for r in rows if r["status"] != OK]
+    counts = collections.Counter(r["reason"] for r in rejected)
+    row = {
+        "source": first["source"], "given": first["given"], "occurrence": first["occurrence"],
+        "keys": [r["key"] for r in accepted], "kinds": [r["kind"] for r in accepted],
+        "shards": sorted({shard_of[r["key"]] for r in accepted}),
+        "clips_rejected": json.dumps(dict(counts), sort_keys=True) if accepted or len(rejected) > 1 else "{}",
+        "media_type": first["media_type"] or "", "origin": first["origin"] or "",
+    }
+    if accepted:  # clips it lost, if any, are counted in clips_rejected
+        row.update(status=ACCEPTED, stage="write", reason="", detail="")
+    else:
+        common = counts.most_common(1)[0][0]
+        worst = next(r for r in rejected if r["reason"] == common)
+        row.update(status=REJECTED, stage=worst["stage"], reason=worst["reason"], detail=worst["detail"] or "")
+    return row
+
+
+class Ledger:
+    """The ledger of one output directory: what is done, which shards are committed, and appending commits."""
+
+    def __init__(self, output: str | os.PathLike):
+        self.output = Path(output)
+        self.dir = ledger_dir(output)
+        table = read_ledger(output)
+        self.done: set[tuple[str, int]] = set(zip(table.column("source").to_pylist(),
+                                                  table.column("occurrence").to_pylist()))
+        self.shards: set[str] = {s for lst in table.column("shards").to_pylist() for s in (lst or [])}
+        self.keys: set[str] = {k for lst in table.column("keys").to_pylist() for k in (lst or [])}
+        self.rows = table.num_rows
+
+    def append(self, rows: list[dict[str, Any]], run: str, commit: int) -> Path | None:
+        """Write one commit's rows as a new part file (atomically). Duplicate keys are refused: a sample key may
+        appear once in the whole output."""
+        if not rows:
+            return None
+        new_keys = [k for r in rows for k in r["keys"]]
+        clash = (set(new_keys) & self.keys) or {k for k, n in collections.Counter(new_keys).items() if n > 1}
+        if clash:
+            raise RuntimeError(f"refusing to commit duplicate sample keys {sorted(clash)[:3]}: the output "
+                               f"{self.output} would hold the same sample twice (this is a bug; please report it)")
+        now = time.time()
+        full = [dict(r, run=run, commit=commit, finished_at=now) for r in rows]
+        self.dir.mkdir(parents=True, exist_ok=True)
+        part = self.dir / f"part-{run}-{commit:06d}.parquet"
+        tmp = self.dir / f".{part.name}.{uuid.uuid4().hex[:8]}.tmp"
+        pq.write_table(pa.Table.from_pylist(full, schema=LEDGER_SCHEMA), tmp)
+        os.replace(tmp, part)
+        self.done.update((r["source"], r["occurrence"]) for r in rows)
+        self.shards.update(s for r in rows for s in r["shards"])
+        self.keys.update(new_keys)
+        self.rows += len(rows)
+        return part
+
+
+def remove_uncommitted(output: str | os.PathLike, committed: Iterable[str]) -> list[str]:
+    """Delete shard tars (and their indexes) that no ledger row names, and stale temporary files: the leftovers
+    of a run killed between commits. Returns what was removed (paths relative to ``output``)."""
+    root = Path(output)
+    committed = set(committed)
+    removed = []
+    for kind in schema.KINDS:
+        d = schema.shard_dir(root, kind)
+        if not d.is_dir():
+            continue
+        for path in sorted(d.iterdir()):
+            rel = path.relative_to(root).as_posix()
+            if path.suffix == ".tar" and rel not in committed:
+                removed.append(rel)
+                path.unlink()
+            elif path.suffix == ".parquet" and path.with_suffix(".tar").relative_to(root).as_posix() not in committed:
+                removed.append(rel)
+                path.unlink()
+            elif path.name.startswith(".") and path.name.endswith(".tmp"):
+                path.unlink()
+    d = ledger_dir(root)
+    if d.is_dir():
+        for path in d.glob(".*.tmp"):
+            path.unlink()
+    if removed:
+        log.warning("removed %d uncommitted shard file(s) left by an interrupted run", len(removed))
+    return removed
+
+
+def summarize(table: pa.Table) -> dict[str, Any]:
+    """Totals over a whole ledger: inputs, accepted, rejected, samples per kind, rejections per reason."""
+    rows = table.select(["status", "stage", "reason", "kinds"]).to_pylist()
+    by_reason = collections.Counter(f"{r['stage']}:{r['reason']}" for r in rows if r["status"] == REJECTED)
+    kinds = collections.Counter(k for r in rows for k in (r["kinds"] or []))
+    accepted = sum(r["status"] == ACCEPTED for r in rows)
+    return {
+        "inputs": len(rows), "accepted": accepted, "rejected": len(rows) - accepted,
+        "samples": {k: kinds.get(k, 0) for k in schema.KINDS},
+        "rejected_by_reason": dict(sorted(by_reason.items())),
+    }

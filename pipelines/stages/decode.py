@@ -1,0 +1,362 @@
+"""Stage 2, decode and clip: one input row -> one row per clip (videos) or one row (images).
+
+Videos: one ffmpeg process per video decodes the source, resamples it to ``clips.fps`` (the fps filter keeps the
+source frame nearest to each output tick: a frame stride of src_fps / fps), resizes it to cover the target size
+(short side for a square target) and centre-crops it to ``clips.width x clips.height``; the result is split
+into two outputs of the same process:
+
+- raw RGB frames on stdout, which ``ClipPlanner`` reads to find scene cuts and score motion;
+- H.264 at the target fps, cut by the segment muxer into one mp4 per ``num_frames`` frames (a key frame starts
+  every clip), so every clip is already encoded when its frames have been analysed.
+
+Clips lie on a grid of ``num_frames`` frames from the first frame; a grid window that spans a scene cut is
+dropped (scene-cut aware: no clip crosses a cut), as is the incomplete tail. One process per video keeps the
+per-video overhead to ffprobe + one ffmpeg (process start-up, ~0.1 s of CPU each, dominates short videos).
+With clip policy first / max_n, ffmpeg is interrupted (SIGINT: it finalises the finished files) once enough
+clips are found, so long videos are not decoded to the end.
+
+Images: decoded with PIL, resized to cover, centre-cropped, re-encoded as JPEG.
+
+Rejections: ``no_clip`` (no complete window without a cut), ``decode_error`` (ffmpeg reported errors, e.g. a
+truncated file; ``quality.on_decode_error=keep`` keeps the clips that decoded), ``encode_error``,
+``decode_timeout``.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import ffmpeg
+import numpy as np
+
+from pipelines import schema
+from pipelines.stages import Stage, add_extra, reject
+from pipelines.stages.probe import media_path
+
+if TYPE_CHECKING:
+    from pipelines.curate import CurateConfig
+
+HIST_BINS = 16  # per channel, for scene-cut detection
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Frame analysis: scene cuts and motion, on small thumbnails (cheap next to decoding)
+
+
+def thumbnail(frame: np.ndarray, size: int = 64) -> np.ndarray:
+    """uint8 [h, w, 3] -> strided uint8 thumbnail of at most about ``size`` pixels on the short side."""
+    step = max(1, min(frame.shape[:2]) // size)
+    return frame[::step, ::step]
+
+
+def colour_histogram(thumb: np.ndarray) -> np.ndarray:
+    """Normalised per-channel histogram (3 x HIST_BINS values summing to 3)."""
+    q = (thumb.reshape(-1, 3) >> 4).astype(np.int64) + np.arange(3) * HIST_BINS  # 16 bins per channel
+    counts = np.bincount(q.ravel(), minlength=3 * HIST_BINS).astype(np.float32)
+    return counts / max(1, thumb.shape[0] * thumb.shape[1])
+
+
+def histogram_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Total-variation distance between colour histograms, averaged over channels: 0 same .. 1 disjoint."""
+    return float(np.abs(a - b).sum() / 6.0)
+
+
+def luma(thumb: np.ndarray) -> np.ndarray:
+    return thumb[..., 0] * 0.299 + thumb[..., 1] * 0.587 + thumb[..., 2] * 0.114  # float64 [h, w]
+
+
+def motion_score(lumas: list[np.ndarray]) -> float:
+    """Mean absolute luma change between consecutive frames, in [0, 1]."""
+    if len(lumas) < 2:
+        return 0.0
+    diffs = [np.abs(b - a).mean() for a, b in zip(lumas, lumas[1:])]
+    return float(np.mean(diffs) / 255.0)
+
+
+@dataclass
+class Clip:
+    index: int                    # grid window number: the clip covers frames [index, index + 1) * num_frames
+    start: int                    # first frame, counted in target-fps frames from the start of the video
+    frames: list[np.ndarray]      # num_frames x uint8 [h, w, 3]
+    motion: float
+
+
+@dataclass
+class ClipPlanner:
+    """Streams frames in, hands finished clips out. Window k holds frames [k, k + 1) * num_frames; it becomes a
+    clip unless a scene cut falls inside it (a cut exactly on a window boundary is fine). Only the current
+    window's frames are held in memory."""
+
+    num_frames: int
+    max_clips: int | None = None          # stop after this many clips (None: all)
+    scene_threshold: float = 0.4          # histogram distance between consecutive frames that is a cut (>1: never)
+    seen: int = 0                         # frames pushed so far
+    cuts: list[int] = field(default_factory=list)   # frame indices that start a new scene
+    clips_made: int = 0
+    _window: list[np.ndarray] = field(default_factory=list)
+    _lumas: list[np.ndarray] = field(default_factory=list)
+    _spans_cut: bool = False
+    _prev_hist: np.ndarray | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.max_clips is not None and self.clips_made >= self.max_clips
+
+    def push(self, frame: np.ndarray) -> Clip | None:
+        thumb = thumbnail(frame)
+        hist = colour_histogram(thumb)
+        index = self.seen
+        self.seen += 1
+        cut = self._prev_hist is not None and histogram_distance(self._prev_hist, hist) > self.scene_threshold
+        self._prev_hist = hist
+        if cut:
+            self.cuts.append(index)
+        position = index % self.num_frames
+        if position == 0:  # a new window starts
+            self._window, self._lumas, self._spans_cut = [], [], False
+        elif cut:
+            self._spans_cut = True
+            self._window, self._lumas = [], []
+        if self._spans_cut or self.done:
+            return None
+        self._window.append(frame)
+        self._lumas.append(luma(thumb.astype(np.float32)))
+        if position < self.num_frames - 1:
+            return None
+        k = index // self.num_frames
+        clip = Clip(k, k * self.num_frames, self._window, motion_score(self._lumas))
+        self.clips_made += 1
+        self._window, self._lumas = [], []
+        return clip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ffmpeg commands (built with ffmpeg-python); the benchmark's bare-ffmpeg baseline uses the same ones
+
+
+def filter_chain(stream, width: int, height: int, fps: float):
+    """fps resampling, scale to cover width x height, centre crop: the one definition of the clip geometry."""
+    return (stream.filter("fps", fps=fps)
+            .filter("scale", width, height, force_original_aspect_ratio="increase")
+            .filter("crop", width, height))
+
+
+def h264_segment_args(num_frames: int, fps: float, crf: int, preset: str, threads: int) -> dict[str, Any]:
+    """Output options: H.264, a key frame every ``num_frames`` frames, one mp4 file per ``num_frames`` frames.
+    No B-frames, so every clip starts at timestamp 0 and decodes to exactly ``num_frames`` frames.
+    (segment_time_delta: half a frame of slack, so float rounding never moves a cut to the next key frame.)"""
+    return {
+        "vcodec": "libx264", "pix_fmt": "yuv420p", "crf": crf, "preset": preset, "threads": threads, "bf": 0,
+        "force_key_frames": f"expr:eq(mod(n,{num_frames}),0)",
+        "f": "segment", "segment_format": "mp4", "segment_format_options": "movflags=+faststart",
+        "segment_time": f"{num_frames / fps:.6f}", "segment_time_delta": f"{0.5 / fps:.6f}",
+        "reset_timestamps": 1, "x264-params": "log-level=error",
+    }
+
+
+def clip_command(path: str, out_pattern: str, width: int, height: int, fps: float, num_frames: int, crf: int,
+                 preset: str, threads: int) -> list[str]:
+    """One ffmpeg: decode -> fps/scale/crop -> split -> (raw RGB on stdout, H.264 clip files ``out_pattern``)."""
+    frames = filter_chain(ffmpeg.input(path, threads=threads).video, width, height, fps).split()
+    raw = frames[0].output("pipe:", format="rawvideo", pix_fmt="rgb24")
+    clips = frames[1].output(out_pattern, **h264_segment_args(num_frames, fps, crf, preset, threads))
+    return ffmpeg.merge_outputs(raw, clips).global_args("-nostdin", "-loglevel", "error").compile()
+
+
+def _error_text(path: Path) -> str:
+    try:
+        lines = path.read_text("utf-8", "replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(line.split("] ", 1)[-1] for line in lines[-3:])
+
+
+class _Watchdog:
+    """Kills the given processes if the input takes longer than ``timeout`` seconds (a hung ffmpeg must not
+    hang the run)."""
+
+    def __init__(self, timeout: float):
+        self.procs: list[subprocess.Popen] = []
+        self.fired = False
+        self._timer = threading.Timer(timeout, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        self.fired = True
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+class DecodeFailed(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def keyframe_indices(num_frames: int, which: list[str]) -> list[int]:
+    """first / middle / last -> frame indices within a clip."""
+    table = {"first": 0, "middle": num_frames // 2, "last": num_frames - 1}
+    return [table[w] for w in which]
+
+
+class ClipDecoder(Stage):
+    """One input row -> clip rows with ``media`` (mp4 / jpg), ``motion``, geometry and, when the caption filter
+    scores frames, ``keyframes``."""
+
+    name = "decode"
+
+    def __init__(self, cfg: "CurateConfig", keep_keyframes: bool = False):
+        c = cfg.clips
+        self.width, self.height, self.num_frames, self.fps = c.width, c.height, c.num_frames, c.fps
+        self.policy, self.max_clips_cfg = c.policy, c.max_clips
+        self.scene_threshold = c.scene_threshold
+        self.crf, self.preset, self.threads = c.crf, c.preset, c.threads
+        self.jpg_quality = c.jpg_quality
+        self.timeout = c.timeout_s
+        self.on_decode_error = cfg.quality.on_decode_error
+        self.keyframes_which = list(cfg.caption.frames) if keep_keyframes else []
+
+    # -- images ------------------------------------------------------------------------------------------------
+
+    def _image(self, row: dict[str, Any]) -> dict[str, Any]:
+        from PIL import Image
+
+        from model import media
+
+        with media_path(row) as path:
+            try:
+                with Image.open(path) as im:
+                    image = np.asarray(im.convert("RGB"))
+            except Exception as e:  # PIL raises many types for bad data (and DecompressionBombError)
+                raise DecodeFailed("decode_error", f"cannot decode the image: {type(e).__name__}: {e}") from None
+        image = cover_crop(image, self.width, self.height)
+        out = dict(row, media=media.encode_jpg(image, quality=self.jpg_quality), clip_index=0, start_s=0.0,
+                   num_frames=1, fps=0.0, width=self.width, height=self.height, input_rows=1, data=None)
+        if self.keyframes_which:
+            out["keyframes"] = schema.npy_bytes(image[None])
+        return out
+
+    # -- videos ------------------------------------------------------------------------------------------------
+
+    def _video(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        max_clips = {"all": None, "first": 1, "max_n": self.max_clips_cfg}[self.policy]
+        planner = ClipPlanner(self.num_frames, max_clips, self.scene_threshold)
+        frame_bytes = self.width * self.height * 3
+        clips: list[Clip] = []
+        keyframes: list[bytes] = []
+        watchdog = _Watchdog(self.timeout)
+        with tempfile.TemporaryDirectory(prefix="t2v-decode-") as tmp, media_path(row) as path:
+            tmp = Path(tmp)
+            err = tmp / "ffmpeg.err"
+            cmd = clip_command(path, str(tmp / "c%06d.mp4"), self.width, self.height, self.fps, self.num_frames,
+                               self.crf, self.preset, self.threads)
+            with open(err, "wb") as err_file:
+                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err_file)
+            watchdog.procs.append(proc)
+            stopped_early = False
+            try:
+                while True:
+                    buf = proc.stdout.read(frame_bytes)
+                    if len(buf) < frame_bytes:
+                        break
+                    if stopped_early:
+                        continue  # draining what ffmpeg flushes after the interrupt
+                    clip = planner.push(np.frombuffer(buf, np.uint8).reshape(self.height, self.width, 3))
+                    if clip is not None:
+                        if self.keyframes_which:
+                            idx = keyframe_indices(self.num_frames, self.keyframes_which)
+                            keyframes.append(schema.npy_bytes(np.stack([clip.frames[i] for i in idx])))
+                        clip.frames = []  # ffmpeg encodes them; nothing else needs them
+                        clips.append(clip)
+                    if planner.done:
+                        # enough clips: SIGINT makes ffmpeg stop reading and finalise the files it has written;
+                        # keep draining stdout so it is never blocked on a full pipe
+                        proc.send_signal(signal.SIGINT)
+                        stopped_early = True
+            finally:
+                proc.stdout.close()
+                proc.wait()
+                watchdog.cancel()
+
+            if watchdog.fired:
+                raise DecodeFailed("decode_timeout", f"ffmpeg took longer than clips.timeout_s={self.timeout:.0f} s")
+            errors = _error_text(err)
+            if (proc.returncode != 0 and not stopped_early) or errors:
+                if self.on_decode_error == "reject" or not clips:
+                    raise DecodeFailed("decode_error", f"ffmpeg reported errors "
+                                       f"({errors or 'exit status %d' % proc.returncode}); the file is truncated "
+                                       "or corrupt")
+            if not clips:
+                cuts = f" with {len(planner.cuts)} scene cut(s)" if planner.cuts else ""
+                raise DecodeFailed("no_clip", f"decoded {planner.seen} frames at {self.fps:g} fps{cuts}: no "
+                                   f"window of {self.num_frames} frames without a cut")
+            encoded = []
+            for clip in clips:
+                f = tmp / f"c{clip.index:06d}.mp4"
+                if not f.is_file():
+                    raise DecodeFailed("encode_error", f"ffmpeg wrote no file for clip {clip.index}: {errors}")
+                encoded.append(f.read_bytes())
+
+        src_fps = row["src_fps"]
+        stride = (src_fps / self.fps) if src_fps and not math.isnan(src_fps) else math.nan
+        out = []
+        for i, (clip, data) in enumerate(zip(clips, encoded)):
+            r = dict(row, media=data, clip_index=clip.index, start_s=clip.start / self.fps,
+                     num_frames=self.num_frames, fps=self.fps, width=self.width, height=self.height,
+                     motion=clip.motion, input_rows=len(clips), data=None,
+                     keyframes=keyframes[i] if keyframes else None)
+            add_extra(r, frame_stride=None if math.isnan(stride) else round(stride, 4),
+                      scene_cuts=len(planner.cuts), decoded_frames=planner.seen)
+            out.append(r)
+        return out
+
+    def process(self, row: dict[str, Any]):
+        try:
+            if row["media_type"] == "image":
+                return [self._image(row)]
+            return self._video(row)
+        except DecodeFailed as e:
+            return [reject(row, self.name, e.reason, str(e))]
+
+
+def cover_crop(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """uint8 [h, w, 3] -> resized (bicubic) to cover width x height, then centre-cropped to exactly that."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    scale = max(width / w, height / h)
+    nw, nh = max(width, round(w * scale)), max(height, round(h * scale))
+    im = Image.fromarray(image)
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - width) // 2, (nh - height) // 2
+    return np.asarray(im.crop((left, top, left + width, top + height)))
+
+
+def decode_clip(data: bytes) -> np.ndarray:
+    """A clip's mp4 bytes -> uint8 [f, h, w, 3] (for the caption / encode stages and tests)."""
+    from model import media
+
+    return media.decode_mp4(data)
+
+
+def decode_still(data: bytes) -> np.ndarray:
+    from model import media
+
+    return media.decode_image(data)
+

@@ -1,0 +1,216 @@
+"""Stage 1, probe: find the input, read it if it is remote, and ask ffprobe what it is.
+
+Fills ``media_type`` (video | image), ``container``, ``codec``, ``duration``, ``src_fps``, ``src_width``,
+``src_height`` and ``src_frames``. Rejects, with a reason and never an exception:
+
+    missing_file   the path/URI does not exist          empty_file      zero bytes
+    unreadable     ffprobe cannot parse it               not_media       no video/image stream (e.g. a text file)
+    bad_dimensions ffprobe reports no usable size        image_in_video_file  a still image behind a video name
+    fetch_error    a remote read failed                  probe_timeout   ffprobe took longer than clips.timeout_s
+
+Inputs that are not plain local files (``s3://``, ``gs://``, a member of a re-ingested tar) are read here into
+the row's ``data`` column, so the decode stage works the same for every origin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from pipelines.stages import Stage, reject
+
+if TYPE_CHECKING:
+    from pipelines.curate import CurateConfig
+
+VIDEO_EXTENSIONS = frozenset({"mp4", "m4v", "mov", "mkv", "webm", "avi", "mpg", "mpeg", "ts", "flv", "wmv", "3gp",
+                              "ogv", "gif", "y4m"})
+IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff"})
+MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | IMAGE_EXTENSIONS
+
+
+def extension(name: str) -> str:
+    """Lower-case extension of a path, URI or ``tar#key.ext`` source, without the dot ("" if none)."""
+    base = name.rsplit("/", 1)[-1]
+    return base.rsplit(".", 1)[-1].lower() if "." in base else ""
+
+
+def is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def local_path(uri: str) -> str:
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
+def filesystem(uri: str):
+    """(pyarrow filesystem, path inside it) for any URI pyarrow understands (s3://, gs://, hdfs://, file://)."""
+    from pyarrow import fs
+
+    if is_local(uri):
+        return fs.LocalFileSystem(), os.path.abspath(local_path(uri))
+    return fs.FileSystem.from_uri(uri)
+
+
+def read_bytes(uri: str, offset: int = -1, length: int = -1) -> bytes:
+    """The whole file, or ``length`` bytes at ``offset`` (a member inside a tar)."""
+    fsys, path = filesystem(uri)
+    if offset >= 0:
+        with fsys.open_input_file(path) as f:
+            return f.read_at(length, offset)
+    with fsys.open_input_stream(path) as f:
+        return f.read()
+
+
+def is_plain_local_file(row: dict[str, Any]) -> bool:
+    return is_local(row["uri"]) and row["offset"] < 0
+
+
+@contextlib.contextmanager
+def media_path(row: dict[str, Any]) -> Iterator[str]:
+    """A local path ffmpeg can open: the file itself, or a temporary copy of the fetched ``data`` bytes."""
+    if row.get("data") is None:
+        yield local_path(row["uri"])
+        return
+    suffix = "." + (extension(row["source"]) or "bin")
+    with tempfile.NamedTemporaryFile(suffix=suffix, prefix="t2v-curate-") as tmp:
+        tmp.write(row["data"])
+        tmp.flush()
+        yield tmp.name
+
+
+def ffprobe(path: str, timeout: float) -> dict:
+    """ffprobe's JSON (streams + format). Raises RuntimeError(reason) with ffprobe's last words."""
+    cmd = ["ffprobe", "-v", "error", "-show_format", "-show_streams", "-of", "json", path]
+    proc = subprocess.run(cmd, capture_output=True, timeout=timeout)
+    if proc.returncode != 0:
+        lines = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise RuntimeError(" | ".join(line.split("] ", 1)[-1] for line in lines[-2:]) or f"exit {proc.returncode}")
+    return json.loads(proc.stdout.decode("utf-8", "replace") or "{}")
+
+
+def _rate(text: str | None) -> float:
+    """ffprobe's "30000/1001" -> 29.97; "0/0" or missing -> nan."""
+    if not text:
+        return math.nan
+    num, _, den = text.partition("/")
+    try:
+        value = float(num) / float(den or 1)
+    except (ValueError, ZeroDivisionError):
+        return math.nan
+    return value if value > 0 else math.nan
+
+
+def _float(value: Any) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return out if math.isfinite(out) and out >= 0 else math.nan
+
+
+def describe(info: dict) -> dict[str, Any]:
+    """Pick what curation needs out of ffprobe's JSON. ``media_type`` is "" when there is no picture stream."""
+    fmt = info.get("format", {}) or {}
+    container = str(fmt.get("format_name", ""))
+    streams = [s for s in info.get("streams", []) or []
+               if s.get("codec_type") == "video" and not (s.get("disposition") or {}).get("attached_pic")]
+    if not streams or container == "tty":  # ffmpeg reads any text as "tty" (ANSI art)
+        return {"media_type": "", "container": container, "codec": ""}
+    s = streams[0]
+    # image2 / png_pipe / jpeg_pipe / webp_pipe ...: a still image (yuv4mpegpipe is a raw *video* format)
+    is_image = container == "image2" or container.endswith("_pipe")
+    fps = _rate(s.get("avg_frame_rate")) if not is_image else math.nan
+    if not is_image and math.isnan(fps):
+        fps = _rate(s.get("r_frame_rate"))
+    duration = _float(s.get("duration"))
+    if math.isnan(duration):
+        duration = _float(fmt.get("duration"))
+    frames = s.get("nb_frames")
+    try:
+        frames = int(frames)
+    except (TypeError, ValueError):
+        frames = round(duration * fps) if not (math.isnan(duration) or math.isnan(fps)) else 0
+    return {
+        "media_type": "image" if is_image else "video",
+        "container": container,
+        "codec": str(s.get("codec_name", "")),
+        "duration": math.nan if is_image else duration,
+        "src_fps": fps,
+        "src_width": int(s.get("width") or 0),
+        "src_height": int(s.get("height") or 0),
+        "src_frames": 1 if is_image else int(frames),
+    }
+
+
+class Probe(Stage):
+    """Locate, fetch (if remote) and ffprobe each input; see the module docstring for the rejection reasons."""
+
+    name = "probe"
+
+    def __init__(self, cfg: "CurateConfig"):
+        self.timeout = cfg.clips.timeout_s
+        self.content_mismatch = cfg.quality.content_mismatch
+
+    def process(self, row: dict[str, Any]):
+        row = dict(row)
+        uri = row["uri"]
+        if is_plain_local_file(row):
+            path = Path(local_path(uri))
+            if not path.is_file():
+                yield reject(row, self.name, "missing_file", f"{path} does not exist (or is not a file)")
+                return
+            if path.stat().st_size == 0:
+                yield reject(row, self.name, "empty_file", f"{path} is empty (0 bytes)")
+                return
+        else:
+            try:
+                if row["offset"] < 0:
+                    fsys, p = filesystem(uri)
+                    from pyarrow import fs
+
+                    if fsys.get_file_info(p).type != fs.FileType.File:
+                        yield reject(row, self.name, "missing_file", f"{uri} does not exist")
+                        return
+                row["data"] = read_bytes(uri, row["offset"], row["length"])
+            except Exception as e:  # network / permission / fs errors all end the same way
+                yield reject(row, self.name, "fetch_error", f"cannot read {uri}: {type(e).__name__}: {e}")
+                return
+            if not row["data"]:
+                yield reject(row, self.name, "empty_file", f"{row['source']} is empty (0 bytes)")
+                return
+
+        try:
+            with media_path(row) as path:
+                info = ffprobe(path, self.timeout)
+        except subprocess.TimeoutExpired:
+            yield reject(row, self.name, "probe_timeout", f"ffprobe took longer than {self.timeout:.0f} s")
+            return
+        except RuntimeError as e:
+            yield reject(row, self.name, "unreadable", f"ffprobe cannot read it: {e}")
+            return
+
+        found = describe(info)
+        row.update(found)
+        if not found["media_type"]:
+            yield reject(row, self.name, "not_media",
+                         f"no video or image stream (ffprobe sees format {found['container']!r})")
+            return
+        if row["src_width"] <= 0 or row["src_height"] <= 0:
+            yield reject(row, self.name, "bad_dimensions",
+                         f"ffprobe reports a {row['src_width']}x{row['src_height']} picture (the header declares a "
+                         "size ffmpeg refuses, or none)")
+            return
+        ext = extension(row["source"])
+        if found["media_type"] == "image" and ext in VIDEO_EXTENSIONS and ext != "gif":
+            if self.content_mismatch == "reject":
+                yield reject(row, self.name, "image_in_video_file",
+                             f"the .{ext} file holds a still {found['codec']} image, not a video "
+                             "(set quality.content_mismatch=by_content to curate it as an image)")
+                return
+        yield row

@@ -1,0 +1,210 @@
+"""t2v bench train [--data DIR] [--steps 30] [--threads 2] [--zero-stage 2] [--dry-run]
+
+Also ``python -m pipelines.bench_train``. Measures the training machinery against baselines run in the same
+process, and prints the figures:
+
+1. step time of Ray Train + DeepSpeed (one worker) against a plain single-process PyTorch loop with the same model,
+   batches, threads, optimizer and step (``train_worker.joint_step``), as a ratio of median step times after
+   ``--warmup`` steps (target <= 1.15);
+2. loader throughput (samples/s, ``TrainLoader`` alone) against the rate training consumes samples, and the share
+   of step time training spent waiting for data (the loader must not be the bottleneck).
+
+Without ``--data`` a small shapes corpus is generated and curated (``t2v corpus`` + ``t2v curate``) into a
+temporary directory first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model import configuration
+
+
+@dataclass
+class BenchConfig:
+    data: str | None = None          # curation output directory; None: generate + curate a shapes corpus
+    model: str = "tiny"
+    model_overrides: dict = None     # type: ignore[assignment]
+    steps: int = 30                  # measured steps per contender (after warm-up)
+    warmup: int = 5
+    threads: int = 2                 # torch threads of the plain loop = cpus_per_worker of the Ray worker
+    zero_stage: int = 2
+    image_batch_size: int = 4
+    video_batch_size: int = 4
+    loader_batches: int = 30
+    decode_cache_mb: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.model_overrides = self.model_overrides or {}
+        configuration.check(self.steps >= 3 and self.warmup >= 0, "steps must be >= 3 and warmup >= 0")
+        configuration.check(self.threads >= 1, "threads must be >= 1")
+
+
+def prepare_data(work: Path, num_videos: int = 24, num_images: int = 24, height: int = 32) -> str:
+    """A small shapes corpus, curated into shards with the real curation job."""
+    from pipelines import curate, shapes
+
+    manifest = shapes.generate(shapes.CorpusConfig(num_videos=num_videos, num_images=num_images, seed=1),
+                               work / "corpus", progress=False)
+    cfg = configuration.from_dict(curate.CurateConfig, {
+        "clips": {"width": height, "height": height, "num_frames": 8, "fps": 4.0},
+        "caption": {"filter": "text"}, "progress": False})
+    curate.run(cfg, str(manifest), str(work / "curated"))
+    return str(work / "curated")
+
+
+def train_config(b: BenchConfig, data: str, out: Path, steps: int) -> "TrainConfig":  # noqa: F821
+    from pipelines.train import TrainConfig
+
+    return configuration.from_dict(TrainConfig, {
+        "data": [data], "output": str(out), "model": b.model, "model_overrides": b.model_overrides,
+        "steps": steps, "num_workers": 1, "cpus_per_worker": b.threads, "zero_stage": b.zero_stage,
+        "image_batch_size": b.image_batch_size, "video_batch_size": b.video_batch_size, "warmup_steps": 2,
+        "checkpoint_every": steps, "sample_every": 0, "decode_cache_mb": b.decode_cache_mb,
+        "mlflow": {"tracking_uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": "bench-train",
+                   "system_metrics_s": 0.0, "log_model": False}})
+
+
+def plain_loop(cfg, steps: int) -> tuple[list[float], list[float]]:
+    """The baseline: one process, the same model, data, optimizer and joint step, no Ray and no DeepSpeed."""
+    from pipelines import loader
+    from pipelines.train_worker import (Conditioner, build_model, joint_step, loader_spec, lr_factor,
+                                        param_groups)
+
+    torch.set_num_threads(cfg.cpus_per_worker)
+    model = build_model(cfg, torch.device("cpu"))
+    model.unet.train()
+    opt = torch.optim.AdamW(param_groups(model.unet, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    data = loader.TrainLoader(loader_spec(cfg, model))
+    cond = Conditioner(model, cfg, torch.device("cpu"))
+    branches = int(cfg.image_batch_size > 0) + int(cfg.video_batch_size > 0)
+    ema = [p.detach().clone() for p in model.unet.parameters()]
+    times, waits = [], []
+    try:
+        for step in range(1, steps + 1):
+            t0 = time.perf_counter()
+            batch = next(data)
+            waits.append(time.perf_counter() - t0)
+            joint_step(model.unet, model, cond, batch, cfg, step, 0, lambda loss: (loss / branches).backward(),
+                       lambda: None)
+            torch.nn.utils.clip_grad_norm_(model.unet.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            with torch.no_grad():
+                for e, p in zip(ema, model.unet.parameters()):
+                    e.lerp_(p, 1 - cfg.ema_decay)
+            times.append(time.perf_counter() - t0)
+    finally:
+        data.close()
+    return times, waits
+
+
+def ray_deepspeed(cfg) -> tuple[list[float], list[float], float]:
+    """(step times, data wait times, wall seconds of train.run) of the real training job with one worker."""
+    from mlflow import MlflowClient
+
+    from pipelines import train
+
+    t0 = time.perf_counter()
+    result = train.run(cfg)
+    wall = time.perf_counter() - t0
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    times = [m.value for m in sorted(client.get_metric_history(result["run_id"], "step_time_s"), key=lambda m: m.step)]
+    waits = [m.value for m in sorted(client.get_metric_history(result["run_id"], "data_wait_s"), key=lambda m: m.step)]
+    return times, waits, wall
+
+
+def loader_rate(cfg, batches: int) -> float:
+    """Samples/s the loader delivers alone (decode included), after its first batch."""
+    from model.configs import get_config
+    from model.pipeline import TextToVideo
+    from pipelines import loader
+    from pipelines.train_worker import loader_spec
+
+    model = TextToVideo.build(get_config(cfg.model, cfg.model_overrides or None))
+    data = loader.TrainLoader(loader_spec(cfg, model))
+    next(data)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(data)
+    seconds = time.perf_counter() - t0
+    data.close()
+    return batches * (cfg.image_batch_size + cfg.video_batch_size) / seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="t2v bench train", description=__doc__.split("\n\n")[0])
+    configuration.add_arguments(parser)
+    parser.add_argument("--data", default=None, help="curation output directory (default: generate + curate)")
+    parser.add_argument("--steps", type=int, default=None, help="measured steps per contender")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for both contenders")
+    parser.add_argument("--zero-stage", type=int, default=None, help="DeepSpeed ZeRO stage of the Ray run")
+    args = parser.parse_args(argv)
+    sets = list(args.set)
+    for name in ("data", "steps", "threads", "zero_stage"):
+        value = getattr(args, name)
+        if value is not None:
+            sets.append(f"{name}={json.dumps(value)}")
+    b = configuration.load(BenchConfig, args.config, sets)
+    if args.dry_run:
+        print(configuration.dump(b), end="")
+        return 0
+    import ray
+
+    with tempfile.TemporaryDirectory(prefix="t2v-bench-train-") as tmp:
+        work = Path(tmp)
+        data = b.data or prepare_data(work)
+        total = b.warmup + b.steps
+        cfg = train_config(b, data, work / "run", total)
+        # The plain loop runs before and after the Ray job, so a change in machine load during the run shows up
+        # as a difference between the two instead of silently skewing the ratio.
+        print(f"[bench] plain PyTorch loop: {total} steps, {b.threads} threads", flush=True)
+        plain = [plain_loop(cfg, total)]
+        print(f"[bench] Ray Train + DeepSpeed ZeRO-{b.zero_stage}: 1 worker, {b.threads} CPUs", flush=True)
+        ray.init(num_cpus=max(b.threads, 1), include_dashboard=False)
+        try:
+            ds, ds_waits, wall = ray_deepspeed(cfg)
+        finally:
+            ray.shutdown()
+        print("[bench] plain PyTorch loop again", flush=True)
+        plain.append(plain_loop(cfg, total))
+        print("[bench] loader alone", flush=True)
+        rate = loader_rate(cfg, b.loader_batches)
+
+    w = b.warmup
+    compute = lambda times, waits: statistics.median(t - d for t, d in zip(times[w:], waits[w:]))  # noqa: E731
+    plain_total = [statistics.median(times[w:]) for times, _ in plain]
+    plain_compute = [compute(times, waits) for times, waits in plain]
+    ds_total, ds_compute = statistics.median(ds[w:]), compute(ds, ds_waits)
+    per_step = b.image_batch_size + b.video_batch_size
+    consume = per_step / ds_total
+    print()
+    print(f"model {b.model} {b.model_overrides or ''}  batch image {b.image_batch_size} + video {b.video_batch_size}"
+          f"  threads {b.threads}  steps {b.steps} (+{w} warm-up), medians")
+    print(f"  plain PyTorch step, before / after       {plain_total[0] * 1000:8.1f} / {plain_total[1] * 1000:.1f} ms"
+          f"   (without data wait {plain_compute[0] * 1000:.1f} / {plain_compute[1] * 1000:.1f} ms)")
+    print(f"  Ray Train + DeepSpeed ZeRO-{b.zero_stage} step          {ds_total * 1000:8.1f} ms"
+          f"   (without data wait {ds_compute * 1000:.1f} ms)")
+    print(f"  ratio DeepSpeed / plain                  {ds_total / statistics.mean(plain_total):8.3f}"
+          f"   (without data wait {ds_compute / statistics.mean(plain_compute):.3f}; target <= 1.15)")
+    print(f"  Ray job wall time incl. start-up         {wall:8.1f} s")
+    print(f"  loader alone                             {rate:8.1f} samples/s")
+    print(f"  training consumes                        {consume:8.1f} samples/s   loader / training = "
+          f"{rate / consume:.1f}x")
+    print(f"  training time waiting for data           {sum(ds_waits[w:]) / sum(ds[w:]):8.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

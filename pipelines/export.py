@@ -1,0 +1,155 @@
+"""Consolidated model weights out of DeepSpeed training, written as TextToVideo checkpoints and diffusers folders.
+
+    python -m pipelines.export --checkpoint runs/train/ray/train/step_00000400 --output runs/exported
+
+During training (``pipelines/train_worker.py``) every rank calls ``consolidated_state_dict(engine)``: under ZeRO-3
+the parameters are partitioned across ranks and gathering them is a collective, one module at a time, so
+all ranks must take part; under ZeRO 0-2 every rank already holds the full weights and rank 0 just copies them.
+``write_models`` then writes, on rank 0:
+
+    <dir>/model.pt            TextToVideo checkpoint (model/pipeline.py format) of the raw weights
+    <dir>/model_ema.pt        the same with the EMA weights (what generation should use)
+    <dir>/diffusers/unet/     diffusers UNet3DConditionModel folder of the EMA weights (model/convert.py), when
+                              the architecture has a diffusers equivalent (diffusers has no TF-T2V image MLP,
+                              so the image condition is dropped there)
+
+Offline (this module's ``main``) a DeepSpeed checkpoint directory reported by training is turned into the same
+files without a running job: ZeRO 1-3 shards are merged to fp32 with DeepSpeed's zero_to_fp32 route, and the EMA
+weights are added when the checkpoint holds them whole (ZeRO 0-2; under ZeRO-3 each rank stores only its EMA
+partition, so offline export writes the raw weights only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+DS_TAG = "ds"                      # DeepSpeed checkpoint tag used by training
+TRAIN_STATE_FILE = "train_state.json"
+
+
+def worker_state_file(rank: int) -> str:
+    return f"worker_rank{rank}.pt"
+
+
+def consolidated_state_dict(engine) -> dict[str, Tensor] | None:
+    """The full UNet state dict on CPU on rank 0 (None on other ranks). Collective under ZeRO-3."""
+    import torch.distributed as dist
+
+    if engine.zero_optimization_partition_weights():                           # ZeRO-3
+        state = engine._zero3_consolidated_16bit_state_dict()
+        return {k: v.float() for k, v in state.items()} if state is not None else None
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+
+
+def export_diffusers(unet, out_dir: Path) -> str | None:
+    """Write a diffusers UNet folder; returns None, or the reason when this architecture has no diffusers form."""
+    from model.convert import ConversionError, unet_to_diffusers
+
+    try:
+        model = unet_to_diffusers(unet, drop_image_condition=bool(unet.cfg.image_embed_dim))
+    except ConversionError as e:
+        return str(e)
+    model.save_pretrained(str(out_dir))
+    return None
+
+
+def write_models(model, raw: dict[str, Tensor], ema: dict[str, Tensor] | None, out_dir: str | Path, step: int,
+                 diffusers: bool = True) -> dict[str, Any]:
+    """Write model.pt (raw), model_ema.pt (EMA, if given) and the diffusers folder; returns their paths.
+
+    ``model`` is a TextToVideo whose UNet is overwritten (it carries the config and encoders to save with them).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Any] = {}
+    model.unet.load_state_dict(raw)
+    files["checkpoint"] = str(model.save(out / "model.pt", step=step, ema=False))
+    if ema is not None:
+        model.unet.load_state_dict(ema)
+        files["ema_checkpoint"] = str(model.save(out / "model_ema.pt", step=step, ema=True))
+    if diffusers:
+        reason = export_diffusers(model.unet, out / "diffusers" / "unet")
+        files["diffusers"] = None if reason else str(out / "diffusers" / "unet")
+        if reason:
+            files["diffusers_skipped"] = reason
+            log.warning("no diffusers export: %s", reason)
+    (out / "export.json").write_text(json.dumps({"step": step, **files}, indent=2), encoding="utf-8")
+    return files
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Offline export from a reported checkpoint directory
+
+
+def state_from_checkpoint(ckpt_dir: str | Path) -> tuple[dict[str, Tensor], dict[str, Tensor] | None, dict]:
+    """(fp32 UNet state, EMA state or None, train_state.json) from a training checkpoint directory."""
+    d = Path(ckpt_dir)
+    info_path = d / TRAIN_STATE_FILE
+    if not info_path.is_file():
+        raise FileNotFoundError(f"{d} is not a training checkpoint (no {TRAIN_STATE_FILE}); pass a directory "
+                                "under <output>/ray/train/ such as step_00000400")
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    if info["zero_stage"] == 0:
+        model_states = torch.load(d / DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        raw = {k: v.float() for k, v in model_states["module"].items()}
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        raw = dict(get_fp32_state_dict_from_zero_checkpoint(str(d), tag=DS_TAG))
+    ema = None
+    rank0 = d / worker_state_file(0)
+    if info["zero_stage"] < 3 and rank0.is_file():
+        tensors = torch.load(rank0, map_location="cpu", weights_only=True).get("ema")
+        if tensors is not None:
+            ema = {name: t.reshape(raw[name].shape).float() for name, t in zip(info["param_names"], tensors)}
+            ema.update({k: v for k, v in raw.items() if k not in ema})              # buffers: as trained
+    return raw, ema, info
+
+
+def export_checkpoint(ckpt_dir: str | Path, output: str | Path, diffusers: bool = True) -> dict[str, Any]:
+    """A training checkpoint directory -> model.pt / model_ema.pt / diffusers folder under ``output``."""
+    from model import configuration
+    from model.configs import ModelConfig
+    from model.pipeline import TextToVideo
+
+    raw, ema, info = state_from_checkpoint(ckpt_dir)
+    model = TextToVideo.build(configuration.from_dict(ModelConfig, info["model_config"]))
+    encoders = Path(ckpt_dir) / "encoders.pt"
+    if encoders.is_file():                    # random-init CLIP weights training used (see TextToVideo.save)
+        state = torch.load(encoders, map_location="cpu", weights_only=True)
+        model.text_encoder.load_state_dict(state["text_encoder"])
+        model.image_encoder.load_state_dict(state["image_encoder"])
+    return write_models(model, raw, ema, output, step=int(info["step"]), diffusers=diffusers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint directory written by training "
+                        "(<output>/ray/train/step_XXXXXXXX)")
+    parser.add_argument("--output", required=True, help="directory for model.pt, model_ema.pt, diffusers/")
+    parser.add_argument("--no-diffusers", action="store_true", help="skip the diffusers folder")
+    parser.add_argument("--dry-run", action="store_true", help="print what would be read and exit")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        info = json.loads((Path(args.checkpoint) / TRAIN_STATE_FILE).read_text(encoding="utf-8"))
+        print(json.dumps({k: info[k] for k in ("step", "zero_stage", "world_size")}, indent=2))
+        return 0
+    files = export_checkpoint(args.checkpoint, args.output, diffusers=not args.no_diffusers)
+    print(json.dumps(files, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

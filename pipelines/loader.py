@@ -1,0 +1,510 @@
+"""Streaming, resumable training input from curated WebDataset shards (the format of ``pipelines/schema.py``).
+
+    loader = TrainLoader(LoaderSpec(data=["runs/curated"], image_batch=8, video_batch=4, num_frames=8,
+                                    height=32, width=32), rank=0, world_size=2)
+    for batch in loader:            # endless: training bounds it by its step count
+        batch.image, batch.video, batch.position
+
+Each sample kind (``image``, ``video_text``, ``video``) is one endless stream per rank, read as a list of
+stages; what holds after each:
+
+    plan_epoch   this rank's shards of epoch e in a seeded order, and which of their samples are this rank's
+                 (whole shards per rank when there are at least as many shards as ranks, else every
+                 world_size-th sample of each shard) -> ranks read disjoint samples that cover the epoch
+    read_shard   the raw samples (member name -> bytes) of one tar; a corrupt member is logged and skipped
+    shuffle      this rank's samples of the shard, permuted in blocks of ``shuffle_block`` by a seeded RNG
+    decode       ``Item``: frames uint8 [f, h, w, 3] at the model size (or pre-encoded latents), caption,
+                 conditioning frame; undecodable media is logged, counted and skipped
+    batch        ``StepBatch``: one image batch and one video batch (text-free and captioned clips mixed
+                 ``text_free_fraction`` : rest) plus the position of every stream after its last item
+
+Resume is exact to the sample: a position is (epoch, shard in the epoch's plan, samples of that shard already
+used), and replaying the seeded plan and shuffle reproduces the same order, so a resumed run sees exactly the
+samples the interrupted one would have seen next (only raw bytes of the current shard are re-read, not
+decoded). That holds while the shard set and the number of workers stay the same; when either changed the
+stream restarts at the beginning of the saved epoch (a warning says so).
+
+Streams never end (epochs repeat), so ranks with uneven shares can never leave a collective waiting: the
+training loop stops every rank at the same step count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model import media
+from pipelines import schema
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """The training data cannot be used as configured; the message says what to change."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shard discovery and lineage
+
+
+@dataclasses.dataclass
+class ShardSet:
+    """The finished shards of one kind under one curation output directory."""
+
+    root: str                     # curation output directory
+    kind: str
+    urls: list[str]               # tar paths, sorted
+    counts: list[int]             # samples per tar (from its parquet index)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def name(self) -> str:
+        return f"{Path(self.root).name}/{self.kind}"
+
+    def digest(self) -> str:
+        """Changes when a shard is added, removed or rewritten (names, sizes and sample counts)."""
+        h = hashlib.sha1()
+        for url, n in zip(self.urls, self.counts):
+            h.update(f"{Path(url).name}:{Path(url).stat().st_size}:{n};".encode())
+        return h.hexdigest()[:16]
+
+    def index(self):
+        """All parquet index rows of the set as one pandas DataFrame (for lineage)."""
+        import pandas as pd
+        import pyarrow.parquet as pq
+
+        frames = [pq.read_table(schema.index_path(u)).to_pandas() for u in self.urls]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def find_shard_sets(data: list[str]) -> list[ShardSet]:
+    """Every non-empty shard set of every curation output directory in ``data``."""
+    import pyarrow.parquet as pq
+
+    if not data:
+        raise DataError("no training data given: set data to one or more curation output directories "
+                        "(t2v curate --output DIR), e.g. --set data=[runs/curated]")
+    sets = []
+    for root in data:
+        if not Path(root).is_dir():
+            raise DataError(f"data directory {root!r} does not exist; pass a curation output directory "
+                            "(it holds shards/<kind>/*.tar)")
+        for kind in schema.KINDS:
+            urls = schema.shard_urls(root, kind)
+            if urls:
+                counts = [pq.ParquetFile(schema.index_path(u)).metadata.num_rows for u in urls]
+                sets.append(ShardSet(str(Path(root).resolve()), kind, urls, counts))
+    if not sets:
+        raise DataError(f"no finished shards under {data}: each directory needs shards/<kind>/*.tar with their "
+                        ".parquet index (written by t2v curate)")
+    return sets
+
+
+def urls_by_kind(sets: list[ShardSet]) -> dict[str, tuple[list[str], list[int]]]:
+    out: dict[str, tuple[list[str], list[int]]] = {}
+    for s in sets:
+        urls, counts = out.setdefault(s.kind, ([], []))
+        urls.extend(s.urls)
+        counts.extend(s.counts)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One kind's endless, resumable stream of raw samples for one rank
+
+
+@dataclasses.dataclass
+class Position:
+    """Where a stream is: the next sample is number ``offset`` (after shuffling) of shard ``shard`` of the
+    epoch's plan. ``fingerprint`` identifies the shard set and world size the plan was made for."""
+
+    epoch: int = 0
+    shard: int = 0
+    offset: int = 0
+    fingerprint: str = ""
+
+
+def _fingerprint(urls: list[str], counts: list[int], world_size: int) -> str:
+    h = hashlib.sha1(f"{world_size};".encode())
+    for u, n in zip(urls, counts):
+        h.update(f"{Path(u).name}:{n};".encode())
+    return h.hexdigest()[:16]
+
+
+def plan_epoch(urls: list[str], counts: list[int], rank: int, world_size: int, seed: int, stream_id: int,
+               epoch: int) -> list[tuple[str, list[int] | None]]:
+    """This rank's (shard url, kept local sample indices or None for all) for one epoch, in read order."""
+    order = np.random.default_rng([seed, stream_id, epoch]).permutation(len(urls))
+    if len(urls) >= world_size:
+        return [(urls[i], None) for i in order[rank::world_size]]
+    # Fewer shards than ranks: every rank reads every shard and keeps every world_size-th sample of the
+    # epoch (numbered across shards), so shares differ by at most one sample.
+    plan, first = [], 0
+    for i in order:
+        keep = [j for j in range(counts[i]) if (first + j) % world_size == rank]
+        first += counts[i]
+        plan.append((urls[i], keep))
+    return plan
+
+
+def _log_and_continue(exn: Exception) -> bool:
+    log.warning("skipping a corrupt shard member: %s", exn)
+    return True
+
+
+def read_shard(url: str) -> Iterator[dict[str, Any]]:
+    """Raw samples of one tar (``__key__`` plus member name -> bytes), corrupt members skipped."""
+    from webdataset.tariterators import tarfile_samples
+
+    yield from tarfile_samples([{"url": url}], handler=_log_and_continue)
+
+
+class KindStream:
+    """Endless, seeded, resumable stream of one kind's raw samples for one rank: yields (raw, position after)."""
+
+    def __init__(self, kind: str, urls: list[str], counts: list[int], rank: int, world_size: int, seed: int,
+                 shuffle_block: int = 256, position: Position | None = None):
+        self.kind, self.urls, self.counts = kind, urls, counts
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle_block = shuffle_block
+        self.stream_id = schema.KINDS.index(kind)
+        self.fingerprint = _fingerprint(urls, counts, world_size)
+        self.start = position or Position(fingerprint=self.fingerprint)
+        if self.start.fingerprint != self.fingerprint:
+            log.warning("%s shards or the number of workers changed since the checkpoint: the %s stream restarts "
+                        "at the beginning of epoch %d", kind, kind, self.start.epoch)
+            self.start = Position(epoch=self.start.epoch, fingerprint=self.fingerprint)
+
+    def _shard_samples(self, url: str, keep: list[int] | None, epoch: int, shard: int) -> Iterator[dict]:
+        """This rank's samples of one shard in their shuffled order (deterministic given epoch and shard)."""
+        wanted = None if keep is None else set(keep)
+        rng = np.random.default_rng([self.seed, self.stream_id, epoch, shard])
+        block: list[dict] = []
+        for j, raw in enumerate(read_shard(url)):
+            if wanted is not None and j not in wanted:
+                continue
+            block.append(raw)
+            if len(block) == self.shuffle_block:
+                yield from (block[i] for i in rng.permutation(len(block)))
+                block = []
+        yield from (block[i] for i in rng.permutation(len(block)))
+
+    def __iter__(self) -> Iterator[tuple[dict, Position]]:
+        epoch, shard, offset = self.start.epoch, self.start.shard, self.start.offset
+        while True:
+            plan = plan_epoch(self.urls, self.counts, self.rank, self.world_size, self.seed, self.stream_id, epoch)
+            produced = 0
+            for s in range(shard, len(plan)):
+                url, keep = plan[s]
+                for k, raw in enumerate(self._shard_samples(url, keep, epoch, s)):
+                    if s == shard and k < offset:
+                        continue          # resuming: already used before the checkpoint
+                    produced += 1
+                    yield raw, Position(epoch, s, k + 1, self.fingerprint)
+            if produced == 0 and shard == 0 and offset == 0:
+                raise DataError(f"worker {self.rank} of {self.world_size} got no {self.kind} samples: the "
+                                f"{self.kind} shards hold {sum(self.counts)} samples; add data or use fewer workers")
+            epoch, shard, offset = epoch + 1, 0, 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoding a raw sample into what the training step needs
+
+
+@dataclasses.dataclass
+class Item:
+    """One decoded sample at the model's size."""
+
+    key: str
+    kind: str
+    caption: str | None                     # None for text-free clips
+    frames: np.ndarray | None               # uint8 [f, h, w, 3]; None when pre-encoded latents replace it
+    cond_frame: np.ndarray | None           # uint8 [h, w, 3]: the middle frame (CLIP image condition)
+    latent_mean: np.ndarray | None = None   # float32 [c, f, h', w'] pre-encoded posterior mean (unscaled)
+    latent_std: np.ndarray | None = None
+    text_emb: np.ndarray | None = None      # float32 [n, d]
+    image_emb: np.ndarray | None = None     # float32 [d]
+
+
+def frame_indices(total: int, num_frames: int, stride: int, rng: np.random.Generator) -> np.ndarray:
+    """Which of ``total`` frames form the clip. stride 0: ``num_frames`` spread evenly over the whole clip;
+    stride k: every k-th frame from a random start. Short clips repeat their last frame."""
+    if num_frames == 1:
+        return np.array([total // 2])
+    if stride == 0:
+        return np.linspace(0, total - 1, num_frames).round().astype(int)
+    span = (num_frames - 1) * stride + 1
+    start = int(rng.integers(0, total - span + 1)) if total > span else 0
+    return np.minimum(start + stride * np.arange(num_frames), total - 1)
+
+
+def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 [f, h, w, 3] -> [f, height, width, 3]: scale the short side (antialiased), centre crop."""
+    f, h, w, _ = frames.shape
+    if (h, w) == (height, width):
+        return frames
+    scale = max(height / h, width / w)
+    size = (max(height, round(h * scale)), max(width, round(w * scale)))
+    x = torch.from_numpy(np.array(frames)).permute(0, 3, 1, 2).float()               # [f, 3, h, w] (a writable copy)
+    x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    x = x[:, :, top:top + height, left:left + width]
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+class Decoder:
+    """raw sample -> ``Item``. A callable stage: ``__init__`` takes the model geometry, ``__call__`` one sample.
+
+    ``expected_encoders`` is the identity of the encoders training uses; pre-encoded arrays written by other
+    encoders (a differing value under a shared key) are ignored and the sample is encoded on the fly.
+    ``cache_mb`` keeps decoded, resized clips in memory (least recently used out), which pays off when a small
+    corpus is read for many epochs.
+    """
+
+    def __init__(self, num_frames: int, height: int, width: int, frame_stride: int = 0,
+                 latent_hw: tuple[int, int] | None = None, expected_encoders: dict | None = None,
+                 seed: int = 0, cache_mb: float = 0.0):
+        self.num_frames, self.height, self.width = num_frames, height, width
+        self.frame_stride = frame_stride
+        self.latent_hw = latent_hw
+        self.expected_encoders = expected_encoders or {}
+        self.seed = seed
+        self.cache_bytes = int(cache_mb * 2**20)
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cached = 0
+        self._lock = threading.Lock()
+        self.stats = {"decoded": 0, "skipped": 0, "pre_encoded": 0, "cache_hits": 0, "encoder_mismatch": 0}
+
+    def __call__(self, raw: dict, epoch: int = 0) -> Item | None:
+        """None (logged and counted) when the sample cannot be used."""
+        try:
+            return self._decode(raw, epoch)
+        except (media.MediaError, KeyError, ValueError) as e:
+            self._count("skipped")
+            log.warning("skipping sample %s: %s", raw.get("__key__"), e)
+            return None
+
+    def _decode(self, raw: dict, epoch: int) -> Item:
+        sample = schema.decode_sample(raw)
+        kind = sample.meta.kind
+        frames_per_item = 1 if kind == "image" else self.num_frames
+        rng = np.random.default_rng([self.seed, epoch, int(hashlib.sha1(sample.key.encode()).hexdigest()[:8], 16)])
+        arrays = self._usable_arrays(sample)
+        item = Item(sample.key, kind, sample.caption if kind != "video" else None, None, None)
+        if "text_emb" in arrays and item.caption:
+            item.text_emb = arrays["text_emb"].astype(np.float32)
+        if "image_emb" in arrays:
+            item.image_emb = arrays["image_emb"].astype(np.float32)
+        if "latent_mean" in arrays:
+            mean = arrays["latent_mean"]                                         # [c, f, h', w']
+            idx = frame_indices(mean.shape[1], frames_per_item, self.frame_stride, rng)
+            item.latent_mean = mean[:, idx].astype(np.float32)
+            std = arrays.get("latent_std")
+            item.latent_std = (std[:, idx] if std is not None else np.zeros_like(mean[:, idx])).astype(np.float32)
+            self._count("pre_encoded")
+            if item.image_emb is not None:
+                return item                                                      # nothing left to decode
+        clip = self._clip(sample)                                                # [n, h, w, 3] at model size
+        idx = frame_indices(len(clip), frames_per_item, self.frame_stride, rng)
+        if item.latent_mean is None:
+            item.frames = clip[idx]
+        item.cond_frame = clip[idx[len(idx) // 2]]                               # the middle frame
+        return item
+
+    def _count(self, name: str) -> int:
+        with self._lock:
+            self.stats[name] += 1
+            return self.stats[name]
+
+    def _usable_arrays(self, sample: schema.Sample) -> dict[str, np.ndarray]:
+        if not sample.arrays:
+            return {}
+        enc = sample.encoders or {}
+        differ = {k for k in enc.keys() & self.expected_encoders.keys() if enc[k] != self.expected_encoders[k]}
+        if differ:
+            if self._count("encoder_mismatch") == 1:
+                log.warning("pre-encoded arrays of %s were made with other encoders (%s differ); encoding on the "
+                            "fly instead", sample.key, sorted(differ))
+            return {}
+        arrays = dict(sample.arrays)
+        mean = arrays.get("latent_mean")
+        if mean is not None and self.latent_hw is not None and tuple(mean.shape[-2:]) != tuple(self.latent_hw):
+            if self._count("encoder_mismatch") == 1:
+                log.warning("pre-encoded latents of %s are %s, the model needs %s; encoding on the fly instead",
+                            sample.key, tuple(mean.shape[-2:]), tuple(self.latent_hw))
+            arrays.pop("latent_mean"), arrays.pop("latent_std", None)
+        return arrays
+
+    def _clip(self, sample: schema.Sample) -> np.ndarray:
+        with self._lock:                                 # several decode threads share the cache
+            cached = self._cache.get(sample.key)
+            if cached is not None:
+                self._cache.move_to_end(sample.key)
+                self.stats["cache_hits"] += 1
+                return cached
+        if sample.meta.kind == "image":
+            frames = media.decode_image(sample.media)[None]                      # [1, h, w, 3]
+        else:
+            frames = media.decode_mp4(sample.media)                              # [n, h, w, 3]
+        clip = resize_frames(frames, self.height, self.width)
+        with self._lock:
+            self.stats["decoded"] += 1
+            if self.cache_bytes and clip.nbytes <= self.cache_bytes and sample.key not in self._cache:
+                self._cache[sample.key] = clip
+                self._cached += clip.nbytes
+                while self._cached > self.cache_bytes:
+                    _, old = self._cache.popitem(last=False)
+                    self._cached -= old.nbytes
+        return clip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Step batches
+
+
+@dataclasses.dataclass
+class LoaderSpec:
+    """What one training step consumes and how samples are shaped (built from TrainConfig by the worker)."""
+
+    data: list[str]
+    image_batch: int = 8                  # image-text pairs per step and worker (0: no content branch)
+    video_batch: int = 4                  # clips per step and worker (0: no motion branch)
+    text_free_fraction: float = 0.5       # share of the video batch taken from text-free clips (when both exist)
+    num_frames: int = 8
+    height: int = 32
+    width: int = 32
+    frame_stride: int = 0
+    latent_hw: tuple[int, int] | None = None
+    expected_encoders: dict | None = None
+    seed: int = 0
+    shuffle_block: int = 256
+    prefetch: int = 4                     # step batches decoded ahead in a background thread
+    decode_workers: int = 2               # samples decoded in parallel (threads driving ffmpeg subprocesses)
+    cache_mb: float = 0.0
+
+
+@dataclasses.dataclass
+class StepBatch:
+    image: list[Item]
+    video: list[Item]
+    position: dict[str, dict]             # kind -> Position as a dict, after this batch
+
+
+class TrainLoader:
+    """Endless iterator of ``StepBatch`` for one rank, decoded ahead in a background thread.
+
+    ``state`` is a ``StepBatch.position`` from a checkpoint: the stream continues right after that batch.
+    """
+
+    def __init__(self, spec: LoaderSpec, rank: int = 0, world_size: int = 1, state: dict | None = None,
+                 shard_sets: list[ShardSet] | None = None):
+        self.spec = spec
+        self.sets = shard_sets if shard_sets is not None else find_shard_sets(spec.data)
+        by_kind = urls_by_kind(self.sets)
+        state = state or {}
+        self.composition = self._composition(by_kind)
+        self.streams = {
+            kind: KindStream(kind, *by_kind[kind], rank, world_size, spec.seed, spec.shuffle_block,
+                             Position(**state[kind]) if kind in state else None)
+            for kind in {k for k, n in self.composition.items() if n > 0}
+        }
+        self.decoder = Decoder(spec.num_frames, spec.height, spec.width, spec.frame_stride, spec.latent_hw,
+                               spec.expected_encoders, spec.seed + 7919 * rank, spec.cache_mb)
+        self._pool = ThreadPoolExecutor(max(1, spec.decode_workers), thread_name_prefix="decode")
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, spec.prefetch))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.produce_time = 0.0            # seconds the background thread spent reading + decoding
+
+    def _composition(self, by_kind: dict) -> dict[str, int]:
+        """Samples per step from each kind."""
+        s = self.spec
+        if s.image_batch and "image" not in by_kind:
+            raise DataError("image_batch > 0 but the data has no image shards; curate images or set image_batch=0")
+        n_video = {k: sum(by_kind[k][1]) for k in schema.VIDEO_KINDS if k in by_kind}
+        if s.video_batch and not n_video:
+            raise DataError("video_batch > 0 but the data has no video shards; curate videos or set video_batch=0")
+        if s.video_batch and "video" in n_video and "video_text" in n_video:
+            free = round(s.video_batch * s.text_free_fraction)
+        elif s.video_batch and "video" in n_video:
+            if s.text_free_fraction == 0:
+                raise DataError("text_free_fraction=0 but the data has only text-free videos; add captioned "
+                                "videos or raise text_free_fraction")
+            free = s.video_batch
+        else:
+            free = 0
+        return {"image": s.image_batch, "video": free, "video_text": s.video_batch - free}
+
+    # -- producer -----------------------------------------------------------------------------------------------
+
+    def _take(self, iterators: dict, kind: str, n: int, positions: dict) -> list[Item]:
+        """n decoded items of ``kind`` (decoded ``decode_workers`` at a time: ffmpeg runs as a subprocess, so
+        threads overlap well); samples that fail to decode are replaced by the next ones."""
+        items: list[Item] = []
+        while len(items) < n:
+            raws = [next(iterators[kind]) for _ in range(n - len(items))]
+            decoded = self._pool.map(lambda rp: self.decoder(rp[0], rp[1].epoch), raws)
+            items += [item for item in decoded if item is not None]
+            positions[kind] = dataclasses.asdict(raws[-1][1])
+        return items
+
+    def _produce(self) -> None:
+        try:
+            iterators = {kind: iter(stream) for kind, stream in self.streams.items()}
+            positions = {kind: dataclasses.asdict(stream.start) for kind, stream in self.streams.items()}
+            c = self.composition
+            while not self._stop.is_set():
+                t0 = time.perf_counter()
+                image = self._take(iterators, "image", c["image"], positions)
+                video = self._take(iterators, "video", c["video"], positions)
+                video += self._take(iterators, "video_text", c["video_text"], positions)
+                batch = StepBatch(image, video, {k: dict(v) for k, v in positions.items()})
+                self.produce_time += time.perf_counter() - t0
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(batch, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # handed to the consumer, which re-raises it in the training loop
+            self._queue.put(e)
+
+    # -- consumer -----------------------------------------------------------------------------------------------
+
+    def __iter__(self) -> "TrainLoader":
+        return self
+
+    def __next__(self) -> StepBatch:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._produce, name="train-loader", daemon=True)
+            self._thread.start()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def collate_frames(items: list[Item]) -> torch.Tensor:
+    """uint8 [b, f, h, w, 3] from items that all carry frames."""
+    return torch.from_numpy(np.stack([it.frames for it in items]))

@@ -1,0 +1,616 @@
+"""The training loop one Ray Train worker runs (``train_loop_per_worker``); ``pipelines/train.py`` starts it.
+
+Read top to bottom, as nanoGPT's train.py: config, process group, model, DeepSpeed, data, resume, loop,
+checkpoint, export. The model is plain PyTorch (``model/``); DeepSpeed wraps the UNet here, at the edge.
+
+One optimizer step is joint, as TF-T2V trains (arXiv 2312.15770), and is two DeepSpeed micro-steps
+(gradient_accumulation_steps = number of active branches, so both gradients land in one update):
+
+- content branch: an image-text batch as 1-frame videos (temporal layers pass through, only spatial weights get
+  gradients); the whole batch is conditioned on the text or, with ``image_condition_prob``, on the image's CLIP
+  embedding with the null text (the UNet takes one image embedding per batch or none, so the choice is per batch);
+- motion branch: a video batch of text-free clips (null text) and captioned clips (their text); with
+  ``video_image_condition_prob`` the batch also gets the CLIP image embedding of each clip's middle frame. TF-T2V
+  always gives it; the default 0.5 also trains text-only video generation, which is how prompts are sampled.
+  The coherence loss (model/diffusion.py) applies here.
+
+CFG dropout replaces a sample's text with the negative-prompt embedding (what sampling uses as unconditional
+input). Noise, timesteps, dropout decisions and UNet dropout are drawn from RNGs seeded by (seed, step, rank), so a
+resumed run repeats exactly the steps the interrupted one would have taken.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from model import configuration
+from pipelines import export, loader
+from pipelines.train import EXPORT_DIR, TrainConfig
+
+log = logging.getLogger("pipelines.train")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model
+
+
+def _is_t2v_checkpoint(path: str | None) -> bool:
+    if not path or not Path(path).is_file() or Path(path).suffix == ".safetensors":
+        return False
+    from model.pipeline import FORMAT
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return isinstance(ckpt, dict) and ckpt.get("format") == FORMAT
+
+
+def resolve_model_config(cfg: TrainConfig):
+    """The ModelConfig training uses: the registry entry with overrides, or the one stored in ``init_from`` when
+    that is a TextToVideo checkpoint (its architecture and encoders must be kept to load its weights)."""
+    from model.configs import ModelConfig, get_config
+
+    if _is_t2v_checkpoint(cfg.init_from):
+        from model.pipeline import read_checkpoint
+
+        if cfg.model_overrides:
+            log.warning("init_from is a TextToVideo checkpoint: its stored model config is used and "
+                        "model_overrides are ignored")
+        return configuration.from_dict(ModelConfig, read_checkpoint(cfg.init_from)["config"])
+    return get_config(cfg.model, cfg.model_overrides or None)
+
+
+def build_model(cfg: TrainConfig, device: torch.device):
+    """TextToVideo with random (seeded, identical on every rank) or ``init_from`` weights."""
+    from model.checkpoint import NEW_IN_TFT2V, load_unet_weights
+    from model.pipeline import TextToVideo
+
+    torch.manual_seed(cfg.seed)
+    if _is_t2v_checkpoint(cfg.init_from):
+        model = TextToVideo.from_checkpoint(cfg.init_from)
+    else:
+        model = TextToVideo.build(resolve_model_config(cfg))
+        if cfg.init_from:
+            source: Any = cfg.init_from
+            if Path(cfg.init_from).is_dir():                       # a diffusers UNet3DConditionModel folder
+                from diffusers import UNet3DConditionModel
+
+                from model.convert import diffusers_to_modelscope
+
+                diffusers_unet = UNet3DConditionModel.from_pretrained(cfg.init_from)
+                source = diffusers_to_modelscope(diffusers_unet.state_dict(), model.unet.cfg)
+            # ModelScope weights have no TF-T2V image MLP: it starts fresh. Extra concat channels start at zero.
+            report = load_unet_weights(model.unet, source, allow_missing=NEW_IN_TFT2V, pad_input_channels=True)
+            log.info("initialised the UNet from %s (new: %s)", cfg.init_from, report.missing_allowed[:4])
+    return model.to(device)
+
+
+def param_groups(unet, cfg: TrainConfig) -> list[dict]:
+    """Temporal weights at lr, spatial ones at lr * spatial_lr_mult (TF-T2V: 0.5 for pretrained SD weights)."""
+    temporal = list(unet.temporal_parameters())
+    spatial = list(unet.spatial_parameters())
+    groups = [{"params": temporal, "lr": cfg.lr, "name": "temporal"},
+              {"params": spatial, "lr": cfg.lr * cfg.spatial_lr_mult, "name": "spatial"}]
+    return [g for g in groups if g["params"]]
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over warmup_steps, then cosine decay to min_lr_ratio at ``steps``. ``step`` counts from 0."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, branches: int) -> dict:
+    """The DeepSpeed config; ``cfg.deepspeed`` is merged over it (recursively) for site-specific settings."""
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.use_gpu}
+    if cfg.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    micro = max(cfg.image_batch_size, cfg.video_batch_size)
+    ds = {
+        # DeepSpeed's batch bookkeeping: one micro-batch per branch; the sizes only feed its throughput counters.
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": branches,
+        "train_batch_size": micro * branches * world_size,
+        "gradient_clipping": cfg.grad_clip,
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": cfg.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": cfg.weight_decay,
+            # torch's AdamW needs no compiled op; offload needs DeepSpeedCPUAdam (JIT-compiled once).
+            "torch_adam": not cfg.offload_optimizer}},
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(ds, cfg.deepspeed)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def encoder_identity(model) -> dict:
+    """What pre-encoded shard arrays must have been made with to be used as they are: the identity the curation
+    pre-encode stage writes (encoder settings + a fingerprint of the encoder weights), less the keys that do not
+    change the arrays (the model config's name, a description)."""
+    from pipelines.stages.encode import encoder_identity as identity
+
+    found = identity(model.config.encoders, model.text_encoder, model.image_encoder, model.first_stage,
+                     model.config.name)
+    return {k: v for k, v in found.items() if k not in ("model", "latents")}
+
+
+def loader_spec(cfg: TrainConfig, model) -> loader.LoaderSpec:
+    """What the loader must deliver for this model: its clip geometry, latent size and encoders."""
+    mc = model.config
+    latent = model.latent_shape(1)                                              # (1, c, f, h', w')
+    return loader.LoaderSpec(
+        data=cfg.data, image_batch=cfg.image_batch_size, video_batch=cfg.video_batch_size,
+        text_free_fraction=cfg.text_free_fraction, num_frames=mc.num_frames, height=mc.height, width=mc.width,
+        frame_stride=cfg.frame_stride, latent_hw=(latent[3], latent[4]),
+        expected_encoders=encoder_identity(model), seed=cfg.seed, shuffle_block=cfg.shuffle_block,
+        prefetch=cfg.prefetch, decode_workers=cfg.decode_workers, cache_mb=cfg.decode_cache_mb)
+
+
+def _skip_inference_shm_op() -> None:
+    """DeepSpeed JIT-compiles a shared-memory all-reduce op on CPU at start-up (about a minute the first time); only
+    its inference all-reduce uses it, training uses the process group. Mark it unavailable so it is not built."""
+    import deepspeed.ops
+
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# EMA over whatever each rank holds of the weights
+
+
+class Ema:
+    """Exponential moving average of the UNet weights.
+
+    ZeRO 0-2: every rank holds the full weights; rank 0 keeps the EMA. ZeRO-3: each rank holds a partition
+    (``param.ds_tensor``) and keeps the EMA of its own partition. ``swapped_in`` puts the EMA into the live weights
+    for a moment (to gather or sample them) and restores the trained weights afterwards.
+    """
+
+    def __init__(self, engine, decay: float, rank: int):
+        self.engine, self.decay = engine, decay
+        self.partitioned = bool(engine.zero_optimization_partition_weights())
+        self.holder = self.partitioned or rank == 0
+        self.updates = 0
+        self.tensors = [t.detach().float().clone() for t in self._live()] if self.holder else None
+
+    def _live(self) -> list[Tensor]:
+        params = list(self.engine.module.parameters())
+        return [p.ds_tensor for p in params] if self.partitioned else [p.data for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        if not self.holder:
+            return
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))   # short runs: early weights fade fast
+        for e, t in zip(self.tensors, self._live()):
+            e.lerp_(t.float(), 1 - decay)
+
+    @contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        if not self.holder:
+            yield
+            return
+        live = self._live()
+        backup = [t.detach().clone() for t in live]
+        with torch.no_grad():
+            for t, e in zip(live, self.tensors):
+                t.copy_(e.to(t.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for t, b in zip(self._live(), backup):
+                    t.copy_(b)
+
+    def state(self) -> dict:
+        return {"updates": self.updates, "tensors": self.tensors}
+
+    def load(self, state: dict) -> None:
+        self.updates = int(state["updates"])
+        if self.holder and state["tensors"] is not None:
+            self.tensors = [t.float() for t in state["tensors"]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The two branches
+
+
+class Conditioner:
+    """Text/image embeddings for a batch: pre-encoded arrays when the shards have them, the frozen encoders
+    otherwise. Null and negative-prompt embeddings are computed once."""
+
+    def __init__(self, model, cfg: TrainConfig, device: torch.device):
+        self.model, self.cfg, self.device = model, cfg, device
+        self.null = model.encode_text([""]).to(device)                          # [1, n, d]
+        self.negative = model.encode_text([cfg.negative_prompt]).to(device)     # [1, n, d]
+
+    def latents(self, items: list[loader.Item], gen: torch.Generator) -> Tensor:
+        """Diffusion input x0 [b, c, f, h', w'] (scaled latents, or pixels in [-1, 1])."""
+        out: list[Tensor | None] = [None] * len(items)
+        fs = self.model.first_stage
+        for i, it in enumerate(items):
+            if it.latent_mean is not None:
+                mean = torch.from_numpy(it.latent_mean)[None].to(self.device)
+                std = torch.from_numpy(it.latent_std)[None].to(self.device)
+                out[i] = fs.latents_from_moments(mean, std, gen)
+        todo = [i for i, x in enumerate(out) if x is None]
+        if todo:
+            frames = loader.collate_frames([items[i] for i in todo])           # uint8 [b', f, h, w, 3]
+            encoded = self.model.encode_video(frames, gen)                       # [b', c, f, h', w']
+            for j, i in enumerate(todo):
+                out[i] = encoded[j:j + 1]
+        return torch.cat(out).float()
+
+    def text(self, items: list[loader.Item]) -> Tensor:
+        """[b, n, d]: caption states; the null text for text-free items."""
+        rows: list[Tensor | None] = [None] * len(items)
+        for i, it in enumerate(items):
+            if it.caption is None:
+                rows[i] = self.null
+            elif it.text_emb is not None:
+                rows[i] = torch.from_numpy(it.text_emb)[None].to(self.device)
+        todo = [i for i, r in enumerate(rows) if r is None]
+        if todo:
+            encoded = self.model.encode_text([items[i].caption for i in todo]).to(self.device)
+            for j, i in enumerate(todo):
+                rows[i] = encoded[j:j + 1]
+        return torch.cat(rows).float()
+
+    def image(self, items: list[loader.Item]) -> Tensor:
+        """[b, embed_dim] CLIP image embeddings of the conditioning frames."""
+        rows: list[Tensor | None] = [None] * len(items)
+        for i, it in enumerate(items):
+            if it.image_emb is not None:
+                rows[i] = torch.from_numpy(it.image_emb)[None].to(self.device)
+        todo = [i for i, r in enumerate(rows) if r is None]
+        if todo:
+            frames = np.stack([items[i].cond_frame for i in todo])              # uint8 [b', h, w, 3]
+            encoded = self.model.encode_image(frames).to(self.device)
+            for j, i in enumerate(todo):
+                rows[i] = encoded[j:j + 1]
+        return torch.cat(rows).float()
+
+    def cfg_dropout(self, context: Tensor, gen: torch.Generator) -> Tensor:
+        """Per sample, with probability cfg_dropout: text -> negative-prompt embedding."""
+        drop = torch.rand(context.shape[0], generator=gen) < self.cfg.cfg_dropout       # [b]
+        if not drop.any():
+            return context
+        return torch.where(drop.to(context.device)[:, None, None], self.negative.to(context.dtype), context)
+
+
+def _coin(p: float, gen: torch.Generator) -> bool:
+    return bool(torch.rand((), generator=gen) < p)
+
+
+def branch_loss(net, model, cond: Conditioner, items: list[loader.Item], branch: str, cfg: TrainConfig,
+                gen: torch.Generator, shared: torch.Generator) -> dict[str, Tensor]:
+    """The diffusion loss of one branch's batch (model/diffusion.py training_losses). ``net`` runs the UNet: the
+    DeepSpeed engine wrapping ``model.unet`` (or the bare UNet in the plain-loop benchmark). ``gen`` draws this
+    rank's noise and dropout, ``shared`` the conditioning choices all ranks make alike."""
+    from model.diffusion import sample_timesteps, training_losses
+
+    x0 = cond.latents(items, gen)                                                # [b, c, f, h', w']
+    b = x0.shape[0]
+    has_image_cond = model.config.unet.image_embed_dim > 0
+    if branch == "content":
+        use_image = has_image_cond and _coin(cfg.image_condition_prob, shared)
+        context = cond.null.expand(b, -1, -1) if use_image else cond.text(items)   # [b, n, d]
+    else:
+        use_image = has_image_cond and _coin(cfg.video_image_condition_prob, shared)
+        context = cond.text(items)                                               # null text for text-free clips
+    context = cond.cfg_dropout(context, gen)
+    image = cond.image(items) if use_image else None
+    t = sample_timesteps(b, model.schedule.num_timesteps, gen, x0.device)
+    dtype = next(model.unet.parameters()).dtype
+
+    def unet_fn(x, t, context=None, image_embedding=None, concat=None):
+        # bf16 engines take bf16 inputs; the loss is computed in fp32 by training_losses.
+        cast = lambda v: v.to(dtype) if v is not None else None  # noqa: E731
+        return net(cast(x), t, context=cast(context), image_embedding=cast(image_embedding),
+                   concat=cast(concat)).float()
+
+    return training_losses(unet_fn, x0, t, model.config.diffusion, context=context, image_embedding=image,
+                           schedule=model.schedule, generator=gen)
+
+
+def _seed_step(cfg: TrainConfig, step: int, rank: int) -> tuple[torch.Generator, torch.Generator]:
+    """Seeds the global RNG (UNet dropout) and returns two generators for the step: one per rank (noise,
+    timesteps, CFG dropout) and one shared by all ranks (which conditions a batch gets). The shared one matters:
+    conditions decide which parameters get gradients (the image MLP), and ZeRO reduces gradients in buckets that
+    must hold the same parameters on every rank."""
+    seed = (cfg.seed * 1_000_003 + step * 10_007) % 2**62
+    torch.manual_seed(seed + rank)
+    return torch.Generator().manual_seed(seed + rank), torch.Generator().manual_seed(seed + 2**62)
+
+
+def joint_step(net, model, cond: Conditioner, batch: loader.StepBatch, cfg: TrainConfig, step: int, rank: int,
+               backward, micro_step) -> dict[str, float]:
+    """Forward and backward of both branches of one step: ``backward(loss)`` then ``micro_step()`` per branch
+    (DeepSpeed: engine.backward / engine.step). Returns the branch losses as floats."""
+    gen, shared = _seed_step(cfg, step, rank)
+    losses = {"image": 0.0, "video": 0.0, "diffusion_video": 0.0, "coherence": 0.0}
+    for branch, items, weight in (("content", batch.image, cfg.image_loss_weight), ("motion", batch.video, 1.0)):
+        if not items:
+            continue
+        out = branch_loss(net, model, cond, items, branch, cfg, gen, shared)
+        backward(out["loss"] * weight)
+        micro_step()
+        if branch == "content":
+            losses["image"] = out["loss"].item()
+        else:
+            losses.update(video=out["loss"].item(), diffusion_video=out["diffusion"].item(),
+                          coherence=out["coherence"].item())
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(engine, ema: Ema, step: int, position: dict, rank: int, world_size: int, cfg: TrainConfig,
+                    model, metrics: dict) -> None:
+    """Every rank writes its DeepSpeed shard + its worker state into a local directory and reports it; Ray merges
+    the directories into one checkpoint in storage. ``ray.train.report`` is a barrier: all ranks call it."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="t2v-ckpt-") as d:
+        engine.save_checkpoint(d, tag=export.DS_TAG, client_state={"step": step})
+        torch.save({"step": step, "loader": position, "ema": ema.state(), "rank": rank},
+                   Path(d) / export.worker_state_file(rank))
+        if rank == 0:
+            info = {"step": step, "world_size": world_size, "zero_stage": cfg.zero_stage,
+                    "model_config": configuration.to_dict(model.config),
+                    "param_names": [n for n, _ in engine.module.named_parameters()], "time": time.time()}
+            (Path(d) / export.TRAIN_STATE_FILE).write_text(json.dumps(info), encoding="utf-8")
+            if model.config.encoders.clip_pretrained is None:       # random CLIP: keep it for offline export
+                torch.save({"text_encoder": model.text_encoder.state_dict(),
+                            "image_encoder": model.image_encoder.state_dict()}, Path(d) / "encoders.pt")
+        ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name=f"step_{step:08d}")
+
+
+def load_checkpoint(engine, ema: Ema, checkpoint, rank: int, world_size: int, cfg: TrainConfig) -> tuple[int, dict]:
+    """Restore engine (weights, optimizer, LR schedule), EMA and data position; returns (step, loader state)."""
+    with checkpoint.as_directory() as d:
+        info = json.loads((Path(d) / export.TRAIN_STATE_FILE).read_text(encoding="utf-8"))
+        if info["world_size"] != world_size or info["zero_stage"] != cfg.zero_stage:
+            raise RuntimeError(f"checkpoint {d} was written by {info['world_size']} workers with ZeRO stage "
+                               f"{info['zero_stage']}; resume with num_workers={info['world_size']} and "
+                               f"zero_stage={info['zero_stage']}, or start a new output directory")
+        engine.load_checkpoint(d, tag=export.DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+        state = torch.load(Path(d) / export.worker_state_file(rank), map_location="cpu", weights_only=True)
+    ema.load(state["ema"])
+    return int(state["step"]), state["loader"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rank-0 side work: samples, snapshots, export
+
+
+class Exporter:
+    """Rank 0's separate copy of the model (sharing the frozen encoders) that gathered weights are loaded into
+    for sample videos, snapshots and the final export; the engine's weights are never touched."""
+
+    def __init__(self, model, engine, ema: Ema, rank: int, cfg: TrainConfig, out: Path, tracker):
+        self.engine, self.ema, self.rank, self.cfg, self.out, self.tracker = engine, ema, rank, cfg, out, tracker
+        self.model = None
+        if rank == 0:
+            from model.pipeline import TextToVideo
+            from model.unet import UNet3D
+
+            unet = UNet3D(model.config.unet).to(model.device)
+            self.model = TextToVideo(model.config, unet, model.text_encoder, model.image_encoder, model.first_stage)
+
+    def gather(self, ema: bool) -> dict[str, Tensor] | None:
+        """Full weights on rank 0 (collective under ZeRO-3: every rank calls this)."""
+        if ema:
+            with self.ema.swapped_in():
+                return export.consolidated_state_dict(self.engine)
+        return export.consolidated_state_dict(self.engine)
+
+    def samples(self, step: int) -> None:
+        state = self.gather(ema=True)
+        if self.rank != 0:
+            return
+        from model import media
+
+        self.model.unet.load_state_dict(state)
+        t0 = time.perf_counter()
+        frames = self.model.generate(list(self.cfg.sample_prompts), steps=self.cfg.sample_steps,
+                                     guidance=self.cfg.sample_guidance, seed=self.cfg.seed,
+                                     negative_prompt=self.cfg.negative_prompt)              # [b, f, h, w, 3]
+        with tempfile.TemporaryDirectory() as d:
+            for i, (prompt, video) in enumerate(zip(self.cfg.sample_prompts, frames)):
+                stem = f"{i:02d}_" + "".join(c if c.isalnum() else "_" for c in prompt)[:60]
+                media.write_mp4(video, Path(d) / f"{stem}.mp4", self.cfg.sample_fps)
+                media.write_gif(video, Path(d) / f"{stem}.gif", self.cfg.sample_fps)
+            self.tracker.log_artifact(d, f"samples/step_{step:06d}")
+        self.tracker.log_metrics({"sample_time_s": time.perf_counter() - t0}, step)
+
+    def snapshot(self, step: int) -> None:
+        state = self.gather(ema=True)
+        if self.rank == 0:
+            self.model.unet.load_state_dict(state)
+            self.model.save(self.out / EXPORT_DIR / "snapshots" / f"model_ema_{step:08d}.pt", step=step, ema=True)
+
+    def final(self, step: int, metrics: dict) -> None:
+        raw = self.gather(ema=False)
+        ema = self.gather(ema=True)
+        if self.rank == 0:
+            files = export.write_models(self.model, raw, ema, self.out / EXPORT_DIR, step)
+            (self.out / EXPORT_DIR / "final_metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+            log.info("exported %s", files)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def _reduce_mean(values: list[float], world_size: int) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if world_size > 1:
+        dist.all_reduce(t)
+        t /= world_size
+    return t.tolist()
+
+
+def _debug_fail(cfg: TrainConfig, step: int, rank: int, world_size: int, out: Path) -> None:
+    """Test hook: the last rank dies like a killed process, once (a marker file stops it from firing again)."""
+    if cfg.debug_fail_at_step != step or rank != world_size - 1:
+        return
+    marker = out / f".debug_failed_at_{step}"
+    if marker.exists():
+        return
+    marker.write_text(str(os.getpid()), encoding="utf-8")
+    print(f"[train] debug_fail_at_step={step}: rank {rank} exits now", flush=True)
+    os._exit(1)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+
+    from pipelines import tracking
+
+    # -- config and process group (Ray Train already created it: gloo on CPU, NCCL on GPU) ----------------------
+    cfg = configuration.from_dict(TrainConfig, config["cfg"])
+    out = Path(cfg.output).resolve()
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.threads_per_worker or cfg.cpus_per_worker)
+    device = ray.train.torch.get_device()
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if not cfg.use_gpu:
+        _skip_inference_shm_op()
+    t_start = time.perf_counter()
+
+    # -- model and DeepSpeed -------------------------------------------------------------------------------------
+    model = build_model(cfg, device)
+    model.unet.train()
+    branches = int(cfg.image_batch_size > 0) + int(cfg.video_batch_size > 0)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model.unet, model_parameters=param_groups(model.unet, cfg),
+        config=deepspeed_config(cfg, world_size, branches),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, cfg=cfg)))
+    ema = Ema(engine, cfg.ema_decay, rank)
+
+    # -- resume --------------------------------------------------------------------------------------------------
+    step, loader_state = 0, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        step, loader_state = load_checkpoint(engine, ema, checkpoint, rank, world_size, cfg)
+        if rank == 0:
+            print(f"[train] resumed from step {step}", flush=True)
+
+    # -- data ----------------------------------------------------------------------------------------------------
+    data = loader.TrainLoader(loader_spec(cfg, model), rank, world_size, state=loader_state)
+    cond = Conditioner(model, cfg, device)
+
+    # -- tracking (rank 0 only) ----------------------------------------------------------------------------------
+    tracker: Any = tracking.NullTracker()
+    if rank == 0 and config.get("run_id"):
+        tracker = tracking.MlflowTracker(config["tracking_uri"], cfg.mlflow.experiment, run_id=config["run_id"],
+                                         system_metrics_s=cfg.mlflow.system_metrics_s)
+        counts = model.unet.parameter_counts()
+        tracker.log_params({"derived": {"world_size": world_size, "unet_params": counts["total"],
+                                        "unet_temporal_params": counts["temporal"],
+                                        "deepspeed": json.dumps(deepspeed_config(cfg, world_size, branches))}})
+    exporter = Exporter(model, engine, ema, rank, cfg, out, tracker)
+    print_every = cfg.print_every or max(1, cfg.steps // 20)
+    if rank == 0:
+        print(f"[train] {world_size} worker(s), ZeRO-{cfg.zero_stage}, start-up {time.perf_counter() - t_start:.1f}s; "
+              f"steps {step + 1}..{cfg.steps}", flush=True)
+
+    # -- loop ----------------------------------------------------------------------------------------------------
+    metrics: dict[str, float] = {}
+    position = loader_state
+    t_loop = time.perf_counter()
+    samples_per_step = (cfg.image_batch_size + cfg.video_batch_size) * world_size
+    try:
+        while step < cfg.steps:
+            step += 1
+            t0 = time.perf_counter()
+            batch = next(data)
+            t_data = time.perf_counter() - t0
+            # engine.step() is a no-op until the last branch (the gradient accumulation boundary)
+            losses = joint_step(engine, model, cond, batch, cfg, step, rank, engine.backward, engine.step)
+            ema.update()
+            position = batch.position
+            step_time = time.perf_counter() - t0
+            elapsed_min = (time.perf_counter() - t_loop) / 60
+            stop = float(cfg.time_limit_minutes > 0 and elapsed_min >= cfg.time_limit_minutes)
+            img, vid, dvid, coh, wait, stop = _reduce_mean(
+                [losses["image"], losses["video"], losses["diffusion_video"], losses["coherence"], t_data, stop],
+                world_size)
+            metrics = {"loss": cfg.image_loss_weight * img + vid, "loss_image": img, "loss_video": vid,
+                       "diffusion_loss_video": dvid, "coherence_loss": coh,
+                       "lr": scheduler.get_last_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                       "samples_per_s": samples_per_step / step_time, "step_time_s": step_time, "data_wait_s": wait}
+            if not cfg.image_batch_size:
+                metrics.pop("loss_image")
+            if not cfg.video_batch_size:
+                for k in ("loss_video", "diffusion_loss_video", "coherence_loss"):
+                    metrics.pop(k)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                tracker.log_metrics(metrics, step)
+            if rank == 0 and (step % print_every == 0 or step == 1 or step == cfg.steps):
+                print(f"[train] step {step}/{cfg.steps} loss {metrics['loss']:.4f} (image {img:.4f} video {vid:.4f} "
+                      f"coherence {coh:.4f}) lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s "
+                      f"data wait {wait / step_time:.0%}", flush=True)
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                exporter.samples(step)
+            if cfg.snapshot_every and step % cfg.snapshot_every == 0:
+                exporter.snapshot(step)
+            _debug_fail(cfg, step, rank, world_size, out)
+            last = step == cfg.steps or stop > 0
+            if step % cfg.checkpoint_every == 0 or last:
+                save_checkpoint(engine, ema, step, position, rank, world_size, cfg, model, metrics)
+            if stop > 0:
+                if rank == 0:
+                    print(f"[train] time limit of {cfg.time_limit_minutes} min reached at step {step}", flush=True)
+                break
+    finally:
+        data.close()
+
+    # -- export --------------------------------------------------------------------------------------------------
+    if cfg.sample_every and step % cfg.sample_every != 0 and metrics:
+        exporter.samples(step)
+    t_export = time.perf_counter()
+    exporter.final(step, metrics)
+    if rank == 0:
+        print(f"[train] exported the model in {time.perf_counter() - t_export:.1f}s", flush=True)
+        tracker.log_metrics({"train_time_s": time.perf_counter() - t_start}, step)
+        tracker.pause()                  # the driver marks the run finished once the model is logged

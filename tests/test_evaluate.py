@@ -1,0 +1,121 @@
+"""``t2v evaluate`` on a tiny model: metrics (CLIPSIM, frame consistency, FVD with a TorchScript network, shapes
+accuracy), sample videos, MLflow logging, prompt files, and evaluating a logged model by URI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from flows import evaluate
+from model import configuration
+from model.configuration import ConfigError
+
+
+class _PooledVideoNet(torch.nn.Module):
+    """Stand-in for an I3D feature network (none can be downloaded here): pooled colour statistics, projected."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [b, 3, f, h, w] -> [b, 4]
+        return self.proj(torch.cat([x.mean(dim=(2, 3, 4)), x.amax(dim=(2, 3, 4))], dim=1))
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from model.configs import get_config
+    from model.pipeline import TextToVideo
+
+    torch.manual_seed(0)
+    return TextToVideo.build(get_config("tiny")).save(tmp_path_factory.mktemp("model") / "model.pt")
+
+
+@pytest.fixture(scope="module")
+def fvd_network(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("fvdnet") / "video_net.pt"
+    torch.jit.save(torch.jit.trace(_PooledVideoNet(), torch.zeros(1, 3, 8, 32, 32)), str(path))
+    return path
+
+
+def _cfg(tmp_path, **kw) -> evaluate.EvalConfig:
+    base = {"num_prompts": 2, "steps": 2, "clip_model": "t2v-tiny-clip", "num_samples": 2, "batch_size": 2,
+            "output": str(tmp_path / "eval"), "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}}
+    return configuration.from_dict(evaluate.EvalConfig, {**base, **kw})
+
+
+def test_evaluate_shapes_prompts_with_fvd_logs_to_mlflow(tmp_path, tiny_checkpoint, fvd_network, shapes_corpus):
+    from mlflow import MlflowClient
+
+    cfg = _cfg(tmp_path, checkpoint=str(tiny_checkpoint), fvd_network=str(fvd_network),
+               fvd_reference=str(shapes_corpus), fvd_size=32)
+    result = evaluate.run(cfg)
+    m = result["metrics"]
+    assert set(m) == {"clipsim", "frame_consistency", "colour_accuracy", "direction_accuracy", "shapes_accuracy",
+                      "fvd"}
+    assert -1 <= m["clipsim"] <= 1 and -1 <= m["frame_consistency"] <= 1 and m["fvd"] >= 0
+    assert all(0 <= m[k] <= 1 for k in ("colour_accuracy", "direction_accuracy", "shapes_accuracy"))
+    assert result["skipped"] == {} and result["num_videos"] == 2
+    for sample in result["samples"]:
+        assert Path(sample).stat().st_size > 0 and Path(sample).with_suffix(".gif").is_file()
+    assert json.loads((Path(cfg.output) / evaluate.METRICS_FILE).read_text())["metrics"] == m
+
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.data.metrics["eval/fvd"] == pytest.approx(m["fvd"])
+    assert run.data.params["eval.steps"] == "2" and run.data.tags["eval.signature"] == result["signature"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+    assert {"eval/metrics.json", "eval/eval.yaml", "eval/samples"} <= artifacts
+    assert any(a.path.endswith(".gif") for a in client.list_artifacts(run.info.run_id, "eval/samples"))
+
+    # seeded: the same settings give the same figures
+    again = evaluate.run(_cfg(tmp_path, checkpoint=str(tiny_checkpoint), fvd_network=str(fvd_network),
+                              fvd_reference=str(shapes_corpus), fvd_size=32, mlflow={"enabled": False}))
+    assert again["metrics"] == pytest.approx(m) and again["signature"] == result["signature"]
+
+
+def test_prompt_file_cli_and_skipped_fvd(tmp_path, tiny_checkpoint, capsys):
+    prompts = tmp_path / "captions.txt"
+    prompts.write_text("# MSR-VTT style captions\na man is playing a guitar\n\na dog runs on the beach\n")
+    code = evaluate.main(["--checkpoint", str(tiny_checkpoint), "--prompts", str(prompts), "--output",
+                          str(tmp_path / "out"), "--set", "num_prompts=0", "--set", "steps=2", "--set",
+                          "clip_model=t2v-tiny-clip", "--set", "num_samples=1", "--set", "mlflow.enabled=false"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "clipsim" in out and "fvd: skipped" in out and "shapes_accuracy" not in out
+    result = json.loads((tmp_path / "out" / evaluate.METRICS_FILE).read_text())
+    assert result["num_videos"] == 2 and set(result["metrics"]) == {"clipsim", "frame_consistency"}
+    assert len(list((tmp_path / "out" / "samples").glob("*.mp4"))) == 1
+
+
+def test_evaluate_a_logged_model_by_uri(tmp_path, tiny_checkpoint):
+    from mlflow import MlflowClient
+
+    from pipelines import pyfunc
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("t", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    model_uri = pyfunc.log_generation_model(tiny_checkpoint, run_id=run_id, tracking_uri=uri)
+    result = evaluate.run(_cfg(tmp_path, model_uri=model_uri, num_prompts=1, num_samples=0,
+                               mlflow={"tracking_uri": uri, "run_id": run_id}))
+    assert result["mlflow_run_id"] == run_id and "clipsim" in result["metrics"]
+    assert "eval/clipsim" in client.get_run(run_id).data.metrics
+
+
+def test_bad_inputs_say_what_to_do(tmp_path, tiny_checkpoint, capsys):
+    with pytest.raises(ConfigError, match="exactly one of checkpoint"):
+        _cfg(tmp_path)
+    with pytest.raises(FileNotFoundError, match="one prompt per line"):
+        evaluate.run(_cfg(tmp_path, checkpoint=str(tiny_checkpoint), prompts=str(tmp_path / "missing.txt")))
+    lonely = tmp_path / "one.csv"
+    lonely.write_text("path,kind\nx.mp4,video\n")
+    with pytest.raises(ValueError, match="at least 2"):
+        evaluate.reference_videos(str(lonely), 10)
+    assert evaluate.main(["--checkpoint", "m.pt", "--set", "steps=3", "--dry-run"]) == 0
+    assert "steps: 3" in capsys.readouterr().out

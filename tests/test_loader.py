@@ -1,0 +1,187 @@
+"""Training input: shards written in the schema format are read back split across ranks, shuffled, batched,
+resumed exactly, and bad samples are skipped. No Ray here."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from model import media
+from pipelines import loader, schema
+
+
+def write_shards(manifest: Path, out: Path, per_shard: int = 3, pre_encode: dict | None = None) -> Path:
+    """A curation-output-like directory from a shapes corpus manifest: shards/<kind>/*.tar (+ .parquet index),
+    one sample per manifest row (test fixture standing in for ``t2v curate``, which needs a Ray Data run)."""
+    rows = list(csv.DictReader(open(manifest, encoding="utf-8")))
+    by_kind: dict[str, list] = {k: [] for k in schema.KINDS}
+    for row in rows:
+        kind = "image" if row["kind"] == "image" else ("video_text" if row["caption"] else "video")
+        data = Path(row["path"]).read_bytes()
+        if kind == "image":
+            image = media.decode_image(data)
+            data, (h, w), n, fps = media.encode_jpg(image), image.shape[:2], 1, 0.0
+        else:
+            frames = media.decode_video_file(row["path"])
+            (n, h, w), fps = frames.shape[:3], 12.0
+        meta = schema.SampleMeta(source=row["path"], kind=kind, num_frames=n, fps=fps, width=w, height=h,
+                                 caption=row["caption"] or None,
+                                 labels={k: row[k] for k in ("colour", "shape", "direction")})
+        arrays, encoders = None, None
+        if pre_encode is not None and kind != "image":
+            frames = media.decode_mp4(data)
+            pixels = frames.transpose(3, 0, 1, 2).astype(np.float32) / 127.5 - 1      # [3, f, h, w]
+            arrays = {"latent_mean": pixels.astype(np.float16), "latent_std": np.zeros_like(pixels, np.float16)}
+            encoders = pre_encode
+        by_kind[kind].append(schema.encode_sample(schema.sample_key(row["path"]), meta, data, arrays, encoders))
+    for kind, samples in by_kind.items():
+        if not samples:
+            continue
+        schema.shard_dir(out, kind).mkdir(parents=True, exist_ok=True)
+        with wds.ShardWriter(schema.shard_pattern(out, kind), maxcount=per_shard, verbose=0) as sink:
+            for s in samples:
+                sink.write(s)
+        tars = sorted(schema.shard_dir(out, kind).glob("*.tar"))
+        for i, tar in enumerate(tars):
+            keys = [s["__key__"] for s in samples[i * per_shard:(i + 1) * per_shard]]
+            pq.write_table(pa.table({"key": keys, "kind": [kind] * len(keys)}), schema.index_path(tar))
+    return out
+
+
+@pytest.fixture(scope="module")
+def shards(shapes_corpus, tmp_path_factory):
+    return write_shards(shapes_corpus, tmp_path_factory.mktemp("shards"))
+
+
+def _keys(stream, n):
+    it = iter(stream)
+    return [next(it)[0]["__key__"] for _ in range(n)]
+
+
+def test_ranks_read_disjoint_samples_that_cover_each_epoch(shards):
+    urls, counts = loader.urls_by_kind(loader.find_shard_sets([str(shards)]))["video_text"]
+    total = sum(counts)
+    per_rank = []
+    for rank in range(2):
+        stream = loader.KindStream("video_text", urls, counts, rank, 2, seed=3)
+        per_rank.append(_keys(stream, total // 2))
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert len(set(per_rank[0]) | set(per_rank[1])) == total
+    # fewer shards than ranks: samples (not shards) are split, still disjoint
+    one = loader.KindStream("video", urls[:1], counts[:1], 0, 2, seed=3)
+    other = loader.KindStream("video", urls[:1], counts[:1], 1, 2, seed=3)
+    a, b = _keys(one, 1), _keys(other, 1)
+    assert a != b
+
+
+def test_stream_is_seeded_shuffled_and_endless(shards):
+    urls, counts = loader.urls_by_kind(loader.find_shard_sets([str(shards)]))["image"]
+    n = sum(counts)
+    first = _keys(loader.KindStream("image", urls, counts, 0, 1, seed=1), 3 * n)
+    again = _keys(loader.KindStream("image", urls, counts, 0, 1, seed=1), 3 * n)
+    other = _keys(loader.KindStream("image", urls, counts, 0, 1, seed=2), 3 * n)
+    assert first == again                                  # deterministic
+    assert first != other                                  # the seed matters
+    assert sorted(first[:n]) == sorted(first[n:2 * n])     # every epoch covers every sample once
+    assert first[:n] != first[n:2 * n]                     # ... in a new order
+
+
+def test_resume_continues_exactly_where_the_batch_left_off(shards):
+    spec = loader.LoaderSpec(data=[str(shards)], image_batch=2, video_batch=2, text_free_fraction=0.5,
+                             num_frames=4, height=16, width=16, seed=5, prefetch=2)
+    full = loader.TrainLoader(spec)
+    batches = [next(full) for _ in range(5)]
+    full.close()
+    resumed = loader.TrainLoader(spec, state=batches[1].position)
+    again = [next(resumed) for _ in range(3)]
+    resumed.close()
+    keys = lambda b: [it.key for it in b.image + b.video]  # noqa: E731
+    assert [keys(b) for b in again] == [keys(b) for b in batches[2:5]]
+
+
+def test_batches_mix_kinds_at_the_model_size(shards):
+    spec = loader.LoaderSpec(data=[str(shards)], image_batch=3, video_batch=4, text_free_fraction=0.5,
+                             num_frames=4, height=16, width=24)
+    data = loader.TrainLoader(spec)
+    batch = next(data)
+    data.close()
+    assert [it.kind for it in batch.image] == ["image"] * 3
+    assert sorted(it.kind for it in batch.video) == ["video", "video", "video_text", "video_text"]
+    assert all(it.caption is None for it in batch.video if it.kind == "video")
+    frames = loader.collate_frames(batch.video)
+    assert tuple(frames.shape) == (4, 4, 16, 24, 3)
+    assert batch.image[0].frames.shape == (1, 16, 24, 3)
+    assert batch.video[0].cond_frame.shape == (16, 24, 3)
+    assert set(batch.position) == {"image", "video", "video_text"}
+
+
+def test_frames_are_spread_over_the_clip_or_strided():
+    rng = np.random.default_rng(0)
+    assert loader.frame_indices(24, 8, 0, rng).tolist() == [0, 3, 7, 10, 13, 16, 20, 23]
+    strided = loader.frame_indices(24, 4, 2, rng)
+    assert np.all(np.diff(strided) == 2) and strided.max() < 24
+    assert loader.frame_indices(3, 4, 2, rng).max() == 2     # short clip: last frame repeats
+
+
+def test_pre_encoded_latents_are_used_when_the_encoders_match(shapes_corpus, tmp_path):
+    identity = {"first_stage": "identity", "clip_model": "t2v-tiny-clip"}
+    out = write_shards(shapes_corpus, tmp_path / "enc", pre_encode=identity)
+    spec = loader.LoaderSpec(data=[str(out)], image_batch=0, video_batch=2, num_frames=4, height=32, width=32,
+                             latent_hw=(32, 32), expected_encoders=identity)
+    data = loader.TrainLoader(spec)
+    batch = next(data)
+    data.close()
+    assert all(it.latent_mean is not None and it.latent_mean.shape == (3, 4, 32, 32) for it in batch.video)
+    assert all(it.frames is None and it.cond_frame is not None for it in batch.video)
+    # other encoders wrote them: ignored, decoded from the mp4 instead
+    spec = dataclasses.replace(spec, expected_encoders={**identity, "clip_model": "ViT-H-14"})
+    data = loader.TrainLoader(spec)
+    batch = next(data)
+    data.close()
+    assert all(it.latent_mean is None and it.frames.shape == (4, 32, 32, 3) for it in batch.video)
+    assert data.decoder.stats["encoder_mismatch"] >= 1
+
+
+def test_corrupt_media_is_skipped_and_counted(shards, tmp_path):
+    bad = tmp_path / "bad"
+    schema.shard_dir(bad, "image").mkdir(parents=True)
+    tar_path = Path(schema.shard_pattern(bad, "image") % 0)
+    src = sorted(schema.shard_dir(shards, "image").glob("*.tar"))[0]
+    with tarfile.open(src) as tin, tarfile.open(tar_path, "w") as tout:
+        for m in tin.getmembers():
+            data = tin.extractfile(m).read()
+            if m.name.endswith(".jpg") and not tout.getmembers():
+                data = b"not a jpeg"                          # the first sample's picture is broken
+            info = tarfile.TarInfo(m.name)
+            info.size = len(data)
+            tout.addfile(info, io.BytesIO(data))
+    pq.write_table(pa.table({"key": ["a", "b", "c"]}), schema.index_path(tar_path))
+    data = loader.TrainLoader(loader.LoaderSpec(data=[str(bad)], image_batch=2, video_batch=0, height=16, width=16))
+    batch = next(data)
+    data.close()
+    assert len(batch.image) == 2
+    assert data.decoder.stats["skipped"] >= 1
+
+
+def test_bad_data_settings_say_what_to_do(shards, tmp_path):
+    with pytest.raises(loader.DataError, match="does not exist"):
+        loader.find_shard_sets([str(tmp_path / "missing")])
+    with pytest.raises(loader.DataError, match="no finished shards"):
+        loader.find_shard_sets([str(tmp_path)])
+    spec = loader.LoaderSpec(data=[str(shards)], image_batch=2, video_batch=2)
+    sets = [s for s in loader.find_shard_sets([str(shards)]) if s.kind != "image"]
+    with pytest.raises(loader.DataError, match="image_batch=0"):
+        loader.TrainLoader(spec, shard_sets=sets)
+    tiny = [s for s in loader.find_shard_sets([str(shards)]) if s.kind == "video"]
+    stream = loader.KindStream("video", tiny[0].urls[:1], [1], rank=1, world_size=2, seed=0)
+    with pytest.raises(loader.DataError, match="fewer workers"):
+        next(iter(stream))

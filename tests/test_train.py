@@ -1,0 +1,206 @@
+"""Training end to end on CPU: Ray Train with 2 workers and DeepSpeed ZeRO-2 / ZeRO-3 on a tiny model and tiny
+shards, resume, a worker killed mid-run, and the MLflow run read back from its SQLite store.
+
+All runs share one Ray session (starting Ray is the slowest part) and use a shrunken tiny model at 16x16 with
+4 frames, so each run is a few training steps."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import configuration
+from pipelines import export, train
+from test_loader import write_shards
+
+TEST_MODEL = {"unet.model_channels": 8, "unet.num_groups": 4, "num_frames": 4, "height": 16, "width": 16}
+BRANCH_METRICS = {"loss", "loss_image", "loss_video", "coherence_loss", "diffusion_loss_video", "lr", "grad_norm",
+                  "samples_per_s", "step_time_s", "data_wait_s"}
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=bool(os.environ.get("T2V_TEST_RAY_LOGS")))
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shards(shapes_corpus, tmp_path_factory):
+    return write_shards(shapes_corpus, tmp_path_factory.mktemp("train_shards"))
+
+
+def make_config(shards: Path, out: Path, store: str | None, **kw) -> train.TrainConfig:
+    base = dict(data=[str(shards)], output=str(out), model="tiny", model_overrides=TEST_MODEL, steps=4,
+                num_workers=2, image_batch_size=2, video_batch_size=2, warmup_steps=2, lr=1e-3, checkpoint_every=2,
+                keep_checkpoints=2, sample_every=0, log_every=1, seed=0,
+                mlflow={"enabled": store is not None, "tracking_uri": store, "experiment": "test-train",
+                        "system_metrics_s": 1.0})
+    base.update(kw)
+    return configuration.from_dict(train.TrainConfig, base)
+
+
+def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_schedule_config_and_conditioning_without_ray(shards, tmp_path):
+    import numpy as np
+
+    from pipelines import loader
+    from pipelines.train_worker import (Conditioner, branch_loss, build_model, deepspeed_config, encoder_identity,
+                                        lr_factor, param_groups)
+
+    cfg = make_config(shards, tmp_path, None, steps=100, warmup_steps=10, min_lr_ratio=0.1, spatial_lr_mult=0.5)
+    assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(99, cfg) == pytest.approx(0.1, abs=1e-3)            # cosine down to min_lr_ratio
+    ds = deepspeed_config(cfg, world_size=2, branches=2)
+    assert ds["gradient_accumulation_steps"] == 2 and ds["zero_optimization"] == {"stage": 2}
+    assert ds["train_batch_size"] == 2 * 2 * 2 and ds["bf16"]["enabled"] is False
+    site = make_config(shards, tmp_path, None, deepspeed={"zero_optimization": {"contiguous_gradients": False}})
+    assert deepspeed_config(site, 2, 2)["zero_optimization"] == {"stage": 2, "contiguous_gradients": False}
+
+    model = build_model(cfg, torch.device("cpu"))
+    groups = param_groups(model.unet, cfg)
+    assert [(g["name"], g["lr"]) for g in groups] == [("temporal", 1e-3), ("spatial", 5e-4)]
+    assert sum(len(g["params"]) for g in groups) == len(list(model.unet.parameters()))
+
+    # pre-encoded items are used as they are: latents (identity first stage: the pixels) and text states
+    cond = Conditioner(model, cfg, torch.device("cpu"))
+    mean = np.random.default_rng(0).uniform(-1, 1, (3, 4, 16, 16)).astype(np.float32)
+    text = np.random.default_rng(1).normal(size=(77, 32)).astype(np.float32)
+    pre = loader.Item("k", "video_text", "a red circle moving left", None, np.zeros((16, 16, 3), np.uint8),
+                      latent_mean=mean, latent_std=np.zeros_like(mean), text_emb=text)
+    free = loader.Item("f", "video", None, np.zeros((4, 16, 16, 3), np.uint8), np.zeros((16, 16, 3), np.uint8))
+    x0 = cond.latents([pre, free], torch.Generator().manual_seed(0))
+    assert x0.shape == (2, 3, 4, 16, 16)
+    torch.testing.assert_close(x0[0], torch.from_numpy(mean))
+    assert torch.all(x0[1] == -1)                                         # black frames -> -1 in pixel space
+    context = cond.text([pre, free])
+    torch.testing.assert_close(context[0], torch.from_numpy(text))
+    torch.testing.assert_close(context[1], cond.null[0])                 # text-free: the null text
+    out = branch_loss(model.unet, model, cond, [pre, free], "motion", cfg, torch.Generator().manual_seed(0),
+                      torch.Generator().manual_seed(1))
+    assert out["loss"].requires_grad and out["coherence"] >= 0
+    # the identity the curation pre-encode stage writes for these encoders is what training expects
+    identity = encoder_identity(model)
+    assert identity["clip_model"] == "t2v-tiny-clip" and len(identity["weights_sha1"]) == 40
+
+
+def test_zero2_run_resume_and_mlflow_contents(ray_session, shards, tmp_path):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipelines import pyfunc, tracking
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "run"
+    cfg = make_config(shards, out, store, zero_stage=2, sample_every=4, sample_steps=2,
+                      mlflow={"tracking_uri": store, "experiment": "test-train", "system_metrics_s": 1.0,
+                              "tags": {"hub_token": "s3cret-value"}})
+    result = train.run(cfg)
+
+    # the result and the exported model files
+    assert json.loads((out / "result.json").read_text()) == result
+    assert result["steps"] == 4 and math.isfinite(result["final_loss"])
+    from model.pipeline import TextToVideo
+
+    model = TextToVideo.from_checkpoint(result["ema_checkpoint"])
+    assert model.step == 4 and model.ema and model.config.height == 16
+    assert TextToVideo.from_checkpoint(result["checkpoint"]).ema is False
+    assert sorted(p.name for p in (out / "ray" / "train").glob("step_*")) == ["step_00000002", "step_00000004"]
+
+    # MLflow, read back from the store
+    client = MlflowClient(store)
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["train.zero_stage"] == "2" and params["train.num_workers"] == "2"
+    assert params["model_config.unet.model_channels"] == "8" and params["derived.world_size"] == "2"
+    assert "s3cret-value" not in json.dumps(params) + json.dumps(run.data.tags)
+    assert run.data.tags["hub_token"] == configuration.REDACTED
+    assert BRANCH_METRICS <= set(run.data.metrics)
+    assert [s for s, _ in history(client, run.info.run_id, "loss_video")] == [1, 2, 3, 4]
+    assert any(k.startswith("system/cpu") for k in run.data.metrics)
+    samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples/step_000004")]
+    assert any(p.endswith(".mp4") for p in samples) and any(p.endswith(".gif") for p in samples)
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "config")] == ["config/train_config.yaml"]
+    datasets = {i.dataset.name for i in run.inputs.dataset_inputs}
+    assert datasets == {f"{shards.name}/image", f"{shards.name}/video_text", f"{shards.name}/video"}
+
+    # the logged generation model: prompt in, video out
+    with tracking.tracking_uri_set(store):
+        predictions = mlflow.pyfunc.load_model(result["model_uri"]).predict(
+            {"prompt": ["a red circle moving left"]}, params={"steps": 2})
+    assert pyfunc.frames_from_predictions(predictions)[0].shape == (4, 16, 16, 3)
+
+    # the same command with more steps resumes: same MLflow run, steps 5-6 only, schedule and data continue
+    resumed = train.run(make_config(shards, out, store, zero_stage=2, steps=6,
+                                    mlflow={"tracking_uri": store, "experiment": "test-train",
+                                            "system_metrics_s": 0.0, "tags": {"hub_token": "s3cret-value"}}))
+    assert resumed["run_id"] == result["run_id"] and resumed["steps"] == 6
+    steps = [s for s, _ in history(client, result["run_id"], "loss")]
+    assert steps == [1, 2, 3, 4, 5, 6]                     # each step once: training went on from step 4
+    assert run.data.params["train.steps"] == "4"
+    assert client.get_run(result["run_id"]).data.tags["changed_param.train.steps"] == "6"
+    # ... and once finished, running it again does nothing
+    assert train.run(make_config(shards, out, store, zero_stage=2, steps=6,
+                                 mlflow={"tracking_uri": store, "experiment": "test-train",
+                                         "tags": {"hub_token": "s3cret-value"}})) == resumed
+    # resuming with settings that change what the checkpoint means is refused
+    with pytest.raises(configuration.ConfigError, match="num_workers"):
+        train.run(make_config(shards, out, store, zero_stage=2, steps=8, num_workers=1))
+
+
+def test_zero3_gathers_partitioned_weights_for_export(ray_session, shards, tmp_path):
+    from model.pipeline import TextToVideo
+
+    out = tmp_path / "run3"
+    # temporal_heads=8 gives the tiny UNet a diffusers equivalent, so the diffusers export runs too
+    cfg = make_config(shards, out, None, zero_stage=3, steps=2, checkpoint_every=2,
+                      model_overrides={**TEST_MODEL, "unet.temporal_heads": 8})
+    result = train.run(cfg)
+    assert result["steps"] == 2 and result["run_id"] is None and result["model_uri"] is None
+    exported = TextToVideo.from_checkpoint(result["checkpoint"]).unet.state_dict()
+    # the gathered weights equal DeepSpeed's own fp32 consolidation of the ZeRO-3 shards
+    offline, _, info = export.state_from_checkpoint(out / "ray" / "train" / "step_00000002")
+    assert info["zero_stage"] == 3 and info["world_size"] == 2
+    for name, value in offline.items():
+        torch.testing.assert_close(exported[name], value, msg=name)
+    ema = TextToVideo.from_checkpoint(result["ema_checkpoint"]).unet.state_dict()
+    assert any(not torch.equal(ema[k], exported[k]) for k in exported)      # EMA differs from the raw weights
+    from diffusers import UNet3DConditionModel
+
+    assert list(UNet3DConditionModel.from_pretrained(result["diffusers"]).config.block_out_channels) == [8, 16, 32]
+
+
+def test_killed_worker_continues_from_the_last_checkpoint(ray_session, shards, tmp_path):
+    from mlflow import MlflowClient
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "killed"
+    # debug_fail_at_step makes the last rank os._exit(1) once after step 3 (a marker file stops it firing after the
+    # restart): the same as the process being killed, but at a known step, so the test can check what follows.
+    cfg = make_config(shards, out, store, zero_stage=1, steps=4, checkpoint_every=2, max_failures=1,
+                      debug_fail_at_step=3,
+                      mlflow={"tracking_uri": store, "experiment": "test-train", "system_metrics_s": 0.0})
+    result = train.run(cfg)
+    assert result["steps"] == 4
+    assert (out / ".debug_failed_at_3").exists()
+    client = MlflowClient(store)
+    losses = history(client, result["run_id"], "loss")
+    # step 3 ran twice: before the kill, and again after the restart from the step-2 checkpoint
+    assert [s for s, _ in losses] == [1, 2, 3, 3, 4]
+    first, again = [v for s, v in losses if s == 3]
+    # the restarted group repeats step 3 exactly (same weights, optimizer state, data and noise): the curve
+    # continues where it left off instead of starting over
+    assert again == pytest.approx(first, rel=1e-5)

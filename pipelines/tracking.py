@@ -21,6 +21,7 @@ import contextlib
 import logging
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
@@ -228,7 +229,9 @@ class MlflowTracker:
         from mlflow.entities import DatasetInput, InputTag
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-        dataset = mlflow.data.from_pandas(df, source=source, name=name, digest=digest)
+        with warnings.catch_warnings():   # schema-inference hints about integer columns and ambiguous sources
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(df, source=source, name=name, digest=digest)
         self.client.log_inputs(self.run_id, datasets=[
             DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from model import configuration
 from pipelines import export, loader
-from pipelines.train import EXPORT_DIR, TrainConfig
+from pipelines.train import EXPORT_DIR, RAY_DIR, RAY_RUN_NAME, TrainConfig
 
 log = logging.getLogger("pipelines.train")
 
@@ -487,12 +487,23 @@ def _reduce_mean(values: list[float], world_size: int) -> list[float]:
 
 
 def _debug_fail(cfg: TrainConfig, step: int, rank: int, world_size: int, out: Path) -> None:
-    """Test hook: the last rank dies like a killed process, once (a marker file stops it from firing again)."""
+    """Test hook: the last rank dies like a killed process, once (a marker file stops it from firing again).
+
+    It first waits (up to a minute) until the Ray Train controller has registered the latest checkpoint: the
+    controller learns of reported checkpoints asynchronously, so on a busy machine a process killed right after a
+    report can be recovered from the checkpoint before it; waiting makes the test's expected restart step exact."""
     if cfg.debug_fail_at_step != step or rank != world_size - 1:
         return
     marker = out / f".debug_failed_at_{step}"
     if marker.exists():
         return
+    last = step // cfg.checkpoint_every * cfg.checkpoint_every
+    snapshot = out / RAY_DIR / RAY_RUN_NAME / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + 60
+    while last and time.time() < deadline:
+        if snapshot.is_file() and f'"step_{last:08d}"' in snapshot.read_text(encoding="utf-8"):
+            break
+        time.sleep(0.5)
     marker.write_text(str(os.getpid()), encoding="utf-8")
     print(f"[train] debug_fail_at_step={step}: rank {rank} exits now", flush=True)
     os._exit(1)

@@ -4,7 +4,6 @@ their logs, and unauthenticated clients are refused."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import secrets
 import shutil
@@ -20,12 +19,6 @@ import pytest
 
 from flows import jobs
 from model.configuration import ConfigError
-
-# The job server is part of the Ray dashboard, which needs the ray[default] extra.
-HAS_DASHBOARD = all(importlib.util.find_spec(m) is not None for m in ("aiohttp_cors", "opencensus", "grpc"))
-needs_job_server = pytest.mark.skipif(not HAS_DASHBOARD, reason="the Ray job server needs the ray[default] extra "
-                                      "(Ray's dashboard): pip install 'ray[default]'")
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -86,7 +79,6 @@ def _cluster(ray_head, **kw) -> jobs.ClusterConfig:
 
 
 @pytest.mark.slow
-@needs_job_server
 def test_project_entry_point_runs_as_a_job_and_reattaches(ray_head, tmp_path):
     cfg = _cluster(ray_head)
     out = tmp_path / "corpus"
@@ -112,7 +104,6 @@ def test_project_entry_point_runs_as_a_job_and_reattaches(ray_head, tmp_path):
 
 
 @pytest.mark.slow
-@needs_job_server
 def test_failed_job_surfaces_status_and_logs_then_retries_under_a_new_id(ray_head):
     cfg = _cluster(ray_head)
     sid = f"t2v-fail-{secrets.token_hex(3)}"
@@ -126,7 +117,6 @@ def test_failed_job_surfaces_status_and_logs_then_retries_under_a_new_id(ray_hea
 
 
 @pytest.mark.slow
-@needs_job_server
 def test_job_server_listens_on_loopback_and_refuses_clients_without_the_token(ray_head, monkeypatch, tmp_path):
     import psutil
 
@@ -165,7 +155,6 @@ def test_cluster_config_rejects_a_ray_client_address():
 
 
 @pytest.mark.slow
-@needs_job_server
 def test_flow_step_runs_as_a_job_and_the_flow_reads_its_result(ray_head, tmp_path):
     """The flow's curate step in job mode: submitted to the head, waited for, its output read back."""
     from flows import retrain

@@ -169,7 +169,8 @@ def log_generation_model(checkpoint: str | Path, *, run_id: str, tracking_uri: s
         if config_file is not None:
             artifacts["train_config"] = str(config_file)
         with tracking_uri_set(tracking_uri):
-            info = Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id, python_model=TextToVideoModel(),
-                             artifacts=artifacts, signature=signature(merged), pip_requirements=requirements(),
-                             code_paths=[str(ROOT / "model"), str(ROOT / "pipelines")])
+            # Model.log (unlike mlflow.pyfunc.log_model) takes the run id, so no fluent run has to be active
+            info = Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id,
+                             python_model=TextToVideoModel(), artifacts=artifacts, signature=signature(merged),
+                             pip_requirements=requirements(), code_paths=[str(ROOT / "model"), str(ROOT / "pipelines")])
     return info.model_uri

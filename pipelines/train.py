@@ -183,7 +183,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines import loader, tracking
+    from pipelines import loader
     from pipelines.train_worker import train_loop_per_worker
 
     cfg = _absolute_paths(cfg)              # workers run in other working directories

@@ -96,6 +96,28 @@ def test_schedule_config_and_conditioning_without_ray(shards, tmp_path):
     assert identity["clip_model"] == "t2v-tiny-clip" and len(identity["weights_sha1"]) == 40
 
 
+def test_initialisation_from_local_pretrained_files(shards, tmp_path):
+    from model.checkpoint import save_unet_weights
+    from model.configs import get_config
+    from model.pipeline import TextToVideo
+    from model.unet import UNet3D
+    from pipelines.train_worker import build_model
+
+    # a ModelScope-style plain UNet state dict (no TF-T2V image MLP: that part starts fresh)
+    torch.manual_seed(123)
+    released = UNet3D(get_config("tiny", {**TEST_MODEL, "unet.image_embed_dim": 0}).unet)
+    path = save_unet_weights(released, tmp_path / "text2video_pytorch_model.pth")
+    model = build_model(make_config(shards, tmp_path, None, init_from=str(path)), torch.device("cpu"))
+    for name, value in released.state_dict().items():
+        assert torch.equal(model.unet.state_dict()[name], value), name
+    # a TextToVideo checkpoint brings its own architecture (here 3 frames instead of the config's 4)
+    ckpt = TextToVideo.build(get_config("tiny", {**TEST_MODEL, "num_frames": 3})).save(tmp_path / "m.pt", step=7)
+    model = build_model(make_config(shards, tmp_path, None, init_from=str(ckpt)), torch.device("cpu"))
+    assert model.config.num_frames == 3
+    with pytest.raises(Exception, match="does not exist"):
+        build_model(make_config(shards, tmp_path, None, init_from=str(tmp_path / "missing.pth")), torch.device("cpu"))
+
+
 def test_zero2_run_resume_and_mlflow_contents(ray_session, shards, tmp_path):
     import mlflow
     from mlflow import MlflowClient

@@ -308,12 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=None, help="where metrics.json and samples/ go")
     configuration.add_arguments(parser)
     args = parser.parse_args(argv)
-    # The flags are shorthands for --set (JSON strings are YAML, so paths with ':' stay strings); --set wins.
-    flags = [f"{k}={json.dumps(v)}" for k, v in (("checkpoint", args.checkpoint), ("model_uri", args.model_uri),
-                                                 ("prompts", args.prompts), ("output", args.output)) if v is not None]
-    cfg = configuration.load(EvalConfig, args.config, flags + args.set)
-    if args.dry_run:
-        print(configuration.dump(cfg), end="")
+    cfg = configuration.resolve(parser, EvalConfig, args, {"checkpoint": args.checkpoint, "model_uri": args.model_uri,
+                                                         "prompts": args.prompts, "output": args.output})
+    if cfg is None:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = run(cfg)

@@ -273,15 +273,9 @@ def run(cfg: BenchConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model.bench", description="TF-T2V model benchmark")
     configuration.add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        cfg = configuration.load(BenchConfig, args.config, args.set)
-    except configuration.ConfigError as e:
-        parser.error(str(e))
-    if args.dry_run:
-        print(configuration.dump(cfg), end="")
-        return 0
-    run(cfg)
+    cfg = configuration.resolve(parser, BenchConfig, parser.parse_args(argv))
+    if cfg is not None:
+        run(cfg)
     return 0
 
 

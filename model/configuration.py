@@ -9,13 +9,16 @@ package may import.
     parser = argparse.ArgumentParser()
     configuration.add_arguments(parser)          # --config, --set, --dry-run
     args = parser.parse_args(argv)
-    cfg = configuration.load(CurateConfig, args.config, args.set)
+    cfg = configuration.resolve(parser, CurateConfig, args, flags={"output": args.output})
+    if cfg is None:                              # --dry-run: the resolved config was printed
+        return 0
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import types
 import typing
 from pathlib import Path
@@ -42,6 +45,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="override one setting, dotted for nested ones, value parsed as YAML (repeatable): --set train.steps=100",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+
+
+def resolve(parser: argparse.ArgumentParser, cls: type[T], args: argparse.Namespace,
+            flags: dict[str, Any] | None = None, base: dict | None = None) -> T | None:
+    """The config step of every command line: ``--config`` YAML, then the command's own ``flags`` (those given, as
+    shorthands for ``--set``), then ``--set``. A bad value exits through ``parser.error`` (usage, the message
+    naming the key, exit status 2). With ``--dry-run`` it prints the resolved config and returns None."""
+    sets = [f"{key}={json.dumps(value)}" for key, value in (flags or {}).items() if value is not None]
+    try:
+        cfg = load(cls, args.config, sets + list(args.set), base=base)
+    except ConfigError as e:
+        parser.error(str(e))
+    if args.dry_run:
+        print(dump(cfg), end="")
+        return None
+    return cfg
 
 
 def load(cls: type[T], path: str | Path | None = None, overrides: typing.Iterable[str] = (), base: dict | None = None) -> T:

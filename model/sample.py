@@ -14,7 +14,6 @@ resolved settings and exits.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,20 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
     configuration.add_arguments(parser)
     args = parser.parse_args(argv)
-
-    flags = {k: v for k, v in vars(args).items()
-             if k not in ("config", "set", "dry_run") and v is not None}
-    try:
-        # The flags are the base (so validation sees them), YAML and --set fill in, and the explicit flags given
-        # on this command line are applied again last so they win over both.
-        cfg = configuration.load(SampleConfig, args.config, args.set, base=flags)
-        cfg = dataclasses.replace(cfg, **flags)
-    except configuration.ConfigError as e:
-        parser.error(str(e))
-    if args.dry_run:
-        print(configuration.dump(cfg), end="")
-        return 0
-    run(cfg)
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "set", "dry_run")}
+    cfg = configuration.resolve(parser, SampleConfig, args, flags)
+    if cfg is not None:
+        run(cfg)
     return 0
 
 

@@ -12,6 +12,14 @@ ModelScope/TF-T2V state dicts so their checkpoints load unchanged (``model/check
     output_blocks.N            ResBlock on [x, skip] [+ spatial + temporal transformer] [+ Upsample ("conv")]
     out                        GroupNorm -> SiLU -> Conv2d (zero-initialised)
 
+Two optional inputs to the per-frame embedding, off in the released layout and on in the tiny config, where only
+minutes of CPU training are available: ``text_embed`` adds the mean of the text tokens to the timestep embedding
+(Imagen's pooled-text conditioning: every ResBlock sees the prompt, not only the attention levels), and
+``frame_embed`` adds a sinusoidal frame-index embedding to each frame's (the released temporal layers have no
+positional encoding, so a frame can only infer its place from the temporal convs' zero padding, which is slow to
+learn and makes motion direction hard). Both end in a zero-initialised linear layer, so a fresh video UNet still
+computes the per-frame image UNet; ``frame_embed`` is a temporal module (image batches skip it).
+
 Inside the network activations are ``[(b f), c, h, w]``: every 2D layer treats frames as a batch of images and
 only the temporal layers fold frames back out. Temporal layers are residual with a zero-initialised last
 projection, so a new video UNet computes exactly the per-frame image UNet it grew from; with one frame
@@ -54,6 +62,8 @@ class UNetConfig:
     dropout: float = 0.1
     num_groups: int = 32                       # GroupNorm groups everywhere
     gradient_checkpointing: bool = False       # recompute block activations in backward (saves memory)
+    pooled_text_embedding: bool = False        # add mean(text tokens) -> MLP to the timestep embedding (not released)
+    frame_embedding: bool = False              # add a frame-index embedding per frame (not released)
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(self.channel_mult)
@@ -335,7 +345,20 @@ class Block(nn.ModuleList):
         return x
 
 
-TEMPORAL_MODULES = (TemporalConvBlock, TemporalTransformer)
+class FrameEmbedding(nn.Module):
+    """Sinusoidal frame index -> Linear -> SiLU -> zero-initialised Linear: [f] -> [f, emb_dim]."""
+
+    def __init__(self, channels: int, emb_dim: int):
+        super().__init__()
+        self.channels = channels
+        self.net = nn.Sequential(nn.Linear(channels, emb_dim), nn.SiLU(), _zero_(nn.Linear(emb_dim, emb_dim)))
+
+    def forward(self, num_frames: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        index = torch.arange(num_frames, device=device)
+        return self.net(timestep_embedding(index, self.channels).to(dtype))
+
+
+TEMPORAL_MODULES = (TemporalConvBlock, TemporalTransformer, FrameEmbedding)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -359,6 +382,11 @@ class UNet3D(nn.Module):
             self.pre_image_condition = nn.Sequential(
                 nn.Linear(cfg.image_embed_dim, cfg.context_dim), nn.SiLU(),
                 nn.Linear(cfg.context_dim, cfg.context_dim * cfg.num_image_tokens))
+        if cfg.pooled_text_embedding:
+            self.text_embed = nn.Sequential(nn.Linear(cfg.context_dim, emb_dim), nn.SiLU(),
+                                            _zero_(nn.Linear(emb_dim, emb_dim)))
+        if cfg.frame_embedding:
+            self.frame_embed = FrameEmbedding(C, emb_dim)
 
         # Encoder. skip_channels records every activation the decoder will concatenate, in order.
         first: list[nn.Module] = [nn.Conv2d(cfg.in_channels + cfg.extra_in_channels, C, 3, padding=1)]
@@ -437,10 +465,15 @@ class UNet3D(nn.Module):
         elif concat is not None:
             raise ValueError("UNet3D: got concat but this UNet has no extra input channels "
                              "(unet.extra_in_channels=0); set extra_in_channels to the concat channel count")
+        n_text = context.shape[1] if context is not None else self.cfg.num_text_tokens
         context = self._build_context(context, image_embedding, b, x)       # [b, n, context_dim]
 
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(self.time_embed[0].weight.dtype))
+        if self.cfg.pooled_text_embedding:
+            emb = emb + self.text_embed(context[:, :n_text].mean(dim=1))   # the text tokens, not the image's
         emb = emb.repeat_interleave(f, dim=0)                              # [(b f), 4C]
+        if self.cfg.frame_embedding and f > 1:
+            emb = emb + self.frame_embed(f, x.device, emb.dtype).repeat(b, 1)  # frame index, same for each clip
         context = context.repeat_interleave(f, dim=0)                      # [(b f), n, context_dim]
         x = x.transpose(1, 2).reshape(b * f, -1, h, w)                     # [(b f), c, h, w]
 

@@ -221,12 +221,9 @@ caption filter ({c['model']}{'' if c['pretrained'] else ', random weights'}): {c
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="t2v bench curate", description=__doc__.split("\n\n")[1].strip())
     configuration.add_arguments(parser)
-    args = parser.parse_args(argv)
-    cfg = configuration.load(BenchCurateConfig, args.config, args.set)
-    if args.dry_run:
-        print(configuration.dump(cfg), end="")
-        return 0
-    run(cfg)
+    cfg = configuration.resolve(parser, BenchCurateConfig, parser.parse_args(argv))
+    if cfg is not None:
+        run(cfg)
     return 0
 
 

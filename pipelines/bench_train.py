@@ -16,7 +16,6 @@ temporary directory first.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -151,14 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for both contenders")
     parser.add_argument("--zero-stage", type=int, default=None, help="DeepSpeed ZeRO stage of the Ray run")
     args = parser.parse_args(argv)
-    sets = list(args.set)
-    for name in ("data", "steps", "threads", "zero_stage"):
-        value = getattr(args, name)
-        if value is not None:
-            sets.append(f"{name}={json.dumps(value)}")
-    b = configuration.load(BenchConfig, args.config, sets)
-    if args.dry_run:
-        print(configuration.dump(b), end="")
+    b = configuration.resolve(parser, BenchConfig, args,
+                              {name: getattr(args, name) for name in ("data", "steps", "threads", "zero_stage")})
+    if b is None:
         return 0
     import ray
 

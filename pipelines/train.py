@@ -43,8 +43,9 @@ RUN_FILE = "mlflow_run.json"          # the MLflow run this output directory log
 EXPORT_DIR = "model"
 RAY_DIR = "ray"
 RAY_RUN_NAME = "train"
-# Settings that change what a checkpoint means: resuming with another value is refused.
-RESUME_FIXED = ("model", "model_overrides", "num_workers", "zero_stage", "image_batch_size", "video_batch_size")
+# Settings a checkpoint depends on (architecture, and how ZeRO partitioned the optimizer state across ranks):
+# resuming with another value is refused. Everything else (steps, lr, batch sizes, data) may change on resume.
+RESUME_FIXED = ("model", "model_overrides", "init_from", "num_workers", "zero_stage")
 
 
 @dataclass
@@ -361,16 +362,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="curation output directory (repeatable); same as --set data=[DIR, ...]")
     parser.add_argument("--output", default=None, help="output directory; same as --set output=DIR")
     args = parser.parse_args(argv)
-    overrides = list(args.set)
-    if args.data:
-        overrides.append(f"data={json.dumps(args.data)}")
-    if args.output:
-        overrides.append(f"output={json.dumps(args.output)}")
-    if args.address:
-        overrides.append(f"address={json.dumps(args.address)}")
-    cfg = configuration.load(TrainConfig, args.config, overrides)
-    if args.dry_run:
-        print(configuration.dump(cfg), end="")
+    cfg = configuration.resolve(parser, TrainConfig, args,
+                                {"data": args.data, "output": args.output, "address": args.address})
+    if cfg is None:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     result = run(cfg)

@@ -167,7 +167,7 @@ def test_zero2_run_resume_and_mlflow_contents(ray_session, shards, tmp_path):
 
     # the same command with more steps resumes: same MLflow run, steps 5-6 only, schedule and data continue
     resumed = train.run(make_config(shards, out, store, zero_stage=2, steps=6,
-                                    mlflow={"tracking_uri": store, "experiment": "test-train",
+                                    mlflow={"tracking_uri": store, "experiment": "test-train", "log_model": False,
                                             "system_metrics_s": 0.0, "tags": {"hub_token": "s3cret-value"}}))
     assert resumed["run_id"] == result["run_id"] and resumed["steps"] == 6
     steps = [s for s, _ in history(client, result["run_id"], "loss")]
@@ -176,7 +176,7 @@ def test_zero2_run_resume_and_mlflow_contents(ray_session, shards, tmp_path):
     assert client.get_run(result["run_id"]).data.tags["changed_param.train.steps"] == "6"
     # ... and once finished, running it again does nothing
     assert train.run(make_config(shards, out, store, zero_stage=2, steps=6,
-                                 mlflow={"tracking_uri": store, "experiment": "test-train",
+                                 mlflow={"tracking_uri": store, "experiment": "test-train", "log_model": False,
                                          "tags": {"hub_token": "s3cret-value"}})) == resumed
     # resuming with settings that change what the checkpoint means is refused
     with pytest.raises(configuration.ConfigError, match="num_workers"):
@@ -187,9 +187,11 @@ def test_zero3_gathers_partitioned_weights_for_export(ray_session, shards, tmp_p
     from model.pipeline import TextToVideo
 
     out = tmp_path / "run3"
-    # temporal_heads=8 gives the tiny UNet a diffusers equivalent, so the diffusers export runs too
+    # temporal_heads=8 and no pooled-text/frame embeddings give the tiny UNet a diffusers equivalent, so the
+    # diffusers export runs too
     cfg = make_config(shards, out, None, zero_stage=3, steps=2, checkpoint_every=2,
-                      model_overrides={**TEST_MODEL, "unet.temporal_heads": 8})
+                      model_overrides={**TEST_MODEL, "unet.temporal_heads": 8, "unet.pooled_text_embedding": False,
+                                       "unet.frame_embedding": False})
     result = train.run(cfg)
     assert result["steps"] == 2 and result["run_id"] is None and result["model_uri"] is None
     exported = TextToVideo.from_checkpoint(result["checkpoint"]).unet.state_dict()
@@ -214,7 +216,8 @@ def test_killed_worker_continues_from_the_last_checkpoint(ray_session, shards, t
     # restart): the same as the process being killed, but at a known step, so the test can check what follows.
     cfg = make_config(shards, out, store, zero_stage=1, steps=4, checkpoint_every=2, max_failures=1,
                       debug_fail_at_step=3,
-                      mlflow={"tracking_uri": store, "experiment": "test-train", "system_metrics_s": 0.0})
+                      mlflow={"tracking_uri": store, "experiment": "test-train", "system_metrics_s": 0.0,
+                              "log_model": False})
     result = train.run(cfg)
     assert result["steps"] == 4
     assert (out / ".debug_failed_at_3").exists()
@@ -226,3 +229,14 @@ def test_killed_worker_continues_from_the_last_checkpoint(ray_session, shards, t
     # the restarted group repeats step 3 exactly (same weights, optimizer state, data and noise): the curve
     # continues where it left off instead of starting over
     assert again == pytest.approx(first, rel=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bf16 + NCCL path)")
+def test_one_gpu_bf16_run(ray_session, shards, tmp_path):
+    from model.pipeline import TextToVideo
+
+    result = train.run(make_config(shards, tmp_path / "gpu", None, num_workers=1, use_gpu=True, zero_stage=2,
+                                   steps=2, checkpoint_every=2))
+    assert result["steps"] == 2 and math.isfinite(result["final_loss"])
+    assert TextToVideo.from_checkpoint(result["ema_checkpoint"]).unet.state_dict()["out.2.weight"].dtype == torch.float32

@@ -10,7 +10,7 @@ import torch
 
 from model.checkpoint import NEW_IN_TFT2V, CheckpointError, load_unet_weights, read_state_dict, save_unet_weights
 from model.configs import get_config
-from model.unet import UNet3D, UNetConfig, build_unet
+from model.unet import TemporalConvBlock, TemporalTransformer, UNet3D, UNetConfig, build_unet
 
 # The tiny registry UNet; tests feed it 16x16 clips of 4 frames to stay fast.
 TINY = get_config("tiny").unet
@@ -113,8 +113,9 @@ def test_new_video_unet_equals_per_frame_image_unet():
 def test_temporal_and_spatial_parameters_partition_the_model():
     unet = make()
     # In the ModelScope layout temporal layers are the ResBlocks' temopral_conv, input_blocks.0.1, middle_block.2
-    # and slot 2 of every block with attention.
-    layout = re.compile(r"(.*\.temopral_conv\.|input_blocks\.0\.1\.|middle_block\.2\.|(input|output)_blocks\.\d+\.2\.)")
+    # and slot 2 of every block with attention (plus the tiny config's frame-index embedding).
+    layout = re.compile(r"(.*\.temopral_conv\.|input_blocks\.0\.1\.|middle_block\.2\.|(input|output)_blocks\.\d+\.2\."
+                        r"|frame_embed\.)")
     temporal = dict(unet.named_temporal_parameters())
     assert temporal and all(layout.match(n) for n in temporal)
     assert not any(layout.match(n) for n, _ in unet.named_parameters() if n not in temporal)
@@ -328,3 +329,32 @@ def test_cuda_bf16_matches_cpu_fp32():
             mixed = unet.float()(x.cuda(), t.cuda(), context.cuda(), image.cuda()).float().cpu()
     for result in (out, mixed):
         assert ((result - ref).norm() / ref.norm()) < 0.05
+
+
+def test_frame_and_pooled_text_embeddings_condition_every_frame():
+    # The tiny config's extras: without them a frame cannot tell where it sits in the clip (the temporal layers
+    # are permutation-equivariant apart from the convs' edges) and the prompt reaches only the attention levels.
+    unet = make(attention_levels=(), temporal_attention_after_input=False)
+    assert unet.cfg.frame_embedding and unet.cfg.pooled_text_embedding
+    x, t, context, image = inputs(frames=F)
+    still = x[:, :, :1].expand(-1, -1, F, -1, -1).contiguous()        # the same frame F times
+    randomize(unet)
+    with torch.no_grad():
+        for module in unet.modules():                  # temporal layers back to identity: frames are independent
+            if isinstance(module, (TemporalConvBlock, TemporalTransformer)):
+                last = module.conv4[-1] if isinstance(module, TemporalConvBlock) else module.proj_out
+                last.weight.zero_()
+                last.bias.zero_()
+        out = unet(still, t, context, image)
+        other_text = unet(still, t, torch.randn_like(context), image)
+        image_mode = unet(still[:, :, :1], t, context, image)
+        unet.frame_embed.net[-1].weight.zero_()
+        unet.frame_embed.net[-1].bias.zero_()
+        no_position = unet(still, t, context, image)
+    # identical frames come out different only through their index ...
+    assert (out[:, :, 1] - out[:, :, 2]).abs().mean() > 1e-3
+    for i in range(1, F):
+        torch.testing.assert_close(no_position[:, :, i], no_position[:, :, 0])
+    # ... images (1 frame) get no frame embedding, and the prompt acts without any cross-attention level
+    torch.testing.assert_close(image_mode[:, :, 0], no_position[:, :, 0])
+    assert (out - other_text).abs().mean() > 1e-3

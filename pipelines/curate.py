@@ -308,10 +308,14 @@ def build_dataset(rows: list[dict[str, Any]], cfg: CurateConfig):
     use_gpu = cfg.caption.device != "cpu" and _gpus_available()
     _check_cpu_budget(cfg, clip_model, use_gpu, cfg.encode.mode != "none" and
                       not (cfg.encode.device != "cpu" and _gpus_available()))
+    # Model stages run as actor pools placed with SPREAD: on a cluster the model copies land on different nodes,
+    # and, because the decode tasks ask for no placement, Ray Data does not fuse the decode tasks into the actor
+    # pool (with equal CPU requests it would, and every block would then decode inside the one model actor).
+    pool_args = {"scheduling_strategy": "SPREAD"}
     if clip_model:
         ds = ds.map_batches(CaptionFilter, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.caption.batch_size,
                             batch_format="pyarrow", concurrency=cfg.caption.actors, num_gpus=1 if use_gpu else 0,
-                            num_cpus=0 if use_gpu else cfg.caption.actor_cpus)
+                            num_cpus=0 if use_gpu else cfg.caption.actor_cpus, **pool_args)
     else:
         ds = ds.map_batches(CaptionFilter(cfg), batch_size=None, batch_format="pyarrow")
     ds = ds.map_batches(Route(cfg), batch_size=None, batch_format="pyarrow")
@@ -321,7 +325,7 @@ def build_dataset(rows: list[dict[str, Any]], cfg: CurateConfig):
         use_gpu = cfg.encode.device != "cpu" and _gpus_available()
         ds = ds.map_batches(PreEncoder, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.encode.batch_size,
                             batch_format="pyarrow", concurrency=cfg.encode.actors, num_gpus=1 if use_gpu else 0,
-                            num_cpus=0 if use_gpu else cfg.encode.actor_cpus)
+                            num_cpus=0 if use_gpu else cfg.encode.actor_cpus, **pool_args)
     return ds
 
 

@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="t2v-bench-train-") as tmp:
         work = Path(tmp)
         data = b.data or prepare_data(work)
+        ray.shutdown()      # curation leaves its local Ray running; the training run gets one sized to the threads
         total = b.warmup + b.steps
         cfg = train_config(b, data, work / "run", total)
         # The plain loop runs before and after the Ray job, so a change in machine load during the run shows up

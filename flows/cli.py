@@ -5,7 +5,7 @@
     t2v curate --input runs/corpus/manifest.csv --output runs/curated
     t2v train --config my.yaml
     t2v sample --checkpoint ckpt.pt --prompt "a red circle moving left" --out out.mp4
-    t2v evaluate ... | t2v flow ... | t2v bench curate|model|train | t2v test
+    t2v evaluate ... | t2v flow ... | t2v bench curate|model|train|learn | t2v test
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("model.sample", "generate a video from a prompt with a checkpoint"),
     "evaluate": ("flows.evaluate", "evaluate a model on a prompt set and log to MLflow"),
     "flow": ("flows.retrain", "run or serve the scheduled re-training flow"),
-    "bench": ("flows.bench", "run a benchmark (curate | model | train) and print its figures"),
+    "bench": ("flows.bench", "run a benchmark (curate | model | train | learn) and print its figures"),
 }
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,21 +45,34 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def dispatch(prog: str, noun: str, table: dict[str, tuple[str, str]], argv: list[str] | None, usage_text: str,
+             special: dict | None = None) -> int:
+    """``<prog> <name> [args]``: import ``table[name]``'s module and return its ``main(args)`` (``t2v``, ``t2v bench``).
+    ``special`` maps names to functions called with the args instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(usage())
+        print(usage_text)
         return 0
     name, rest = argv[0], argv[1:]
-    if name == "test":
-        return run_tests(rest)
-    if name not in COMMANDS:
-        print(f"t2v: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+    if special and name in special:
+        return special[name](rest)
+    if name not in table:
+        print(f"{prog}: unknown {noun} {name!r}\n\n{usage_text}", file=sys.stderr)
         return 2
+    module_name = table[name][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:
+            raise  # the module exists but one of its imports is missing: show the real error
+        print(f"{prog}: {noun} {name!r} ({module_name}) is not part of this installation", file=sys.stderr)
+        return 2
+    return int(module.main(rest) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    module = importlib.import_module(COMMANDS[name][0])
-    result = module.main(rest)
-    return int(result or 0)
+    return dispatch("t2v", "command", COMMANDS, argv, usage(), special={"test": run_tests})
 
 
 if __name__ == "__main__":

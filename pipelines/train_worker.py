@@ -245,6 +245,17 @@ class Ema:
 # The two branches
 
 
+def _fill(rows: list[Tensor | None], encode) -> Tensor:
+    """Batch rows: those already given (pre-encoded) stay; the missing ones come from one ``encode(indices)``
+    call returning a [len(indices), ...] tensor. -> float [b, ...]"""
+    todo = [i for i, r in enumerate(rows) if r is None]
+    if todo:
+        encoded = encode(todo)
+        for j, i in enumerate(todo):
+            rows[i] = encoded[j:j + 1]
+    return torch.cat(rows).float()
+
+
 class Conditioner:
     """Text/image embeddings for a batch: pre-encoded arrays when the shards have them, the frozen encoders
     otherwise. Null and negative-prompt embeddings are computed once."""
@@ -263,13 +274,8 @@ class Conditioner:
                 mean = torch.from_numpy(it.latent_mean)[None].to(self.device)
                 std = torch.from_numpy(it.latent_std)[None].to(self.device)
                 out[i] = fs.latents_from_moments(mean, std, gen)
-        todo = [i for i, x in enumerate(out) if x is None]
-        if todo:
-            frames = loader.collate_frames([items[i] for i in todo])           # uint8 [b', f, h, w, 3]
-            encoded = self.model.encode_video(frames, gen)                       # [b', c, f, h', w']
-            for j, i in enumerate(todo):
-                out[i] = encoded[j:j + 1]
-        return torch.cat(out).float()
+        return _fill(out, lambda todo: self.model.encode_video(
+            loader.collate_frames([items[i] for i in todo]), gen))             # uint8 [b', f, h, w, 3] -> latents
 
     def text(self, items: list[loader.Item]) -> Tensor:
         """[b, n, d]: caption states; the null text for text-free items."""
@@ -279,12 +285,7 @@ class Conditioner:
                 rows[i] = self.null
             elif it.text_emb is not None:
                 rows[i] = torch.from_numpy(it.text_emb)[None].to(self.device)
-        todo = [i for i, r in enumerate(rows) if r is None]
-        if todo:
-            encoded = self.model.encode_text([items[i].caption for i in todo]).to(self.device)
-            for j, i in enumerate(todo):
-                rows[i] = encoded[j:j + 1]
-        return torch.cat(rows).float()
+        return _fill(rows, lambda todo: self.model.encode_text([items[i].caption for i in todo]).to(self.device))
 
     def image(self, items: list[loader.Item]) -> Tensor:
         """[b, embed_dim] CLIP image embeddings of the conditioning frames."""
@@ -292,13 +293,8 @@ class Conditioner:
         for i, it in enumerate(items):
             if it.image_emb is not None:
                 rows[i] = torch.from_numpy(it.image_emb)[None].to(self.device)
-        todo = [i for i, r in enumerate(rows) if r is None]
-        if todo:
-            frames = np.stack([items[i].cond_frame for i in todo])              # uint8 [b', h, w, 3]
-            encoded = self.model.encode_image(frames).to(self.device)
-            for j, i in enumerate(todo):
-                rows[i] = encoded[j:j + 1]
-        return torch.cat(rows).float()
+        return _fill(rows, lambda todo: self.model.encode_image(
+            np.stack([items[i].cond_frame for i in todo])).to(self.device))      # uint8 [b', h, w, 3]
 
     def cfg_dropout(self, context: Tensor, gen: torch.Generator) -> Tensor:
         """Per sample, with probability cfg_dropout: text -> negative-prompt embedding."""

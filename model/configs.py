@@ -34,7 +34,7 @@ def _tiny_unet() -> UNetConfig:
     return UNetConfig(in_channels=3, out_channels=3, model_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1,
                       attention_levels=(1, 2), head_dim=16, context_dim=32, image_embed_dim=32,
                       temporal_heads=1, temporal_head_dim=16, num_groups=8, dropout=0.0,
-                      pooled_text_embedding=True, frame_embedding=True)
+                      pooled_text_embedding=True, frame_embedding=True, coordinate_channels=True)
 
 
 def _tiny_encoders() -> EncoderConfig:
@@ -95,7 +95,9 @@ class ModelConfig:
 
 
 def _tiny() -> ModelConfig:
-    return ModelConfig()  # the defaults are the tiny model
+    # The defaults are the tiny model, trained with timesteps shifted towards high noise: on CPU it sees a few
+    # thousand steps, and where a shape sits in each frame (its motion) is decided at high noise.
+    return ModelConfig(diffusion=DiffusionConfig(timestep_shift=3.0))
 
 
 def _small() -> ModelConfig:

@@ -148,8 +148,9 @@ def diffusers_config(cfg: UNetConfig) -> dict[str, Any]:
         problems.append("temporal_attention_after_input must be True (diffusers always has transformer_in)")
     if cfg.temporal_heads != 8:
         problems.append(f"temporal_heads must be 8 (diffusers' transformer_in has 8 heads), got {cfg.temporal_heads}")
-    if cfg.pooled_text_embedding or cfg.frame_embedding:
-        problems.append("pooled_text_embedding and frame_embedding must be False (diffusers has neither)")
+    if cfg.pooled_text_embedding or cfg.frame_embedding or cfg.coordinate_channels:
+        problems.append("pooled_text_embedding, frame_embedding and coordinate_channels must be False "
+                        "(diffusers has none of them)")
     if cfg.temporal_head_dim != cfg.head_dim:
         problems.append(f"temporal_head_dim ({cfg.temporal_head_dim}) must equal head_dim ({cfg.head_dim})")
     if problems:

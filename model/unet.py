@@ -5,7 +5,7 @@ ModelScope/TF-T2V state dicts so their checkpoints load unchanged (``model/check
 
     time_embed                 sinusoidal(t) -> Linear -> SiLU -> Linear (4 x model_channels)
     pre_image_condition        TF-T2V: pooled CLIP image embedding -> MLP -> num_image_tokens context tokens
-    input_blocks.0             Conv2d(in + extra -> C) [+ temporal transformer]
+    input_blocks.0             Conv2d(in [+ 2 coordinates] + extra -> C) [+ temporal transformer]
     input_blocks.N             ResBlock (+ its temporal conv block "temopral_conv" [sic]) [+ spatial transformer
                                + temporal transformer at attention levels], or a Downsample ("op")
     middle_block               ResBlock, spatial transformer, temporal transformer, ResBlock
@@ -15,10 +15,14 @@ ModelScope/TF-T2V state dicts so their checkpoints load unchanged (``model/check
 Two optional inputs to the per-frame embedding, off in the released layout and on in the tiny config, where only
 minutes of CPU training are available: ``text_embed`` adds the mean of the text tokens to the timestep embedding
 (Imagen's pooled-text conditioning: every ResBlock sees the prompt, not only the attention levels), and
-``frame_embed`` adds a sinusoidal frame-index embedding to each frame's (the released temporal layers have no
-positional encoding, so a frame can only infer its place from the temporal convs' zero padding, which is slow to
-learn and makes motion direction hard). Both end in a zero-initialised linear layer, so a fresh video UNet still
-computes the per-frame image UNet; ``frame_embed`` is a temporal module (image batches skip it).
+``frame_embed`` adds an embedding of each frame's index (the released temporal layers have no positional
+encoding, so a frame can only infer its place from the temporal convs' zero padding, which is slow to learn and
+makes motion direction hard), computed together with the pooled prompt when both are on. Both end in a
+zero-initialised linear layer, so a fresh video UNet still computes the per-frame image UNet; ``frame_embed`` is a
+temporal module (image batches skip it). ``coordinate_channels`` appends two constant planes, each pixel's x and
+y, to the input (CoordConv): convolutions are translation-equivariant and the released attention has no
+positional encoding, so without them the network can hardly put content at a place the prompt decides (the tiny
+model trained for 30 minutes drew every "moving left/right/up/down" clip's frames at the centre of the frame).
 
 Inside the network activations are ``[(b f), c, h, w]``: every 2D layer treats frames as a batch of images and
 only the temporal layers fold frames back out. Temporal layers are residual with a zero-initialised last
@@ -64,6 +68,7 @@ class UNetConfig:
     gradient_checkpointing: bool = False       # recompute block activations in backward (saves memory)
     pooled_text_embedding: bool = False        # add mean(text tokens) -> MLP to the timestep embedding (not released)
     frame_embedding: bool = False              # add a frame-index embedding per frame (not released)
+    coordinate_channels: bool = False          # append (x, y) coordinate planes to the input (not released)
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(self.channel_mult)
@@ -346,16 +351,36 @@ class Block(nn.ModuleList):
 
 
 class FrameEmbedding(nn.Module):
-    """Sinusoidal frame index -> Linear -> SiLU -> zero-initialised Linear: [f] -> [f, emb_dim]."""
+    """[sinusoidal frame index | pooled prompt] -> MLP (last layer zero-initialised) -> [(b f), emb_dim].
 
-    def __init__(self, channels: int, emb_dim: int):
+    With ``text_dim`` > 0 the frame code is a function of the frame's place *and* the prompt together: where a
+    frame's content sits ("frame 0 of 'moving right' is on the left") depends on both, a product that a sum of a
+    frame embedding and a text embedding passed through one SiLU expresses poorly.
+    """
+
+    def __init__(self, channels: int, emb_dim: int, text_dim: int = 0):
         super().__init__()
-        self.channels = channels
-        self.net = nn.Sequential(nn.Linear(channels, emb_dim), nn.SiLU(), _zero_(nn.Linear(emb_dim, emb_dim)))
+        self.channels, self.text_dim = channels, text_dim
+        self.net = nn.Sequential(nn.Linear(channels + text_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim),
+                                 nn.SiLU(), _zero_(nn.Linear(emb_dim, emb_dim)))
 
-    def forward(self, num_frames: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-        index = torch.arange(num_frames, device=device)
-        return self.net(timestep_embedding(index, self.channels).to(dtype))
+    def forward(self, num_frames: int, pooled_text: Tensor | None, dtype: torch.dtype) -> Tensor:
+        # pooled_text [b, text_dim] (or None without text) -> [(b f), emb_dim], frames of a clip consecutive
+        device = self.net[0].weight.device
+        index = timestep_embedding(torch.arange(num_frames, device=device), self.channels).to(dtype)  # [f, C]
+        if not self.text_dim:
+            return self.net(index)
+        b = pooled_text.shape[0]
+        inputs = torch.cat([index.repeat(b, 1), pooled_text.to(dtype).repeat_interleave(num_frames, 0)], dim=1)
+        return self.net(inputs)                                                                  # [(b f), E]
+
+
+def coordinate_planes(b: int, f: int, h: int, w: int, like: Tensor) -> Tensor:
+    """[b, 2, f, h, w]: x and y of each pixel centre in [-1, 1] (CoordConv, Liu et al. 2018, arXiv 1807.03247)."""
+    ys = torch.linspace(-1, 1, h, device=like.device, dtype=like.dtype)
+    xs = torch.linspace(-1, 1, w, device=like.device, dtype=like.dtype)
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")                                     # [h, w] each
+    return torch.stack([grid_x, grid_y])[None, :, None].expand(b, 2, f, h, w)
 
 
 TEMPORAL_MODULES = (TemporalConvBlock, TemporalTransformer, FrameEmbedding)
@@ -386,10 +411,11 @@ class UNet3D(nn.Module):
             self.text_embed = nn.Sequential(nn.Linear(cfg.context_dim, emb_dim), nn.SiLU(),
                                             _zero_(nn.Linear(emb_dim, emb_dim)))
         if cfg.frame_embedding:
-            self.frame_embed = FrameEmbedding(C, emb_dim)
+            self.frame_embed = FrameEmbedding(C, emb_dim, cfg.context_dim if cfg.pooled_text_embedding else 0)
 
         # Encoder. skip_channels records every activation the decoder will concatenate, in order.
-        first: list[nn.Module] = [nn.Conv2d(cfg.in_channels + cfg.extra_in_channels, C, 3, padding=1)]
+        coords = 2 if cfg.coordinate_channels else 0
+        first: list[nn.Module] = [nn.Conv2d(cfg.in_channels + cfg.extra_in_channels + coords, C, 3, padding=1)]
         if cfg.temporal_attention_after_input:
             first.append(TemporalTransformer(C, cfg.temporal_heads, cfg.temporal_head_dim, drop, groups))
         self.input_blocks = nn.ModuleList([Block(first)])
@@ -460,20 +486,25 @@ class UNet3D(nn.Module):
         (zeros). Returns [b, out, f, h, w]. With f == 1 every temporal layer is skipped (image mode)."""
         b, _, f, h, w = self._check_x(x)
         t = self._check_timesteps(timesteps, b, x.device)
-        if self.cfg.extra_in_channels:
-            x = torch.cat([x, self._check_concat(concat, x)], dim=1)              # [b, in + extra, f, h, w]
+        inputs = [x]
+        if self.cfg.coordinate_channels:
+            inputs.append(coordinate_planes(b, f, h, w, x))                      # [b, 2, f, h, w]
+        if self.cfg.extra_in_channels:      # last, so pad_input_channels can append concat slots to a checkpoint
+            inputs.append(self._check_concat(concat, x))                        # [b, extra, f, h, w]
         elif concat is not None:
             raise ValueError("UNet3D: got concat but this UNet has no extra input channels "
                              "(unet.extra_in_channels=0); set extra_in_channels to the concat channel count")
+        x = torch.cat(inputs, dim=1) if len(inputs) > 1 else x              # [b, in (+ 2) (+ extra), f, h, w]
         n_text = context.shape[1] if context is not None else self.cfg.num_text_tokens
         context = self._build_context(context, image_embedding, b, x)       # [b, n, context_dim]
 
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(self.time_embed[0].weight.dtype))
+        pooled = context[:, :n_text].mean(dim=1)                           # [b, context_dim] the text tokens only
         if self.cfg.pooled_text_embedding:
-            emb = emb + self.text_embed(context[:, :n_text].mean(dim=1))   # the text tokens, not the image's
+            emb = emb + self.text_embed(pooled)
         emb = emb.repeat_interleave(f, dim=0)                              # [(b f), 4C]
         if self.cfg.frame_embedding and f > 1:
-            emb = emb + self.frame_embed(f, x.device, emb.dtype).repeat(b, 1)  # frame index, same for each clip
+            emb = emb + self.frame_embed(f, pooled, emb.dtype)             # frame index (with the prompt)
         context = context.repeat_interleave(f, dim=0)                      # [(b f), n, context_dim]
         x = x.transpose(1, 2).reshape(b * f, -1, h, w)                     # [(b f), c, h, w]
 

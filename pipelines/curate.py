@@ -77,7 +77,8 @@ class ClipConfig:
     preset: str = "veryfast"                   # x264 speed preset
     threads: int = 1                           # ffmpeg threads per process (Ray runs one process per CPU)
     jpg_quality: int = 95
-    timeout_s: float = 600.0                   # ffprobe/ffmpeg time limit per input
+    timeout_s: float = 600.0                   # probe/ffmpeg time limit per input
+    probe: Literal["pyav", "ffprobe"] = "pyav"  # stage 1 reads headers in-process (PyAV) or with an ffprobe process
 
     def __post_init__(self) -> None:
         check(16 <= self.width <= 4096 and 16 <= self.height <= 4096 and self.width % 2 == 0 and self.height % 2 == 0,
@@ -85,6 +86,7 @@ class ClipConfig:
         check(self.num_frames >= 1, f"clips.num_frames={self.num_frames}: must be >= 1")
         check(0 < self.fps <= 120, f"clips.fps={self.fps}: must be within (0, 120]")
         check_choice("clips.policy", self.policy, ["all", "first", "max_n"])
+        check_choice("clips.probe", self.probe, ["pyav", "ffprobe"])
         check(self.max_clips >= 1, f"clips.max_clips={self.max_clips}: must be >= 1")
         check(self.scene_threshold > 0, "clips.scene_threshold must be > 0 (use 2 to disable scene cuts)")
         check(0 <= self.crf <= 51, f"clips.crf={self.crf}: must be within 0..51")

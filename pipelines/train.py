@@ -125,7 +125,7 @@ class TrainConfig:
     sample_fps: float = 8.0
     log_every: int = 1                    # MLflow metrics every N steps
     print_every: int = 0                  # progress line every N steps; 0: about 20 lines per run
-    time_limit_minutes: float = 0.0       # stop (checkpoint + export) once training ran this long; 0: no limit
+    time_limit_minutes: float = 0.0       # stop (checkpoint + export) after this long, LR decayed; 0: no limit
     seed: int = 0
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     debug_fail_at_step: int = 0           # tests: the last rank exits once at this step (fault-tolerance check)

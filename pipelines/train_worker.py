@@ -28,7 +28,6 @@ import os
 import tempfile
 import time
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -105,13 +104,33 @@ def param_groups(unet, cfg: TrainConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up over warmup_steps, then cosine decay to min_lr_ratio at ``steps``. ``step`` counts from 0."""
+def lr_factor(step: int, cfg: TrainConfig, time_used: float = 0.0) -> float:
+    """Linear warm-up over warmup_steps, then cosine decay to min_lr_ratio at ``steps``. ``step`` counts from 0.
+
+    ``time_used`` is the share of ``time_limit_minutes`` spent (0 without a limit): the decay follows whichever
+    budget runs out first, so a run its time limit stops still ends at the low learning rate."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    progress = max((step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps), time_used)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
+
+
+class TimeBudget:
+    """Share of ``time_limit_minutes`` used since ``start()`` (0 before the loop starts or without a limit)."""
+
+    def __init__(self, minutes: float):
+        self.seconds = minutes * 60
+        self.t0: float | None = None
+
+    def start(self) -> float:
+        self.t0 = time.perf_counter()
+        return self.t0
+
+    def time_used(self) -> float:
+        if self.t0 is None or self.seconds <= 0:
+            return 0.0
+        return (time.perf_counter() - self.t0) / self.seconds
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int, branches: int) -> dict:
@@ -326,7 +345,7 @@ def branch_loss(net, model, cond: Conditioner, items: list[loader.Item], branch:
         context = cond.text(items)                                               # null text for text-free clips
     context = cond.cfg_dropout(context, gen)
     image = cond.image(items) if use_image else None
-    t = sample_timesteps(b, model.schedule.num_timesteps, gen, x0.device)
+    t = sample_timesteps(b, model.schedule.num_timesteps, gen, x0.device, model.config.diffusion.timestep_shift)
     dtype = next(model.unet.parameters()).dtype
 
     def unet_fn(x, t, context=None, image_embedding=None, concat=None):
@@ -523,6 +542,7 @@ def train_loop_per_worker(config: dict) -> None:
     if not cfg.use_gpu:
         _skip_inference_shm_op()
     t_start = time.perf_counter()
+    clock = TimeBudget(cfg.time_limit_minutes)
 
     # -- model and DeepSpeed -------------------------------------------------------------------------------------
     model = build_model(cfg, device)
@@ -531,7 +551,8 @@ def train_loop_per_worker(config: dict) -> None:
     engine, _, _, scheduler = deepspeed.initialize(
         model=model.unet, model_parameters=param_groups(model.unet, cfg),
         config=deepspeed_config(cfg, world_size, branches),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, cfg=cfg)))
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_factor(s, cfg, clock.time_used())))
     ema = Ema(engine, cfg.ema_decay, rank)
 
     # -- resume --------------------------------------------------------------------------------------------------
@@ -564,7 +585,7 @@ def train_loop_per_worker(config: dict) -> None:
     # -- loop ----------------------------------------------------------------------------------------------------
     metrics: dict[str, float] = {}
     position = loader_state
-    t_loop = time.perf_counter()
+    t_loop = clock.start()
     samples_per_step = (cfg.image_batch_size + cfg.video_batch_size) * world_size
     try:
         while step < cfg.steps:

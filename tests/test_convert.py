@@ -90,7 +90,8 @@ def test_released_layout_maps_onto_diffusers_default_model():
 
 
 def test_image_condition_has_no_diffusers_counterpart():
-    cfg = get_config("tiny", {"unet.pooled_text_embedding": False, "unet.frame_embedding": False}).unet
+    cfg = get_config("tiny", {"unet.pooled_text_embedding": False, "unet.frame_embedding": False,
+                                "unet.coordinate_channels": False}).unet
     unet = UNet3D(cfg)
     with pytest.raises(ConversionError, match="drop_image_condition=True"):
         modelscope_to_diffusers(unet.state_dict(), cfg)
@@ -98,7 +99,7 @@ def test_image_condition_has_no_diffusers_counterpart():
     assert not any("image" in k for k in converted)
     with pytest.raises(ConversionError, match="temporal_heads must be 8"):
         diffusers_config(cfg)  # the tiny config's input temporal transformer has 1 head
-    with pytest.raises(ConversionError, match="pooled_text_embedding and frame_embedding must be False"):
+    with pytest.raises(ConversionError, match="pooled_text_embedding, frame_embedding and coordinate_channels must be False"):
         diffusers_config(get_config("tiny").unet)
 
 

@@ -162,3 +162,18 @@ def test_training_losses_combine_diffusion_and_coherence_and_backpropagate():
 def test_training_losses_rejects_wrong_output_channels():
     with pytest.raises(ValueError, match="out_channels"):
         D.training_losses(lambda x, t, **kw: x[:, :1], torch.zeros(1, 3, 2, 4, 4), torch.tensor([5]))
+
+
+def test_timestep_shift_moves_training_towards_high_noise():
+    from model.configs import get_config
+    from model.diffusion import DiffusionConfig, sample_timesteps
+
+    g = torch.Generator().manual_seed(0)
+    uniform = sample_timesteps(20000, 1000, g)
+    shifted = sample_timesteps(20000, 1000, g, shift=3.0)
+    assert uniform.min() >= 0 and uniform.max() <= 999 and shifted.min() >= 0 and shifted.max() <= 999
+    high = lambda t: (t >= 900).float().mean().item()  # noqa: E731
+    assert abs(high(uniform) - 0.10) < 0.01 and abs(high(shifted) - 0.25) < 0.015   # 3u / (1 + 2u) >= 0.9: u >= 3/4
+    assert get_config("tiny").diffusion.timestep_shift == 3.0
+    with pytest.raises(ConfigError, match="timestep_shift"):
+        DiffusionConfig(timestep_shift=0)

@@ -163,9 +163,25 @@ def make_bad_inputs(root) -> dict[str, tuple[str, str]]:
     }
 
 
-def test_bad_inputs_are_rejected_with_reasons(tmp_path):
+def test_pyav_and_ffprobe_describe_media_alike(shapes_corpus, tmp_path):
+    from pipelines.stages.probe import describe, ffprobe, pyav_probe
+
+    make_bad_inputs(tmp_path)
+    folder = shapes_corpus.parent
+    files = [*sorted(folder.glob("videos/*.mp4"))[:2], *sorted(folder.glob("images/*"))[:2], tmp_path / "image.mp4",
+             tmp_path / "short.mp4"]
+    assert {f.suffix for f in files} >= {".mp4", ".png"}
+    for f in files:
+        assert describe(pyav_probe(str(f), 10)) == describe(ffprobe(str(f), 10)), f.name
+    for name in ("text.mp4", "empty.mp4"):
+        with pytest.raises(RuntimeError, match="Invalid data"):
+            pyav_probe(str(tmp_path / name), 10)
+
+
+@pytest.mark.parametrize("probe", ["pyav", "ffprobe"])
+def test_bad_inputs_are_rejected_with_reasons(tmp_path, probe):
     expected = make_bad_inputs(tmp_path)
-    rows = _decode(_cfg(), *[_input(tmp_path / name) for name in expected])
+    rows = _decode(_cfg(f"clips.probe={probe}"), *[_input(tmp_path / name) for name in expected])
     got = {r["source"].rsplit("/", 1)[-1]: (r["stage"], r["reason"]) for r in rows}
     assert got == expected
     assert all(r["status"] == "rejected" and r["detail"] and r["media"] is None for r in rows)

@@ -63,6 +63,8 @@ def test_schedule_config_and_conditioning_without_ray(shards, tmp_path):
     cfg = make_config(shards, tmp_path, None, steps=100, warmup_steps=10, min_lr_ratio=0.1, spatial_lr_mult=0.5)
     assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
     assert lr_factor(99, cfg) == pytest.approx(0.1, abs=1e-3)            # cosine down to min_lr_ratio
+    # a time limit that runs out first drives the decay: half the minutes used at step 20 -> the cosine midpoint
+    assert lr_factor(20, cfg, time_used=0.5) == pytest.approx(0.55) and lr_factor(20, cfg, time_used=1.0) == 0.1
     ds = deepspeed_config(cfg, world_size=2, branches=2)
     assert ds["gradient_accumulation_steps"] == 2 and ds["zero_optimization"] == {"stage": 2}
     assert ds["train_batch_size"] == 2 * 2 * 2 and ds["bf16"]["enabled"] is False
@@ -187,11 +189,11 @@ def test_zero3_gathers_partitioned_weights_for_export(ray_session, shards, tmp_p
     from model.pipeline import TextToVideo
 
     out = tmp_path / "run3"
-    # temporal_heads=8 and no pooled-text/frame embeddings give the tiny UNet a diffusers equivalent, so the
-    # diffusers export runs too
+    # temporal_heads=8 and none of the tiny extras (pooled text, frame embedding, coordinates) give the tiny UNet
+    # a diffusers equivalent, so the diffusers export runs too
     cfg = make_config(shards, out, None, zero_stage=3, steps=2, checkpoint_every=2,
                       model_overrides={**TEST_MODEL, "unet.temporal_heads": 8, "unet.pooled_text_embedding": False,
-                                       "unet.frame_embedding": False})
+                                       "unet.frame_embedding": False, "unet.coordinate_channels": False})
     result = train.run(cfg)
     assert result["steps"] == 2 and result["run_id"] is None and result["model_uri"] is None
     exported = TextToVideo.from_checkpoint(result["checkpoint"]).unet.state_dict()

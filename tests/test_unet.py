@@ -10,7 +10,8 @@ import torch
 
 from model.checkpoint import NEW_IN_TFT2V, CheckpointError, load_unet_weights, read_state_dict, save_unet_weights
 from model.configs import get_config
-from model.unet import TemporalConvBlock, TemporalTransformer, UNet3D, UNetConfig, build_unet
+from model.unet import (TemporalConvBlock, TemporalTransformer, UNet3D, UNetConfig, build_unet,
+                        coordinate_planes)
 
 # The tiny registry UNet; tests feed it 16x16 clips of 4 frames to stay fast.
 TINY = get_config("tiny").unet
@@ -346,15 +347,40 @@ def test_frame_and_pooled_text_embeddings_condition_every_frame():
                 last.weight.zero_()
                 last.bias.zero_()
         out = unet(still, t, context, image)
-        other_text = unet(still, t, torch.randn_like(context), image)
+        other = torch.randn_like(context)
+        other_text = unet(still, t, other, image)
+        unet.text_embed[-1].weight.zero_()             # the prompt now reaches the ResBlocks only with the frame
+        unet.text_embed[-1].bias.zero_()
         image_mode = unet(still[:, :, :1], t, context, image)
+        frame_text = unet(still, t, context, image) - unet(still, t, other, image)
         unet.frame_embed.net[-1].weight.zero_()
         unet.frame_embed.net[-1].bias.zero_()
         no_position = unet(still, t, context, image)
     # identical frames come out different only through their index ...
-    assert (out[:, :, 1] - out[:, :, 2]).abs().mean() > 1e-3
+    assert (out[:, :, 1] - out[:, :, 2]).abs().mean() > 1e-4
     for i in range(1, F):
         torch.testing.assert_close(no_position[:, :, i], no_position[:, :, 0])
-    # ... images (1 frame) get no frame embedding, and the prompt acts without any cross-attention level
+    # ... and the frame code reads the prompt: "frame 0 of a clip moving right" is not "frame 0 moving left"
+    assert (frame_text[:, :, 1] - frame_text[:, :, 2]).abs().mean() > 1e-5
+    # images (1 frame) get no frame embedding, and the prompt acts without any cross-attention level
     torch.testing.assert_close(image_mode[:, :, 0], no_position[:, :, 0])
     assert (out - other_text).abs().mean() > 1e-3
+
+
+def test_coordinate_channels_feed_each_pixel_its_position():
+    unet = make()
+    assert unet.cfg.coordinate_channels
+    planes = coordinate_planes(B, F, H, W, torch.zeros(1))                       # [b, 2, f, h, w]
+    assert planes.shape == (B, 2, F, H, W)
+    assert planes[0, 0, 0, 0, 0] == -1 and planes[0, 0, 0, 0, -1] == 1          # x: left to right
+    assert planes[0, 1, 0, 0, 0] == -1 and planes[0, 1, 0, -1, 0] == 1          # y: top to bottom
+    first = unet.input_blocks[0][0]
+    assert first.in_channels == unet.cfg.in_channels + 2
+    randomize(unet)
+    x, t, context, image = inputs()
+    with torch.no_grad():
+        out = unet(x, t, context, image)
+        first.weight[:, unet.cfg.in_channels:] = 0                              # blind the network to position
+        blind = unet(x, t, context, image)
+    assert (out - blind).abs().mean() > 1e-3
+

@@ -277,7 +277,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> float:
     elif os.environ.get("RAY_ADDRESS"):
         ray.init()  # inside a Ray job, or pointed at a cluster by the environment
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
+        # With the dashboard (on 127.0.0.1 only), which serves the State API: Ray Train's placement-group cleaner
+        # polls it every second and, without it, logs a warning each time for the whole of a training run.
+        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1")
     return time.time() - t
 
 

@@ -117,20 +117,21 @@ def lr_factor(step: int, cfg: TrainConfig, time_used: float = 0.0) -> float:
 
 
 class TimeBudget:
-    """Share of ``time_limit_minutes`` used since ``start()`` (0 before the loop starts or without a limit)."""
+    """Share of ``time_limit_minutes`` used since ``start()`` (0 without a limit). Each rank measures its own
+    (``local``); the loop averages them across ranks once a step into ``used``, which the LR schedule reads, so
+    every rank applies the same learning rate."""
 
     def __init__(self, minutes: float):
         self.seconds = minutes * 60
-        self.t0: float | None = None
+        self.t0 = time.perf_counter()
+        self.used = 0.0
 
     def start(self) -> float:
         self.t0 = time.perf_counter()
         return self.t0
 
-    def time_used(self) -> float:
-        if self.t0 is None or self.seconds <= 0:
-            return 0.0
-        return (time.perf_counter() - self.t0) / self.seconds
+    def local(self) -> float:
+        return (time.perf_counter() - self.t0) / self.seconds if self.seconds > 0 else 0.0
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int, branches: int) -> dict:
@@ -552,7 +553,7 @@ def train_loop_per_worker(config: dict) -> None:
         model=model.unet, model_parameters=param_groups(model.unet, cfg),
         config=deepspeed_config(cfg, world_size, branches),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(s, cfg, clock.time_used())))
+            opt, lambda s: lr_factor(s, cfg, clock.used)))
     ema = Ema(engine, cfg.ema_decay, rank)
 
     # -- resume --------------------------------------------------------------------------------------------------
@@ -600,9 +601,9 @@ def train_loop_per_worker(config: dict) -> None:
             step_time = time.perf_counter() - t0
             elapsed_min = (time.perf_counter() - t_loop) / 60
             stop = float(cfg.time_limit_minutes > 0 and elapsed_min >= cfg.time_limit_minutes)
-            img, vid, dvid, coh, wait, stop = _reduce_mean(
-                [losses["image"], losses["video"], losses["diffusion_video"], losses["coherence"], t_data, stop],
-                world_size)
+            img, vid, dvid, coh, wait, stop, clock.used = _reduce_mean(
+                [losses["image"], losses["video"], losses["diffusion_video"], losses["coherence"], t_data, stop,
+                 clock.local()], world_size)
             metrics = {"loss": cfg.image_loss_weight * img + vid, "loss_image": img, "loss_video": vid,
                        "diffusion_loss_video": dvid, "coherence_loss": coh,
                        "lr": scheduler.get_last_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),

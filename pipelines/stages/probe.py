@@ -4,9 +4,10 @@ Fills ``media_type`` (video | image), ``container``, ``codec``, ``duration``, ``
 ``src_height`` and ``src_frames``. Rejects, with a reason and never an exception:
 
     missing_file   the path/URI does not exist          empty_file      zero bytes
-    unreadable     ffprobe cannot parse it               not_media       no video/image stream (e.g. a text file)
-    bad_dimensions ffprobe reports no usable size        image_in_video_file  a still image behind a video name
+    unreadable     the probe cannot parse it             not_media       no video/image stream (e.g. a text file)
+    bad_dimensions the probe reports no usable size      image_in_video_file  a still image behind a video name
     fetch_error    a remote read failed                  probe_timeout   ffprobe took longer than clips.timeout_s
+                                                                         (PyAV's timeout ends as unreadable)
 
 Two ways to ask (``clips.probe``), the same answer: ``pyav`` (default) opens the container in this process with
 PyAV's libavformat and reads its header, about 2 ms; ``ffprobe`` starts an ffprobe process (ffmpeg-python's

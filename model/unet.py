@@ -364,13 +364,13 @@ class FrameEmbedding(nn.Module):
         self.net = nn.Sequential(nn.Linear(channels + text_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim),
                                  nn.SiLU(), _zero_(nn.Linear(emb_dim, emb_dim)))
 
-    def forward(self, num_frames: int, pooled_text: Tensor | None, dtype: torch.dtype) -> Tensor:
-        # pooled_text [b, text_dim] (or None without text) -> [(b f), emb_dim], frames of a clip consecutive
+    def forward(self, batch: int, num_frames: int, pooled_text: Tensor | None, dtype: torch.dtype) -> Tensor:
+        # pooled_text [b, text_dim] (None without text) -> [(b f), emb_dim], frames of a clip consecutive
         device = self.net[0].weight.device
         index = timestep_embedding(torch.arange(num_frames, device=device), self.channels).to(dtype)  # [f, C]
         if not self.text_dim:
-            return self.net(index)
-        b = pooled_text.shape[0]
+            return self.net(index).repeat(batch, 1)
+        b = batch
         inputs = torch.cat([index.repeat(b, 1), pooled_text.to(dtype).repeat_interleave(num_frames, 0)], dim=1)
         return self.net(inputs)                                                                  # [(b f), E]
 
@@ -504,7 +504,7 @@ class UNet3D(nn.Module):
             emb = emb + self.text_embed(pooled)
         emb = emb.repeat_interleave(f, dim=0)                              # [(b f), 4C]
         if self.cfg.frame_embedding and f > 1:
-            emb = emb + self.frame_embed(f, pooled, emb.dtype)             # frame index (with the prompt)
+            emb = emb + self.frame_embed(b, f, pooled, emb.dtype)             # frame index (with the prompt)
         context = context.repeat_interleave(f, dim=0)                      # [(b f), n, context_dim]
         x = x.transpose(1, 2).reshape(b * f, -1, h, w)                     # [(b f), c, h, w]
 

@@ -367,6 +367,27 @@ def test_frame_and_pooled_text_embeddings_condition_every_frame():
     assert (out - other_text).abs().mean() > 1e-3
 
 
+def test_frame_embedding_without_pooled_prompt_codes_each_frame_of_every_clip():
+    # frame_embedding on, pooled_text_embedding off: the frame code is the index alone, the same for every clip of
+    # a batch (this combination once broke on batches of more than one clip).
+    unet = make(pooled_text_embedding=False, attention_levels=(), temporal_attention_after_input=False)
+    x, t, context, image = inputs(frames=F)
+    still = x[:, :, :1].expand(-1, -1, F, -1, -1).contiguous()
+    randomize(unet)
+    with torch.no_grad():
+        for module in unet.modules():
+            if isinstance(module, (TemporalConvBlock, TemporalTransformer)):
+                last = module.conv4[-1] if isinstance(module, TemporalConvBlock) else module.proj_out
+                last.weight.zero_()
+                last.bias.zero_()
+        out = unet(still, t, context, image)
+        code = unet.frame_embed(B, F, None, torch.float32)
+    assert out.shape == (B, TINY.out_channels, F, H, W)
+    assert code.shape == (B * F, unet.time_embed[-1].out_features)
+    torch.testing.assert_close(code[:F], code[F:])                   # every clip gets the same frame codes
+    assert (out[:, :, 1] - out[:, :, 2]).abs().mean() > 1e-4        # and frames differ by their index
+
+
 def test_coordinate_channels_feed_each_pixel_its_position():
     unet = make()
     assert unet.cfg.coordinate_channels

@@ -155,7 +155,9 @@ def run_ablation(cfg: LearnConfig, data: str, ablation: str, steps: int) -> dict
     tcfg = train_config(cfg, data, out, ablation, steps)
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=cfg.threads, include_dashboard=False)
+        # with the dashboard on 127.0.0.1, as `t2v train` starts Ray: Ray Train's placement-group cleaner polls its
+        # State API and, without it, logs a warning every second of the run
+        ray.init(num_cpus=cfg.threads, dashboard_host="127.0.0.1")
     try:
         result = train.run(tcfg)
     finally:

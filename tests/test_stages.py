@@ -69,6 +69,26 @@ def test_clip_planner_drops_windows_that_span_a_scene_cut():
     assert sum(first.push(f) is not None for f in frames) == 1 and first.done
 
 
+def test_clip_planner_gives_the_same_clips_whatever_the_frames_arrive_in():
+    # The decoder hands over the rest of a window at a time; any split of the stream must give the same clips.
+    rng = np.random.default_rng(0)
+    moving = [np.roll(np.pad(np.full((3, 3, 3), 200, np.uint8), ((0, 5), (0, 5), (0, 0))), i, axis=1)
+              for i in range(7)]
+    frames = np.stack(moving + [np.full((8, 8, 3), 250, np.uint8)] * 3 + moving * 2)  # cuts at frames 7 and 10
+    one = ClipPlanner(num_frames=4)
+    singly = [c for f in frames if (c := one.push(f)) is not None]
+    many = ClipPlanner(num_frames=4)
+    chunked, i = [], 0
+    while i < len(frames):
+        n = int(rng.integers(1, many.window_left + 1))
+        chunked += many.push_frames(frames[i:i + n])
+        i += n
+    assert one.cuts == many.cuts == [7, 10]
+    assert [(c.index, c.motion) for c in singly] == [(c.index, c.motion) for c in chunked]
+    assert [c.index for c in singly] == [0, 3, 4, 5]  # windows [4, 8) and [8, 12) span a cut
+    assert all(c.motion > 0 for c in singly) and singly[2].motion > singly[1].motion  # [16, 20) jumps back
+
+
 def test_video_clips_respect_scene_cuts_and_target_geometry(tmp_path):
     video = _two_scene_video(tmp_path / "cut.mp4")
     rows = _decode(_cfg("clips.width=48", "clips.height=32"), _input(video, "two scenes"))

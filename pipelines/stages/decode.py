@@ -52,34 +52,37 @@ ANALYSIS_SIDE = 64  # short side of the frames scene cuts and motion are measure
 # Frame analysis: scene cuts and motion, on small thumbnails (cheap next to decoding)
 
 
-def thumbnail(frame: np.ndarray, size: int = ANALYSIS_SIDE) -> np.ndarray:
-    """uint8 [h, w, 3] -> strided uint8 thumbnail of at most about ``size`` pixels on the short side."""
-    step = max(1, min(frame.shape[:2]) // size)
-    return frame[::step, ::step]
+def thumbnail(frames: np.ndarray, size: int = ANALYSIS_SIDE) -> np.ndarray:
+    """uint8 [..., h, w, 3] -> strided uint8 thumbnails of at most about ``size`` pixels on the short side."""
+    step = max(1, min(frames.shape[-3:-1]) // size)
+    return frames[..., ::step, ::step, :]
 
 
-def colour_histogram(thumb: np.ndarray) -> np.ndarray:
-    """Normalised per-channel histogram (3 x HIST_BINS values summing to 3)."""
-    q = (thumb.reshape(-1, 3) >> 4).astype(np.int64) + np.arange(3) * HIST_BINS  # 16 bins per channel
-    counts = np.bincount(q.ravel(), minlength=3 * HIST_BINS).astype(np.float32)
-    return counts / max(1, thumb.shape[0] * thumb.shape[1])
+def colour_histograms(thumbs: np.ndarray) -> np.ndarray:
+    """uint8 [k, h, w, 3] -> [k, 3 * HIST_BINS] normalised per-channel histograms (each frame's sums to 3)."""
+    k = thumbs.shape[0]
+    bins = (thumbs.reshape(k, -1, 3) >> 4).astype(np.int64)                    # 16 bins per channel
+    bins += np.arange(3) * HIST_BINS + (np.arange(k) * 3 * HIST_BINS)[:, None, None]  # one bin range per frame
+    counts = np.bincount(bins.ravel(), minlength=k * 3 * HIST_BINS).astype(np.float32)
+    return counts.reshape(k, 3 * HIST_BINS) / max(1, thumbs.shape[1] * thumbs.shape[2])
 
 
-def histogram_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Total-variation distance between colour histograms, averaged over channels: 0 same .. 1 disjoint."""
-    return float(np.abs(a - b).sum() / 6.0)
+def histogram_distances(hists: np.ndarray) -> np.ndarray:
+    """[k, bins] -> [k - 1] total-variation distance between consecutive histograms, averaged over channels:
+    0 same .. 1 disjoint."""
+    return np.abs(np.diff(hists, axis=0)).sum(axis=1) / 6.0
 
 
-def luma(thumb: np.ndarray) -> np.ndarray:
-    return thumb[..., 0] * 0.299 + thumb[..., 1] * 0.587 + thumb[..., 2] * 0.114  # float64 [h, w]
+def luma(thumbs: np.ndarray) -> np.ndarray:
+    """uint8 [..., h, w, 3] -> float32 [..., h, w] (BT.601 weights)."""
+    return thumbs.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
 
 
-def motion_score(lumas: list[np.ndarray]) -> float:
-    """Mean absolute luma change between consecutive frames, in [0, 1]."""
-    if len(lumas) < 2:
+def motion_score(thumbs: np.ndarray) -> float:
+    """Mean absolute luma change between consecutive frames of ``thumbs`` [k, h, w, 3], in [0, 1]."""
+    if len(thumbs) < 2:
         return 0.0
-    diffs = [np.abs(b - a).mean() for a, b in zip(lumas, lumas[1:])]
-    return float(np.mean(diffs) / 255.0)
+    return float(np.abs(np.diff(luma(thumbs), axis=0)).mean() / 255.0)
 
 
 @dataclass
@@ -92,9 +95,11 @@ class Clip:
 
 @dataclass
 class ClipPlanner:
-    """Streams frames in, hands finished clips out. Window k holds frames [k, k + 1) * num_frames; it becomes a
+    """Takes frames in, hands finished clips out. Window k holds frames [k, k + 1) * num_frames; it becomes a
     clip unless a scene cut falls inside it (a cut exactly on a window boundary is fine). Only the current
-    window's frames are held in memory."""
+    window's frames are held in memory. ``push_frames`` takes any number of consecutive frames at once (the
+    decoder hands over a window at a time: the analysis is then a few array operations per window, not per
+    frame); ``push`` takes one."""
 
     num_frames: int
     max_clips: int | None = None          # stop after this many clips (None: all)
@@ -103,7 +108,7 @@ class ClipPlanner:
     cuts: list[int] = field(default_factory=list)   # frame indices that start a new scene
     clips_made: int = 0
     _window: list[np.ndarray] = field(default_factory=list)
-    _lumas: list[np.ndarray] = field(default_factory=list)
+    _thumbs: list[np.ndarray] = field(default_factory=list)
     _spans_cut: bool = False
     _prev_hist: np.ndarray | None = None
 
@@ -111,32 +116,47 @@ class ClipPlanner:
     def done(self) -> bool:
         return self.max_clips is not None and self.clips_made >= self.max_clips
 
+    @property
+    def window_left(self) -> int:
+        """Frames still needed to finish the current window."""
+        return self.num_frames - self.seen % self.num_frames
+
     def push(self, frame: np.ndarray) -> Clip | None:
-        thumb = thumbnail(frame)
-        hist = colour_histogram(thumb)
-        index = self.seen
-        self.seen += 1
-        cut = self._prev_hist is not None and histogram_distance(self._prev_hist, hist) > self.scene_threshold
-        self._prev_hist = hist
-        if cut:
-            self.cuts.append(index)
-        position = index % self.num_frames
-        if position == 0:  # a new window starts
-            self._window, self._lumas, self._spans_cut = [], [], False
-        elif cut:
-            self._spans_cut = True
-            self._window, self._lumas = [], []
-        if self._spans_cut or self.done:
-            return None
-        self._window.append(frame)
-        self._lumas.append(luma(thumb.astype(np.float32)))
-        if position < self.num_frames - 1:
-            return None
-        k = index // self.num_frames
-        clip = Clip(k, k * self.num_frames, self._window, motion_score(self._lumas))
-        self.clips_made += 1
-        self._window, self._lumas = [], []
-        return clip
+        clips = self.push_frames(frame[None])
+        return clips[0] if clips else None
+
+    def push_frames(self, frames: np.ndarray) -> list[Clip]:
+        """uint8 [k, h, w, 3] consecutive frames -> the clips they finish (in order)."""
+        if len(frames) == 0:
+            return []
+        thumbs = thumbnail(frames)
+        hists = colour_histograms(thumbs)
+        previous = hists[:1] if self._prev_hist is None else self._prev_hist[None]
+        is_cut = histogram_distances(np.concatenate([previous, hists])) > self.scene_threshold
+        self._prev_hist = hists[-1]
+        clips = []
+        for i in range(len(frames)):
+            index = self.seen
+            self.seen += 1
+            if is_cut[i]:
+                self.cuts.append(index)
+            position = index % self.num_frames
+            if position == 0:  # a new window starts
+                self._window, self._thumbs, self._spans_cut = [], [], False
+            elif is_cut[i]:
+                self._spans_cut = True
+                self._window, self._thumbs = [], []
+            if self._spans_cut or self.done:
+                continue
+            self._window.append(frames[i])
+            self._thumbs.append(thumbs[i])
+            if position < self.num_frames - 1:
+                continue
+            k = index // self.num_frames
+            clips.append(Clip(k, k * self.num_frames, self._window, motion_score(np.stack(self._thumbs))))
+            self.clips_made += 1
+            self._window, self._thumbs = [], []
+        return clips
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -287,18 +307,22 @@ class ClipDecoder(Stage):
             stopped_early = False
             try:
                 while True:
-                    buf = proc.stdout.read(frame_bytes)
-                    if len(buf) < frame_bytes:
-                        break
+                    want = planner.window_left * frame_bytes  # the rest of the current window, analysed together
+                    buf = proc.stdout.read(want)              # short only at the end of the stream
                     if stopped_early:
+                        if not buf:
+                            break
                         continue  # draining what ffmpeg flushes after the interrupt
-                    clip = planner.push(np.frombuffer(buf, np.uint8).reshape(raw_h, raw_w, 3))
-                    if clip is not None:
+                    whole = len(buf) // frame_bytes           # (a partial frame at the very end is dropped)
+                    frames = np.frombuffer(buf, np.uint8, count=whole * frame_bytes).reshape(whole, raw_h, raw_w, 3)
+                    for clip in planner.push_frames(frames):
                         if self.keyframes_which:
                             idx = keyframe_indices(self.num_frames, self.keyframes_which)
                             keyframes.append(schema.npy_bytes(np.stack([clip.frames[i] for i in idx])))
                         clip.frames = []  # ffmpeg encodes them; nothing else needs them
                         clips.append(clip)
+                    if len(buf) < want:
+                        break
                     if planner.done:
                         # enough clips: SIGINT makes ffmpeg stop reading and finalise the files it has written;
                         # keep draining stdout so it is never blocked on a full pipe

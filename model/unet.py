@@ -370,8 +370,7 @@ class FrameEmbedding(nn.Module):
         index = timestep_embedding(torch.arange(num_frames, device=device), self.channels).to(dtype)  # [f, C]
         if not self.text_dim:
             return self.net(index).repeat(batch, 1)
-        b = batch
-        inputs = torch.cat([index.repeat(b, 1), pooled_text.to(dtype).repeat_interleave(num_frames, 0)], dim=1)
+        inputs = torch.cat([index.repeat(batch, 1), pooled_text.to(dtype).repeat_interleave(num_frames, 0)], dim=1)
         return self.net(inputs)                                                                  # [(b f), E]
 
 
@@ -504,7 +503,7 @@ class UNet3D(nn.Module):
             emb = emb + self.text_embed(pooled)
         emb = emb.repeat_interleave(f, dim=0)                              # [(b f), 4C]
         if self.cfg.frame_embedding and f > 1:
-            emb = emb + self.frame_embed(b, f, pooled, emb.dtype)             # frame index (with the prompt)
+            emb = emb + self.frame_embed(b, f, pooled, emb.dtype)          # frame index (with the prompt)
         context = context.repeat_interleave(f, dim=0)                      # [(b f), n, context_dim]
         x = x.transpose(1, 2).reshape(b * f, -1, h, w)                     # [(b f), c, h, w]
 

@@ -126,9 +126,8 @@ class TimeBudget:
         self.t0 = time.perf_counter()
         self.used = 0.0
 
-    def start(self) -> float:
+    def start(self) -> None:
         self.t0 = time.perf_counter()
-        return self.t0
 
     def local(self) -> float:
         return (time.perf_counter() - self.t0) / self.seconds if self.seconds > 0 else 0.0
@@ -586,7 +585,7 @@ def train_loop_per_worker(config: dict) -> None:
     # -- loop ----------------------------------------------------------------------------------------------------
     metrics: dict[str, float] = {}
     position = loader_state
-    t_loop = clock.start()
+    clock.start()
     samples_per_step = (cfg.image_batch_size + cfg.video_batch_size) * world_size
     try:
         while step < cfg.steps:
@@ -599,11 +598,10 @@ def train_loop_per_worker(config: dict) -> None:
             ema.update()
             position = batch.position
             step_time = time.perf_counter() - t0
-            elapsed_min = (time.perf_counter() - t_loop) / 60
-            stop = float(cfg.time_limit_minutes > 0 and elapsed_min >= cfg.time_limit_minutes)
+            used = clock.local()                              # share of the time limit (0 without one)
             img, vid, dvid, coh, wait, stop, clock.used = _reduce_mean(
-                [losses["image"], losses["video"], losses["diffusion_video"], losses["coherence"], t_data, stop,
-                 clock.local()], world_size)
+                [losses["image"], losses["video"], losses["diffusion_video"], losses["coherence"], t_data,
+                 float(used >= 1.0), used], world_size)
             metrics = {"loss": cfg.image_loss_weight * img + vid, "loss_image": img, "loss_video": vid,
                        "diffusion_loss_video": dvid, "coherence_loss": coh,
                        "lr": scheduler.get_last_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),

@@ -32,6 +32,15 @@ def randomize(module: torch.nn.Module, seed: int = 1, std: float = 0.1, only=Non
             p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
+def temporal_layers_to_identity(unet: UNet3D) -> None:
+    """Zero the last layer of every temporal block (their residual branch), so frames pass through independently."""
+    for module in unet.modules():
+        if isinstance(module, (TemporalConvBlock, TemporalTransformer)):
+            last = module.conv4[-1] if isinstance(module, TemporalConvBlock) else module.proj_out
+            last.weight.zero_()
+            last.bias.zero_()
+
+
 def inputs(cfg: UNetConfig = TINY, frames: int = F, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, cfg.in_channels, frames, H, W, generator=g)
@@ -341,11 +350,7 @@ def test_frame_and_pooled_text_embeddings_condition_every_frame():
     still = x[:, :, :1].expand(-1, -1, F, -1, -1).contiguous()        # the same frame F times
     randomize(unet)
     with torch.no_grad():
-        for module in unet.modules():                  # temporal layers back to identity: frames are independent
-            if isinstance(module, (TemporalConvBlock, TemporalTransformer)):
-                last = module.conv4[-1] if isinstance(module, TemporalConvBlock) else module.proj_out
-                last.weight.zero_()
-                last.bias.zero_()
+        temporal_layers_to_identity(unet)              # frames are independent
         out = unet(still, t, context, image)
         other = torch.randn_like(context)
         other_text = unet(still, t, other, image)
@@ -375,11 +380,7 @@ def test_frame_embedding_without_pooled_prompt_codes_each_frame_of_every_clip():
     still = x[:, :, :1].expand(-1, -1, F, -1, -1).contiguous()
     randomize(unet)
     with torch.no_grad():
-        for module in unet.modules():
-            if isinstance(module, (TemporalConvBlock, TemporalTransformer)):
-                last = module.conv4[-1] if isinstance(module, TemporalConvBlock) else module.proj_out
-                last.weight.zero_()
-                last.bias.zero_()
+        temporal_layers_to_identity(unet)
         out = unet(still, t, context, image)
         code = unet.frame_embed(B, F, None, torch.float32)
     assert out.shape == (B, TINY.out_channels, F, H, W)

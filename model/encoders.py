@@ -2,6 +2,8 @@
 
 - ``TextEncoder``: OpenCLIP text tower, run up to the penultimate transformer layer then the final layer norm
   (as Stable Diffusion 2 and ModelScopeT2V do) -> token states ``[b, text_len, width]`` (77 x 1024 for ViT-H-14).
+  Optionally (``word_code_gain`` > 0, on in the tiny config) every state also carries the prompt's *word code*:
+  the layer-normalised mean of its words' token embeddings, taken before the transformer mixes them.
 - ``ImageEncoder``: OpenCLIP vision tower -> the pooled, projected image embedding ``[b, embed_dim]`` (1024 for
   ViT-H-14), *not* L2-normalised: TF-T2V feeds CLIP's image embedding to a small MLP that makes 4 context tokens,
   and the MLP can learn any scale it needs, while normalising would throw away the norm for no gain. Images get
@@ -51,6 +53,9 @@ class EncoderConfig:
     text_len: int = 77                        # tokens per prompt (CLIP's context length)
     clip_image_size: int = 224                # CLIP image crop size
     seed: int = 0                             # seeds random CLIP init when no weights are given
+    # Adds gain x the prompt's word code (TextEncoder.word_code) to every token state; 0 = off (the released
+    # models). For randomly initialised CLIPs, whose transformer mixes every word into every state: see TextEncoder.
+    word_code_gain: float = 0.0
 
     def __post_init__(self) -> None:
         check_choice("encoders.first_stage", self.first_stage, ["identity", "sd_vae"])
@@ -60,6 +65,8 @@ class EncoderConfig:
         check(self.clip_image_size >= 16,
               f"encoders.clip_image_size={self.clip_image_size}: must be >= 16 (ViT-H-14 uses 224)")
         check(bool(self.clip_model), "encoders.clip_model is empty: name an open_clip model, e.g. ViT-H-14")
+        check(isinstance(self.word_code_gain, (int, float)) and 0 <= self.word_code_gain <= 100,
+              f"encoders.word_code_gain={self.word_code_gain!r}: must be a number in [0, 100] (0 turns it off)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -146,15 +153,27 @@ def load_openclip(model_name: str, pretrained: str | None = None, seed: int = 0,
 
 
 class TextEncoder(nn.Module):
-    """Prompts -> CLIP token states [b, text_len, width]: penultimate layer, then the final layer norm. Frozen."""
+    """Prompts -> CLIP token states [b, text_len, width]: penultimate layer, then the final layer norm. Frozen.
 
-    def __init__(self, clip_model: nn.Module, tokenizer, text_len: int = 77):
+    With ``word_code_gain`` > 0 every state also gets ``gain * word_code(prompt)``. Why: a randomly initialised
+    CLIP (all this project can have without downloaded weights) mixes every word into every state through random
+    attention, so one word moves the mean-pooled prompt by a tenth of its norm and its effect depends on the other
+    words. That was enough to learn colour but not motion direction, a prompt x frame interaction: the tiny model
+    drew shapes moving in directions the starting noise picked. The word code is each word's own embedding,
+    averaged over the prompt's words and layer-normalised, so every word (the direction word too) is an additive
+    part of it at full scale, the same whatever the other words; the null prompt (no words) gets zero, so
+    classifier-free guidance's unconditional input is unchanged. A pretrained CLIP separates words itself and
+    needs no word code (off by default).
+    """
+
+    def __init__(self, clip_model: nn.Module, tokenizer, text_len: int = 77, word_code_gain: float = 0.0):
         super().__init__()
         if not hasattr(clip_model, "token_embedding"):
             raise ConfigError("the CLIP model has a custom text tower (e.g. a HF text model); use a standard "
                               "open_clip CLIP such as ViT-H-14 or t2v-tiny-clip")
         self.tokenizer = tokenizer
         self.text_len = text_len
+        self.word_code_gain = float(word_code_gain)
         self.token_embedding = clip_model.token_embedding
         self.positional_embedding = clip_model.positional_embedding
         # The last block's output is never used (penultimate layer), so it is not kept.
@@ -184,7 +203,22 @@ class TextEncoder(nn.Module):
         x = x + self.positional_embedding.to(x.dtype)
         for block in self.blocks:
             x = block(x, attn_mask=self.attn_mask)
-        return self.ln_final(x)                                              # [b, n, width]
+        states = self.ln_final(x)                                            # [b, n, width]
+        if self.word_code_gain:
+            states = states + self.word_code_gain * self.word_code(tokens)[:, None].to(states.dtype)
+        return states
+
+    @torch.no_grad()
+    def word_code(self, tokens: Tensor) -> Tensor:
+        """[b, n] token ids -> [b, width]: layer norm (no affine) of the mean token embedding of the words, the
+        tokens between start-of-text and end-of-text (CLIP's end-of-text has the largest id, as CLIP pooling
+        assumes); zeros for a prompt with no words."""
+        tokens = tokens.to(self.token_embedding.weight.device)
+        position = torch.arange(tokens.shape[1], device=tokens.device)[None]  # [1, n]
+        words = (position > 0) & (position < tokens.argmax(dim=-1, keepdim=True))  # [b, n]
+        count = words.sum(dim=1, keepdim=True)                               # [b, 1]
+        mean = (self.token_embedding(tokens) * words[..., None]).sum(dim=1) / count.clamp(min=1)
+        return F.layer_norm(mean.float(), mean.shape[-1:]) * (count > 0)     # [b, width]
 
     def forward(self, prompts: list[str]) -> Tensor:
         """list of b prompts ("" is the null prompt) -> [b, text_len, width]."""
@@ -254,7 +288,8 @@ def build_clip_encoders(cfg: EncoderConfig, device: str | torch.device = "cpu") 
     """One CLIP, split into the frozen text and image encoders the model uses."""
     clip, _, tokenizer = load_openclip(cfg.clip_model, cfg.clip_pretrained, cfg.seed, device,
                                        image_size=cfg.clip_image_size, context_length=cfg.text_len)
-    return TextEncoder(clip, tokenizer, cfg.text_len), ImageEncoder(clip, cfg.clip_image_size)
+    return (TextEncoder(clip, tokenizer, cfg.text_len, cfg.word_code_gain),
+            ImageEncoder(clip, cfg.clip_image_size))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,11 +1,12 @@
-"""t2v bench train [--data DIR] [--steps 30] [--threads 2] [--zero-stage 2] [--dry-run]
+"""t2v bench train [--data DIR] [--steps 30] [--threads 2] [--zero-stage 2] [--set rounds=2] [--dry-run]
 
 Also ``python -m pipelines.bench_train``. Measures the training machinery against baselines run in the same
 process, and prints the figures:
 
 1. step time of Ray Train + DeepSpeed (one worker) against a plain single-process PyTorch loop with the same model,
    batches, threads, optimizer and step (``train_worker.joint_step``), as a ratio of median step times after
-   ``--warmup`` steps (target <= 1.15);
+   ``--warmup`` steps (target <= 1.15). The contenders alternate, ``rounds`` Ray jobs each between two plain
+   loops, and the ratio is of their means: the machine's speed drifts over minutes when it is shared;
 2. loader throughput (samples/s, ``TrainLoader`` alone) against the rate training consumes samples, and the share
    of step time training spent waiting for data (the loader must not be the bottleneck).
 
@@ -40,12 +41,14 @@ class BenchConfig:
     image_batch_size: int = 4
     video_batch_size: int = 4
     loader_batches: int = 30
+    rounds: int = 2                  # Ray jobs, each between two plain loops (plain, Ray, plain, Ray, plain)
     decode_cache_mb: float = 0.0
 
     def __post_init__(self) -> None:
         self.model_overrides = self.model_overrides or {}
         configuration.check(self.steps >= 3 and self.warmup >= 0, "steps must be >= 3 and warmup >= 0")
         configuration.check(self.threads >= 1, "threads must be >= 1")
+        configuration.check(self.rounds >= 1, "rounds must be >= 1")
 
 
 def prepare_data(work: Path, num_videos: int = 24, num_images: int = 24, height: int = 32) -> str:
@@ -162,17 +165,23 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()      # curation leaves its local Ray running; the training run gets one sized to the threads
         total = b.warmup + b.steps
         cfg = train_config(b, data, work / "run", total)
-        # The plain loop runs before and after the Ray job, so a change in machine load during the run shows up
-        # as a difference between the two instead of silently skewing the ratio.
-        print(f"[bench] plain PyTorch loop: {total} steps, {b.threads} threads", flush=True)
-        plain = [plain_loop(cfg, total)]
-        print(f"[bench] Ray Train + DeepSpeed ZeRO-{b.zero_stage}: 1 worker, {b.threads} CPUs", flush=True)
-        ray.init(num_cpus=max(b.threads, 1), include_dashboard=False)
-        try:
-            ds, ds_waits, wall = ray_deepspeed(cfg)
-        finally:
-            ray.shutdown()
-        print("[bench] plain PyTorch loop again", flush=True)
+        # Plain loops and Ray jobs alternate (plain, Ray, plain, ..., plain): on a shared machine the speed drifts
+        # by several percent over minutes, and alternating spreads that drift over both contenders instead of
+        # silently skewing the ratio one way.
+        plain, ds, ds_waits, walls = [], [], [], []
+        for r in range(b.rounds):
+            print(f"[bench] round {r + 1}/{b.rounds}: plain PyTorch loop, {total} steps, {b.threads} threads",
+                  flush=True)
+            plain.append(plain_loop(cfg, total))
+            print(f"[bench] round {r + 1}/{b.rounds}: Ray Train + DeepSpeed ZeRO-{b.zero_stage}, 1 worker, "
+                  f"{b.threads} CPUs", flush=True)
+            ray.init(num_cpus=max(b.threads, 1), include_dashboard=False)
+            try:
+                times, waits, wall = ray_deepspeed(train_config(b, data, work / f"run{r}", total))
+            finally:
+                ray.shutdown()
+            ds.append(times), ds_waits.append(waits), walls.append(wall)
+        print("[bench] plain PyTorch loop, last", flush=True)
         plain.append(plain_loop(cfg, total))
         print("[bench] loader alone", flush=True)
         rate = loader_rate(cfg, b.loader_batches)
@@ -181,23 +190,30 @@ def main(argv: list[str] | None = None) -> int:
     compute = lambda times, waits: statistics.median(t - d for t, d in zip(times[w:], waits[w:]))  # noqa: E731
     plain_total = [statistics.median(times[w:]) for times, _ in plain]
     plain_compute = [compute(times, waits) for times, waits in plain]
-    ds_total, ds_compute = statistics.median(ds[w:]), compute(ds, ds_waits)
+    ds_total = [statistics.median(times[w:]) for times in ds]
+    ds_compute = [compute(times, waits) for times, waits in zip(ds, ds_waits)]
+    ratio = statistics.mean(ds_total) / statistics.mean(plain_total)
+    ratio_compute = statistics.mean(ds_compute) / statistics.mean(plain_compute)
     per_step = b.image_batch_size + b.video_batch_size
-    consume = per_step / ds_total
+    consume = per_step / statistics.mean(ds_total)
+    ms = lambda values: " / ".join(f"{v * 1000:.0f}" for v in values)  # noqa: E731
+    all_waits = [d for waits in ds_waits for d in waits[w:]]
+    all_times = [t for times in ds for t in times[w:]]
     print()
     print(f"model {b.model} {b.model_overrides or ''}  batch image {b.image_batch_size} + video {b.video_batch_size}"
-          f"  threads {b.threads}  steps {b.steps} (+{w} warm-up), medians")
-    print(f"  plain PyTorch step, before / after       {plain_total[0] * 1000:8.1f} / {plain_total[1] * 1000:.1f} ms"
-          f"   (without data wait {plain_compute[0] * 1000:.1f} / {plain_compute[1] * 1000:.1f} ms)")
-    print(f"  Ray Train + DeepSpeed ZeRO-{b.zero_stage} step          {ds_total * 1000:8.1f} ms"
-          f"   (without data wait {ds_compute * 1000:.1f} ms)")
-    print(f"  ratio DeepSpeed / plain                  {ds_total / statistics.mean(plain_total):8.3f}"
-          f"   (without data wait {ds_compute / statistics.mean(plain_compute):.3f}; target <= 1.15)")
-    print(f"  Ray job wall time incl. start-up         {wall:8.1f} s")
+          f"  threads {b.threads}  steps {b.steps} (+{w} warm-up) per contender and round, medians")
+    print(f"  plain PyTorch step, in run order         {ms(plain_total)} ms   (without data wait "
+          f"{ms(plain_compute)} ms)")
+    print(f"  Ray Train + DeepSpeed ZeRO-{b.zero_stage} step          {ms(ds_total)} ms   (without data wait "
+          f"{ms(ds_compute)} ms)")
+    pairs = "  ".join(f"{d / ((plain_total[i] + plain_total[i + 1]) / 2):.3f}" for i, d in enumerate(ds_total))
+    print(f"  ratio DeepSpeed / plain                  {ratio:8.3f}   (without data wait {ratio_compute:.3f}; "
+          f"target <= 1.15; per round, against the plain loops either side: {pairs})")
+    print(f"  Ray job wall time incl. start-up         {' / '.join(f'{x:.1f}' for x in walls)} s")
     print(f"  loader alone                             {rate:8.1f} samples/s")
     print(f"  training consumes                        {consume:8.1f} samples/s   loader / training = "
           f"{rate / consume:.1f}x")
-    print(f"  training time waiting for data           {sum(ds_waits[w:]) / sum(ds[w:]):8.1%}")
+    print(f"  training time waiting for data           {sum(all_waits) / sum(all_times):8.1%}")
     return 0
 
 

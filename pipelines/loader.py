@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from model import media
 from pipelines import schema
+from pipelines.stages.encode import STAMP_DEFAULTS
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +335,7 @@ class Decoder:
     def _usable_arrays(self, sample: schema.Sample) -> dict[str, np.ndarray]:
         if not sample.arrays:
             return {}
-        enc = sample.encoders or {}
+        enc = {**STAMP_DEFAULTS, **(sample.encoders or {})}      # a stamp older than a field means its default
         differ = {k for k in enc.keys() & self.expected_encoders.keys() if enc[k] != self.expected_encoders[k]}
         if differ:
             if self._count("encoder_mismatch") == 1:

@@ -54,6 +54,33 @@ def test_text_encoder_gives_frozen_penultimate_token_states(tiny_clip):
     assert torch.equal(enc.null(1, "blurry")[0], enc(["blurry"])[0])       # negative prompts work the same way
 
 
+def test_word_code_adds_each_word_at_full_scale_and_leaves_the_null_prompt_alone(tiny_clip):
+    clip, _, tokenizer = tiny_clip
+    plain, coded = TextEncoder(clip, tokenizer), TextEncoder(clip, tokenizer, word_code_gain=2.0)
+    prompts = ["a red circle moving left", "a red circle moving right", "a blue square moving left", ""]
+    code = coded.word_code(tokenizer(prompts))                              # [4, width]
+    width = code.shape[-1]
+    # The same vector, times the gain, on every token state; nothing for the null prompt (no words), so
+    # guidance's unconditional input is the plain encoder's.
+    torch.testing.assert_close(coded(prompts), plain(prompts) + 2.0 * code[:, None])
+    assert torch.equal(code[3], torch.zeros(width))
+    torch.testing.assert_close(coded.null(1)[0], plain.null(1)[0])
+    # Layer-normalised mean of the words' own embeddings (start and end of text and padding left out), by hand.
+    with torch.no_grad():
+        words = clip.token_embedding(tokenizer(["a red circle moving left"]))[0, 1:6]   # 5 words
+        torch.testing.assert_close(code[0], torch.nn.functional.layer_norm(words.mean(0), (width,)))
+    # unit variance per channel (a little less: layer norm's eps is not small against embeddings of std 0.02)
+    assert ((code[:3].norm(dim=-1) > 0.85 * width ** 0.5) & (code[:3].norm(dim=-1) <= width ** 0.5)).all()
+    # What it is for: one changed word moves the code by a large share of its norm (the random transformer's
+    # mean-pooled states move by about a tenth), and the direction word's part does not depend on the other words.
+    states = plain(prompts[:2]).mean(dim=1)
+    code_move = (code[0] - code[1]).norm() / code[0].norm()
+    state_move = (states[0] - states[1]).norm() / states[0].norm()
+    assert code_move > 0.3 and code_move > 3 * state_move, (code_move, state_move)
+    with pytest.raises(ConfigError, match="word_code_gain"):
+        EncoderConfig(word_code_gain=-1.0)
+
+
 def test_random_clip_is_deterministic_from_seed_and_loads_from_a_local_file(tmp_path):
     text0, _ = build_clip_encoders(EncoderConfig(clip_model="t2v-tiny-clip", seed=0))
     again, _ = build_clip_encoders(EncoderConfig(clip_model="t2v-tiny-clip", seed=0))

@@ -149,6 +149,12 @@ def test_pre_encoded_latents_are_used_when_the_encoders_match(shapes_corpus, tmp
     data.close()
     assert all(it.latent_mean is None and it.frames.shape == (4, 32, 32, 3) for it in batch.video)
     assert data.decoder.stats["encoder_mismatch"] >= 1
+    # a stamp written before the word code existed (no word_code_gain key) means gain 0: not the tiny model's 2
+    for gain, usable in ((2.0, False), (0.0, True)):
+        data = loader.TrainLoader(dataclasses.replace(spec, expected_encoders={**identity, "word_code_gain": gain}))
+        batch = next(data)
+        data.close()
+        assert all((it.latent_mean is not None) == usable for it in batch.video), gain
 
 
 def test_corrupt_media_is_skipped_and_counted(shards, tmp_path):

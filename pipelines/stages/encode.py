@@ -33,6 +33,10 @@ if TYPE_CHECKING:
     from pipelines.curate import CurateConfig
 
 
+# Identity fields added after shards were first stamped, with the value every older stamp implies.
+STAMP_DEFAULTS = {"word_code_gain": 0.0}
+
+
 def encoder_identity(encoders_cfg, text_encoder, image_encoder, first_stage, model: str) -> dict[str, Any]:
     """What produced the pre-encoded arrays: settings plus a fingerprint of the weights (sha1 of every tensor),
     so a random-init CLIP from another seed or another VAE file can never be mixed up with this one."""
@@ -49,6 +53,7 @@ def encoder_identity(encoders_cfg, text_encoder, image_encoder, first_stage, mod
         "latent_scale": encoders_cfg.latent_scale, "clip_model": encoders_cfg.clip_model,
         "clip_pretrained": encoders_cfg.clip_pretrained, "text_len": encoders_cfg.text_len,
         "clip_image_size": encoders_cfg.clip_image_size, "seed": encoders_cfg.seed,
+        "word_code_gain": encoders_cfg.word_code_gain,
         "model": model, "latents": "raw posterior mean/std, unscaled, float16 [c, f, h, w]",
         "weights_sha1": digest.hexdigest(),
     }

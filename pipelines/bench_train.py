@@ -180,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
                 times, waits, wall = ray_deepspeed(train_config(b, data, work / f"run{r}", total))
             finally:
                 ray.shutdown()
-            ds.append(times), ds_waits.append(waits), walls.append(wall)
+            ds.append(times)
+            ds_waits.append(waits)
+            walls.append(wall)
         print("[bench] plain PyTorch loop, last", flush=True)
         plain.append(plain_loop(cfg, total))
         print("[bench] loader alone", flush=True)

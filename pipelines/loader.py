@@ -395,7 +395,7 @@ class LoaderSpec:
     seed: int = 0
     shuffle_block: int = 256
     prefetch: int = 4                     # step batches decoded ahead in a background thread
-    decode_workers: int = 2               # samples decoded in parallel (threads driving ffmpeg subprocesses)
+    decode_workers: int = 2               # samples decoded in parallel (threads; PyAV decodes without the GIL)
     cache_mb: float = 0.0
 
 
@@ -454,8 +454,8 @@ class TrainLoader:
     # -- producer -----------------------------------------------------------------------------------------------
 
     def _take(self, iterators: dict, kind: str, n: int, positions: dict) -> list[Item]:
-        """n decoded items of ``kind`` (decoded ``decode_workers`` at a time: ffmpeg runs as a subprocess, so
-        threads overlap well); samples that fail to decode are replaced by the next ones."""
+        """n decoded items of ``kind`` (decoded ``decode_workers`` at a time: PyAV releases the GIL while FFmpeg
+        decodes, so threads overlap); samples that fail to decode are replaced by the next ones."""
         items: list[Item] = []
         while len(items) < n:
             raws = [next(iterators[kind]) for _ in range(n - len(items))]

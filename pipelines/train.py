@@ -100,7 +100,7 @@ class TrainConfig:
     frame_stride: int = 0                 # 0: clip frames spread over the whole clip; k: every k-th frame
     shuffle_block: int = 256
     prefetch: int = 4                     # step batches prepared ahead (background thread)
-    decode_workers: int = 2               # samples decoded in parallel (ffmpeg subprocesses)
+    decode_workers: int = 2               # samples decoded in parallel (threads, in-process PyAV)
     decode_cache_mb: float = 0.0          # keep decoded clips in memory (small corpora read for many epochs)
     # distribution
     num_workers: int = 1

@@ -146,7 +146,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, branches: int) -> dict:
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": branches,
         "train_batch_size": micro * branches * world_size,
-        "gradient_clipping": cfg.grad_clip,
+        "gradient_clipping": 0.0 if clips_itself(cfg) else cfg.grad_clip,
         "optimizer": {"type": "AdamW", "params": {
             "lr": cfg.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": cfg.weight_decay,
             # torch's AdamW needs no compiled op; offload needs DeepSpeedCPUAdam (JIT-compiled once).
@@ -158,6 +158,32 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, branches: int) -> dict:
         "wall_clock_breakdown": False,
     }
     return _merge(ds, cfg.deepspeed)
+
+
+def clips_itself(cfg: TrainConfig) -> bool:
+    """ZeRO-0 in fp32 steps a plain torch optimizer, and DeepSpeed drops the gradient norm it clips with (it reports
+    the norm only from its ZeRO and bf16 optimizers): there the loop clips itself (``OptimizerStep``)."""
+    return cfg.zero_stage == 0 and not cfg.bf16
+
+
+class OptimizerStep:
+    """``engine.step`` for each branch (a no-op until the gradient accumulation boundary), and the gradient norm of
+    the last optimizer step, clipped to ``grad_clip`` by DeepSpeed or, where ``clips_itself``, here with the same
+    formula (torch's ``clip_grad_norm_``) just before DeepSpeed's step."""
+
+    def __init__(self, engine, cfg: TrainConfig):
+        self.engine, self.max_norm = engine, cfg.grad_clip or math.inf   # grad_clip 0: measured, not clipped
+        self.own = clips_itself(cfg)
+        self._norm = 0.0
+
+    def __call__(self) -> None:
+        if self.own and self.engine.is_gradient_accumulation_boundary():
+            self._norm = float(torch.nn.utils.clip_grad_norm_(self.engine.module.parameters(), self.max_norm))
+        self.engine.step()
+
+    @property
+    def grad_norm(self) -> float:
+        return self._norm if self.own else float(self.engine.get_global_grad_norm() or 0.0)
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -554,6 +580,7 @@ def train_loop_per_worker(config: dict) -> None:
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_factor(s, cfg, clock.used)))
     ema = Ema(engine, cfg.ema_decay, rank)
+    optimizer_step = OptimizerStep(engine, cfg)
 
     # -- resume --------------------------------------------------------------------------------------------------
     step, loader_state = 0, None
@@ -594,7 +621,7 @@ def train_loop_per_worker(config: dict) -> None:
             batch = next(data)
             t_data = time.perf_counter() - t0
             # engine.step() is a no-op until the last branch (the gradient accumulation boundary)
-            losses = joint_step(engine, model, cond, batch, cfg, step, rank, engine.backward, engine.step)
+            losses = joint_step(engine, model, cond, batch, cfg, step, rank, engine.backward, optimizer_step)
             ema.update()
             position = batch.position
             step_time = time.perf_counter() - t0
@@ -604,7 +631,7 @@ def train_loop_per_worker(config: dict) -> None:
                  float(used >= 1.0), used], world_size)
             metrics = {"loss": cfg.image_loss_weight * img + vid, "loss_image": img, "loss_video": vid,
                        "diffusion_loss_video": dvid, "coherence_loss": coh,
-                       "lr": scheduler.get_last_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                       "lr": scheduler.get_last_lr()[0], "grad_norm": optimizer_step.grad_norm,
                        "samples_per_s": samples_per_step / step_time, "step_time_s": step_time, "data_wait_s": wait}
             if not cfg.image_batch_size:
                 metrics.pop("loss_image")

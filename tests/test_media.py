@@ -16,8 +16,9 @@ def test_mp4_round_trip_keeps_frames_close(tmp_path):
     path.write_bytes(data)
     stream = media.probe(path)["streams"][0]
     assert stream["codec_name"] == "h264" and stream["pix_fmt"] == "yuv420p"
-    back = media.decode_mp4(data)
+    back = media.decode_mp4(data)                                   # in-process (PyAV)
     assert back.shape == frames.shape
+    np.testing.assert_array_equal(back, media.decode_video_file(path))  # the same pixels as the ffmpeg command
     assert np.abs(back.astype(int) - frames.astype(int)).mean() < 6  # lossy but faithful
     gif = media.write_gif(frames, tmp_path / "v.gif", fps=8)
     assert gif.read_bytes()[:6] in (b"GIF89a", b"GIF87a")
@@ -29,6 +30,11 @@ def test_garbage_raises_media_error(tmp_path):
     fake.write_text("this is not a video")
     with pytest.raises(media.MediaError, match="cannot"):
         media.decode_video_file(fake)
+    with pytest.raises(media.MediaError, match="cannot decode"):
+        media.decode_mp4(b"this is not a video")
+    clip = media.encode_mp4(np.full((8, 16, 16, 3), 128, np.uint8), fps=8)
+    with pytest.raises(media.MediaError, match="cannot decode"):
+        media.decode_mp4(clip[: len(clip) // 2])                        # truncated
     with pytest.raises(media.MediaError):
         media.decode_image(b"\x00\x01not an image")
     with pytest.raises(ValueError, match="uint8"):

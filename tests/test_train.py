@@ -6,9 +6,11 @@ All runs share one Ray session (starting Ray is the slowest part) and use a shru
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -98,6 +100,43 @@ def test_schedule_config_and_conditioning_without_ray(shards, tmp_path):
     assert identity["clip_model"] == "t2v-tiny-clip" and len(identity["weights_sha1"]) == 40
 
 
+def test_zero0_grad_norm_is_the_norm_of_the_accumulated_gradients(shards, tmp_path, monkeypatch):
+    """ZeRO-0 in fp32 used to log grad_norm 0 (DeepSpeed drops the norm there; the ZeRO-2 run below checks the
+    norm DeepSpeed reports). DeepSpeed runs in the test process, as one gloo rank, on a linear layer (once per
+    process: DeepSpeed keeps its process groups)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from pipelines.train_worker import OptimizerStep, _skip_inference_shm_op, deepspeed_config
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    _skip_inference_shm_op()
+    cfg = make_config(shards, tmp_path, None, zero_stage=0, grad_clip=0.5)
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    reference = copy.deepcopy(net)
+    engine, *_ = deepspeed.initialize(model=net, model_parameters=list(net.parameters()),
+                                      config=deepspeed_config(cfg, world_size=1, branches=2))
+    try:
+        optimizer_step = OptimizerStep(engine, cfg)
+        xs = [torch.randn(5, 4), torch.randn(5, 4)]
+        for x in xs:                                      # two branches = two micro-steps, one optimizer step
+            engine.backward(engine(x).pow(2).sum())
+            optimizer_step()
+        # DeepSpeed averages the gradients over the accumulation steps
+        (sum(reference(x).pow(2).sum() for x in xs) / 2).backward()
+        expected = float(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in reference.parameters()])))
+        assert expected > cfg.grad_clip                   # (so this step was clipped)
+        assert optimizer_step.grad_norm == pytest.approx(expected, rel=1e-4)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_initialisation_from_local_pretrained_files(shards, tmp_path):
     from model.checkpoint import save_unet_weights
     from model.configs import get_config
@@ -154,6 +193,7 @@ def test_zero2_run_resume_and_mlflow_contents(ray_session, shards, tmp_path):
     assert run.data.tags["hub_token"] == configuration.REDACTED
     assert BRANCH_METRICS <= set(run.data.metrics)
     assert [s for s, _ in history(client, run.info.run_id, "loss_video")] == [1, 2, 3, 4]
+    assert all(v > 0 for _, v in history(client, run.info.run_id, "grad_norm"))
     assert any(k.startswith("system/cpu") for k in run.data.metrics)
     samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples/step_000004")]
     assert any(p.endswith(".mp4") for p in samples) and any(p.endswith(".gif") for p in samples)

@@ -161,7 +161,8 @@ def run(cfg: BenchCurateConfig) -> dict:
         if ray.is_initialized():
             ray.shutdown()
         t = time.perf_counter()
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+                 _system_config=curate.local_ray_system_config(cpus, ccfg.task_cpus))
         ray_start = time.perf_counter() - t
         # First run, on the whole corpus: starts Ray Data's actors and the worker processes and imports the stages
         # in them (start-up, not steady state). Then the timed runs of each side back to back: Ray stops workers

@@ -197,12 +197,14 @@ class CurateConfig:
     shards: ShardConfig = field(default_factory=ShardConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     num_cpus: int | None = None                # local Ray only: CPUs to use (None: all)
-    inputs_per_task: int = 2                   # inputs per decode task (small: even load; large: less overhead)
+    inputs_per_task: int | None = None         # inputs per decode task (None: see build_dataset)
+    task_cpus: float = 0.5                     # CPUs a decode task asks Ray for (see build_dataset)
     progress: bool = True                      # Ray Data progress bars and periodic log lines
 
     def __post_init__(self) -> None:
         check(self.num_cpus is None or self.num_cpus >= 1, "num_cpus must be >= 1 (or null for all)")
-        check(self.inputs_per_task >= 1, "inputs_per_task must be >= 1")
+        check(self.inputs_per_task is None or self.inputs_per_task >= 1, "inputs_per_task must be >= 1 (or null)")
+        check(0 < self.task_cpus <= 64, "task_cpus must be in (0, 64]")
 
 
 # Settings that shape the samples: every run into one output must agree on them, or training would read a mix.
@@ -246,7 +248,7 @@ def run(cfg: CurateConfig, input: str, output: str | os.PathLike, address: str |
             driver.receive([r for r in todo if r["status"] != OK])
             if live:
                 _warn_about_models(cfg)
-                ray_start_s = init_ray(address, cfg.num_cpus)
+                ray_start_s = init_ray(address, cfg.num_cpus, cfg.task_cpus)
                 pipeline_started = time.time()
                 for batch in build_dataset(live, cfg).iter_batches(batch_size=None, batch_format="pyarrow"):
                     driver.receive(batch.to_pylist())
@@ -260,9 +262,18 @@ def run(cfg: CurateConfig, input: str, output: str | os.PathLike, address: str |
     return summary
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> float:
+def local_ray_system_config(num_cpus: int | None, task_cpus: float = 1.0) -> dict[str, Any]:
+    """Ray settings for a local Ray: keep a worker process per decode-task slot. By default Ray keeps only as many
+    idle workers as CPUs and stops the rest after a second idle, so with task_cpus 0.5 every short pause
+    (between two runs, or while one input's tasks finish) stopped half the workers, and the next tasks paid for
+    new ones (about 1.5 s of CPU each, mostly imports). On a cluster, set the same in the cluster's config."""
+    cpus = num_cpus or os.cpu_count() or 1
+    return {"num_workers_soft_limit": max(cpus, math.ceil(cpus / task_cpus))}
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, task_cpus: float = 1.0) -> float:
     """Connect to Ray unless already connected; returns the seconds it took. ``address`` (or RAY_ADDRESS) joins
-    a cluster; otherwise a local Ray starts."""
+    a cluster; otherwise a local Ray starts (``local_ray_system_config``)."""
     t = time.time()
     import ray  # (importing Ray is part of its start-up cost: several seconds)
 
@@ -279,7 +290,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> float:
     else:
         # With the dashboard (on 127.0.0.1 only), which serves the State API: Ray Train's placement-group cleaner
         # polls it every second and, without it, logs a warning each time for the whole of a training run.
-        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1")
+        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1",
+                 _system_config=local_ray_system_config(num_cpus, task_cpus))
     return time.time() - t
 
 
@@ -301,14 +313,24 @@ def build_dataset(rows: list[dict[str, Any]], cfg: CurateConfig):
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress
-    # Blocks of a few inputs: decode work is uneven (a long video vs an image), small blocks balance it.
-    n = max(cfg.inputs_per_task, math.ceil(len(rows) / 20_000))  # and not too many blocks for the driver
+    # Decode tasks ask for task_cpus = 0.5 by default: two tasks per core. Most of a task's time is its ffmpeg
+    # process; while one task does its Python (probe, frame analysis, rows), the other's ffmpeg keeps the core busy
+    # (at 1 CPU a task, 22% of the 2 cores sat idle during a bench curate run; at 0.5, 4%).
+    # Blocks: each task costs Ray and Ray Data a fixed overhead (about 0.1 s of CPU), so blocks are as large as
+    # still balances the load, about 4 tasks per task slot (decode work is uneven: a long video against an image),
+    # 1 to 16 inputs each, and never more than 20,000 blocks for the driver to track.
+    if cfg.inputs_per_task:
+        n = cfg.inputs_per_task
+    else:
+        slots = max(1.0, ray.cluster_resources().get("CPU", 1) / cfg.task_cpus)
+        n = min(16, max(1, math.ceil(len(rows) / (4 * slots))))
+    n = max(n, math.ceil(len(rows) / 20_000))
     blocks = [to_table(rows[i:i + n]) for i in range(0, len(rows), n)]
     ds = ray.data.from_arrow(blocks)
     clip_model = model_enabled(cfg.caption)
     # CPU stages run as tasks; Ray fuses consecutive ones into a single task per block.
     for stage in (Probe(cfg), InputQuality(cfg), ClipDecoder(cfg, keep_keyframes=clip_model), ClipQuality(cfg)):
-        ds = ds.map_batches(stage, batch_size=None, batch_format="pyarrow")
+        ds = ds.map_batches(stage, batch_size=None, batch_format="pyarrow", num_cpus=cfg.task_cpus)
     use_gpu = cfg.caption.device != "cpu" and _gpus_available()
     _check_cpu_budget(cfg, clip_model, use_gpu, cfg.encode.mode != "none" and
                       not (cfg.encode.device != "cpu" and _gpus_available()))
@@ -321,8 +343,8 @@ def build_dataset(rows: list[dict[str, Any]], cfg: CurateConfig):
                             batch_format="pyarrow", concurrency=cfg.caption.actors, num_gpus=1 if use_gpu else 0,
                             num_cpus=0 if use_gpu else cfg.caption.actor_cpus, **pool_args)
     else:
-        ds = ds.map_batches(CaptionFilter(cfg), batch_size=None, batch_format="pyarrow")
-    ds = ds.map_batches(Route(cfg), batch_size=None, batch_format="pyarrow")
+        ds = ds.map_batches(CaptionFilter(cfg), batch_size=None, batch_format="pyarrow", num_cpus=cfg.task_cpus)
+    ds = ds.map_batches(Route(cfg), batch_size=None, batch_format="pyarrow", num_cpus=cfg.task_cpus)
     if cfg.encode.mode != "none":
         from pipelines.stages.encode import PreEncoder
 
@@ -340,7 +362,7 @@ def _check_cpu_budget(cfg: CurateConfig, clip_on_cpu_pool: bool, clip_gpu: bool,
     total = ray.cluster_resources().get("CPU", 0)
     held = (cfg.caption.actors * cfg.caption.actor_cpus if clip_on_cpu_pool and not clip_gpu else 0) + \
         (cfg.encode.actors * cfg.encode.actor_cpus if encode_on_cpu else 0)
-    if held and total - held < 1:
+    if held and total - held < cfg.task_cpus:
         raise ConfigError(f"the CPU actor pools would hold {held:g} of the cluster's {total:g} CPUs, leaving none for "
                           "decoding; lower caption.actors/caption.actor_cpus or encode.actors/encode.actor_cpus "
                           "(e.g. --set caption.actor_cpus=0.5), or add CPUs")

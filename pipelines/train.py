@@ -215,7 +215,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             run_config=RunConfig(
                 name=RAY_RUN_NAME, storage_path=str(out / RAY_DIR),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-                failure_config=FailureConfig(max_failures=cfg.max_failures)),
+                failure_config=FailureConfig(max_failures=cfg.max_failures),
+                # Ray Train's print patch sends each print to its logger and, because MLflow wraps stdout in
+                # the worker, to stdout as well: every progress line reached the console twice
+                worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
         )
         fit = trainer.fit()
         if fit.error is not None:

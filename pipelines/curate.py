@@ -262,7 +262,7 @@ def run(cfg: CurateConfig, input: str, output: str | os.PathLike, address: str |
     return summary
 
 
-def local_ray_system_config(num_cpus: int | None, task_cpus: float = 1.0) -> dict[str, Any]:
+def local_ray_system_config(num_cpus: int | None, task_cpus: float) -> dict[str, Any]:
     """Ray settings for a local Ray: keep a worker process per decode-task slot. By default Ray keeps only as many
     idle workers as CPUs and stops the rest after a second idle, so with task_cpus 0.5 every short pause
     (between two runs, or while one input's tasks finish) stopped half the workers, and the next tasks paid for
@@ -271,7 +271,7 @@ def local_ray_system_config(num_cpus: int | None, task_cpus: float = 1.0) -> dic
     return {"num_workers_soft_limit": max(cpus, math.ceil(cpus / task_cpus))}
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, task_cpus: float = 1.0) -> float:
+def init_ray(address: str | None, num_cpus: int | None, task_cpus: float) -> float:
     """Connect to Ray unless already connected; returns the seconds it took. ``address`` (or RAY_ADDRESS) joins
     a cluster; otherwise a local Ray starts (``local_ray_system_config``)."""
     t = time.time()

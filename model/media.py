@@ -118,18 +118,12 @@ def decode_video_file(path: str | Path, width: int | None = None, height: int | 
     return np.frombuffer(raw[: n * frame_bytes], np.uint8).reshape(n, height, width, 3)
 
 
-def decode_mp4(data: bytes, **kwargs) -> np.ndarray:
-    """mp4 bytes (e.g. a shard's ``mp4`` member) -> uint8 [f, h, w, 3].
+def decode_mp4(data: bytes) -> np.ndarray:
+    """mp4 bytes (e.g. a shard's ``mp4`` member) -> uint8 [f, h, w, 3], every frame as stored.
 
     Decoded in this process with PyAV (FFmpeg's own libraries, one decoder thread): about 3 ms of CPU for a
     training clip, where starting ffprobe and ffmpeg processes costs about 0.17 s, mostly loading FFmpeg's
-    libraries. The pixels are the same as the ffmpeg command's. With ``width`` / ``height`` / ``fps`` /
-    ``max_frames`` (resampling) it runs ``decode_video_file`` on a temporary file instead."""
-    if kwargs:
-        with tempfile.NamedTemporaryFile(suffix=".mp4") as tmp:
-            tmp.write(data)
-            tmp.flush()
-            return decode_video_file(tmp.name, **kwargs)
+    libraries. The pixels are the same as ``decode_video_file``'s (which also resamples and scales)."""
     import av
 
     try:

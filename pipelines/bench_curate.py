@@ -10,10 +10,14 @@ Curation benchmark (also ``t2v bench curate``). On a generated shapes corpus (``
    and the first (worker warm-up) run are reported separately; the ratio is for a started Ray, best of
    ``repeats`` runs of each side, with the input files read once beforehand (a warm page cache for both sides).
    Target: <= 1.3.
+   The pipeline decodes with FFmpeg's libraries in-process (``clips.decoder=pyav``), which saves the ffmpeg
+   process start-up the bare side pays per video; so the run also times the pipeline's own stages in a plain
+   process pool without Ray and without shard writing, and prints pipeline / that: what Ray Data, the driver and
+   the shards cost. ``--set curate_set='["clips.decoder=ffmpeg"]'`` measures the pipeline with an ffmpeg process
+   per video, like the bare side.
    Also printed, for reference: a decode-only ffmpeg pass (no encoding), and bare ffprobe on every input. The
    probe stage reads headers in-process with PyAV by default; with ``clips.probe=ffprobe`` it starts one ffprobe
-   per input (about 0.1 s of CPU each, mostly loading FFmpeg's libraries), which on short, cheap-to-decode
-   videos is a third of the work: ``--set curate_set='["clips.probe=ffprobe"]'`` measures that variant.
+   per input (about 0.1 s of CPU each, mostly loading FFmpeg's libraries).
 2. caption-filter throughput: CLIP frames scored per second on one CPU thread (= per core) with
    ``clip_model`` (the tiny random-weight model unless you point ``clip_pretrained`` at real weights).
 """
@@ -97,6 +101,36 @@ def bare_ffmpeg(paths: list[str], ccfg, workers: int, out_dir: Path, mode: str =
     return time.perf_counter() - start
 
 
+def _decode_inputs(args) -> int:
+    """Process-pool job for ``stages_without_ray``: the decode path's stages on some input rows."""
+    ccfg, rows = args
+    from pipelines.stages.caption import CaptionFilter
+    from pipelines.stages.decode import ClipDecoder
+    from pipelines.stages.probe import Probe
+    from pipelines.stages.quality import ClipQuality, InputQuality
+    from pipelines.stages.route import Route
+
+    table = rows
+    for stage in (Probe(ccfg), InputQuality(ccfg), ClipDecoder(ccfg), ClipQuality(ccfg), CaptionFilter(ccfg),
+                  Route(ccfg)):
+        table = stage(table)
+    return table.num_rows
+
+
+def stages_without_ray(rows: list[dict], ccfg, workers: int) -> float:
+    """Seconds for the pipeline's own stage objects (probe .. route, the same decoder) on ``rows`` in a pool of
+    ``workers`` started processes, without Ray and without writing shards: what the pipeline costs minus Ray Data
+    and the driver."""
+    import multiprocessing
+
+    chunks = [rows[i::workers * 4] for i in range(workers * 4)]
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_decode_inputs, [(ccfg, [])] * workers * 2))  # start the processes, import the stages
+        start = time.perf_counter()
+        list(pool.map(_decode_inputs, [(ccfg, c) for c in chunks if c]))
+        return time.perf_counter() - start
+
+
 def caption_throughput(cfg: BenchCurateConfig, ccfg, manifest: Path) -> dict:
     """CLIP frames scored per second on one thread (the caption filter's per-core speed)."""
     import torch
@@ -137,7 +171,7 @@ def caption_throughput(cfg: BenchCurateConfig, ccfg, manifest: Path) -> dict:
 def run(cfg: BenchCurateConfig) -> dict:
     import ray
 
-    from pipelines import curate, shapes
+    from pipelines import curate, inputs, shapes
 
     work = Path(cfg.workdir) if cfg.workdir else Path(tempfile.mkdtemp(prefix="t2v-bench-curate-"))
     cpus = cfg.cpus or os.cpu_count() or 1
@@ -183,6 +217,8 @@ def run(cfg: BenchCurateConfig) -> dict:
             bare_dir = work / f"bare-{r}"
             shutil.rmtree(bare_dir, ignore_errors=True)
             bare_times.append(bare_ffmpeg(paths, ccfg, cpus, bare_dir))
+        rows = inputs.resolve(str(manifest), ccfg.inputs)
+        no_ray = min(stages_without_ray(rows, ccfg, cpus) for _ in range(cfg.repeats))
         decode_only = bare_ffmpeg(paths, ccfg, cpus, work / "null", mode="decode")
         probe_only = bare_ffmpeg(paths, ccfg, cpus, work / "null", mode="probe")
         ray.shutdown()
@@ -196,6 +232,8 @@ def run(cfg: BenchCurateConfig) -> dict:
             "ray_start_s": round(ray_start, 2), "warmup_run_s": round(warmup, 2),
             "pipeline_s": round(pipeline, 2), "bare_ffmpeg_s": round(bare, 2),
             "ratio": round(pipeline / bare, 3), "target_ratio": 1.3,
+            "decoder": ccfg.clips.decoder, "stages_without_ray_s": round(no_ray, 2),
+            "ratio_to_stages_without_ray": round(pipeline / no_ray, 3),
             "bare_decode_only_s": round(decode_only, 2), "bare_ffprobe_s": round(probe_only, 2),
             "probe": ccfg.clips.probe,
             "videos_per_s": round(cfg.videos / pipeline, 2),
@@ -218,7 +256,8 @@ curation decode path: {r['videos']} videos -> {sum(r['samples_written'].values()
   first run (workers start)    {r['warmup_run_s']:8.2f} s   (the same corpus; reported separately)
   curate pipeline              {r['pipeline_s']:8.2f} s   ({r['videos_per_s']:.2f} videos/s)
   bare ffmpeg, same work       {r['bare_ffmpeg_s']:8.2f} s
-  ratio pipeline / bare        {r['ratio']:8.3f}     (target <= {r['target_ratio']})
+  ratio pipeline / bare        {r['ratio']:8.3f}     (target <= {r['target_ratio']}; decoder here: {r['decoder']})
+  same stages without Ray      {r['stages_without_ray_s']:8.2f} s   (process pool, no shards: pipeline / this = {r['ratio_to_stages_without_ray']:.3f})
   bare ffmpeg, decode only     {r['bare_decode_only_s']:8.2f} s   (no H.264 encoding; for reference)
   bare ffprobe                 {r['bare_ffprobe_s']:8.2f} s   (what clips.probe=ffprobe would add; probe here: {r['probe']})
 caption filter ({c['model']}{'' if c['pretrained'] else ', random weights'}): {c['frames_per_s_per_core']:.1f} frames/s per core ({c['frames']} frames in {c['seconds']:.2f} s on 1 thread)""")

@@ -75,10 +75,11 @@ class ClipConfig:
     scene_threshold: float = 0.4               # colour-histogram change between frames that is a cut (>1: off)
     crf: int = 20                              # H.264 quality (lower = better, bigger)
     preset: str = "veryfast"                   # x264 speed preset
-    threads: int = 1                           # ffmpeg threads per process (Ray runs one process per CPU)
+    threads: int = 1                           # FFmpeg threads per decoder / encoder (Ray runs tasks side by side)
     jpg_quality: int = 95
     timeout_s: float = 600.0                   # probe/ffmpeg time limit per input
     probe: Literal["pyav", "ffprobe"] = "pyav"  # stage 1 reads headers in-process (PyAV) or with an ffprobe process
+    decoder: Literal["pyav", "ffmpeg"] = "pyav"  # stage 2 decodes + encodes in-process (PyAV) or in an ffmpeg process
 
     def __post_init__(self) -> None:
         check(16 <= self.width <= 4096 and 16 <= self.height <= 4096 and self.width % 2 == 0 and self.height % 2 == 0,
@@ -87,6 +88,7 @@ class ClipConfig:
         check(0 < self.fps <= 120, f"clips.fps={self.fps}: must be within (0, 120]")
         check_choice("clips.policy", self.policy, ["all", "first", "max_n"])
         check_choice("clips.probe", self.probe, ["pyav", "ffprobe"])
+        check_choice("clips.decoder", self.decoder, ["pyav", "ffmpeg"])
         check(self.max_clips >= 1, f"clips.max_clips={self.max_clips}: must be >= 1")
         check(self.scene_threshold > 0, "clips.scene_threshold must be > 0 (use 2 to disable scene cuts)")
         check(0 <= self.crf <= 51, f"clips.crf={self.crf}: must be within 0..51")
@@ -313,9 +315,10 @@ def build_dataset(rows: list[dict[str, Any]], cfg: CurateConfig):
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress
-    # Decode tasks ask for task_cpus = 0.5 by default: two tasks per core. Most of a task's time is its ffmpeg
-    # process; while one task does its Python (probe, frame analysis, rows), the other's ffmpeg keeps the core busy
-    # (at 1 CPU a task, 22% of the 2 cores sat idle during a bench curate run; at 0.5, 4%).
+    # Decode tasks ask for task_cpus = 0.5 by default: two tasks per core, so while one task waits on Ray (its
+    # input block, handing its output over) the other keeps the core busy. With an ffmpeg process per video
+    # (clips.decoder=ffmpeg), 22% of the 2 cores sat idle at 1 CPU a task during a bench curate run, 4% at 0.5;
+    # with the in-process decoder, 0.5 is still a little faster than 1 (4.2-4.4 s against 4.5 s).
     # Blocks: each task costs Ray and Ray Data a fixed overhead (about 0.1 s of CPU), so blocks are as large as
     # still balances the load, about 4 tasks per task slot (decode work is uneven: a long video against an image),
     # 1 to 16 inputs each, and never more than 20,000 blocks for the driver to track.

@@ -89,9 +89,13 @@ def test_clip_planner_gives_the_same_clips_whatever_the_frames_arrive_in():
     assert all(c.motion > 0 for c in singly) and singly[2].motion > singly[1].motion  # [16, 20) jumps back
 
 
-def test_video_clips_respect_scene_cuts_and_target_geometry(tmp_path):
+DECODERS = pytest.mark.parametrize("decoder", ["pyav", "ffmpeg"])
+
+
+@DECODERS
+def test_video_clips_respect_scene_cuts_and_target_geometry(tmp_path, decoder):
     video = _two_scene_video(tmp_path / "cut.mp4")
-    rows = _decode(_cfg("clips.width=48", "clips.height=32"), _input(video, "two scenes"))
+    rows = _decode(_cfg("clips.width=48", "clips.height=32", f"clips.decoder={decoder}"), _input(video, "two scenes"))
     assert [r["status"] for r in rows] == ["ok"] * 5
     # 24 frames at 8 fps, windows of 4; the cut at frame 10 drops window [8, 12)
     assert [r["start_s"] for r in rows] == [0.0, 0.5, 1.5, 2.0, 2.5]
@@ -113,14 +117,56 @@ def _save(path, data):
     return path
 
 
-def test_frame_stride_follows_the_source_fps_and_policies_cap_clips(tmp_path):
+@DECODERS
+def test_frame_stride_follows_the_source_fps_and_policies_cap_clips(tmp_path, decoder):
     frames = shapes.render_video("green", "triangle", "left", 40, 40, 48)  # 2 s at 24 fps
     video = media.write_mp4(frames, tmp_path / "v24.mp4", 24)
-    rows = _decode(_cfg(), _input(video))
+    use = f"clips.decoder={decoder}"
+    rows = _decode(_cfg(use), _input(video))
     assert len(rows) == 4  # 2 s at 8 fps = 16 frames = 4 clips of 4
     assert json.loads(rows[0]["extra"])["frame_stride"] == 3.0
-    assert len(_decode(_cfg("clips.policy=first"), _input(video))) == 1
-    assert [r["clip_index"] for r in _decode(_cfg("clips.policy=max_n", "clips.max_clips=2"), _input(video))] == [0, 1]
+    assert json.loads(rows[0]["extra"])["decoded_frames"] == 16
+    [first] = _decode(_cfg(use, "clips.policy=first"), _input(video))
+    assert first["clip_index"] == 0 and media.decode_mp4(first["media"]).shape == (4, 32, 32, 3)  # a whole clip
+    assert [r["clip_index"] for r in _decode(_cfg(use, "clips.policy=max_n", "clips.max_clips=2"), _input(video))] \
+        == [0, 1]
+
+
+def _rotated_video(path, source):
+    """``source`` with the container's display rotation set to 90 degrees (as phones write it)."""
+    import subprocess
+
+    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", str(source), "-c", "copy",
+                    "-metadata:s:v:0", "rotate=90", str(path)], check=True)
+    return path
+
+
+def test_pyav_and_ffmpeg_decoders_make_the_same_clips(tmp_path):
+    # The in-process decoder (default) and the ffmpeg command must cut the same clips with the same content: same
+    # windows, scene cuts and frame counts; pixels equal up to the two FFmpeg builds' scaling and x264 rounding.
+    wide = shapes.render_video("yellow", "square", "right", 64, 40, 30)
+    videos = [_two_scene_video(tmp_path / "cut.mp4"),
+              media.write_mp4(shapes.render_video("green", "triangle", "up", 40, 40, 48), tmp_path / "v24.mp4", 24),
+              _rotated_video(tmp_path / "rotated.mp4", media.write_mp4(wide, tmp_path / "wide.mp4", 10))]
+    sets = ["clips.width=32", "clips.height=48", "quality.motion_max=1"]
+    got = {d: _decode(_cfg(*sets, f"clips.decoder={d}"), *[_input(v) for v in videos], keyframes=True)
+           for d in ("pyav", "ffmpeg")}
+    assert [r["status"] for r in got["pyav"]] == ["ok"] * len(got["pyav"]) and len(got["pyav"]) >= 9
+    for a, b in zip(got["pyav"], got["ffmpeg"], strict=True):
+        assert (a["source"], a["clip_index"], a["start_s"], a["extra"]) == (b["source"], b["clip_index"],
+                                                                          b["start_s"], b["extra"])
+        assert a["motion"] == pytest.approx(b["motion"], abs=0.01)
+        fa, fb = media.decode_mp4(a["media"]), media.decode_mp4(b["media"])
+        assert fa.shape == fb.shape == (4, 48, 32, 3)
+        assert np.abs(fa.astype(int) - fb).mean() < 4, a["source"]
+        ka, kb = schema.load_npy(a["keyframes"]), schema.load_npy(b["keyframes"])
+        assert ka.shape == kb.shape == (3, 48, 32, 3) and np.abs(ka.astype(int) - kb).mean() < 4
+    # the rotated video is decoded upright (turned 90 degrees counterclockwise, as players show it): the square
+    # moving right across the wide frame moves up the tall one
+    rotated = [r for r in got["pyav"] if r["source"].endswith("rotated.mp4")]
+    frames = np.concatenate([media.decode_mp4(r["media"]) for r in rotated])
+    centres = np.array([np.argwhere(f.max(axis=-1) > 150).mean(axis=0) for f in frames])  # yellow on dark grey
+    assert centres[-1, 0] < centres[0, 0] - 8 and abs(centres[-1, 1] - centres[0, 1]) < 2
 
 
 def test_images_are_resized_cropped_and_reencoded(tmp_path):
@@ -136,10 +182,11 @@ def test_images_are_resized_cropped_and_reencoded(tmp_path):
     assert schema.load_npy(row["keyframes"]).shape == (1, 32, 32, 3)
 
 
-def test_motion_filter_drops_static_and_extreme_clips(tmp_path):
+@DECODERS
+def test_motion_filter_drops_static_and_extreme_clips(tmp_path, decoder):
     still = np.repeat(shapes.render_image("red", "square", 32, 32)[None], 16, axis=0)
     noise = np.repeat(np.random.default_rng(0).integers(0, 256, (16, 32, 32, 1), dtype=np.uint8), 3, axis=-1)
-    rows = _decode(_cfg("clips.scene_threshold=2"), _input(media.write_mp4(still, tmp_path / "still.mp4", 8)),
+    rows = _decode(_cfg("clips.scene_threshold=2", f"clips.decoder={decoder}"), _input(media.write_mp4(still, tmp_path / "still.mp4", 8)),
                    _input(media.write_mp4(noise, tmp_path / "noise.mp4", 8)))
     reasons = {(r["source"].rsplit("/", 1)[-1], r["reason"]) for r in rows}
     assert reasons == {("still.mp4", "static"), ("noise.mp4", "extreme_motion")}
@@ -198,19 +245,24 @@ def test_pyav_and_ffprobe_describe_media_alike(shapes_corpus, tmp_path):
             pyav_probe(str(tmp_path / name), 10)
 
 
-@pytest.mark.parametrize("probe", ["pyav", "ffprobe"])
-def test_bad_inputs_are_rejected_with_reasons(tmp_path, probe):
+@pytest.mark.parametrize("probe, decoder", [("pyav", "pyav"), ("ffprobe", "ffmpeg")])
+def test_bad_inputs_are_rejected_with_reasons(tmp_path, probe, decoder):
     expected = make_bad_inputs(tmp_path)
-    rows = _decode(_cfg(f"clips.probe={probe}"), *[_input(tmp_path / name) for name in expected])
+    rows = _decode(_cfg(f"clips.probe={probe}", f"clips.decoder={decoder}"), *[_input(tmp_path / name) for name in expected])
     got = {r["source"].rsplit("/", 1)[-1]: (r["stage"], r["reason"]) for r in rows}
     assert got == expected
     assert all(r["status"] == "rejected" and r["detail"] and r["media"] is None for r in rows)
 
 
-def test_truncated_video_can_be_kept_when_asked(tmp_path):
+@DECODERS
+def test_truncated_video_can_be_kept_when_asked(tmp_path, decoder):
     make_bad_inputs(tmp_path)
-    rows = _decode(_cfg("quality.on_decode_error=keep", "quality.motion_max=1"), _input(tmp_path / "truncated.mp4"))
+    [rejected] = _decode(_cfg(f"clips.decoder={decoder}"), _input(tmp_path / "truncated.mp4"))
+    assert rejected["reason"] == "decode_error" and "truncated or corrupt" in rejected["detail"]
+    rows = _decode(_cfg("quality.on_decode_error=keep", "quality.motion_max=1", f"clips.decoder={decoder}"),
+                   _input(tmp_path / "truncated.mp4"))
     assert rows and all(r["status"] == "ok" for r in rows)
+    assert all(media.decode_mp4(r["media"]).shape == (4, 32, 32, 3) for r in rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,24 +1,30 @@
 """Stage 2, decode and clip: one input row -> one row per clip (videos) or one row (images).
 
-Videos: one ffmpeg process per video decodes the source, resamples it to ``clips.fps`` (the fps filter keeps the
-source frame nearest to each output tick: a frame stride of src_fps / fps), resizes it to cover the target size
-(short side for a square target) and centre-crops it to ``clips.width x clips.height``; the result is split
-into two outputs of the same process:
+Videos: the source is decoded, resampled to ``clips.fps`` (the fps filter keeps the source frame nearest to each
+output tick: a frame stride of src_fps / fps), resized to cover the target size (short side for a square
+target) and centre-cropped to ``clips.width x clips.height`` (``filter_chain``: one definition of the geometry).
+``ClipPlanner`` finds scene cuts and scores motion on small RGB copies of the frames (``ANALYSIS_SIDE`` on the
+short side). Clips lie on a grid of ``num_frames`` frames from the first frame; a grid window that spans a scene
+cut is dropped (scene-cut aware: no clip crosses a cut), as is the incomplete tail. Each clip is H.264 at the
+target fps, starting with a key frame.
 
-- raw RGB frames on stdout, which ``ClipPlanner`` reads to find scene cuts and score motion (scaled down to
-  ``ANALYSIS_SIDE`` on the short side, unless the caption filter needs full-size keyframes);
-- H.264 at the target fps, cut by the segment muxer into one mp4 per ``num_frames`` frames (a key frame starts
-  every clip), so every clip is already encoded when its frames have been analysed.
+Two decoders, the same clips (``clips.decoder``; a test holds them to it):
 
-Clips lie on a grid of ``num_frames`` frames from the first frame; a grid window that spans a scene cut is
-dropped (scene-cut aware: no clip crosses a cut), as is the incomplete tail. One process per video keeps the
-per-video overhead to ffprobe + one ffmpeg (process start-up, ~0.1 s of CPU each, dominates short videos).
-With clip policy first / max_n, ffmpeg is interrupted (SIGINT: it finalises the finished files) once enough
-clips are found, so long videos are not decoded to the end.
+- ``pyav`` (default): FFmpeg's libraries in this process, through PyAV. Demux and decode, the same filter chain
+  as a filter graph, and a fresh libx264 encoder per clip, only for windows that became clips. No process per
+  video: on short videos, starting ffmpeg (about 0.07 s of CPU, mostly loading its libraries) costs as much as
+  the decoding, so this is about twice as fast as an ffmpeg command doing the same work. The time limit is
+  checked between packets.
+- ``ffmpeg``: one ffmpeg process per video (the system's ffmpeg; ffmpeg-python builds the command). The frames
+  are split into raw RGB on stdout for the planner and H.264 cut by the segment muxer into one mp4 per
+  ``num_frames`` frames. A watchdog kills a process that runs past the time limit.
+
+Both turn frames upright when the container says the video is displayed rotated (phone videos). With clip
+policy first / max_n, decoding stops once enough clips are found, so long videos are not decoded to the end.
 
 Images: decoded with PIL, resized to cover, centre-cropped, re-encoded as JPEG.
 
-Rejections: ``no_clip`` (no complete window without a cut), ``decode_error`` (ffmpeg reported errors, e.g. a
+Rejections: ``no_clip`` (no complete window without a cut), ``decode_error`` (FFmpeg reported errors, e.g. a
 truncated file; ``quality.on_decode_error=keep`` keeps the clips that decoded), ``encode_error``,
 ``decode_timeout``.
 """
@@ -30,7 +36,9 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,8 +97,10 @@ def motion_score(thumbs: np.ndarray) -> float:
 class Clip:
     index: int                    # grid window number: the clip covers frames [index, index + 1) * num_frames
     start: int                    # first frame, counted in target-fps frames from the start of the video
-    frames: list[np.ndarray]      # num_frames x uint8 [h, w, 3]
+    frames: list[np.ndarray]      # num_frames x uint8 [h, w, 3], as pushed to the planner
     motion: float
+    data: bytes = b""             # the encoded mp4 (filled by the decoder)
+    keyframes: bytes | None = None   # npy of the caption filter's frames, full size (when it scores frames)
 
 
 @dataclass
@@ -160,7 +170,8 @@ class ClipPlanner:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ffmpeg commands (built with ffmpeg-python); the benchmark's bare-ffmpeg baseline uses the same ones
+# The clip geometry and encoding: ffmpeg commands (built with ffmpeg-python; the benchmark's bare-ffmpeg baseline
+# uses the same ones) and the same as a PyAV filter graph
 
 
 def filter_chain(stream, width: int, height: int, fps: float):
@@ -181,6 +192,25 @@ def h264_segment_args(num_frames: int, fps: float, crf: int, preset: str, thread
         "segment_time": f"{num_frames / fps:.6f}", "segment_time_delta": f"{0.5 / fps:.6f}",
         "reset_timestamps": 1, "x264-params": "log-level=error",
     }
+
+
+def clip_graph(stream, rotation: int, width: int, height: int, fps: float):
+    """The same geometry as ``filter_chain`` as a PyAV filter graph fed with ``stream``'s decoded frames, ending
+    in yuv420p. Like the ffmpeg command, it first turns frames upright when the container says the video is
+    displayed rotated (``rotation``: degrees counterclockwise, as PyAV reports it; phone videos)."""
+    import av
+
+    graph = av.filter.Graph()
+    chain = [graph.add_buffer(template=stream)]
+    upright = {90: [("transpose", "cclock")], -90: [("transpose", "clock")],
+               180: [("hflip", ""), ("vflip", "")], -180: [("hflip", ""), ("vflip", "")]}.get(rotation, [])
+    for name, args in [*upright, ("fps", f"fps={fps}"),
+                       ("scale", f"{width}:{height}:force_original_aspect_ratio=increase"),
+                       ("crop", f"{width}:{height}"), ("format", "yuv420p"), ("buffersink", "")]:
+        chain.append(graph.add(name, args))
+        chain[-2].link_to(chain[-1])
+    graph.configure()
+    return graph
 
 
 def analysis_size(width: int, height: int, short_side: int = ANALYSIS_SIDE) -> tuple[int, int]:
@@ -261,6 +291,7 @@ class ClipDecoder(Stage):
         self.crf, self.preset, self.threads = c.crf, c.preset, c.threads
         self.jpg_quality = c.jpg_quality
         self.timeout = c.timeout_s
+        self.decoder = c.decoder
         self.on_decode_error = cfg.quality.on_decode_error
         self.keyframes_which = list(cfg.caption.frames) if keep_keyframes else []
 
@@ -289,81 +320,172 @@ class ClipDecoder(Stage):
     def _video(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         max_clips = {"all": None, "first": 1, "max_n": self.max_clips_cfg}[self.policy]
         planner = ClipPlanner(self.num_frames, max_clips, self.scene_threshold)
+        with tempfile.TemporaryDirectory(prefix="t2v-decode-") as tmp, media_path(row) as path:
+            if self.decoder == "pyav":
+                made, errors = self._clips_pyav(path, planner, Path(tmp))
+            else:
+                made, errors = self._clips_ffmpeg(path, planner, Path(tmp))
+        if errors and (self.on_decode_error == "reject" or not made):
+            raise DecodeFailed("decode_error", f"FFmpeg reported errors ({errors}); the file is truncated or corrupt")
+        if not made:
+            cuts = f" with {len(planner.cuts)} scene cut(s)" if planner.cuts else ""
+            raise DecodeFailed("no_clip", f"decoded {planner.seen} frames at {self.fps:g} fps{cuts}: no "
+                               f"window of {self.num_frames} frames without a cut")
+
+        src_fps = row["src_fps"]
+        stride = (src_fps / self.fps) if src_fps and not math.isnan(src_fps) else math.nan
+        out = []
+        for clip in made:
+            r = dict(row, media=clip.data, clip_index=clip.index, start_s=clip.start / self.fps,
+                     num_frames=self.num_frames, fps=self.fps, width=self.width, height=self.height,
+                     motion=clip.motion, input_rows=len(made), data=None, keyframes=clip.keyframes)
+            add_extra(r, frame_stride=None if math.isnan(stride) else round(stride, 4),
+                      scene_cuts=len(planner.cuts), decoded_frames=planner.seen)
+            out.append(r)
+        return out
+
+    def _clips_pyav(self, path: str, planner: ClipPlanner, tmp: Path) -> tuple[list[Clip], str]:
+        """Decode in this process with PyAV: demux + decode -> the clip filter graph -> frames, a window at a
+        time; the planner's clips are encoded each by a fresh libx264 encoder (a key frame first, pts from 0).
+        Returns the clips and FFmpeg's error messages ("" if none)."""
+        import av
+        from av.video.reformatter import Interpolation, VideoReformatter
+
+        av.logging.set_level(av.logging.ERROR)  # PyAV passes FFmpeg's errors on only at a set level
+        raw_w, raw_h = analysis_size(self.width, self.height)
+        reformatter = VideoReformatter()      # keeps its swscale context between frames
+        deadline = time.monotonic() + self.timeout
+        made: list[Clip] = []
+        window: list[av.VideoFrame] = []      # the current window's frames (clip size, yuv420p)
+        thumbs: list[np.ndarray] = []         # the same frames, small and RGB, for the planner
+        errors: list[str] = []
+
+        def take(graph) -> None:
+            nonlocal window, thumbs
+            while not planner.done:
+                try:
+                    frame = graph.pull()
+                except (av.BlockingIOError, av.EOFError):
+                    return
+                window.append(frame)
+                thumbs.append(reformatter.reformat(frame, raw_w, raw_h, "rgb24",
+                                                   interpolation=Interpolation.POINT).to_ndarray())
+                if len(window) == self.num_frames:  # a window is complete: analyse it, encode it if it is a clip
+                    for clip in planner.push_frames(np.stack(thumbs)):
+                        made.append(self._encode(clip, window, tmp / f"c{clip.index:06d}.mp4"))
+                    window, thumbs = [], []
+
+        with av.logging.Capture() as logs, av.open(path) as container:
+            stream = next(s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic)
+            stream.codec_context.thread_count = self.threads
+            graph = None
+            for packet in container.demux(stream):    # ends with an empty packet: flushes the decoder
+                try:
+                    frames = stream.decode(packet)
+                except av.FFmpegError as e:
+                    errors.append(str(e).split("; last error log:")[0])
+                    if self.on_decode_error == "reject":
+                        break
+                    continue
+                for frame in frames:
+                    if graph is None:
+                        graph = clip_graph(stream, frame.rotation, self.width, self.height, self.fps)
+                    graph.push(frame)
+                    take(graph)
+                if planner.done:
+                    break
+                if time.monotonic() > deadline:
+                    raise DecodeFailed("decode_timeout", f"decoding took longer than clips.timeout_s="
+                                       f"{self.timeout:.0f} s")
+            if graph is not None and not planner.done and not (errors and self.on_decode_error == "reject"):
+                graph.push(None)                         # end of stream: the fps filter emits its last frames
+                take(graph)
+        if thumbs and not planner.done:
+            planner.push_frames(np.stack(thumbs))        # an incomplete tail: counted, never a clip
+        errors += [message.strip() for level, _, message in logs if level <= av.logging.ERROR]
+        return made, " | ".join(dict.fromkeys(errors))
+
+    def _encode(self, clip: Clip, frames: list, path: Path) -> Clip:
+        """One clip's frames (PyAV, yuv420p) -> H.264 mp4 (+faststart) bytes in ``clip.data``."""
+        import av
+
+        rate = Fraction(self.fps).limit_denominator(1001)
+        try:
+            # a file, not memory: +faststart moves the index to the front by reading the file back
+            with av.open(str(path), "w", format="mp4", options={"movflags": "+faststart"}) as out:
+                stream = out.add_stream("libx264", rate=rate)
+                stream.width, stream.height, stream.pix_fmt = self.width, self.height, "yuv420p"
+                stream.codec_context.thread_count = self.threads
+                stream.codec_context.max_b_frames = 0
+                stream.options = {"crf": str(self.crf), "preset": self.preset, "x264-params": "log-level=error"}
+                for i, frame in enumerate(frames):
+                    frame.pts, frame.time_base = i, 1 / rate
+                    frame.pict_type = av.video.frame.PictureType.NONE  # the encoder picks key frames, not the source
+                    out.mux(stream.encode(frame))
+                out.mux(stream.encode(None))
+            clip.data = path.read_bytes()
+        except av.FFmpegError as e:
+            raise DecodeFailed("encode_error", f"FFmpeg could not encode clip {clip.index}: {e}") from None
+        if self.keyframes_which:
+            clip.keyframes = schema.npy_bytes(np.stack([
+                frames[i].to_ndarray(format="rgb24") for i in keyframe_indices(self.num_frames, self.keyframes_which)]))
+        clip.frames = []
+        return clip
+
+    def _clips_ffmpeg(self, path: str, planner: ClipPlanner, tmp: Path) -> tuple[list[Clip], str]:
+        """One ffmpeg process (``clip_command``): its raw-frame output feeds the planner, its segment muxer writes
+        the clip files. Returns the clips and ffmpeg's error messages ("" if none)."""
         # ffmpeg hands over full-size frames only when keyframes are kept (for the CLIP caption filter); otherwise
         # frames of the analysis size, 16x fewer bytes through the pipe for a 256x256 clip.
         raw_w, raw_h = (self.width, self.height) if self.keyframes_which else analysis_size(self.width, self.height)
         frame_bytes = raw_w * raw_h * 3
         clips: list[Clip] = []
-        keyframes: list[bytes] = []
         watchdog = _Watchdog(self.timeout)
-        with tempfile.TemporaryDirectory(prefix="t2v-decode-") as tmp, media_path(row) as path:
-            tmp = Path(tmp)
-            err = tmp / "ffmpeg.err"
-            cmd = clip_command(path, str(tmp / "c%06d.mp4"), self.width, self.height, self.fps, self.num_frames,
-                               self.crf, self.preset, self.threads, raw_size=(raw_w, raw_h))
-            with open(err, "wb") as err_file:
-                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err_file)
-            watchdog.procs.append(proc)
-            stopped_early = False
-            try:
-                while True:
-                    want = planner.window_left * frame_bytes  # the rest of the current window, analysed together
-                    buf = proc.stdout.read(want)              # short only at the end of the stream
-                    if stopped_early:
-                        if not buf:
-                            break
-                        continue  # draining what ffmpeg flushes after the interrupt
-                    whole = len(buf) // frame_bytes           # (a partial frame at the very end is dropped)
-                    frames = np.frombuffer(buf, np.uint8, count=whole * frame_bytes).reshape(whole, raw_h, raw_w, 3)
-                    for clip in planner.push_frames(frames):
-                        if self.keyframes_which:
-                            idx = keyframe_indices(self.num_frames, self.keyframes_which)
-                            keyframes.append(schema.npy_bytes(np.stack([clip.frames[i] for i in idx])))
-                        clip.frames = []  # ffmpeg encodes them; nothing else needs them
-                        clips.append(clip)
-                    if len(buf) < want:
+        err = tmp / "ffmpeg.err"
+        cmd = clip_command(path, str(tmp / "c%06d.mp4"), self.width, self.height, self.fps, self.num_frames,
+                           self.crf, self.preset, self.threads, raw_size=(raw_w, raw_h))
+        with open(err, "wb") as err_file:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err_file)
+        watchdog.procs.append(proc)
+        stopped_early = False
+        try:
+            while True:
+                want = planner.window_left * frame_bytes  # the rest of the current window, analysed together
+                buf = proc.stdout.read(want)              # short only at the end of the stream
+                if stopped_early:
+                    if not buf:
                         break
-                    if planner.done:
-                        # enough clips: SIGINT makes ffmpeg stop reading and finalise the files it has written;
-                        # keep draining stdout so it is never blocked on a full pipe
-                        proc.send_signal(signal.SIGINT)
-                        stopped_early = True
-            finally:
-                proc.stdout.close()
-                proc.wait()
-                watchdog.cancel()
+                    continue  # draining what ffmpeg flushes after the interrupt
+                whole = len(buf) // frame_bytes           # (a partial frame at the very end is dropped)
+                frames = np.frombuffer(buf, np.uint8, count=whole * frame_bytes).reshape(whole, raw_h, raw_w, 3)
+                for clip in planner.push_frames(frames):
+                    if self.keyframes_which:
+                        idx = keyframe_indices(self.num_frames, self.keyframes_which)
+                        clip.keyframes = schema.npy_bytes(np.stack([clip.frames[i] for i in idx]))
+                    clip.frames = []  # ffmpeg encodes them; nothing else needs them
+                    clips.append(clip)
+                if len(buf) < want:
+                    break
+                if planner.done:
+                    # enough clips: SIGINT makes ffmpeg stop reading and finalise the files it has written;
+                    # keep draining stdout so it is never blocked on a full pipe
+                    proc.send_signal(signal.SIGINT)
+                    stopped_early = True
+        finally:
+            proc.stdout.close()
+            proc.wait()
+            watchdog.cancel()
 
-            if watchdog.fired:
-                raise DecodeFailed("decode_timeout", f"ffmpeg took longer than clips.timeout_s={self.timeout:.0f} s")
-            errors = _error_text(err)
-            if (proc.returncode != 0 and not stopped_early) or errors:
-                if self.on_decode_error == "reject" or not clips:
-                    raise DecodeFailed("decode_error", f"ffmpeg reported errors "
-                                       f"({errors or 'exit status %d' % proc.returncode}); the file is truncated "
-                                       "or corrupt")
-            if not clips:
-                cuts = f" with {len(planner.cuts)} scene cut(s)" if planner.cuts else ""
-                raise DecodeFailed("no_clip", f"decoded {planner.seen} frames at {self.fps:g} fps{cuts}: no "
-                                   f"window of {self.num_frames} frames without a cut")
-            encoded = []
-            for clip in clips:
-                f = tmp / f"c{clip.index:06d}.mp4"
-                if not f.is_file():
-                    raise DecodeFailed("encode_error", f"ffmpeg wrote no file for clip {clip.index}: {errors}")
-                encoded.append(f.read_bytes())
-
-        src_fps = row["src_fps"]
-        stride = (src_fps / self.fps) if src_fps and not math.isnan(src_fps) else math.nan
-        out = []
-        for i, (clip, data) in enumerate(zip(clips, encoded)):
-            r = dict(row, media=data, clip_index=clip.index, start_s=clip.start / self.fps,
-                     num_frames=self.num_frames, fps=self.fps, width=self.width, height=self.height,
-                     motion=clip.motion, input_rows=len(clips), data=None,
-                     keyframes=keyframes[i] if keyframes else None)
-            add_extra(r, frame_stride=None if math.isnan(stride) else round(stride, 4),
-                      scene_cuts=len(planner.cuts), decoded_frames=planner.seen)
-            out.append(r)
-        return out
+        if watchdog.fired:
+            raise DecodeFailed("decode_timeout", f"ffmpeg took longer than clips.timeout_s={self.timeout:.0f} s")
+        errors = _error_text(err) or ("" if proc.returncode == 0 or stopped_early else f"exit status {proc.returncode}")
+        for clip in clips:
+            f = tmp / f"c{clip.index:06d}.mp4"
+            if not f.is_file():
+                raise DecodeFailed("decode_error" if errors else "encode_error",
+                                   f"ffmpeg wrote no file for clip {clip.index}: {errors}")
+            clip.data = f.read_bytes()
+        return clips, errors
 
     def process(self, row: dict[str, Any]):
         try:

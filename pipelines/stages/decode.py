@@ -31,6 +31,7 @@ truncated file; ``quality.on_decode_error=keep`` keeps the clips that decoded), 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import subprocess
@@ -271,6 +272,22 @@ class DecodeFailed(Exception):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _open_video(path: str):
+    """(PyAV container, its first video stream that is not a cover picture); DecodeFailed if there is none."""
+    import av
+
+    try:
+        container = av.open(path)
+    except (av.FFmpegError, OSError) as e:  # e.g. the file changed since the probe
+        raise DecodeFailed("decode_error", f"FFmpeg cannot open it: {e}") from None
+    with container:
+        streams = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+        if not streams:
+            raise DecodeFailed("decode_error", "FFmpeg finds no video stream in it")
+        yield container, streams[0]
+
+
 def keyframe_indices(num_frames: int, which: list[str]) -> list[int]:
     """first / middle / last -> frame indices within a clip."""
     table = {"first": 0, "middle": num_frames // 2, "last": num_frames - 1}
@@ -375,8 +392,7 @@ class ClipDecoder(Stage):
                         made.append(self._encode(clip, window, tmp / f"c{clip.index:06d}.mp4"))
                     window, thumbs = [], []
 
-        with av.logging.Capture() as logs, av.open(path) as container:
-            stream = next(s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic)
+        with av.logging.Capture() as logs, _open_video(path) as (container, stream):
             stream.codec_context.thread_count = self.threads
             graph = None
             for packet in container.demux(stream):    # ends with an empty packet: flushes the decoder

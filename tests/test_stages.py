@@ -141,17 +141,33 @@ def _rotated_video(path, source):
     return path
 
 
+def _size_change_video(path, tmp_path):
+    """An MPEG-TS stream whose frame size changes half-way (64x40, then 40x64): two streams back to back."""
+    import subprocess
+
+    parts = []
+    for i, (w, h, colour) in enumerate([(64, 40, "red"), (40, 64, "blue")]):
+        mp4 = media.write_mp4(shapes.render_video(colour, "circle", "right", w, h, 16), tmp_path / f"part{i}.mp4", 8)
+        subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", str(mp4), "-c", "copy",
+                        "-bsf:v", "h264_mp4toannexb", "-f", "mpegts", str(mp4.with_suffix(".ts"))], check=True)
+        parts.append(mp4.with_suffix(".ts").read_bytes())
+    path.write_bytes(b"".join(parts))
+    return path
+
+
 def test_pyav_and_ffmpeg_decoders_make_the_same_clips(tmp_path):
     # The in-process decoder (default) and the ffmpeg command must cut the same clips with the same content: same
     # windows, scene cuts and frame counts; pixels equal up to the two FFmpeg builds' scaling and x264 rounding.
     wide = shapes.render_video("yellow", "square", "right", 64, 40, 30)
     videos = [_two_scene_video(tmp_path / "cut.mp4"),
               media.write_mp4(shapes.render_video("green", "triangle", "up", 40, 40, 48), tmp_path / "v24.mp4", 24),
-              _rotated_video(tmp_path / "rotated.mp4", media.write_mp4(wide, tmp_path / "wide.mp4", 10))]
+              _rotated_video(tmp_path / "rotated.mp4", media.write_mp4(wide, tmp_path / "wide.mp4", 10)),
+              _size_change_video(tmp_path / "resized.ts", tmp_path)]
     sets = ["clips.width=32", "clips.height=48", "quality.motion_max=1"]
     got = {d: _decode(_cfg(*sets, f"clips.decoder={d}"), *[_input(v) for v in videos], keyframes=True)
            for d in ("pyav", "ffmpeg")}
     assert [r["status"] for r in got["pyav"]] == ["ok"] * len(got["pyav"]) and len(got["pyav"]) >= 9
+    assert sum(r["source"].endswith("resized.ts") for r in got["pyav"]) == 8  # both halves: 2 x 16 frames
     for a, b in zip(got["pyav"], got["ffmpeg"], strict=True):
         assert (a["source"], a["clip_index"], a["start_s"], a["extra"]) == (b["source"], b["clip_index"],
                                                                           b["start_s"], b["extra"])

@@ -195,14 +195,15 @@ def h264_segment_args(num_frames: int, fps: float, crf: int, preset: str, thread
     }
 
 
-def clip_graph(stream, rotation: int, width: int, height: int, fps: float):
-    """The same geometry as ``filter_chain`` as a PyAV filter graph fed with ``stream``'s decoded frames, ending
-    in yuv420p. Like the ffmpeg command, it first turns frames upright when the container says the video is
-    displayed rotated (``rotation``: degrees counterclockwise, as PyAV reports it; phone videos)."""
+def clip_graph(first, time_base, rotation: int, width: int, height: int, fps: float):
+    """The same geometry as ``filter_chain`` as a PyAV filter graph for decoded frames like ``first`` (size and
+    pixel format) with timestamps in ``time_base``, ending in yuv420p. Like the ffmpeg command, it first turns
+    frames upright when the container says the video is displayed rotated (``rotation``: degrees
+    counterclockwise, as PyAV reports it; phone videos)."""
     import av
 
     graph = av.filter.Graph()
-    chain = [graph.add_buffer(template=stream)]
+    chain = [graph.add_buffer(width=first.width, height=first.height, format=first.format, time_base=time_base)]
     upright = {90: [("transpose", "cclock")], -90: [("transpose", "clock")],
                180: [("hflip", ""), ("vflip", "")], -180: [("hflip", ""), ("vflip", "")]}.get(rotation, [])
     for name, args in [*upright, ("fps", f"fps={fps}"),
@@ -394,7 +395,7 @@ class ClipDecoder(Stage):
 
         with av.logging.Capture() as logs, _open_video(path) as (container, stream):
             stream.codec_context.thread_count = self.threads
-            graph = None
+            graph, graph_input = None, None
             for packet in container.demux(stream):    # ends with an empty packet: flushes the decoder
                 try:
                     frames = stream.decode(packet)
@@ -404,8 +405,15 @@ class ClipDecoder(Stage):
                         break
                     continue
                 for frame in frames:
-                    if graph is None:
-                        graph = clip_graph(stream, frame.rotation, self.width, self.height, self.fps)
+                    if (frame.width, frame.height, frame.format.name) != graph_input:
+                        # the first frame, or the size changed mid-stream (possible in .ts / .mkv): like the
+                        # ffmpeg command, flush the graph and build one for the new frames
+                        if graph is not None:
+                            graph.push(None)
+                            take(graph)
+                        graph_input = (frame.width, frame.height, frame.format.name)
+                        graph = clip_graph(frame, stream.time_base, frame.rotation, self.width, self.height,
+                                           self.fps)
                     graph.push(frame)
                     take(graph)
                 if planner.done:

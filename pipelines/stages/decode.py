@@ -2,7 +2,8 @@
 
 Videos: the source is decoded, resampled to ``clips.fps`` (the fps filter keeps the source frame nearest to each
 output tick: a frame stride of src_fps / fps), resized to cover the target size (short side for a square
-target) and centre-cropped to ``clips.width x clips.height`` (``filter_chain``: one definition of the geometry).
+target) and centre-cropped to ``clips.width x clips.height`` (the same filters in ``filter_chain``, for the
+ffmpeg command, and ``clip_graph``, for PyAV).
 ``ClipPlanner`` finds scene cuts and scores motion on small RGB copies of the frames (``ANALYSIS_SIDE`` on the
 short side). Clips lie on a grid of ``num_frames`` frames from the first frame; a grid window that spans a scene
 cut is dropped (scene-cut aware: no clip crosses a cut), as is the incomplete tail. Each clip is H.264 at the

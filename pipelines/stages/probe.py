@@ -106,7 +106,9 @@ def pyav_probe(path: str, timeout: float) -> dict:
     import av
 
     try:
-        with av.open(path, timeout=timeout) as container:
+        # (the decode stage turns FFmpeg's log on; captured here, its messages stay out of the worker's log: a
+        # failure's reason is in the exception)
+        with av.logging.Capture(), av.open(path, timeout=timeout) as container:
             streams = []
             for s in container.streams.video:
                 ctx = s.codec_context

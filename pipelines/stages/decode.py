@@ -396,6 +396,8 @@ class ClipDecoder(Stage):
 
         with av.logging.Capture() as logs, _open_video(path) as (container, stream):
             stream.codec_context.thread_count = self.threads
+            if self.threads > 1:
+                stream.thread_type = "AUTO"  # frame and slice threads (PyAV's default is slices only)
             graph, graph_input = None, None
             for packet in container.demux(stream):    # ends with an empty packet: flushes the decoder
                 try:

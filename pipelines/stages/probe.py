@@ -106,9 +106,7 @@ def pyav_probe(path: str, timeout: float) -> dict:
     import av
 
     try:
-        # (the decode stage turns FFmpeg's log on; captured here, its messages stay out of the worker's log: a
-        # failure's reason is in the exception)
-        with av.logging.Capture(), av.open(path, timeout=timeout) as container:
+        with av.open(path, timeout=timeout) as container:
             streams = []
             for s in container.streams.video:
                 ctx = s.codec_context

@@ -1,11 +1,11 @@
 """The ``t2v`` command: one subcommand per entry point, each forwarding to that module's ``main(argv)``.
 
-    t2v demo                       # the main job: re-training flow on embedded defaults
-    t2v corpus --output runs/corpus
-    t2v curate --input runs/corpus/manifest.csv --output runs/curated
-    t2v train --config my.yaml
-    t2v sample --checkpoint ckpt.pt --prompt "a red circle moving left" --out out.mp4
-    t2v evaluate ... | t2v flow ... | t2v bench curate|model|train|learn | t2v test
+t2v demo                       # the main job: re-training flow on embedded defaults
+t2v corpus --output runs/corpus
+t2v curate --input runs/corpus/manifest.csv --output runs/curated
+t2v train --config my.yaml
+t2v sample --checkpoint ckpt.pt --prompt "a red circle moving left" --out out.mp4
+t2v evaluate ... | t2v flow ... | t2v bench curate|model|train|learn | t2v test
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from pathlib import Path
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("flows.demo", "run the main job (re-training flow) on embedded defaults and print where results are"),
     "corpus": ("pipelines.shapes", "generate the synthetic 'shapes' video/image corpus"),
-    "curate": ("pipelines.curate", "decode, filter, route and shard a corpus with Ray Data"),
-    "train": ("pipelines.train", "train the TF-T2V UNet with Ray Train + DeepSpeed"),
-    "sample": ("model.sample", "generate a video from a prompt with a checkpoint"),
+    "curate": ("pipelines.curation.job", "decode, filter, route and shard a corpus with Ray Data"),
+    "train": ("pipelines.training.job", "train the TF-T2V UNet with Ray Train + DeepSpeed"),
+    "sample": ("flows.sample", "generate a video from a prompt with a checkpoint"),
     "evaluate": ("flows.evaluate", "evaluate a model on a prompt set and log to MLflow"),
     "flow": ("flows.retrain", "run or serve the scheduled re-training flow"),
-    "bench": ("flows.bench", "run a benchmark (curate | model | train | learn) and print its figures"),
+    "bench": ("flows.benchmarks", "run a benchmark (curate | model | train | learn) and print its figures"),
 }
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,8 +45,14 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def dispatch(prog: str, noun: str, table: dict[str, tuple[str, str]], argv: list[str] | None, usage_text: str,
-             special: dict | None = None) -> int:
+def dispatch(
+    prog: str,
+    noun: str,
+    table: dict[str, tuple[str, str]],
+    argv: list[str] | None,
+    usage_text: str,
+    special: dict | None = None,
+) -> int:
     """``<prog> <name> [args]``: import ``table[name]``'s module and return its ``main(args)`` (``t2v``, ``t2v bench``).
     ``special`` maps names to functions called with the args instead."""
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -21,21 +21,34 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from model import configuration
-from model.configuration import ConfigError, check
+from flows import retrain
+from flows.retrain import RetrainConfig
+from pipelines import logs, settings, shapes
+from pipelines.settings import ConfigError, check
+from pipelines.shapes import CorpusConfig
+
+log = logging.getLogger("t2v.demo")
 
 # Sizes chosen so that one cycle, Ray and Prefect start-up included, fits in 15 minutes on 2 CPU cores.
-DEMO_CORPUS = {"num_videos": 48, "num_images": 48, "width": 32, "height": 32, "fps": 8.0, "seconds": 1.5,
-               "text_free_fraction": 0.25}
+DEMO_CORPUS = {
+    "num_videos": 48,
+    "num_images": 48,
+    "width": 32,
+    "height": 32,
+    "fps": 8.0,
+    "seconds": 1.5,
+    "text_free_fraction": 0.25,
+}
 DEMO_FLOW: dict[str, Any] = {
     "model_name": "t2v-shapes",
-    "experiment": "t2v-demo",
+    "mlflow": {"experiment": "t2v-demo"},
     # Colour is what a tiny model learns first in a few minutes of CPU training, so the promotion decision has
     # something to compare; shapes_accuracy (colour and direction right) needs longer training.
     "metric": "colour_accuracy",
@@ -76,45 +89,45 @@ DEMO_FLOW: dict[str, Any] = {
 @dataclasses.dataclass
 class DemoConfig:
     state_dir: str = "runs/demo"
-    corpus: dict = dataclasses.field(default_factory=lambda: dict(DEMO_CORPUS))  # pipelines.shapes.CorpusConfig
-    flow: dict = dataclasses.field(default_factory=dict)   # flows.retrain.RetrainConfig settings over DEMO_FLOW
+    corpus: CorpusConfig = dataclasses.field(default_factory=lambda: CorpusConfig(**DEMO_CORPUS))
+    flow: RetrainConfig = dataclasses.field(default_factory=lambda: retrain.load_config(base=DEMO_FLOW))
 
     def __post_init__(self) -> None:
         check(bool(self.state_dir), "state_dir is empty: name a directory for the demo's state, e.g. runs/demo")
-        for key in ("input", "state_dir", "tracking_uri"):
-            check(key not in self.flow, f"flow.{key} is set by the demo; use --state-dir instead")
+        default = RetrainConfig()
+        for key, value, unset in (
+            ("input", self.flow.input, default.input),
+            ("state_dir", self.flow.state_dir, default.state_dir),
+            ("mlflow.tracking_uri", self.flow.mlflow.tracking_uri, None),
+        ):
+            check(value == unset, f"flow.{key} is set by the demo; use --state-dir instead")
 
 
-def flow_config(cfg: DemoConfig, manifest: Path):
+def flow_config(cfg: DemoConfig, manifest: Path) -> RetrainConfig:
     """The re-training flow's config for this demo cycle."""
-    from flows.retrain import RetrainConfig, merge_settings
-
     state = Path(cfg.state_dir).resolve()
-    settings = merge_settings(DEMO_FLOW, cfg.flow)
-    settings.update(input=str(manifest), state_dir=str(state / "flow"),
-                    tracking_uri=f"sqlite:///{state / 'mlflow.db'}")
-    return configuration.from_dict(RetrainConfig, settings, "flow")
+    tracking = dataclasses.replace(cfg.flow.mlflow, tracking_uri=f"sqlite:///{state / 'mlflow.db'}")
+    return dataclasses.replace(cfg.flow, input=str(manifest), state_dir=str(state / "flow"), mlflow=tracking)
 
 
 def corpus_for_cycle(cfg: DemoConfig) -> Path:
     """The corpus this run curates: the unfinished cycle's (resume), else a new one generated with the next seed."""
-    from flows import retrain
-    from pipelines import shapes
-
     state = Path(cfg.state_dir).resolve()
     existing = retrain.cycles(state / "flow")
     if existing and not (existing[-1] / retrain.DONE_FILE).exists():
         info = json.loads((existing[-1] / "cycle.json").read_text(encoding="utf-8"))
-        print(f"[demo] cycle {existing[-1].name} did not finish; resuming it on {info['input']}")
+        log.info(f"cycle {existing[-1].name} did not finish; resuming it on {info['input']}")
         return Path(info["input"])
     k = len(existing)
-    corpus = configuration.from_dict(shapes.CorpusConfig, {**cfg.corpus, "seed": int(cfg.corpus.get("seed", 0)) + k})
+    corpus = dataclasses.replace(cfg.corpus, seed=cfg.corpus.seed + k)
     out = state / f"corpus-{k}"
     manifest = out / "manifest.csv"
     if manifest.is_file():
         return manifest
-    print(f"[demo] generating corpus {k}: {corpus.num_videos} videos + {corpus.num_images} images, "
-          f"{corpus.width}x{corpus.height}, seed {corpus.seed} -> {out}")
+    log.info(
+        f"generating corpus {k}: {corpus.num_videos} videos + {corpus.num_images} images, "
+        f"{corpus.width}x{corpus.height}, seed {corpus.seed} -> {out}"
+    )
     return shapes.generate(corpus, out, progress=False)
 
 
@@ -124,13 +137,19 @@ def report(summary: dict[str, Any], cfg: DemoConfig, seconds: float) -> str:
     state = Path(cfg.state_dir).resolve()
     uri = f"sqlite:///{state / 'mlflow.db'}"
     name = summary["model_name"]
-    lines = ["", f"== t2v demo: cycle {summary['cycle']} {summary['status']} in {seconds / 60:.1f} min ==",
-             f"MLflow UI         mlflow ui --backend-store-uri {uri} --host 127.0.0.1   (then open http://127.0.0.1:5000)"]
+    lines = [
+        "",
+        f"== t2v demo: cycle {summary['cycle']} {summary['status']} in {seconds / 60:.1f} min ==",
+        f"MLflow UI         mlflow ui --backend-store-uri {uri} --host 127.0.0.1   (then open http://127.0.0.1:5000)",
+    ]
     client = registry.client(uri)
     champion = registry.get_alias(client, name, registry.CHAMPION)
     challenger = registry.get_alias(client, name, registry.CHALLENGER)
-    aliases = ", ".join(f"@{a} -> version {mv.version}" for a, mv in
-                        ((registry.CHAMPION, champion), (registry.CHALLENGER, challenger)) if mv is not None)
+    aliases = ", ".join(
+        f"@{a} -> version {mv.version}"
+        for a, mv in ((registry.CHAMPION, champion), (registry.CHALLENGER, challenger))
+        if mv is not None
+    )
     lines.append(f"Registered model  {name}: {aliases or 'none yet'}")
     if summary["status"] == "no-new-data":
         lines.append("This cycle found nothing new to curate, so nothing was trained.")
@@ -138,53 +157,60 @@ def report(summary: dict[str, Any], cfg: DemoConfig, seconds: float) -> str:
 
     d, version = summary["decision"], summary["registered"]["version"]
     verdict = "PROMOTED to @champion" if d["promote"] else "not promoted (stays @challenger)"
-    lines.append(f"This cycle        version {version} trained from "
-                 f"{'champion version ' + summary['champion_before']['version'] if summary['train'].get('init_from') else 'scratch'}"
-                 f" for {summary['train']['steps']} steps (final loss {summary['train'].get('final_loss') or float('nan'):.4f})")
+    start = (
+        "champion version " + summary["champion_before"]["version"] if summary["train"].get("init_from") else "scratch"
+    )
+    lines.append(
+        f"This cycle        version {version} trained from {start}"
+        f" for {summary['train']['steps']} steps (final loss {summary['train'].get('final_loss') or float('nan'):.4f})"
+    )
     lines.append(f"Promotion         {verdict}: {d['reason']}")
     evaluation = summary["evaluation"]
-    lines.append(f"Evaluation        {evaluation['num_videos']} videos for held-out prompts "
-                 f"(metrics.json: {Path(summary['cycle_dir']) / 'eval' / 'metrics.json'})")
+    lines.append(
+        f"Evaluation        {evaluation['num_videos']} videos for held-out prompts "
+        f"(metrics.json: {Path(summary['cycle_dir']) / 'eval' / 'metrics.json'})"
+    )
     for metric, value in evaluation["metrics"].items():
         champion_value = (d.get("champion_metrics") or {}).get(metric)
         versus = f"   (champion before: {champion_value:.4f})" if champion_value is not None else ""
         lines.append(f"  {metric:<20} {value:.4f}{versus}")
     for metric, reason in evaluation.get("skipped", {}).items():
         lines.append(f"  {metric:<20} skipped: {reason}")
-    lines.append("  (CLIPSIM and frame consistency use a random tiny CLIP here, as no weights can be downloaded: "
-                 "they only compare runs; shapes accuracy is what the detector reads from each video)")
+    lines.append(
+        "  (CLIPSIM and frame consistency use a random tiny CLIP here, as no weights can be downloaded: "
+        "they only compare runs; shapes accuracy is what the detector reads from each video)"
+    )
     lines.append("Sample videos")
     lines += [f"  {p}" for p in evaluation["samples"]]
-    lines.append("Load the champion "
-                 f"MLFLOW_TRACKING_URI={uri} .venv/bin/python -c \"import mlflow; "
-                 "from pipelines.pyfunc import write_predictions; "
-                 f"m = mlflow.pyfunc.load_model('models:/{name}@champion'); "
-                 "print(write_predictions(m.predict({'prompt': ['a red circle moving left']}), "
-                 f"'{state / 'champion_samples'}'))\"")
-    lines.append("Next              run the same command again: a new corpus is generated and an incremental "
-                 "cycle fine-tunes the champion and decides on promotion")
+    lines.append(
+        "Load the champion "
+        f'MLFLOW_TRACKING_URI={uri} .venv/bin/python -c "import mlflow; '
+        "from pipelines.pyfunc import write_predictions; "
+        f"m = mlflow.pyfunc.load_model('models:/{name}@champion'); "
+        "print(write_predictions(m.predict({'prompt': ['a red circle moving left']}), "
+        f"'{state / 'champion_samples'}'))\""
+    )
+    lines.append(
+        "Next              run the same command again: a new corpus is generated and an incremental "
+        "cycle fine-tunes the champion and decides on promotion"
+    )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="t2v demo", description=__doc__.split("\n\n")[1])
     parser.add_argument("--state-dir", default=None, help="where everything goes (default runs/demo)")
-    configuration.add_arguments(parser)
+    settings.add_arguments(parser)
     args = parser.parse_args(argv)
-    flags = [f"state_dir={json.dumps(args.state_dir)}"] if args.state_dir else []
+    cfg = settings.resolve(parser, DemoConfig, args, {"state_dir": args.state_dir})
+    if cfg is None:
+        return 0
+    logs.setup()
     try:
-        cfg = configuration.load(DemoConfig, args.config, flags + args.set)
-        if args.dry_run:
-            print(configuration.dump(cfg), end="")
-            print("# flow settings (DEMO_FLOW with flow overrides):")
-            print(configuration.dump(flow_config(cfg, Path(cfg.state_dir) / "corpus-<k>" / "manifest.csv")), end="")
-            return 0
         started = time.monotonic()
         state = Path(cfg.state_dir).resolve()
         state.mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-        from flows import retrain
-
         retrain.prefect_environment(state)
         manifest = corpus_for_cycle(cfg)
         summary = retrain.run_once(flow_config(cfg, manifest))
@@ -192,8 +218,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"t2v demo: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # the flow logged the traceback; say how to go on
-        print(f"t2v demo: the cycle stopped ({type(e).__name__}: {e}). Run the same command again: finished steps "
-              "are kept and the cycle resumes from the first unfinished one.", file=sys.stderr)
+        print(
+            f"t2v demo: the cycle stopped ({type(e).__name__}: {e}). Run the same command again: finished steps "
+            "are kept and the cycle resumes from the first unfinished one.",
+            file=sys.stderr,
+        )
         return 1
     print(report(summary, cfg, time.monotonic() - started))
     return 0

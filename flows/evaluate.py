@@ -34,52 +34,47 @@ from typing import Any
 
 import numpy as np
 
-from model import configuration
-from model.configuration import check, check_choice
+from pipelines import logs, settings
+from pipelines.settings import ConfigError, check, check_choice
+from pipelines.tracking import TrackingConfig
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("t2v.evaluate")
 
 METRICS_FILE = "metrics.json"
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".gif")
 
 
 @dataclasses.dataclass
-class TrackingConfig:
-    tracking_uri: str | None = None   # None: env MLFLOW_TRACKING_URI or sqlite:///<cwd>/runs/mlflow.db
-    experiment: str = "t2v-eval"      # for a new run (when run_id is not given)
-    run_id: str | None = None         # log into this existing run (e.g. the model's training run)
-    enabled: bool = True              # false: write metrics.json only
-
-
-@dataclasses.dataclass
 class EvalConfig:
-    checkpoint: str | None = None     # a TextToVideo model.pt (training's result.json "checkpoint")
-    model_uri: str | None = None      # or an MLflow model URI: models:/NAME@champion, models:/NAME/3, runs:/ID/model
-    prompts: str = "shapes"           # "shapes" (held-out shapes prompts, adds shapes accuracy) or a text file path
-    num_prompts: int = 8              # first N prompts of the set (0 = all)
+    checkpoint: str | None = None  # a TextToVideo model.pt (training's result.json "checkpoint")
+    model_uri: str | None = None  # or an MLflow model URI: models:/NAME@champion, models:/NAME/3, runs:/ID/model
+    prompts: str = "shapes"  # "shapes" (held-out shapes prompts, adds shapes accuracy) or a text file path
+    num_prompts: int = 8  # first N prompts of the set (0 = all)
     videos_per_prompt: int = 1
-    steps: int = 25                   # DDIM steps
+    steps: int = 25  # DDIM steps
     guidance: float = 9.0
     eta: float = 0.0
     seed: int = 0
     batch_size: int = 4
-    clip_model: str = "ViT-B-32"      # CLIPSIM network (open_clip name; project tiny names work too)
+    clip_model: str = "ViT-B-32"  # CLIPSIM network (open_clip name; project tiny names work too)
     clip_pretrained: str | None = None  # local open_clip weights file; None = random weights (warned)
     clip_seed: int = 0
-    fvd_network: str | None = None    # local TorchScript video network (e.g. I3D); None = no FVD
+    fvd_network: str | None = None  # local TorchScript video network (e.g. I3D); None = no FVD
     fvd_reference: str | None = None  # real videos: manifest.csv (kind=video rows), a folder, or a list file
-    fvd_size: int | None = 224        # spatial size the network takes (None = keep the model's size)
+    fvd_size: int | None = 224  # spatial size the network takes (None = keep the model's size)
     fvd_value_range: tuple[float, float] = (-1.0, 1.0)
     fvd_kwargs: dict = dataclasses.field(default_factory=dict)  # extra forward() arguments of the network
-    max_reference: int = 256          # real videos read for FVD
-    num_samples: int = 4              # generated videos written as mp4 + gif
+    max_reference: int = 256  # real videos read for FVD
+    num_samples: int = 4  # generated videos written as mp4 + gif
     output: str = "runs/eval"
     device: str = "cpu"
-    mlflow: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    mlflow: TrackingConfig = dataclasses.field(default_factory=lambda: TrackingConfig(experiment="t2v-eval"))
 
     def __post_init__(self) -> None:
-        check(bool(self.checkpoint) != bool(self.model_uri),
-              "give exactly one of checkpoint (a model.pt) or model_uri (models:/NAME@champion)")
+        check(
+            not (self.checkpoint and self.model_uri),
+            "give one of checkpoint (a model.pt) or model_uri (models:/NAME@champion), not both",
+        )
         check(self.num_prompts >= 0, "num_prompts must be >= 0 (0 = every prompt)")
         check(self.videos_per_prompt >= 1, "videos_per_prompt must be >= 1")
         check(self.steps >= 1, "steps must be >= 1 DDIM step")
@@ -94,7 +89,7 @@ class EvalConfig:
     def signature(self) -> str:
         """A short hash of the settings that change the figures (not where the model or outputs are): two models
         evaluated with the same signature can be compared."""
-        data = configuration.to_dict(self)
+        data = settings.to_dict(self)
         for key in ("checkpoint", "model_uri", "output", "num_samples", "device", "mlflow"):
             data.pop(key, None)
         if self.prompts != "shapes" and Path(self.prompts).is_file():  # same file name, other prompts: not comparable
@@ -115,8 +110,10 @@ def load_prompts(cfg: EvalConfig) -> tuple[list[str], list[tuple[str, str]] | No
         return [r[0] for r in rows], [(r[1], r[3]) for r in rows]
     path = Path(cfg.prompts)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {str(path)!r} not found: give a text file with one prompt per line "
-                                "(e.g. MSR-VTT test captions) or prompts=shapes")
+        raise FileNotFoundError(
+            f"prompt file {str(path)!r} not found: give a text file with one prompt per line "
+            "(e.g. MSR-VTT test captions) or prompts=shapes"
+        )
     prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
@@ -132,13 +129,18 @@ def reference_videos(source: str, limit: int) -> list[Path]:
     elif path.suffix == ".csv" and path.is_file():
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
-        files = [Path(r["path"]) if Path(r["path"]).is_absolute() else path.parent / r["path"]
-                 for r in rows if r.get("kind", "video") == "video"]
+        files = [
+            Path(r["path"]) if Path(r["path"]).is_absolute() else path.parent / r["path"]
+            for r in rows
+            if r.get("kind", "video") == "video"
+        ]
     elif path.is_file():
         files = [Path(line.strip()) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
-        raise FileNotFoundError(f"fvd_reference {source!r} not found: give a manifest.csv, a folder of videos or a "
-                                "text file with one video path per line")
+        raise FileNotFoundError(
+            f"fvd_reference {source!r} not found: give a manifest.csv, a folder of videos or a "
+            "text file with one video path per line"
+        )
     if len(files) < 2:
         raise ValueError(f"fvd_reference {source!r} has {len(files)} videos; FVD needs at least 2 (more is better)")
     return files[:limit]
@@ -149,7 +151,7 @@ def read_reference(files: list[Path], num_frames: int, height: int, width: int, 
 
     Videos shorter than ``num_frames`` repeat their last frame, so every clip has the same length.
     """
-    from model import media
+    from pipelines import media
 
     videos = []
     for path in files:
@@ -165,7 +167,7 @@ def read_reference(files: list[Path], num_frames: int, height: int, width: int, 
 
 
 def load_model(cfg: EvalConfig):
-    from model.pipeline import TextToVideo
+    from model.text_to_video import TextToVideo
 
     if cfg.checkpoint:
         return TextToVideo.from_checkpoint(cfg.checkpoint, device=cfg.device)
@@ -188,14 +190,15 @@ def generate_videos(model, prompts: list[str], cfg: EvalConfig) -> tuple[list[np
     index: list[int] = []
     start = time.monotonic()
     for b in range(0, len(jobs), cfg.batch_size):
-        batch = jobs[b:b + cfg.batch_size]
+        batch = jobs[b : b + cfg.batch_size]
         # Seed per batch (and per repetition via b): the same config always draws the same noise.
-        out = model.generate([prompts[i] for i, _ in batch], steps=cfg.steps, guidance=cfg.guidance, eta=cfg.eta,
-                             seed=cfg.seed + b)
+        out = model.generate(
+            [prompts[i] for i, _ in batch], steps=cfg.steps, guidance=cfg.guidance, eta=cfg.eta, seed=cfg.seed + b
+        )
         videos += list(out)
         index += [i for i, _ in batch]
         log.info("generated %d/%d videos (%.0fs)", len(videos), len(jobs), time.monotonic() - start)
-        print(f"[evaluate] generated {len(videos)}/{len(jobs)} videos ({time.monotonic() - start:.0f}s)", flush=True)
+        log.info(f"generated {len(videos)}/{len(jobs)} videos ({time.monotonic() - start:.0f}s)")
     return videos, index
 
 
@@ -204,11 +207,14 @@ def clip_scores(cfg: EvalConfig, videos: list[np.ndarray], prompts: list[str]) -
     from model.encoders import PROJECT_CLIP_CONFIGS, load_openclip
 
     if cfg.clip_pretrained is None and cfg.clip_model not in PROJECT_CLIP_CONFIGS:
-        warnings.warn(f"CLIPSIM and frame consistency use a randomly initialised {cfg.clip_model}: the figures "
-                      "only compare models evaluated the same way. Pass clip_pretrained=PATH (a local open_clip "
-                      "checkpoint) for meaningful values.", stacklevel=2)
+        warnings.warn(
+            f"CLIPSIM and frame consistency use a randomly initialised {cfg.clip_model}: the figures "
+            "only compare models evaluated the same way. Pass clip_pretrained=PATH (a local open_clip "
+            "checkpoint) for meaningful values.",
+            stacklevel=2,
+        )
     clip, _, tokenizer = load_openclip(cfg.clip_model, cfg.clip_pretrained, seed=cfg.clip_seed, device=cfg.device)
-    size = getattr(clip.visual, "image_size", 224)                          # open_clip keeps (h, w)
+    size = getattr(clip.visual, "image_size", 224)  # open_clip keeps (h, w)
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
     return clip_metrics(ClipScorer(clip, tokenizer, size), videos, prompts)
 
@@ -216,9 +222,14 @@ def clip_scores(cfg: EvalConfig, videos: list[np.ndarray], prompts: list[str]) -
 def fvd_score(cfg: EvalConfig, videos: list[np.ndarray], fps: float) -> float:
     from flows.metrics import VideoFeatureNet, fvd_from_features
 
-    net = VideoFeatureNet(cfg.fvd_network, size=cfg.fvd_size, value_range=cfg.fvd_value_range,
-                          call_kwargs=cfg.fvd_kwargs, device=cfg.device)
-    fake = np.stack(videos)                                                  # [n, f, h, w, 3]
+    net = VideoFeatureNet(
+        cfg.fvd_network,
+        size=cfg.fvd_size,
+        value_range=cfg.fvd_value_range,
+        call_kwargs=cfg.fvd_kwargs,
+        device=cfg.device,
+    )
+    fake = np.stack(videos)  # [n, f, h, w, 3]
     n, f, h, w, _ = fake.shape
     real = read_reference(reference_videos(cfg.fvd_reference, cfg.max_reference), f, h, w, fps)
     return fvd_from_features(net(real, cfg.batch_size), net(fake, cfg.batch_size))
@@ -228,9 +239,10 @@ def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "video"
 
 
-def write_samples(videos: list[np.ndarray], prompts: list[str], index: list[int], out: Path, fps: float,
-                  limit: int) -> list[str]:
-    from model import media
+def write_samples(
+    videos: list[np.ndarray], prompts: list[str], index: list[int], out: Path, fps: float, limit: int
+) -> list[str]:
+    from pipelines import media
 
     paths = []
     for n, (video, i) in enumerate(zip(videos[:limit], index[:limit])):
@@ -245,14 +257,20 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate; returns ``{"metrics": {...}, "skipped": {...}, "samples": [...], "signature": ..., ...}``."""
     import torch
 
+    check(
+        bool(cfg.checkpoint or cfg.model_uri),
+        "nothing to evaluate: give --checkpoint model.pt or --model-uri models:/NAME@champion",
+    )
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.yaml").write_text(configuration.dump(cfg), encoding="utf-8")
+    (out / "eval.yaml").write_text(settings.dump(cfg), encoding="utf-8")
     prompts, labels = load_prompts(cfg)
     model = load_model(cfg)
     fps = float(model.config.fps)
-    print(f"[evaluate] {len(prompts)} prompts x {cfg.videos_per_prompt} videos, {cfg.steps} DDIM steps, model "
-          f"{cfg.checkpoint or cfg.model_uri} (step {model.step})", flush=True)
+    log.info(
+        f"{len(prompts)} prompts x {cfg.videos_per_prompt} videos, {cfg.steps} DDIM steps, model "
+        f"{cfg.checkpoint or cfg.model_uri} (step {model.step})"
+    )
     with torch.inference_mode():
         videos, index = generate_videos(model, prompts, cfg)
 
@@ -269,8 +287,15 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         skipped["fvd"] = "no fvd_network (TorchScript file) and fvd_reference (real videos) given"
 
     samples = write_samples(videos, prompts, index, out / "samples", fps, cfg.num_samples)
-    result = {"metrics": metrics, "skipped": skipped, "samples": samples, "signature": cfg.signature(),
-              "num_videos": len(videos), "model": cfg.checkpoint or cfg.model_uri, "model_step": model.step}
+    result = {
+        "metrics": metrics,
+        "skipped": skipped,
+        "samples": samples,
+        "signature": cfg.signature(),
+        "num_videos": len(videos),
+        "model": cfg.checkpoint or cfg.model_uri,
+        "model_step": model.step,
+    }
     if cfg.mlflow.enabled:
         result["mlflow_run_id"] = log_to_mlflow(cfg, result, out)
     (out / METRICS_FILE).write_text(json.dumps(result, indent=2), encoding="utf-8")
@@ -282,10 +307,15 @@ def log_to_mlflow(cfg: EvalConfig, result: dict[str, Any], out: Path) -> str:
     artifacts under ``eval/``; into ``mlflow.run_id`` when given, else a new run."""
     from pipelines.tracking import MlflowTracker
 
-    tracker = MlflowTracker(tracking_uri(cfg), cfg.mlflow.experiment, run_id=cfg.mlflow.run_id, run_name="evaluate",
-                            tags=None if cfg.mlflow.run_id else {"t2v.kind": "evaluation"})
+    tracker = MlflowTracker(
+        tracking_uri(cfg),
+        cfg.mlflow.experiment,
+        run_id=cfg.mlflow.run_id,
+        run_name="evaluate",
+        tags=None if cfg.mlflow.run_id else {"t2v.kind": "evaluation"},
+    )
     try:
-        tracker.log_params({"eval": configuration.to_dict(cfg)})
+        tracker.log_params({"eval": settings.to_dict(cfg)})
         tracker.log_metrics({f"eval/{k}": v for k, v in result["metrics"].items()}, step=int(result["model_step"]))
         tracker.set_tags({"eval.signature": result["signature"]})
         (out / METRICS_FILE).write_text(json.dumps(result, indent=2), encoding="utf-8")
@@ -306,14 +336,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-uri", default=None, help="MLflow model URI, e.g. models:/t2v-shapes@champion")
     parser.add_argument("--prompts", default=None, help="'shapes' or a text file with one prompt per line")
     parser.add_argument("--output", default=None, help="where metrics.json and samples/ go")
-    configuration.add_arguments(parser)
+    settings.add_arguments(parser)
     args = parser.parse_args(argv)
-    cfg = configuration.resolve(parser, EvalConfig, args, {"checkpoint": args.checkpoint, "model_uri": args.model_uri,
-                                                         "prompts": args.prompts, "output": args.output})
+    cfg = settings.resolve(
+        parser,
+        EvalConfig,
+        args,
+        {"checkpoint": args.checkpoint, "model_uri": args.model_uri, "prompts": args.prompts, "output": args.output},
+    )
     if cfg is None:
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = run(cfg)
+    logs.setup()
+    try:
+        result = run(cfg)
+    except ConfigError as e:
+        parser.error(str(e))
     for name, value in result["metrics"].items():
         print(f"{name:>20}: {value:.4f}")
     for name, reason in result["skipped"].items():

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from model.configuration import ConfigError, check, is_secret_key
+from pipelines.settings import ConfigError, check, is_secret_key
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,30 +37,36 @@ DEFAULT_EXCLUDES = [".git", ".venv", "runs", "mlruns", "*.pt", "__pycache__"]
 class ClusterConfig:
     """Where flow steps run."""
 
-    address: str | None = None      # None: in-process on local Ray; "http://HOST:8265": submit Ray jobs there
+    address: str | None = None  # None: in-process on local Ray; "http://HOST:8265": submit Ray jobs there
     working_dir: str | None = None  # what the job runs in; None = this project checkout
-    env_vars: dict = dataclasses.field(default_factory=dict)       # extra environment for the job
-    runtime_env: dict = dataclasses.field(default_factory=dict)    # merged into the job's runtime_env (pip, ...)
+    env_vars: dict = dataclasses.field(default_factory=dict)  # extra environment for the job
+    runtime_env: dict = dataclasses.field(default_factory=dict)  # merged into the job's runtime_env (pip, ...)
     excludes: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_EXCLUDES))
-    python: str = "python"          # interpreter on the cluster that has the project's dependencies
+    python: str = "python"  # interpreter on the cluster that has the project's dependencies
     tracking_uri: str | None = None  # MLflow as the cluster reaches it (None: the flow's tracking_uri)
-    entrypoint_num_cpus: float = 0.0   # the driver only orchestrates; workers request their own resources
+    entrypoint_num_cpus: float = 0.0  # the driver only orchestrates; workers request their own resources
     entrypoint_num_gpus: float = 0.0
-    poll_s: float = 2.0             # how often to poll status and fetch new log lines
+    poll_s: float = 2.0  # how often to poll status and fetch new log lines
     timeout_s: float = 24 * 3600.0  # stop waiting (and stop the job) after this long
 
     def __post_init__(self) -> None:
         if self.address is not None:
-            check(self.address.startswith(("http://", "https://")),
-                  f"cluster.address={self.address!r}: give the Ray dashboard (job server) URL, e.g. "
-                  "http://127.0.0.1:8265, or leave it unset to run steps in-process")
+            check(
+                self.address.startswith(("http://", "https://")),
+                f"cluster.address={self.address!r}: give the Ray dashboard (job server) URL, e.g. "
+                "http://127.0.0.1:8265, or leave it unset to run steps in-process",
+            )
         check(self.poll_s > 0, "cluster.poll_s must be > 0 seconds")
         check(self.timeout_s > 0, "cluster.timeout_s must be > 0 seconds")
-        check(self.entrypoint_num_cpus >= 0 and self.entrypoint_num_gpus >= 0,
-              "cluster.entrypoint_num_cpus/gpus must be >= 0")
+        check(
+            self.entrypoint_num_cpus >= 0 and self.entrypoint_num_gpus >= 0,
+            "cluster.entrypoint_num_cpus/gpus must be >= 0",
+        )
         for key in self.env_vars:
-            check(isinstance(key, str) and key.isidentifier(),
-                  f"cluster.env_vars key {key!r} is not a valid environment variable name")
+            check(
+                isinstance(key, str) and key.isidentifier(),
+                f"cluster.env_vars key {key!r} is not a valid environment variable name",
+            )
 
 
 class JobFailed(RuntimeError):
@@ -79,9 +85,9 @@ class JobResult:
 
 
 def set_arguments(config: dict[str, Any], prefix: str = "") -> list[str]:
-    """A nested config dict -> ``["--set", "a.b=VALUE", ...]`` where VALUE is YAML (what configuration.load reads).
+    """A nested config dict -> ``["--set", "a.b=VALUE", ...]`` where VALUE is YAML (what settings.load reads).
 
-    Unlike ``configuration.flatten`` nothing is redacted: these are the job's real settings, and Ray shows a
+    Unlike ``settings.flatten`` nothing is redacted: these are the job's real settings, and Ray shows a
     job's entrypoint in its logs and dashboard. So a secret-looking setting with a value is refused: pass secrets
     to the cluster as environment variables (``cluster.env_vars`` or the cluster's own secret store).
     """
@@ -89,8 +95,10 @@ def set_arguments(config: dict[str, Any], prefix: str = "") -> list[str]:
     for key, value in config.items():
         name = f"{prefix}{key}"
         if is_secret_key(str(key)) and value not in (None, "") and not isinstance(value, dict):
-            raise ConfigError(f"{name} looks like a secret; a Ray job's command line is logged, so it cannot carry "
-                              "it. Set it as an environment variable on the cluster (cluster.env_vars) instead")
+            raise ConfigError(
+                f"{name} looks like a secret; a Ray job's command line is logged, so it cannot carry "
+                "it. Set it as an environment variable on the cluster (cluster.env_vars) instead"
+            )
         if isinstance(value, dict) and value:
             out += set_arguments(value, name + ".")
         else:
@@ -131,15 +139,19 @@ def client(address: str):
         raise ConnectionError(
             f"cannot reach the Ray job server at {address}: {e}. Check the address (the Ray dashboard URL, port "
             "8265 by default; port-forward it from Kubernetes: kubectl port-forward svc/<cluster>-head-svc "
-            "8265:8265) and that the cluster has the dashboard (ray[default]) running") from None
+            "8265:8265) and that the cluster has the dashboard (ray[default]) running"
+        ) from None
 
 
 def runtime_env(cfg: ClusterConfig, env_vars: dict[str, str] | None = None) -> dict[str, Any]:
     env = dict(cfg.runtime_env)
     env["working_dir"] = str(Path(cfg.working_dir).resolve()) if cfg.working_dir else str(ROOT)
     env["excludes"] = sorted(set(env.get("excludes", [])) | set(cfg.excludes))
-    merged = {**dict(env.get("env_vars", {})), **{k: str(v) for k, v in cfg.env_vars.items()},
-              **{k: str(v) for k, v in (env_vars or {}).items()}}
+    merged = {
+        **dict(env.get("env_vars", {})),
+        **{k: str(v) for k, v in cfg.env_vars.items()},
+        **{k: str(v) for k, v in (env_vars or {}).items()},
+    }
     merged.setdefault("PYTHONUNBUFFERED", "1")
     env["env_vars"] = merged
     return env
@@ -159,8 +171,13 @@ def _attempt_ids(client_, submission_id: str) -> tuple[str, Any | None]:
         attempt += 1
 
 
-def submit_and_wait(cfg: ClusterConfig, entrypoint: str, submission_id: str, env_vars: dict[str, str] | None = None,
-                    log: Callable[[str], None] | None = None) -> JobResult:
+def submit_and_wait(
+    cfg: ClusterConfig,
+    entrypoint: str,
+    submission_id: str,
+    env_vars: dict[str, str] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> JobResult:
     """Submit ``entrypoint`` as a Ray job (or re-attach to the one with this id) and wait until it ends.
 
     New log lines are passed to ``log`` (default: printed) as they appear, with the job's status changes.
@@ -173,10 +190,14 @@ def submit_and_wait(cfg: ClusterConfig, entrypoint: str, submission_id: str, env
     jobs = client(cfg.address)
     sid, existing = _attempt_ids(jobs, submission_id)
     if existing is None:
-        jobs.submit_job(entrypoint=entrypoint, submission_id=sid, runtime_env=runtime_env(cfg, env_vars),
-                        entrypoint_num_cpus=cfg.entrypoint_num_cpus or None,
-                        entrypoint_num_gpus=cfg.entrypoint_num_gpus or None,
-                        metadata={"t2v_step": submission_id})
+        jobs.submit_job(
+            entrypoint=entrypoint,
+            submission_id=sid,
+            runtime_env=runtime_env(cfg, env_vars),
+            entrypoint_num_cpus=cfg.entrypoint_num_cpus or None,
+            entrypoint_num_gpus=cfg.entrypoint_num_gpus or None,
+            metadata={"t2v_step": submission_id},
+        )
         log(f"[job {sid}] submitted to {cfg.address}: {entrypoint}")
     else:
         log(f"[job {sid}] already {existing.status} on {cfg.address}; waiting for it instead of submitting again")
@@ -195,8 +216,10 @@ def submit_and_wait(cfg: ClusterConfig, entrypoint: str, submission_id: str, env
             break
         if time.monotonic() - start > cfg.timeout_s:
             jobs.stop_job(sid)
-            raise JobFailed(f"job {sid} ran longer than cluster.timeout_s={cfg.timeout_s:.0f}s and was stopped; "
-                            f"last log lines:\n{_tail(logs)}")
+            raise JobFailed(
+                f"job {sid} ran longer than cluster.timeout_s={cfg.timeout_s:.0f}s and was stopped; "
+                f"last log lines:\n{_tail(logs)}"
+            )
         time.sleep(cfg.poll_s)
 
     if status != JobStatus.SUCCEEDED:
@@ -210,7 +233,13 @@ def _tail(text: str, lines: int = 30) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def run_cli_step(cfg: ClusterConfig, command: str, args: list[str], submission_id: str,
-                 env_vars: dict[str, str] | None = None, log: Callable[[str], None] | None = None) -> JobResult:
+def run_cli_step(
+    cfg: ClusterConfig,
+    command: str,
+    args: list[str],
+    submission_id: str,
+    env_vars: dict[str, str] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> JobResult:
     """Run ``t2v <command> <args>`` as a Ray job on ``cfg.address`` (the flow's job mode for one step)."""
     return submit_and_wait(cfg, cli_entrypoint(command, args, cfg.python), submission_id, env_vars, log)

@@ -68,8 +68,9 @@ def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(axis=0), np.cov(x, rowvar=False)
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2):
 
         d^2 = ||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))
@@ -93,8 +94,10 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
             covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"imaginary component {np.abs(covmean.imag).max():.3g} in sqrtm: the inputs are "
-                             "not valid covariance matrices")
+            raise ValueError(
+                f"imaginary component {np.abs(covmean.imag).max():.3g} in sqrtm: the inputs are "
+                "not valid covariance matrices"
+            )
         covmean = covmean.real
     value = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean)
     return float(max(value, 0.0))  # rounding can make a zero distance slightly negative
@@ -113,17 +116,27 @@ class VideoFeatureNet:
     (some exported I3D networks take switches such as ``return_features``). The output is flattened to [b, d].
     """
 
-    def __init__(self, path: str | os.PathLike, size: int | None = 224, value_range: tuple[float, float] = (-1.0, 1.0),
-                 call_kwargs: dict | None = None, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        size: int | None = 224,
+        value_range: tuple[float, float] = (-1.0, 1.0),
+        call_kwargs: dict | None = None,
+        device: str | torch.device = "cpu",
+    ):
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"FVD feature network {str(path)!r} not found: pass a local TorchScript file "
-                                    "(torch.jit.save of a video network, e.g. an I3D) as fvd_network")
+            raise FileNotFoundError(
+                f"FVD feature network {str(path)!r} not found: pass a local TorchScript file "
+                "(torch.jit.save of a video network, e.g. an I3D) as fvd_network"
+            )
         try:
             self.net = torch.jit.load(str(path), map_location=device).eval()
         except RuntimeError as e:
-            raise ValueError(f"{path} is not a TorchScript archive ({str(e).splitlines()[0]}); export the network "
-                             "with torch.jit.script or torch.jit.trace and torch.jit.save") from None
+            raise ValueError(
+                f"{path} is not a TorchScript archive ({str(e).splitlines()[0]}); export the network "
+                "with torch.jit.script or torch.jit.trace and torch.jit.save"
+            ) from None
         self.size = size
         self.value_range = value_range
         self.call_kwargs = dict(call_kwargs or {})
@@ -140,15 +153,15 @@ class VideoFeatureNet:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
         lo, hi = self.value_range
         x = x * (hi - lo) + lo
-        return x.reshape(b, f, 3, *x.shape[-2:]).permute(0, 2, 1, 3, 4).contiguous()   # [b, 3, f, s, s]
+        return x.reshape(b, f, 3, *x.shape[-2:]).permute(0, 2, 1, 3, 4).contiguous()  # [b, 3, f, s, s]
 
     @torch.no_grad()
     def __call__(self, videos: np.ndarray, batch_size: int = 8) -> np.ndarray:
         feats = []
         for i in range(0, len(videos), batch_size):
-            out = self.net(self.prepare(videos[i:i + batch_size]), **self.call_kwargs)
+            out = self.net(self.prepare(videos[i : i + batch_size]), **self.call_kwargs)
             feats.append(out.reshape(out.shape[0], -1).float().cpu().numpy())
-        return np.concatenate(feats, axis=0)                                          # [b, d]
+        return np.concatenate(feats, axis=0)  # [b, d]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -174,12 +187,12 @@ class ClipScorer:
     def text(self, prompts: Sequence[str]) -> torch.Tensor:
         device = next(self.clip.parameters()).device
         emb = self.clip.encode_text(self.tokenizer(list(prompts)).to(device)).float()
-        return F.normalize(emb, dim=-1)                                               # [n, d]
+        return F.normalize(emb, dim=-1)  # [n, d]
 
     @torch.no_grad()
     def frames(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 [n, h, w, 3] -> [n, d] unit vectors."""
-        out = [self.images(frames[i:i + self.batch_size]) for i in range(0, len(frames), self.batch_size)]
+        out = [self.images(frames[i : i + self.batch_size]) for i in range(0, len(frames), self.batch_size)]
         return F.normalize(torch.cat(out).float(), dim=-1)
 
 
@@ -224,5 +237,8 @@ def shapes_metrics(videos: Sequence[np.ndarray], labels: Sequence[tuple[str, str
         colour_ok.append(found.colour == colour)
         direction_ok.append(found.direction == direction)
     both = [c and d for c, d in zip(colour_ok, direction_ok)]
-    return {"colour_accuracy": float(np.mean(colour_ok)), "direction_accuracy": float(np.mean(direction_ok)),
-            "shapes_accuracy": float(np.mean(both))}
+    return {
+        "colour_accuracy": float(np.mean(colour_ok)),
+        "direction_accuracy": float(np.mean(direction_ok)),
+        "shapes_accuracy": float(np.mean(both)),
+    }

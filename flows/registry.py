@@ -122,7 +122,7 @@ def recorded_evaluation(mv, signature: str | None = None) -> dict[str, float] | 
     tags = dict(mv.tags or {})
     if signature is not None and tags.get(SIGNATURE_TAG) != signature:
         return None
-    metrics = {k[len(EVAL_TAG_PREFIX):]: float(v) for k, v in tags.items() if k.startswith(EVAL_TAG_PREFIX)}
+    metrics = {k[len(EVAL_TAG_PREFIX) :]: float(v) for k, v in tags.items() if k.startswith(EVAL_TAG_PREFIX)}
     return metrics or None
 
 
@@ -132,21 +132,28 @@ class Decision:
     reason: str
     metric: str
     challenger: float
-    champion: float | None        # None: there was no champion
+    champion: float | None  # None: there was no champion
     champion_version: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def decide(metric: str, challenger: dict[str, float], champion: dict[str, float] | None, min_delta: float = 0.0,
-           champion_version: str | None = None) -> Decision:
+def decide(
+    metric: str,
+    challenger: dict[str, float],
+    champion: dict[str, float] | None,
+    min_delta: float = 0.0,
+    champion_version: str | None = None,
+) -> Decision:
     """Promote when there is no champion, or the challenger beats it on ``metric`` by more than ``min_delta``."""
     from flows.metrics import higher_is_better, is_better
 
     if metric not in challenger:
-        raise ValueError(f"the evaluation has no {metric!r} (it has {sorted(challenger)}); choose a promotion "
-                         "metric the evaluation produces (shapes_accuracy needs prompts=shapes, fvd a network)")
+        raise ValueError(
+            f"the evaluation has no {metric!r} (it has {sorted(challenger)}); choose a promotion "
+            "metric the evaluation produces (shapes_accuracy needs prompts=shapes, fvd a network)"
+        )
     value = float(challenger[metric])
     if champion is None:
         return Decision(True, "no champion yet: the first model becomes champion", metric, value, None)
@@ -188,14 +195,15 @@ def download_checkpoint(model_uri: str, dst: str | Path, tracking_uri: str) -> P
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     with tracking_uri_set(tracking_uri):  # models:/ URIs resolve through the global registry URI
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst),
-                                                         tracking_uri=tracking_uri))
+        local = Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst), tracking_uri=tracking_uri)
+        )
     return find_checkpoint(local, model_uri)
 
 
 def find_checkpoint(folder: Path, what: str = "") -> Path:
     """The t2v-platform checkpoint file inside a downloaded model folder (prefers EMA weights when both exist)."""
-    from model.pipeline import read_checkpoint
+    from model.text_to_video import read_checkpoint
 
     candidates = sorted(folder.rglob("*.pt"), key=lambda p: ("ema" not in p.name, len(str(p)), str(p)))
     for path in candidates:
@@ -204,5 +212,7 @@ def find_checkpoint(folder: Path, what: str = "") -> Path:
         except ValueError:
             continue
         return path
-    raise FileNotFoundError(f"no t2v-platform checkpoint (*.pt) inside {what or folder}; was it logged by "
-                            "`t2v train` (pipelines/pyfunc.py)?")
+    raise FileNotFoundError(
+        f"no t2v-platform checkpoint (*.pt) inside {what or folder}; was it logged by "
+        "`t2v train` (pipelines/pyfunc.py)?"
+    )

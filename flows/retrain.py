@@ -27,16 +27,22 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
 
-from model import configuration
-from model.configuration import ConfigError, check, check_choice
 from flows import jobs, registry
+from flows.evaluate import METRICS_FILE, EvalConfig
 from flows.jobs import ClusterConfig
+from flows.metrics import HIGHER_IS_BETTER
+from pipelines import logs, settings
+from pipelines.curation.config import CurateConfig
+from pipelines.settings import ConfigError, check, check_choice
+from pipelines.tracking import TrackingConfig, resolve_tracking_uri
+from pipelines.training.config import TrainConfig
 
 STEPS = ("curate", "champion", "train", "evaluate", "register", "promote")
 DONE_FILE = "done.json"
@@ -44,41 +50,49 @@ DONE_FILE = "done.json"
 
 @dataclasses.dataclass
 class RetrainConfig:
-    input: str | None = None          # where new data lands: manifest, media folder or tars (curate's --input)
-    state_dir: str = "runs/flow"      # curated data, cycles and their step records
-    model_name: str = "t2v"           # registered model name
-    init: Literal["champion", "scratch"] = "champion"   # what training starts from
-    metric: str = "shapes_accuracy"   # promotion metric (flows.metrics.HIGHER_IS_BETTER says which way is better)
-    min_delta: float = 0.0            # the challenger must beat the champion by more than this
-    on_no_new_data: Literal["skip", "train"] = "skip"   # a cycle with nothing new: end early, or train anyway
-    curate: dict = dataclasses.field(default_factory=dict)    # pipelines.curate.CurateConfig settings
-    train: dict = dataclasses.field(default_factory=dict)     # pipelines.train.TrainConfig (data/output/init set here)
-    train_base: str | None = None     # a TrainConfig YAML that `train` overrides, e.g. clusters/deepspeed/h100x1.yaml
-    evaluate: dict = dataclasses.field(default_factory=dict)  # flows.evaluate.EvalConfig (model/output set here)
+    input: str | None = None  # where new data lands: manifest, media folder or tars (curate's --input)
+    state_dir: str = "runs/flow"  # curated data, cycles and their step records
+    model_name: str = "t2v"  # registered model name
+    init: Literal["champion", "scratch"] = "champion"  # what training starts from
+    metric: str = "shapes_accuracy"  # promotion metric (flows.metrics.HIGHER_IS_BETTER says which way is better)
+    min_delta: float = 0.0  # the challenger must beat the champion by more than this
+    on_no_new_data: Literal["skip", "train"] = "skip"  # a cycle with nothing new: end early, or train anyway
+    curate: CurateConfig = dataclasses.field(default_factory=CurateConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)  # data, output, init_from: set per cycle
+    train_base: str | None = None  # a train config YAML under `train`, e.g. clusters/deepspeed/h100x1.yaml
+    evaluate: EvalConfig = dataclasses.field(default_factory=EvalConfig)  # checkpoint, output: set per cycle
     cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
-    tracking_uri: str | None = None   # None: env MLFLOW_TRACKING_URI or sqlite:///<cwd>/runs/mlflow.db
-    experiment: str = "t2v-retrain"
-    retries: int = 2                  # per step
+    mlflow: TrackingConfig = dataclasses.field(default_factory=lambda: TrackingConfig(experiment="t2v-retrain"))
+    retries: int = 2  # per step
     retry_delay_s: float = 10.0
-    cron: str = "0 3 * * *"           # schedule for `serve`
-    deployment: str = "t2v-retrain"   # deployment name for `serve`
+    cron: str = "0 3 * * *"  # schedule for `serve`
+    deployment: str = "t2v-retrain"  # deployment name for `serve`
 
     def __post_init__(self) -> None:
         check_choice("init", self.init, ["champion", "scratch"])
-        from flows.metrics import HIGHER_IS_BETTER
-
         check(self.metric in HIGHER_IS_BETTER, f"metric={self.metric!r}: choose one of {sorted(HIGHER_IS_BETTER)}")
-        check(bool(self.model_name) and "/" not in self.model_name and "@" not in self.model_name,
-              f"model_name={self.model_name!r}: use a plain name such as t2v-shapes")
+        check(
+            bool(self.model_name) and "/" not in self.model_name and "@" not in self.model_name,
+            f"model_name={self.model_name!r}: use a plain name such as t2v-shapes",
+        )
         check(self.retries >= 0 and self.retry_delay_s >= 0, "retries and retry_delay_s must be >= 0")
         check(len(self.cron.split()) == 5, f"cron={self.cron!r}: give five cron fields, e.g. '0 3 * * *' (03:00 daily)")
-        check(self.train_base is None or Path(self.train_base).is_file(),
-              f"train_base={self.train_base!r} is not a file: give a train config YAML such as "
-              "clusters/deepspeed/h100x8-zero2.yaml, or leave it unset")
-        for key in ("data", "output", "init_from"):
-            check(key not in self.train, f"train.{key} is set by the flow; remove it from the flow config")
-        for key in ("checkpoint", "model_uri", "output"):
-            check(key not in self.evaluate, f"evaluate.{key} is set by the flow; remove it from the flow config")
+        check(
+            self.train_base is None or Path(self.train_base).is_file(),
+            f"train_base={self.train_base!r} is not a file: give a train config YAML such as "
+            "clusters/deepspeed/h100x8-zero2.yaml, or leave it unset",
+        )
+        fixed = {
+            "train.data": (self.train.data, []),
+            "train.output": (self.train.output, TrainConfig.output),
+            "train.init_from": (self.train.init_from, None),
+            "evaluate.checkpoint": (self.evaluate.checkpoint, None),
+            "evaluate.model_uri": (self.evaluate.model_uri, None),
+            "evaluate.output": (self.evaluate.output, EvalConfig.output),
+            "evaluate.mlflow.run_id": (self.evaluate.mlflow.run_id, None),
+        }
+        for key, (value, default) in fixed.items():
+            check(value == default, f"{key} is set by the flow for every cycle; remove it from the flow config")
 
     # -- resolved paths ------------------------------------------------------------------------------------------
 
@@ -91,9 +105,7 @@ class RetrainConfig:
         return self.state / "curated"
 
     def resolved_tracking_uri(self) -> str:
-        from pipelines.tracking import resolve_tracking_uri
-
-        return resolve_tracking_uri(self.tracking_uri)  # SQLite paths absolute: jobs run in other directories
+        return resolve_tracking_uri(self.mlflow.tracking_uri)  # SQLite paths absolute: jobs run in other directories
 
     def step_tracking_uri(self) -> str:
         """MLflow as the steps see it: on a cluster it may have another address than from this machine."""
@@ -102,77 +114,61 @@ class RetrainConfig:
         return self.resolved_tracking_uri()
 
 
+def with_train_base(given: dict[str, Any]) -> dict[str, Any]:
+    """The settings given, with the ``train_base`` file's settings under those given for ``train``."""
+    if not given.get("train_base"):
+        return given
+    return {**given, "train": settings.merge(settings.read_yaml(given["train_base"]), given.get("train") or {})}
+
+
+def load_config(path: str | None = None, overrides: list[str] = (), base: dict | None = None) -> RetrainConfig:
+    return settings.load(RetrainConfig, path, overrides, base=base, prepare=with_train_base)
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Step configs (the other entry points' own dataclasses, built from the flow config: invalid settings fail here,
-# before any step runs)
+# Step configs: the flow's sections with what each cycle sets (invalid settings failed when the flow config loaded)
 
 
-def curate_config(cfg: RetrainConfig):
-    from pipelines.curate import CurateConfig
-
-    return configuration.from_dict(CurateConfig, cfg.curate, "curate")
-
-
-def merge_settings(base: dict, extra: dict) -> dict:
-    """``extra`` over ``base``, nested dicts merged key by key (a new dict; neither input changes)."""
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = merge_settings(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+def _step_tracking(cfg: RetrainConfig, section: TrackingConfig, run_id: str | None = None) -> TrackingConfig:
+    return dataclasses.replace(
+        section, tracking_uri=cfg.step_tracking_uri(), experiment=cfg.mlflow.experiment, run_id=run_id
+    )
 
 
-def train_settings(cfg: RetrainConfig, cycle: Path, init_from: str | None) -> dict[str, Any]:
-    base: dict[str, Any] = {}
-    if cfg.train_base:
-        import yaml
-
-        base = yaml.safe_load(Path(cfg.train_base).read_text(encoding="utf-8")) or {}
-    settings = merge_settings(base, json.loads(json.dumps(cfg.train)))  # deep copy, train over train_base
-    settings["data"] = [str(cfg.curated)]
-    settings["output"] = str(cycle / "train")
-    settings["init_from"] = init_from
-    mlflow_settings = dict(settings.get("mlflow") or {})
-    mlflow_settings["tracking_uri"] = cfg.step_tracking_uri()
-    mlflow_settings.setdefault("experiment", cfg.experiment)
-    settings["mlflow"] = mlflow_settings
-    return settings
+def train_config(cfg: RetrainConfig, cycle: Path, init_from: str | None) -> TrainConfig:
+    return dataclasses.replace(
+        cfg.train,
+        data=[str(cfg.curated)],
+        output=str(cycle / "train"),
+        init_from=init_from,
+        mlflow=_step_tracking(cfg, cfg.train.mlflow),
+    )
 
 
-def train_config(cfg: RetrainConfig, cycle: Path, init_from: str | None):
-    from pipelines.train import TrainConfig
-
-    return configuration.from_dict(TrainConfig, train_settings(cfg, cycle, init_from), "train")
-
-
-def eval_settings(cfg: RetrainConfig, checkpoint: str, output: Path, run_id: str | None) -> dict[str, Any]:
-    settings = json.loads(json.dumps(cfg.evaluate))
-    settings.update(checkpoint=str(checkpoint), output=str(output))
-    mlflow_settings = dict(settings.get("mlflow") or {})
-    mlflow_settings.update(tracking_uri=cfg.step_tracking_uri(), run_id=run_id)
-    mlflow_settings.setdefault("experiment", cfg.experiment)
-    settings["mlflow"] = mlflow_settings
-    return settings
-
-
-def eval_config(cfg: RetrainConfig, checkpoint: str, output: Path, run_id: str | None):
-    from flows.evaluate import EvalConfig
-
-    return configuration.from_dict(EvalConfig, eval_settings(cfg, checkpoint, output, run_id), "evaluate")
+def eval_config(cfg: RetrainConfig, checkpoint: str, output: Path, run_id: str | None) -> EvalConfig:
+    return dataclasses.replace(
+        cfg.evaluate,
+        checkpoint=str(checkpoint),
+        output=str(output),
+        mlflow=_step_tracking(cfg, cfg.evaluate.mlflow, run_id),
+    )
 
 
 def validate(cfg: RetrainConfig) -> None:
-    """Build every step's config once so a typo fails now, not an hour into the cycle."""
+    """What a cycle needs beyond valid settings, checked before anything runs."""
     check(bool(cfg.input), "input is not set: give --input (a manifest, media folder or tars with the new data)")
-    curate_config(cfg)
-    train = train_config(cfg, cfg.state / "cycles" / "check", None)
-    check(train.mlflow.enabled and train.mlflow.log_model,
-          "the flow registers the model training logs to MLflow: keep train.mlflow.enabled and "
-          "train.mlflow.log_model true")
-    eval_config(cfg, "model.pt", cfg.state / "check", None)
+    check(
+        cfg.train.mlflow.enabled and cfg.train.log_model,
+        "the flow registers the model training logs to MLflow: keep train.mlflow.enabled and train.log_model true",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Cycle bookkeeping
+
+
+def _say(step: str, text: str) -> None:
+    logging.getLogger(f"t2v.{step}").info(text)
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -196,17 +192,22 @@ def open_cycle(cfg: RetrainConfig) -> Path:
         last = existing[-1]
         info = _read(last / "cycle.json") or {}
         if info.get("input") == cfg.input:
-            print(f"[flow] resuming unfinished cycle {last.name} (steps done: "
-                  f"{', '.join(s for s in STEPS if (last / f'{s}.json').exists()) or 'none'})")
+            _say(
+                "flow",
+                f"resuming unfinished cycle {last.name} (steps done: "
+                f"{', '.join(s for s in STEPS if (last / f'{s}.json').exists()) or 'none'})",
+            )
             return last
         # A new input supersedes a cycle that never finished; its curated data is in the ledger already.
         _write(last / DONE_FILE, {"status": "superseded", "by_input": cfg.input, "at": time.time()})
     number = int(existing[-1].name) + 1 if existing else 1
     cycle = cfg.state / "cycles" / f"{number:04d}"
     cycle.mkdir(parents=True, exist_ok=True)
-    _write(cycle / "cycle.json", {"input": cfg.input, "started": time.time(), "config": configuration.redact(
-        configuration.to_dict(cfg))})
-    print(f"[flow] starting cycle {cycle.name} on {cfg.input}")
+    _write(
+        cycle / "cycle.json",
+        {"input": cfg.input, "started": time.time(), "config": settings.redact(settings.to_dict(cfg))},
+    )
+    _say("flow", f"starting cycle {cycle.name} on {cfg.input}")
     return cycle
 
 
@@ -236,14 +237,14 @@ def _once(cycle: Path, step: str, fn) -> dict[str, Any]:
     path = cycle / f"{step}.json"
     done = _read(path)
     if done is not None:
-        print(f"[{step}] already done in this cycle ({path}); skipping")
+        _say(step, f"already done in this cycle ({path}); skipping")
         return done
     started = time.monotonic()
-    print(f"[{step}] started")
+    _say(step, "started")
     result = fn()
     result["seconds"] = round(time.monotonic() - started, 1)
     _write(path, result)
-    print(f"[{step}] finished in {result['seconds']:.0f}s")
+    _say(step, f"finished in {result['seconds']:.0f}s")
     return result
 
 
@@ -255,31 +256,38 @@ def curate_step(cfg: RetrainConfig, cycle: Path) -> dict[str, Any]:
     def work():
         out = cfg.curated
         if cfg.cluster.address is None:
-            from pipelines import curate
+            from pipelines.curation import job as curate
 
-            summary = curate.run(curate_config(cfg), cfg.input, out)
+            summary = curate.run(cfg.curate, cfg.input, out)
         else:
-            args = ["--input", cfg.input, "--output", str(out), *jobs.set_arguments(cfg.curate)]
+            args = ["--input", cfg.input, "--output", str(out), *jobs.set_arguments(settings.to_dict(cfg.curate))]
             jobs.run_cli_step(cfg.cluster, "curate", args, job_id(cfg, cycle, "curate"), job_env(cfg))
             summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
         total = int(summary["totals"]["accepted"])
-        return {"run": summary["run"], "processed": summary["processed"], "accepted": summary["accepted"],
-                "accepted_total": total, "new_since_last_training": total - last_trained_total(cfg, cycle),
-                "samples_total": summary["totals"]["samples"], "output": str(out)}
+        return {
+            "run": summary["run"],
+            "processed": summary["processed"],
+            "accepted": summary["accepted"],
+            "accepted_total": total,
+            "new_since_last_training": total - last_trained_total(cfg, cycle),
+            "samples_total": summary["totals"]["samples"],
+            "output": str(out),
+        }
 
     return _once(cycle, "curate", work)
 
 
 def champion_step(cfg: RetrainConfig, cycle: Path) -> dict[str, Any]:
     """Snapshot the champion at the start of the cycle (what training starts from and what must be beaten)."""
+
     def work():
         uri = cfg.resolved_tracking_uri()
         mv = registry.get_alias(registry.client(uri), cfg.model_name, registry.CHAMPION)
         if mv is None:
-            print(f"[champion] no {cfg.model_name}@champion yet")
+            _say("champion", f"no {cfg.model_name}@champion yet")
             return {"version": None, "checkpoint": None, "run_id": None}
         checkpoint = registry.download_checkpoint(f"models:/{cfg.model_name}/{mv.version}", cycle / "champion", uri)
-        print(f"[champion] {cfg.model_name} version {mv.version} (run {mv.run_id})")
+        _say("champion", f"{cfg.model_name} version {mv.version} (run {mv.run_id})")
         return {"version": str(mv.version), "checkpoint": str(checkpoint), "run_id": mv.run_id}
 
     return _once(cycle, "champion", work)
@@ -288,15 +296,14 @@ def champion_step(cfg: RetrainConfig, cycle: Path) -> dict[str, Any]:
 def train_step(cfg: RetrainConfig, cycle: Path, champion: dict[str, Any]) -> dict[str, Any]:
     def work():
         init_from = champion["checkpoint"] if cfg.init == "champion" else None
-        print(f"[train] starting from {'champion version ' + champion['version'] if init_from else 'scratch'}")
+        _say("train", f"starting from {'champion version ' + champion['version'] if init_from else 'scratch'}")
         if cfg.cluster.address is None:
-            from pipelines import train
+            from pipelines.training import job as train
 
             train.run(train_config(cfg, cycle, init_from))
         else:
-            settings = train_settings(cfg, cycle, init_from)
-            jobs.run_cli_step(cfg.cluster, "train", jobs.set_arguments(settings), job_id(cfg, cycle, "train"),
-                              job_env(cfg))
+            args = jobs.set_arguments(settings.to_dict(train_config(cfg, cycle, init_from)))
+            jobs.run_cli_step(cfg.cluster, "train", args, job_id(cfg, cycle, "train"), job_env(cfg))
         result = _read(cycle / "train" / "result.json")
         if result is None:
             raise RuntimeError(f"training finished without {cycle / 'train' / 'result.json'}; see its log above")
@@ -305,44 +312,59 @@ def train_step(cfg: RetrainConfig, cycle: Path, champion: dict[str, Any]) -> dic
     return _once(cycle, "train", work)
 
 
-def _evaluate(cfg: RetrainConfig, cycle: Path, step: str, checkpoint: str, output: Path,
-              run_id: str | None) -> dict[str, Any]:
+def _evaluate(
+    cfg: RetrainConfig, cycle: Path, step: str, checkpoint: str, output: Path, run_id: str | None
+) -> dict[str, Any]:
     if cfg.cluster.address is None:
         from flows import evaluate
 
         return evaluate.run(eval_config(cfg, checkpoint, output, run_id))
-    settings = eval_settings(cfg, checkpoint, output, run_id)
-    jobs.run_cli_step(cfg.cluster, "evaluate", jobs.set_arguments(settings), job_id(cfg, cycle, step), job_env(cfg))
-    from flows.evaluate import METRICS_FILE
-
+    args = jobs.set_arguments(settings.to_dict(eval_config(cfg, checkpoint, output, run_id)))
+    jobs.run_cli_step(cfg.cluster, "evaluate", args, job_id(cfg, cycle, step), job_env(cfg))
     return json.loads((output / METRICS_FILE).read_text(encoding="utf-8"))
 
 
 def served_checkpoint(cfg: RetrainConfig, trained: dict[str, Any]) -> str:
     """The weights the registered model serves (training logs the EMA weights by default): what is evaluated."""
-    weights = (train_settings(cfg, Path("."), None)["mlflow"]).get("model_weights", "ema")
-    return trained.get("ema_checkpoint") if weights == "ema" and trained.get("ema_checkpoint") else trained["checkpoint"]
+    weights = cfg.train.logged_model_weights
+    return (
+        trained.get("ema_checkpoint") if weights == "ema" and trained.get("ema_checkpoint") else trained["checkpoint"]
+    )
 
 
 def evaluate_step(cfg: RetrainConfig, cycle: Path, trained: dict[str, Any]) -> dict[str, Any]:
-    return _once(cycle, "evaluate", lambda: _evaluate(cfg, cycle, "evaluate", served_checkpoint(cfg, trained),
-                                                       cycle / "eval", trained.get("run_id")))
+    return _once(
+        cycle,
+        "evaluate",
+        lambda: _evaluate(
+            cfg, cycle, "evaluate", served_checkpoint(cfg, trained), cycle / "eval", trained.get("run_id")
+        ),
+    )
 
 
-def register_step(cfg: RetrainConfig, cycle: Path, trained: dict[str, Any], evaluation: dict[str, Any]) -> dict[str, Any]:
+def register_step(
+    cfg: RetrainConfig, cycle: Path, trained: dict[str, Any], evaluation: dict[str, Any]
+) -> dict[str, Any]:
     def work():
         c = registry.client(cfg.resolved_tracking_uri())
-        mv = registry.register(c, cfg.model_name, trained["model_uri"], trained["run_id"],
-                               tags={"t2v.cycle": cycle.name, "t2v.init_from": trained.get("init_from") or "scratch"})
+        mv = registry.register(
+            c,
+            cfg.model_name,
+            trained["model_uri"],
+            trained["run_id"],
+            tags={"t2v.cycle": cycle.name, "t2v.init_from": trained.get("init_from") or "scratch"},
+        )
         registry.record_evaluation(c, cfg.model_name, mv.version, evaluation["metrics"], evaluation["signature"])
         registry.set_alias(c, cfg.model_name, registry.CHALLENGER, mv.version)
-        print(f"[register] {cfg.model_name} version {mv.version} -> @{registry.CHALLENGER}")
+        _say("register", f"{cfg.model_name} version {mv.version} -> @{registry.CHALLENGER}")
         return {"version": str(mv.version), "model_uri": trained["model_uri"], "run_id": trained["run_id"]}
 
     return _once(cycle, "register", work)
 
 
-def champion_metrics(cfg: RetrainConfig, cycle: Path, champion: dict[str, Any], signature: str) -> dict[str, float] | None:
+def champion_metrics(
+    cfg: RetrainConfig, cycle: Path, champion: dict[str, Any], signature: str
+) -> dict[str, float] | None:
     """The champion's figures under this cycle's evaluation settings: recorded ones, or a fresh evaluation."""
     if champion["version"] is None:
         return None
@@ -351,23 +373,28 @@ def champion_metrics(cfg: RetrainConfig, cycle: Path, champion: dict[str, Any], 
     recorded = registry.recorded_evaluation(mv, signature)
     if recorded is not None:
         return recorded
-    print(f"[promote] champion version {champion['version']} has no figures for these evaluation settings; "
-          "evaluating it now")
-    result = _evaluate(cfg, cycle, "evaluate-champion", champion["checkpoint"], cycle / "champion_eval",
-                       champion.get("run_id"))
+    _say(
+        "promote",
+        f"champion version {champion['version']} has no figures for these evaluation settings; evaluating it now",
+    )
+    result = _evaluate(
+        cfg, cycle, "evaluate-champion", champion["checkpoint"], cycle / "champion_eval", champion.get("run_id")
+    )
     registry.record_evaluation(c, cfg.model_name, champion["version"], result["metrics"], result["signature"])
     return result["metrics"]
 
 
-def promote_step(cfg: RetrainConfig, cycle: Path, champion: dict[str, Any], registered: dict[str, Any],
-                 evaluation: dict[str, Any]) -> dict[str, Any]:
+def promote_step(
+    cfg: RetrainConfig, cycle: Path, champion: dict[str, Any], registered: dict[str, Any], evaluation: dict[str, Any]
+) -> dict[str, Any]:
     def work():
         old = champion_metrics(cfg, cycle, champion, evaluation["signature"])
         decision = registry.decide(cfg.metric, evaluation["metrics"], old, cfg.min_delta, champion["version"])
-        registry.apply_decision(registry.client(cfg.resolved_tracking_uri()), cfg.model_name, registered["version"],
-                                decision)
+        registry.apply_decision(
+            registry.client(cfg.resolved_tracking_uri()), cfg.model_name, registered["version"], decision
+        )
         verdict = "promoted to @champion" if decision.promote else f"stays @{registry.CHALLENGER}"
-        print(f"[promote] version {registered['version']} {verdict}: {decision.reason}")
+        _say("promote", f"version {registered['version']} {verdict}: {decision.reason}")
         return {**decision.as_dict(), "version": registered["version"], "champion_metrics": old}
 
     return _once(cycle, "promote", work)
@@ -381,7 +408,7 @@ def run_cycle(cfg: RetrainConfig, task=None) -> dict[str, Any]:
     """One cycle of the steps above. ``task`` wraps each step (Prefect tasks in the flow; plain calls otherwise)."""
     call = task or (lambda name, fn, *args: fn(*args))
     validate(cfg)
-    ensure_experiment(cfg.resolved_tracking_uri(), cfg.experiment, cfg.state)
+    ensure_experiment(cfg.resolved_tracking_uri(), cfg.mlflow.experiment, cfg.state)
     cycle = open_cycle(cfg)
     ray_was_up = _ray_initialized()
     try:
@@ -398,15 +425,22 @@ def _ray_initialized() -> bool:
 
 
 def _steps(cfg: RetrainConfig, cycle: Path, call) -> dict[str, Any]:
-    summary: dict[str, Any] = {"cycle": cycle.name, "cycle_dir": str(cycle), "model_name": cfg.model_name,
-                               "tracking_uri": configuration.redact_uri(cfg.resolved_tracking_uri()),
-                               "input": cfg.input}
+    summary: dict[str, Any] = {
+        "cycle": cycle.name,
+        "cycle_dir": str(cycle),
+        "model_name": cfg.model_name,
+        "tracking_uri": settings.redact_uri(cfg.resolved_tracking_uri()),
+        "input": cfg.input,
+    }
     curated = call("curate", curate_step, cfg, cycle)
     summary["curate"] = curated
     if curated["new_since_last_training"] <= 0 and cfg.on_no_new_data == "skip":
         summary["status"] = "no-new-data"
-        print(f"[flow] nothing new accepted since the last trained cycle ({curated['processed']} inputs processed); "
-              "no training this cycle")
+        _say(
+            "flow",
+            f"nothing new accepted since the last trained cycle ({curated['processed']} inputs processed); "
+            "no training this cycle",
+        )
         _write(cycle / DONE_FILE, summary)
         return summary
     champion = call("champion", champion_step, cfg, cycle)
@@ -414,8 +448,14 @@ def _steps(cfg: RetrainConfig, cycle: Path, call) -> dict[str, Any]:
     evaluation = call("evaluate", evaluate_step, cfg, cycle, trained)
     registered = call("register", register_step, cfg, cycle, trained, evaluation)
     decision = call("promote", promote_step, cfg, cycle, champion, registered, evaluation)
-    summary.update(status="done", champion_before=champion, train=trained, evaluation=evaluation,
-                   registered=registered, decision=decision)
+    summary.update(
+        status="done",
+        champion_before=champion,
+        train=trained,
+        evaluation=evaluation,
+        registered=registered,
+        decision=decision,
+    )
     _write(cycle / DONE_FILE, summary)
     return summary
 
@@ -439,12 +479,11 @@ def _prefect_flow():
     @flow(name="t2v-retrain", log_prints=True)
     def retrain(config: dict) -> dict:
         """Curate new data, train, evaluate, register @challenger, promote to @champion if better."""
-        cfg = configuration.from_dict(RetrainConfig, config)
+        cfg = settings.from_dict(RetrainConfig, config)
 
         def as_task(name, fn, *args):
             # Results are the step records on disk; Prefect's own caching stays off so a re-run asks the records.
-            t = task(fn, name=name, cache_policy=NO_CACHE, retries=cfg.retries,
-                     retry_delay_seconds=cfg.retry_delay_s)
+            t = task(fn, name=name, cache_policy=NO_CACHE, retries=cfg.retries, retry_delay_seconds=cfg.retry_delay_s)
             return t(*args)
 
         return run_cycle(cfg, as_task)
@@ -478,14 +517,17 @@ def run_once(cfg: RetrainConfig) -> dict[str, Any]:
     """Run the flow now (Prefect starts a temporary local API server unless PREFECT_API_URL names one)."""
     validate(cfg)  # before Prefect starts: a bad setting fails in a second, not after the server is up
     prefect_environment(cfg.state)
-    return retrain_flow()(configuration.to_dict(cfg))
+    return retrain_flow()(settings.to_dict(cfg))
 
 
 def deployment(cfg: RetrainConfig):
     """The scheduled deployment: the flow with this config as its parameter, on ``cfg.cron``."""
-    return retrain_flow().to_deployment(name=cfg.deployment, cron=cfg.cron,
-                                        parameters={"config": configuration.to_dict(cfg)},
-                                        description=f"t2v re-training of {cfg.model_name} on {cfg.input}")
+    return retrain_flow().to_deployment(
+        name=cfg.deployment,
+        cron=cfg.cron,
+        parameters={"config": settings.to_dict(cfg)},
+        description=f"t2v re-training of {cfg.model_name} on {cfg.input}",
+    )
 
 
 def serve(cfg: RetrainConfig) -> None:
@@ -494,7 +536,7 @@ def serve(cfg: RetrainConfig) -> None:
     prefect_environment(cfg.state)
     from prefect import serve as prefect_serve
 
-    print(f"[flow] serving deployment {cfg.deployment!r} on cron {cfg.cron!r} for input {cfg.input}; Ctrl-C stops")
+    _say("flow", f"serving deployment {cfg.deployment!r} on cron {cfg.cron!r} for input {cfg.input}; Ctrl-C stops")
     prefect_serve(deployment(cfg))
 
 
@@ -503,14 +545,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("mode", choices=["run-once", "serve"], help="run a cycle now, or serve it on the cron schedule")
     parser.add_argument("--input", default=None, help="where new data lands (same as --set input=...)")
     parser.add_argument("--cron", default=None, help="schedule for serve, e.g. '0 3 * * *' (same as --set cron=...)")
-    configuration.add_arguments(parser)
+    settings.add_arguments(parser)
     args = parser.parse_args(argv)
-    flags = [f"{k}={json.dumps(v)}" for k, v in (("input", args.input), ("cron", args.cron)) if v is not None]
+    cfg = settings.resolve(
+        parser, RetrainConfig, args, {"input": args.input, "cron": args.cron}, prepare=with_train_base
+    )
+    if cfg is None:
+        return 0
+    logs.setup()
     try:
-        cfg = configuration.load(RetrainConfig, args.config, flags + args.set)
-        if args.dry_run:
-            print(configuration.dump(cfg), end="")
-            return 0
         if args.mode == "serve":
             serve(cfg)
             return 0
@@ -527,8 +570,10 @@ def format_summary(s: dict[str, Any]) -> str:
     if s["status"] != "done":
         return "\n".join(lines)
     d, reg = s["decision"], s["registered"]
-    lines.append(f"  model     {s['model_name']} version {reg['version']} (@challenger); "
-                 + ("promoted to @champion" if d["promote"] else "not promoted"))
+    lines.append(
+        f"  model     {s['model_name']} version {reg['version']} (@challenger); "
+        + ("promoted to @champion" if d["promote"] else "not promoted")
+    )
     lines.append(f"  decision  {d['reason']}")
     for name, value in s["evaluation"]["metrics"].items():
         lines.append(f"  {name:<20} {value:.4f}")

@@ -20,9 +20,10 @@ extra concat input channels (VideoComposer-style conditions start switched off).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -52,8 +53,10 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], int | N
     """Read a UNet state dict and the training step (None if the file has none) from a local file."""
     p = Path(path)
     if not p.is_file():
-        raise CheckpointError(f"checkpoint {str(p)!r} does not exist; pass the local path of a .pth/.pt/.safetensors "
-                              "file (nothing is downloaded)")
+        raise CheckpointError(
+            f"checkpoint {str(p)!r} does not exist; pass the local path of a .pth/.pt/.safetensors "
+            "file (nothing is downloaded)"
+        )
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -62,33 +65,41 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], int | N
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:  # pickle errors, truncated files, non-tensor objects
-            raise CheckpointError(f"cannot read checkpoint {str(p)!r} with torch.load(weights_only=True): {e}") \
-                from None
+            raise CheckpointError(
+                f"cannot read checkpoint {str(p)!r} with torch.load(weights_only=True): {e}"
+            ) from None
     return unwrap_state_dict(obj, where=str(p))
 
 
 def unwrap_state_dict(obj: Any, where: str = "checkpoint") -> tuple[dict[str, Tensor], int | None]:
     """Find the UNet state dict inside any of the accepted container formats; strip wrapper prefixes."""
     step = None
-    if isinstance(obj, Mapping) and "format" in obj and "unet" in obj:        # this project's TextToVideo file
+    if isinstance(obj, Mapping) and "format" in obj and "unet" in obj:  # this project's TextToVideo file
         obj, step = obj["unet"], obj.get("step")
-    elif isinstance(obj, Mapping) and "state_dict" in obj:                   # TF-T2V {'state_dict', 'step'}
+    elif isinstance(obj, Mapping) and "state_dict" in obj:  # TF-T2V {'state_dict', 'step'}
         obj, step = obj["state_dict"], obj.get("step")
     if not isinstance(obj, Mapping) or not obj:
-        raise CheckpointError(f"{where}: expected a UNet state dict (or {{'state_dict': ..., 'step': ...}}), "
-                              f"got {type(obj).__name__}{' (empty)' if isinstance(obj, Mapping) else ''}")
+        raise CheckpointError(
+            f"{where}: expected a UNet state dict (or {{'state_dict': ..., 'step': ...}}), "
+            f"got {type(obj).__name__}{' (empty)' if isinstance(obj, Mapping) else ''}"
+        )
     bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
     if bad:
         raise CheckpointError(f"{where}: entries {bad[:_SHOW]} are not tensors; this does not look like a state dict")
     state = dict(obj)
     for prefix in _PREFIXES:
         if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     return state, (int(step) if step is not None else None)
 
 
-def load_unet_weights(model: nn.Module, source: str | os.PathLike | Mapping[str, Tensor], *,
-                      allow_missing: Iterable[str] = (), pad_input_channels: bool = False) -> LoadReport:
+def load_unet_weights(
+    model: nn.Module,
+    source: str | os.PathLike | Mapping[str, Tensor],
+    *,
+    allow_missing: Iterable[str] = (),
+    pad_input_channels: bool = False,
+) -> LoadReport:
     """Copy weights from a file path or state dict into ``model``; raise CheckpointError unless they fit."""
     if isinstance(source, Mapping):
         state, step = unwrap_state_dict(source)
@@ -103,8 +114,12 @@ def load_unet_weights(model: nn.Module, source: str | os.PathLike | Mapping[str,
     if pad_input_channels and INPUT_CONV_KEY in state and INPUT_CONV_KEY in own:
         state = dict(state)
         src, dst = state[INPUT_CONV_KEY], own[INPUT_CONV_KEY]
-        same_but_fewer_inputs = src.ndim == 4 and src.shape[1] < dst.shape[1] and \
-            src.shape[0] == dst.shape[0] and src.shape[2:] == dst.shape[2:]
+        same_but_fewer_inputs = (
+            src.ndim == 4
+            and src.shape[1] < dst.shape[1]
+            and src.shape[0] == dst.shape[0]
+            and src.shape[2:] == dst.shape[2:]
+        )
         if same_but_fewer_inputs:
             # The checkpoint's input channels come first (x, then concat), so the new concat slots start at zero.
             padded = src.new_zeros(dst.shape)
@@ -114,8 +129,9 @@ def load_unet_weights(model: nn.Module, source: str | os.PathLike | Mapping[str,
 
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    mismatched = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in own
-                  if k in state and state[k].shape != own[k].shape]
+    mismatched = [
+        (k, tuple(state[k].shape), tuple(own[k].shape)) for k in own if k in state and state[k].shape != own[k].shape
+    ]
     hard_missing = [k for k in missing if not k.startswith(allow)] if allow else missing
     report.missing_allowed = [k for k in missing if k not in hard_missing]
     if hard_missing or unexpected or mismatched:
@@ -125,8 +141,9 @@ def load_unet_weights(model: nn.Module, source: str | os.PathLike | Mapping[str,
     return report
 
 
-def save_unet_weights(model_or_state: nn.Module | Mapping[str, Tensor], path: str | os.PathLike,
-                      step: int | None = None) -> Path:
+def save_unet_weights(
+    model_or_state: nn.Module | Mapping[str, Tensor], path: str | os.PathLike, step: int | None = None
+) -> Path:
     """Write a ModelScope-style plain state dict, or TF-T2V's ``{'state_dict', 'step'}`` when ``step`` is given."""
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else dict(model_or_state)
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
@@ -138,14 +155,21 @@ def save_unet_weights(model_or_state: nn.Module | Mapping[str, Tensor], path: st
     return p
 
 
-def _explain(where: str, missing: list[str], unexpected: list[str], mismatched: list[tuple[str, tuple, tuple]],
-             state: Mapping[str, Tensor], own: Mapping[str, Tensor]) -> str:
+def _explain(
+    where: str,
+    missing: list[str],
+    unexpected: list[str],
+    mismatched: list[tuple[str, tuple, tuple]],
+    state: Mapping[str, Tensor],
+    own: Mapping[str, Tensor],
+) -> str:
     lines = [f"checkpoint {where} does not fit this UNet:"]
     if missing:
         lines.append(f"- {len(missing)} missing key(s) (in the model, not in the checkpoint): {_list(missing)}")
     if unexpected:
-        lines.append(f"- {len(unexpected)} unexpected key(s) (in the checkpoint, not in the model): "
-                     f"{_list(unexpected)}")
+        lines.append(
+            f"- {len(unexpected)} unexpected key(s) (in the checkpoint, not in the model): {_list(unexpected)}"
+        )
     if mismatched:
         shown = ", ".join(f"{k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in mismatched[:_SHOW])
         more = f" (+{len(mismatched) - _SHOW} more)" if len(mismatched) > _SHOW else ""
@@ -156,23 +180,32 @@ def _explain(where: str, missing: list[str], unexpected: list[str], mismatched: 
 
 def _hint(missing, unexpected, mismatched, state, own) -> str:
     if any(k.startswith(("down_blocks.", "conv_in.", "mid_block.")) for k in unexpected):
-        return ("the checkpoint uses diffusers UNet3DConditionModel names; convert it first with "
-                "model.convert.diffusers_to_modelscope(state, unet_config)")
+        return (
+            "the checkpoint uses diffusers UNet3DConditionModel names; convert it first with "
+            "model.convert.diffusers_to_modelscope(state, unet_config)"
+        )
     if missing and all(k.startswith(NEW_IN_TFT2V) for k in missing):
-        return ("only the TF-T2V image-condition MLP is missing (a ModelScope checkpoint): pass "
-                "allow_missing=NEW_IN_TFT2V to start it from its initialisation, or set unet.image_embed_dim=0")
+        return (
+            "only the TF-T2V image-condition MLP is missing (a ModelScope checkpoint): pass "
+            "allow_missing=NEW_IN_TFT2V to start it from its initialisation, or set unet.image_embed_dim=0"
+        )
     if any(k.startswith(NEW_IN_TFT2V) for k in unexpected):
-        return ("the checkpoint has an image-condition MLP: set unet.image_embed_dim to its input width "
-                "(1024 for ViT-H-14)")
+        return (
+            "the checkpoint has an image-condition MLP: set unet.image_embed_dim to its input width (1024 for ViT-H-14)"
+        )
     for k, a, b in mismatched:
         if k == INPUT_CONV_KEY:
-            return (f"input conv takes {a[1]} channels in the checkpoint and {b[1]} in the model: "
-                    "set unet.in_channels + unet.extra_in_channels to match, or pass pad_input_channels=True "
-                    "to start extra concat channels at zero")
+            return (
+                f"input conv takes {a[1]} channels in the checkpoint and {b[1]} in the model: "
+                "set unet.in_channels + unet.extra_in_channels to match, or pass pad_input_channels=True "
+                "to start extra concat channels at zero"
+            )
         if k.startswith("out."):
             return f"output channels differ: set unet.out_channels={a[0]}"
-    return ("the architecture differs: check unet.model_channels, channel_mult, num_res_blocks, attention_levels, "
-            "head_dim, context_dim and temporal_attention_after_input against the checkpoint's model config")
+    return (
+        "the architecture differs: check unet.model_channels, channel_mult, num_res_blocks, attention_levels, "
+        "head_dim, context_dim and temporal_attention_after_input against the checkpoint's model config"
+    )
 
 
 def _list(keys: list[str]) -> str:

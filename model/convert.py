@@ -24,15 +24,20 @@ diffusers has no TF-T2V image-condition MLP: a UNet with ``image_embed_dim > 0``
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from torch import Tensor
 
 from model.unet import UNet3D, UNetConfig
 
 RESNET_RENAMES = {  # ours -> diffusers, inside one ResBlock
-    "in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-    "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut",
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
 }
 _RESNET_BACK = {v: k for k, v in RESNET_RENAMES.items()}
 _CONV1D = ("proj_in.weight", "proj_out.weight")
@@ -44,8 +49,11 @@ class ConversionError(ValueError):
 
 def key_table(cfg: UNetConfig) -> list[tuple[str, str, str]]:
     """(our prefix, diffusers prefix, kind) for every module; kind is "same", "resnet" or "temporal"."""
-    table = [("time_embed.0", "time_embedding.linear_1", "same"), ("time_embed.2", "time_embedding.linear_2", "same"),
-             ("input_blocks.0.0", "conv_in", "same")]
+    table = [
+        ("time_embed.0", "time_embedding.linear_1", "same"),
+        ("time_embed.2", "time_embedding.linear_2", "same"),
+        ("input_blocks.0.0", "conv_in", "same"),
+    ]
     if cfg.temporal_attention_after_input:
         table.append(("input_blocks.0.1", "transformer_in", "temporal"))
 
@@ -53,8 +61,12 @@ def key_table(cfg: UNetConfig) -> list[tuple[str, str, str]]:
         table.extend([(ours, theirs, "resnet"), (f"{ours}.temopral_conv", temp_conv, "same")])
 
     def attention(ours: str, block: str, j: int) -> None:
-        table.extend([(f"{ours}.1", f"{block}.attentions.{j}", "same"),
-                      (f"{ours}.2", f"{block}.temp_attentions.{j}", "temporal")])
+        table.extend(
+            [
+                (f"{ours}.1", f"{block}.attentions.{j}", "same"),
+                (f"{ours}.2", f"{block}.temp_attentions.{j}", "temporal"),
+            ]
+        )
 
     n = 1
     for level in range(cfg.num_levels):
@@ -69,8 +81,12 @@ def key_table(cfg: UNetConfig) -> list[tuple[str, str, str]]:
             n += 1
 
     resnet("middle_block.0", "mid_block.resnets.0", "mid_block.temp_convs.0")
-    table.extend([("middle_block.1", "mid_block.attentions.0", "same"),
-                  ("middle_block.2", "mid_block.temp_attentions.0", "temporal")])
+    table.extend(
+        [
+            ("middle_block.1", "mid_block.attentions.0", "same"),
+            ("middle_block.2", "mid_block.temp_attentions.0", "temporal"),
+        ]
+    )
     resnet("middle_block.3", "mid_block.resnets.1", "mid_block.temp_convs.1")
 
     n = 0
@@ -90,13 +106,16 @@ def key_table(cfg: UNetConfig) -> list[tuple[str, str, str]]:
     return table
 
 
-def modelscope_to_diffusers(state: Mapping[str, Tensor], cfg: UNetConfig, *,
-                            drop_image_condition: bool = False) -> dict[str, Tensor]:
+def modelscope_to_diffusers(
+    state: Mapping[str, Tensor], cfg: UNetConfig, *, drop_image_condition: bool = False
+) -> dict[str, Tensor]:
     """Our (ModelScope-named) UNet state dict -> a ``UNet3DConditionModel`` state dict."""
     image_keys = sorted(k for k in state if k.startswith("pre_image_condition."))
     if image_keys and not drop_image_condition:
-        raise ConversionError("diffusers' UNet3DConditionModel has no TF-T2V image-condition MLP "
-                              f"({', '.join(image_keys)}); pass drop_image_condition=True to leave it out")
+        raise ConversionError(
+            "diffusers' UNet3DConditionModel has no TF-T2V image-condition MLP "
+            f"({', '.join(image_keys)}); pass drop_image_condition=True to leave it out"
+        )
     table = {ours: (theirs, kind) for ours, theirs, kind in key_table(cfg)}
     out: dict[str, Tensor] = {}
     unmapped = []
@@ -111,11 +130,13 @@ def modelscope_to_diffusers(state: Mapping[str, Tensor], cfg: UNetConfig, *,
         if kind == "resnet":
             suffix = _rename(suffix, RESNET_RENAMES)
         elif kind == "temporal" and suffix in _CONV1D:
-            value = value.squeeze(-1)                      # Conv1d [out, in, 1] -> Linear [out, in]
+            value = value.squeeze(-1)  # Conv1d [out, in, 1] -> Linear [out, in]
         out[f"{theirs}.{suffix}"] = value
     if unmapped:
-        raise ConversionError(f"{len(unmapped)} key(s) do not belong to a UNet built from this config: "
-                              f"{', '.join(unmapped[:12])}; pass the UNetConfig the weights were trained with")
+        raise ConversionError(
+            f"{len(unmapped)} key(s) do not belong to a UNet built from this config: "
+            f"{', '.join(unmapped[:12])}; pass the UNetConfig the weights were trained with"
+        )
     return out
 
 
@@ -133,11 +154,13 @@ def diffusers_to_modelscope(state: Mapping[str, Tensor], cfg: UNetConfig) -> dic
         if kind == "resnet":
             suffix = _rename(suffix, _RESNET_BACK)
         elif kind == "temporal" and suffix in _CONV1D:
-            value = value.unsqueeze(-1)                    # Linear [out, in] -> Conv1d [out, in, 1]
+            value = value.unsqueeze(-1)  # Linear [out, in] -> Conv1d [out, in, 1]
         out[f"{ours}.{suffix}"] = value
     if unmapped:
-        raise ConversionError(f"{len(unmapped)} diffusers key(s) have no counterpart under this UNetConfig: "
-                              f"{', '.join(unmapped[:12])}; build the config with unet_config_from_diffusers()")
+        raise ConversionError(
+            f"{len(unmapped)} diffusers key(s) have no counterpart under this UNetConfig: "
+            f"{', '.join(unmapped[:12])}; build the config with unet_config_from_diffusers()"
+        )
     return out
 
 
@@ -149,13 +172,15 @@ def diffusers_config(cfg: UNetConfig) -> dict[str, Any]:
     if cfg.temporal_heads != 8:
         problems.append(f"temporal_heads must be 8 (diffusers' transformer_in has 8 heads), got {cfg.temporal_heads}")
     if cfg.pooled_text_embedding or cfg.frame_embedding or cfg.coordinate_channels:
-        problems.append("pooled_text_embedding, frame_embedding and coordinate_channels must be False "
-                        "(diffusers has none of them)")
+        problems.append(
+            "pooled_text_embedding, frame_embedding and coordinate_channels must be False (diffusers has none of them)"
+        )
     if cfg.temporal_head_dim != cfg.head_dim:
         problems.append(f"temporal_head_dim ({cfg.temporal_head_dim}) must equal head_dim ({cfg.head_dim})")
     if problems:
-        raise ConversionError("this UNetConfig has no diffusers UNet3DConditionModel equivalent: "
-                              + "; ".join(problems))
+        raise ConversionError(
+            "this UNetConfig has no diffusers UNet3DConditionModel equivalent: " + "; ".join(problems)
+        )
     levels, attn = range(cfg.num_levels), cfg.attention_levels
     return {
         "in_channels": cfg.in_channels + cfg.extra_in_channels,
@@ -181,12 +206,20 @@ def unet_config_from_diffusers(config: Mapping[str, Any], **overrides: Any) -> U
     if not isinstance(head, int):
         raise ConversionError(f"attention_head_dim={head!r}: only one head width for all levels is supported")
     fields = dict(
-        in_channels=config.get("in_channels", 4), out_channels=config.get("out_channels", 4),
-        model_channels=base, channel_mult=tuple(w // base for w in widths),
+        in_channels=config.get("in_channels", 4),
+        out_channels=config.get("out_channels", 4),
+        model_channels=base,
+        channel_mult=tuple(w // base for w in widths),
         num_res_blocks=config.get("layers_per_block", 2),
         attention_levels=tuple(i for i, t in enumerate(config["down_block_types"]) if t.startswith("CrossAttn")),
-        head_dim=head, temporal_heads=8, temporal_head_dim=head, context_dim=config.get("cross_attention_dim", 1024),
-        image_embed_dim=0, num_groups=config.get("norm_num_groups", 32), temporal_attention_after_input=True)
+        head_dim=head,
+        temporal_heads=8,
+        temporal_head_dim=head,
+        context_dim=config.get("cross_attention_dim", 1024),
+        image_embed_dim=0,
+        num_groups=config.get("norm_num_groups", 32),
+        temporal_attention_after_input=True,
+    )
     fields.update(overrides)
     return UNetConfig(**fields)
 
@@ -224,5 +257,5 @@ def _lookup(key: str, table: Mapping[str, tuple[str, str]]):
 def _rename(suffix: str, renames: Mapping[str, str]) -> str:
     for old, new in renames.items():
         if suffix == old or suffix.startswith(old + "."):
-            return new + suffix[len(old):]
+            return new + suffix[len(old) :]
     return suffix

@@ -22,13 +22,14 @@ model at the last timestep with ``a_t > 0`` (see ``model/sampler.py``). That is 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from model.configuration import check, check_choice
+from model.validation import check, check_choice
 
 # Floor for a_t where a formula divides by sqrt(a_t) (only eps -> x0 needs it; see the module docstring).
 MIN_ALPHA_BAR = 1e-8
@@ -40,28 +41,36 @@ class DiffusionConfig:
 
     num_timesteps: int = 1000
     beta_schedule: Literal["linear_sd", "cosine"] = "linear_sd"
-    zero_terminal_snr: bool = True            # rescale so a_T = 0 (Lin et al. 2024, Algorithm 1)
-    prediction: Literal["v", "eps"] = "v"     # network output: velocity or noise
-    offset_noise: float = 0.1                 # strength of the (b, c, f, 1, 1) offset added to training noise
+    zero_terminal_snr: bool = True  # rescale so a_T = 0 (Lin et al. 2024, Algorithm 1)
+    prediction: Literal["v", "eps"] = "v"  # network output: velocity or noise
+    offset_noise: float = 0.1  # strength of the (b, c, f, 1, 1) offset added to training noise
     noise_mode: Literal["independent", "videofusion"] = "independent"
-    videofusion_ratio: float = 0.5            # l: share of per-frame noise variance that is common to all frames
-    coherence_weight: float = 0.1             # lambda in L = L_diffusion + lambda * L_coherence (TF-T2V; verify)
-    timestep_shift: float = 1.0               # > 1: train more on high noise (sample_timesteps); 1: uniform
+    videofusion_ratio: float = 0.5  # l: share of per-frame noise variance that is common to all frames
+    coherence_weight: float = 0.1  # lambda in L = L_diffusion + lambda * L_coherence (TF-T2V; verify)
+    timestep_shift: float = 1.0  # > 1: train more on high noise (sample_timesteps); 1: uniform
 
     def __post_init__(self) -> None:
-        check(isinstance(self.num_timesteps, int) and self.num_timesteps >= 2,
-              f"diffusion.num_timesteps={self.num_timesteps!r}: must be an integer >= 2 (1000 in the released models)")
+        check(
+            isinstance(self.num_timesteps, int) and self.num_timesteps >= 2,
+            f"diffusion.num_timesteps={self.num_timesteps!r}: must be an integer >= 2 (1000 in the released models)",
+        )
         check_choice("diffusion.beta_schedule", self.beta_schedule, ["linear_sd", "cosine"])
         check_choice("diffusion.prediction", self.prediction, ["v", "eps"])
         check_choice("diffusion.noise_mode", self.noise_mode, ["independent", "videofusion"])
         check(self.offset_noise >= 0, f"diffusion.offset_noise={self.offset_noise}: must be >= 0 (0 turns it off)")
-        check(0.0 <= self.videofusion_ratio < 1.0,
-              f"diffusion.videofusion_ratio={self.videofusion_ratio}: must be in [0, 1) "
-              "(1 would give every frame the same noise)")
-        check(self.timestep_shift > 0,
-              f"diffusion.timestep_shift={self.timestep_shift}: must be > 0 (1 samples timesteps uniformly)")
-        check(self.coherence_weight >= 0,
-              f"diffusion.coherence_weight={self.coherence_weight}: must be >= 0 (0 turns the coherence loss off)")
+        check(
+            0.0 <= self.videofusion_ratio < 1.0,
+            f"diffusion.videofusion_ratio={self.videofusion_ratio}: must be in [0, 1) "
+            "(1 would give every frame the same noise)",
+        )
+        check(
+            self.timestep_shift > 0,
+            f"diffusion.timestep_shift={self.timestep_shift}: must be > 0 (1 samples timesteps uniformly)",
+        )
+        check(
+            self.coherence_weight >= 0,
+            f"diffusion.coherence_weight={self.coherence_weight}: must be >= 0 (0 turns the coherence loss off)",
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -70,7 +79,7 @@ class DiffusionConfig:
 
 def betas_linear_sd(num_timesteps: int, start: float = 0.00085, end: float = 0.012) -> Tensor:
     """Stable Diffusion's "scaled linear" schedule: linear in sqrt(beta). -> [T] float64."""
-    return torch.linspace(start ** 0.5, end ** 0.5, num_timesteps, dtype=torch.float64) ** 2
+    return torch.linspace(start**0.5, end**0.5, num_timesteps, dtype=torch.float64) ** 2
 
 
 def betas_cosine(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
@@ -83,12 +92,12 @@ def betas_cosine(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) 
 
 def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     """Shift/scale sqrt(a_t) so a_T = 0 while a_1 is unchanged (Lin et al. 2024, arXiv 2305.08891, Alg. 1). [T]."""
-    sqrt_ab = torch.cumprod(1 - betas.double(), 0).sqrt()                    # [T]
+    sqrt_ab = torch.cumprod(1 - betas.double(), 0).sqrt()  # [T]
     first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
-    sqrt_ab = (sqrt_ab - last) * first / (first - last)                      # sqrt_ab[-1] == 0, sqrt_ab[0] kept
-    ab = sqrt_ab ** 2
-    alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])                           # a_t / a_{t-1}
-    return 1 - alphas                                                        # last beta == 1
+    sqrt_ab = (sqrt_ab - last) * first / (first - last)  # sqrt_ab[-1] == 0, sqrt_ab[0] kept
+    ab = sqrt_ab**2
+    alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])  # a_t / a_{t-1}
+    return 1 - alphas  # last beta == 1
 
 
 def make_betas(cfg: DiffusionConfig) -> Tensor:
@@ -109,12 +118,12 @@ def alphas_cumprod(betas: Tensor) -> Tensor:
 class Schedule:
     """Per-timestep tables of one ``DiffusionConfig`` (float64 on CPU; gathered to the data's device/dtype)."""
 
-    betas: Tensor             # [T]
-    alphas_cumprod: Tensor    # [T]  a_t
-    prediction: str           # "v" | "eps"
+    betas: Tensor  # [T]
+    alphas_cumprod: Tensor  # [T]  a_t
+    prediction: str  # "v" | "eps"
 
     @classmethod
-    def from_config(cls, cfg: DiffusionConfig) -> "Schedule":
+    def from_config(cls, cfg: DiffusionConfig) -> Schedule:
         betas = make_betas(cfg)
         return cls(betas=betas, alphas_cumprod=alphas_cumprod(betas), prediction=cfg.prediction)
 
@@ -149,21 +158,23 @@ def _randn(shape, generator: torch.Generator | None, device=None, dtype=torch.fl
     return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
 
 
-def videofusion_noise(shape, ratio: float, generator: torch.Generator | None = None, device=None,
-                      dtype=torch.float32) -> Tensor:
+def videofusion_noise(
+    shape, ratio: float, generator: torch.Generator | None = None, device=None, dtype=torch.float32
+) -> Tensor:
     """Decomposed noise (VideoFusion, arXiv 2303.08320, eq. 5): eps_i = sqrt(l) base + sqrt(1 - l) residual_i.
 
     shape [b, c, f, h, w]; base [b, c, 1, h, w] is shared by every frame, residuals are independent per frame.
     Each frame stays N(0, 1); two frames have correlation l = ``ratio``.
     """
     b, c, f, h, w = shape
-    base = _randn((b, c, 1, h, w), generator, device, dtype)                 # [b, c, 1, h, w]
-    residual = _randn((b, c, f, h, w), generator, device, dtype)             # [b, c, f, h, w]
+    base = _randn((b, c, 1, h, w), generator, device, dtype)  # [b, c, 1, h, w]
+    residual = _randn((b, c, f, h, w), generator, device, dtype)  # [b, c, f, h, w]
     return math.sqrt(ratio) * base + math.sqrt(1 - ratio) * residual
 
 
-def offset_noise(shape, strength: float, generator: torch.Generator | None = None, device=None,
-                 dtype=torch.float32) -> Tensor:
+def offset_noise(
+    shape, strength: float, generator: torch.Generator | None = None, device=None, dtype=torch.float32
+) -> Tensor:
     """strength * N(0, 1) of shape [b, c, f, 1, 1]: one value per sample, channel and frame (Guttenberg 2023).
 
     Added to the training noise so the model can learn to change a frame's mean brightness.
@@ -172,16 +183,18 @@ def offset_noise(shape, strength: float, generator: torch.Generator | None = Non
     return strength * _randn((b, c, f, 1, 1), generator, device, dtype)
 
 
-def initial_noise(shape, cfg: DiffusionConfig, generator: torch.Generator | None = None, device=None,
-                  dtype=torch.float32) -> Tensor:
+def initial_noise(
+    shape, cfg: DiffusionConfig, generator: torch.Generator | None = None, device=None, dtype=torch.float32
+) -> Tensor:
     """x_T for sampling: independent or VideoFusion noise (no offset: the offset is a training-time device)."""
     if cfg.noise_mode == "videofusion":
         return videofusion_noise(shape, cfg.videofusion_ratio, generator, device, dtype)
     return _randn(tuple(shape), generator, device, dtype)
 
 
-def training_noise(shape, cfg: DiffusionConfig, generator: torch.Generator | None = None, device=None,
-                   dtype=torch.float32) -> Tensor:
+def training_noise(
+    shape, cfg: DiffusionConfig, generator: torch.Generator | None = None, device=None, dtype=torch.float32
+) -> Tensor:
     """The eps used to noise x0 in training: ``initial_noise`` plus offset noise. [b, c, f, h, w]."""
     noise = initial_noise(shape, cfg, generator, device, dtype)
     if cfg.offset_noise > 0:
@@ -189,8 +202,9 @@ def training_noise(shape, cfg: DiffusionConfig, generator: torch.Generator | Non
     return noise
 
 
-def sample_timesteps(batch: int, num_timesteps: int, generator: torch.Generator | None = None,
-                     device=None, shift: float = 1.0) -> Tensor:
+def sample_timesteps(
+    batch: int, num_timesteps: int, generator: torch.Generator | None = None, device=None, shift: float = 1.0
+) -> Tensor:
     """Integer timesteps in [0, T): uniform, or with ``shift`` > 1 moved towards high noise. -> [b] int64.
 
     The shift maps a uniform u in [0, 1) to s u / (1 + (s - 1) u) (Esser et al. 2024, arXiv 2403.03206, sec. 5.3.2:
@@ -284,16 +298,25 @@ def coherence_loss(pred: Tensor, target: Tensor) -> Tensor:
     """
     if pred.shape[2] < 2:
         return pred.new_zeros(pred.shape[0], dtype=torch.float32)
-    d_pred = pred.float().diff(dim=2)                                         # [b, c, f-1, h, w]
-    d_true = target.float().diff(dim=2)                                       # [b, c, f-1, h, w]
-    per_pair = (d_pred - d_true).pow(2).mean(dim=(1, 3, 4))                   # [b, f-1]
-    return per_pair.mean(1)                                                   # [b]: 1/(F-1) sum_j
+    d_pred = pred.float().diff(dim=2)  # [b, c, f-1, h, w]
+    d_true = target.float().diff(dim=2)  # [b, c, f-1, h, w]
+    per_pair = (d_pred - d_true).pow(2).mean(dim=(1, 3, 4))  # [b, f-1]
+    return per_pair.mean(1)  # [b]: 1/(F-1) sum_j
 
 
-def training_losses(unet_fn: Callable[..., Tensor], x0: Tensor, t: Tensor, cfg: DiffusionConfig | None = None, *,
-                    context: Tensor | None = None, image_embedding: Tensor | None = None,
-                    concat: Tensor | None = None, schedule: Schedule | None = None, noise: Tensor | None = None,
-                    generator: torch.Generator | None = None) -> dict[str, Tensor]:
+def training_losses(
+    unet_fn: Callable[..., Tensor],
+    x0: Tensor,
+    t: Tensor,
+    cfg: DiffusionConfig | None = None,
+    *,
+    context: Tensor | None = None,
+    image_embedding: Tensor | None = None,
+    concat: Tensor | None = None,
+    schedule: Schedule | None = None,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
     """One training loss evaluation (TF-T2V: L = L_diffusion + coherence_weight * L_coherence).
 
     unet_fn(x_t, t, context=..., image_embedding=..., concat=...) -> [b, c, f, h, w] (the UNet3D forward).
@@ -309,10 +332,16 @@ def training_losses(unet_fn: Callable[..., Tensor], x0: Tensor, t: Tensor, cfg: 
     target = training_target(x0, noise, t, schedule)
     pred = unet_fn(x_t, t, context=context, image_embedding=image_embedding, concat=concat)
     if pred.shape != target.shape:
-        raise ValueError(f"the UNet returned {tuple(pred.shape)} for input {tuple(x_t.shape)}; "
-                         "its out_channels must equal the data channels")
-    l_diff = diffusion_loss(pred, target)                                     # [b]
-    l_coh = coherence_loss(pred, target)                                      # [b]
-    per_sample = l_diff + cfg.coherence_weight * l_coh                        # [b]
-    return {"loss": per_sample.mean(), "diffusion": l_diff.mean().detach(), "coherence": l_coh.mean().detach(),
-            "loss_per_sample": per_sample.detach()}
+        raise ValueError(
+            f"the UNet returned {tuple(pred.shape)} for input {tuple(x_t.shape)}; "
+            "its out_channels must equal the data channels"
+        )
+    l_diff = diffusion_loss(pred, target)  # [b]
+    l_coh = coherence_loss(pred, target)  # [b]
+    per_sample = l_diff + cfg.coherence_weight * l_coh  # [b]
+    return {
+        "loss": per_sample.mean(),
+        "diffusion": l_diff.mean().detach(),
+        "coherence": l_coh.mean().detach(),
+        "loss_per_sample": per_sample.detach(),
+    }

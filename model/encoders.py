@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.configuration import ConfigError, check, check_choice
+from model.validation import ConfigError, check, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +45,14 @@ class EncoderConfig:
     """Which frozen encoders a model uses and where their weights are (local paths only)."""
 
     first_stage: Literal["identity", "sd_vae"] = "identity"
-    vae_path: str | None = None               # diffusers AutoencoderKL folder or single .safetensors/.ckpt file
-    latent_scale: float = 0.18215             # SD latents are multiplied by this (ignored by "identity")
-    vae_chunk: int = 8                        # frames per VAE call (bounds activation memory)
-    clip_model: str = "ViT-H-14"              # an open_clip architecture name or a project one (t2v-tiny-clip)
-    clip_pretrained: str | None = None        # local open_clip checkpoint file; None = random init from seed
-    text_len: int = 77                        # tokens per prompt (CLIP's context length)
-    clip_image_size: int = 224                # CLIP image crop size
-    seed: int = 0                             # seeds random CLIP init when no weights are given
+    vae_path: str | None = None  # diffusers AutoencoderKL folder or single .safetensors/.ckpt file
+    latent_scale: float = 0.18215  # SD latents are multiplied by this (ignored by "identity")
+    vae_chunk: int = 8  # frames per VAE call (bounds activation memory)
+    clip_model: str = "ViT-H-14"  # an open_clip architecture name or a project one (t2v-tiny-clip)
+    clip_pretrained: str | None = None  # local open_clip checkpoint file; None = random init from seed
+    text_len: int = 77  # tokens per prompt (CLIP's context length)
+    clip_image_size: int = 224  # CLIP image crop size
+    seed: int = 0  # seeds random CLIP init when no weights are given
     # Adds gain x the prompt's word code (TextEncoder.word_code) to every token state; 0 = off (the released
     # models). For randomly initialised CLIPs, whose transformer mixes every word into every state: see TextEncoder.
     word_code_gain: float = 0.0
@@ -62,11 +62,15 @@ class EncoderConfig:
         check(self.latent_scale > 0, f"encoders.latent_scale={self.latent_scale}: must be > 0 (SD uses 0.18215)")
         check(self.vae_chunk >= 1, f"encoders.vae_chunk={self.vae_chunk}: must be >= 1 frames per VAE call")
         check(self.text_len >= 2, f"encoders.text_len={self.text_len}: must be >= 2 (CLIP uses 77)")
-        check(self.clip_image_size >= 16,
-              f"encoders.clip_image_size={self.clip_image_size}: must be >= 16 (ViT-H-14 uses 224)")
+        check(
+            self.clip_image_size >= 16,
+            f"encoders.clip_image_size={self.clip_image_size}: must be >= 16 (ViT-H-14 uses 224)",
+        )
         check(bool(self.clip_model), "encoders.clip_model is empty: name an open_clip model, e.g. ViT-H-14")
-        check(isinstance(self.word_code_gain, (int, float)) and 0 <= self.word_code_gain <= 100,
-              f"encoders.word_code_gain={self.word_code_gain!r}: must be a number in [0, 100] (0 turns it off)")
+        check(
+            isinstance(self.word_code_gain, (int, float)) and 0 <= self.word_code_gain <= 100,
+            f"encoders.word_code_gain={self.word_code_gain!r}: must be a number in [0, 100] (0 turns it off)",
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -117,8 +121,14 @@ def clip_dims(model_name: str) -> tuple[int, int]:
     return int(cfg["text_cfg"]["width"]), int(cfg["embed_dim"])
 
 
-def load_openclip(model_name: str, pretrained: str | None = None, seed: int = 0, device: str | torch.device = "cpu",
-                  image_size: int | None = None, context_length: int | None = None):
+def load_openclip(
+    model_name: str,
+    pretrained: str | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    image_size: int | None = None,
+    context_length: int | None = None,
+):
     """An OpenCLIP model, eval mode and frozen: ``(model, preprocess, tokenizer)``.
 
     ``pretrained`` is a local checkpoint file (open_clip state dict, .bin/.pt/.safetensors). Without it the
@@ -133,10 +143,13 @@ def load_openclip(model_name: str, pretrained: str | None = None, seed: int = 0,
     if pretrained is not None and not os.path.isfile(pretrained):
         raise FileNotFoundError(
             f"CLIP weights {pretrained!r} not found: pass a local open_clip checkpoint file (.bin/.pt/.safetensors) "
-            "as encoders.clip_pretrained; nothing can be downloaded here")
+            "as encoders.clip_pretrained; nothing can be downloaded here"
+        )
     if pretrained is None:
-        message = (f"CLIP {model_name!r} has random weights (seed {seed}); text and image conditions carry no "
-                   "pretrained meaning. Pass a local checkpoint file with --set encoders.clip_pretrained=PATH")
+        message = (
+            f"CLIP {model_name!r} has random weights (seed {seed}); text and image conditions carry no "
+            "pretrained meaning. Pass a local checkpoint file with --set encoders.clip_pretrained=PATH"
+        )
         if model_name in PROJECT_CLIP_CONFIGS:
             log.info(message)
         else:
@@ -145,8 +158,12 @@ def load_openclip(model_name: str, pretrained: str | None = None, seed: int = 0,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained, device=device, force_image_size=image_size,
-            force_context_length=context_length)
+            model_name,
+            pretrained=pretrained,
+            device=device,
+            force_image_size=image_size,
+            force_context_length=context_length,
+        )
     model.eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(model_name, context_length=context_length)
     return model, preprocess, tokenizer
@@ -169,8 +186,10 @@ class TextEncoder(nn.Module):
     def __init__(self, clip_model: nn.Module, tokenizer, text_len: int = 77, word_code_gain: float = 0.0):
         super().__init__()
         if not hasattr(clip_model, "token_embedding"):
-            raise ConfigError("the CLIP model has a custom text tower (e.g. a HF text model); use a standard "
-                              "open_clip CLIP such as ViT-H-14 or t2v-tiny-clip")
+            raise ConfigError(
+                "the CLIP model has a custom text tower (e.g. a HF text model); use a standard "
+                "open_clip CLIP such as ViT-H-14 or t2v-tiny-clip"
+            )
         self.tokenizer = tokenizer
         self.text_len = text_len
         self.word_code_gain = float(word_code_gain)
@@ -193,17 +212,17 @@ class TextEncoder(nn.Module):
     def tokenize(self, prompts: list[str]) -> Tensor:
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings, e.g. ['a red circle moving left']")
-        return self.tokenizer(list(prompts))                                 # [b, text_len] int64
+        return self.tokenizer(list(prompts))  # [b, text_len] int64
 
     @torch.no_grad()
     def encode_tokens(self, tokens: Tensor) -> Tensor:
         """[b, n] token ids -> [b, n, width] token states."""
         device = self.token_embedding.weight.device
-        x = self.token_embedding(tokens.to(device))                          # [b, n, width]
+        x = self.token_embedding(tokens.to(device))  # [b, n, width]
         x = x + self.positional_embedding.to(x.dtype)
         for block in self.blocks:
             x = block(x, attn_mask=self.attn_mask)
-        states = self.ln_final(x)                                            # [b, n, width]
+        states = self.ln_final(x)  # [b, n, width]
         if self.word_code_gain:
             states = states + self.word_code_gain * self.word_code(tokens)[:, None].to(states.dtype)
         return states
@@ -216,9 +235,9 @@ class TextEncoder(nn.Module):
         tokens = tokens.to(self.token_embedding.weight.device)
         position = torch.arange(tokens.shape[1], device=tokens.device)[None]  # [1, n]
         words = (position > 0) & (position < tokens.argmax(dim=-1, keepdim=True))  # [b, n]
-        count = words.sum(dim=1, keepdim=True)                               # [b, 1]
+        count = words.sum(dim=1, keepdim=True)  # [b, 1]
         mean = (self.token_embedding(tokens) * words[..., None]).sum(dim=1) / count.clamp(min=1)
-        return F.layer_norm(mean.float(), mean.shape[-1:]) * (count > 0)     # [b, width]
+        return F.layer_norm(mean.float(), mean.shape[-1:]) * (count > 0)  # [b, width]
 
     def forward(self, prompts: list[str]) -> Tensor:
         """list of b prompts ("" is the null prompt) -> [b, text_len, width]."""
@@ -237,7 +256,7 @@ class TextEncoder(nn.Module):
         return cache[negative_prompt].expand(batch, -1, -1)
 
     def load_state_dict(self, *args, **kwargs):
-        self.__dict__.pop("_null_cache", None)                               # new weights, new null embedding
+        self.__dict__.pop("_null_cache", None)  # new weights, new null embedding
         return super().load_state_dict(*args, **kwargs)
 
 
@@ -269,27 +288,32 @@ class ImageEncoder(nn.Module):
             x = x[None]
         if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
             raise ValueError(f"images must be uint8 [b, h, w, 3] RGB, got {tuple(x.shape)} {x.dtype}")
-        x = x.to(self.mean.device).permute(0, 3, 1, 2).float() / 255.0       # [b, 3, h, w] in [0, 1]
+        x = x.to(self.mean.device).permute(0, 3, 1, 2).float() / 255.0  # [b, 3, h, w] in [0, 1]
         h, w = x.shape[-2:]
-        scale = self.image_size / min(h, w)                                  # short side -> image_size
+        scale = self.image_size / min(h, w)  # short side -> image_size
         size = (max(self.image_size, round(h * scale)), max(self.image_size, round(w * scale)))
         x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
         top, left = (size[0] - self.image_size) // 2, (size[1] - self.image_size) // 2
-        x = x[:, :, top:top + self.image_size, left:left + self.image_size]  # [b, 3, s, s] centre crop
+        x = x[:, :, top : top + self.image_size, left : left + self.image_size]  # [b, 3, s, s] centre crop
         return (x - self.mean) / self.std
 
     @torch.no_grad()
     def forward(self, images) -> Tensor:
         x = self.preprocess(images).to(next(self.visual.parameters()).dtype)
-        return self.visual(x).float()                                        # [b, embed_dim]
+        return self.visual(x).float()  # [b, embed_dim]
 
 
 def build_clip_encoders(cfg: EncoderConfig, device: str | torch.device = "cpu") -> tuple[TextEncoder, ImageEncoder]:
     """One CLIP, split into the frozen text and image encoders the model uses."""
-    clip, _, tokenizer = load_openclip(cfg.clip_model, cfg.clip_pretrained, cfg.seed, device,
-                                       image_size=cfg.clip_image_size, context_length=cfg.text_len)
-    return (TextEncoder(clip, tokenizer, cfg.text_len, cfg.word_code_gain),
-            ImageEncoder(clip, cfg.clip_image_size))
+    clip, _, tokenizer = load_openclip(
+        cfg.clip_model,
+        cfg.clip_pretrained,
+        cfg.seed,
+        device,
+        image_size=cfg.clip_image_size,
+        context_length=cfg.text_len,
+    )
+    return (TextEncoder(clip, tokenizer, cfg.text_len, cfg.word_code_gain), ImageEncoder(clip, cfg.clip_image_size))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -311,9 +335,9 @@ def tensor_to_frames(x: Tensor) -> np.ndarray:
 
 
 class Encoded(NamedTuple):
-    sample: Tensor   # [b, c, f, h', w'] scaled latent (what the UNet sees)
-    mean: Tensor     # [b, c, f, h', w'] raw posterior mean (unscaled)
-    std: Tensor      # [b, c, f, h', w'] raw posterior std (zeros for identity)
+    sample: Tensor  # [b, c, f, h', w'] scaled latent (what the UNet sees)
+    mean: Tensor  # [b, c, f, h', w'] raw posterior mean (unscaled)
+    std: Tensor  # [b, c, f, h', w'] raw posterior std (zeros for identity)
 
 
 class FirstStage(nn.Module):
@@ -325,8 +349,9 @@ class FirstStage(nn.Module):
     pre-encoded once and re-sampled (and normalised) at load time.
     """
 
-    def __init__(self, kind: str = "identity", vae: nn.Module | None = None, latent_scale: float = 0.18215,
-                 chunk: int = 8):
+    def __init__(
+        self, kind: str = "identity", vae: nn.Module | None = None, latent_scale: float = 0.18215, chunk: int = 8
+    ):
         super().__init__()
         check_choice("encoders.first_stage", kind, ["identity", "sd_vae"])
         if kind == "sd_vae" and vae is None:
@@ -339,13 +364,15 @@ class FirstStage(nn.Module):
             vae.requires_grad_(False).eval()
 
     @classmethod
-    def from_config(cls, cfg: EncoderConfig, device: str | torch.device = "cpu") -> "FirstStage":
+    def from_config(cls, cfg: EncoderConfig, device: str | torch.device = "cpu") -> FirstStage:
         if cfg.first_stage == "identity":
             return cls("identity")
         if not cfg.vae_path:
-            raise ConfigError("encoders.first_stage='sd_vae' needs encoders.vae_path: a local diffusers "
-                              "AutoencoderKL folder or a single .safetensors/.ckpt file "
-                              "(--set encoders.vae_path=/path/to/vae)")
+            raise ConfigError(
+                "encoders.first_stage='sd_vae' needs encoders.vae_path: a local diffusers "
+                "AutoencoderKL folder or a single .safetensors/.ckpt file "
+                "(--set encoders.vae_path=/path/to/vae)"
+            )
         return cls("sd_vae", load_vae(cfg.vae_path).to(device), cfg.latent_scale, cfg.vae_chunk)
 
     def train(self, mode: bool = True):
@@ -406,8 +433,10 @@ def load_vae(path: str | os.PathLike) -> nn.Module:
     if p.is_dir():
         folder = p / "vae" if (p / "vae" / "config.json").is_file() else p
         if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{p} is a folder without config.json (or vae/config.json): pass a diffusers "
-                                    "AutoencoderKL folder (saved with save_pretrained) or a single weights file")
+            raise FileNotFoundError(
+                f"{p} is a folder without config.json (or vae/config.json): pass a diffusers "
+                "AutoencoderKL folder (saved with save_pretrained) or a single weights file"
+            )
         try:
             return AutoencoderKL.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
         except Exception as e:  # diffusers raises several types for broken folders
@@ -416,8 +445,10 @@ def load_vae(path: str | os.PathLike) -> nn.Module:
         if p.suffix not in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
             raise ValueError(f"VAE file {p} must be .safetensors, .ckpt, .pt, .pth or .bin")
         return _load_vae_file(p)
-    raise FileNotFoundError(f"VAE path {str(p)!r} does not exist: pass a local diffusers AutoencoderKL folder or a "
-                            "single .safetensors/.ckpt file (--set encoders.vae_path=PATH)")
+    raise FileNotFoundError(
+        f"VAE path {str(p)!r} does not exist: pass a local diffusers AutoencoderKL folder or a "
+        "single .safetensors/.ckpt file (--set encoders.vae_path=PATH)"
+    )
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
@@ -429,8 +460,10 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # safetensors and torch.load raise many types for unreadable files
-        raise ValueError(f"cannot read VAE weights from {path}: {str(e).splitlines()[0] if str(e) else e!r}; "
-                         "pass a Stable Diffusion VAE .safetensors/.ckpt file or a diffusers folder") from None
+        raise ValueError(
+            f"cannot read VAE weights from {path}: {str(e).splitlines()[0] if str(e) else e!r}; "
+            "pass a Stable Diffusion VAE .safetensors/.ckpt file or a diffusers folder"
+        ) from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not sd:
@@ -452,18 +485,22 @@ def _load_vae_file(path: Path) -> nn.Module:
             vae = AutoencoderKL(**_diffusers_vae_config(sd))
         missing, unexpected = vae.load_state_dict(sd, strict=False)
         if missing or unexpected:
-            raise ValueError(f"{path}: not an AutoencoderKL state dict (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]})")
+            raise ValueError(
+                f"{path}: not an AutoencoderKL state dict (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
         return vae
     # Original (LDM) key names, alone or inside a full SD checkpoint: describe the architecture to diffusers
     # with an "original config" inferred from shapes, so it never reaches for a config on the hub.
     prefix = "first_stage_model." if any(k.startswith("first_stage_model.") for k in sd) else ""
     if f"{prefix}encoder.conv_in.weight" not in sd:
-        raise ValueError(f"{path} is not a VAE checkpoint (no encoder.conv_in.weight); pass a Stable Diffusion "
-                         "VAE file or a diffusers AutoencoderKL folder")
+        raise ValueError(
+            f"{path} is not a VAE checkpoint (no encoder.conv_in.weight); pass a Stable Diffusion "
+            "VAE file or a diffusers AutoencoderKL folder"
+        )
     try:
-        return AutoencoderKL.from_single_file(str(path), original_config=_ldm_original_config(sd, prefix),
-                                              local_files_only=True)
+        return AutoencoderKL.from_single_file(
+            str(path), original_config=_ldm_original_config(sd, prefix), local_files_only=True
+        )
     except Exception as e:
         raise ValueError(f"cannot load an AutoencoderKL from {path}: {e}") from None
 
@@ -481,8 +518,9 @@ def _diffusers_vae_config(sd: dict) -> dict:
         "in_channels": int(sd["encoder.conv_in.weight"].shape[1]),
         "out_channels": int(sd["decoder.conv_out.weight"].shape[0]),
         "latent_channels": int(sd["decoder.conv_in.weight"].shape[1]),
-        "block_out_channels": [int(sd[f"encoder.down_blocks.{i}.resnets.0.conv2.weight"].shape[0])
-                               for i in range(levels)],
+        "block_out_channels": [
+            int(sd[f"encoder.down_blocks.{i}.resnets.0.conv2.weight"].shape[0]) for i in range(levels)
+        ],
         "down_block_types": ["DownEncoderBlock2D"] * levels,
         "up_block_types": ["UpDecoderBlock2D"] * levels,
         "layers_per_block": _count(sd, "encoder.down_blocks.0.resnets.{}."),
@@ -494,10 +532,15 @@ def _ldm_original_config(sd: dict, prefix: str) -> dict:
     levels = _count(sd, prefix + "encoder.down.{}.")
     mults = [int(sd[f"{prefix}encoder.down.{i}.block.0.conv2.weight"].shape[0]) // ch for i in range(levels)]
     ddconfig = {
-        "double_z": True, "z_channels": int(sd[f"{prefix}decoder.conv_in.weight"].shape[1]), "resolution": 256,
+        "double_z": True,
+        "z_channels": int(sd[f"{prefix}decoder.conv_in.weight"].shape[1]),
+        "resolution": 256,
         "in_channels": int(sd[f"{prefix}encoder.conv_in.weight"].shape[1]),
-        "out_ch": int(sd[f"{prefix}decoder.conv_out.weight"].shape[0]), "ch": ch, "ch_mult": mults,
-        "num_res_blocks": _count(sd, prefix + "encoder.down.0.block.{}."), "attn_resolutions": [], "dropout": 0.0,
+        "out_ch": int(sd[f"{prefix}decoder.conv_out.weight"].shape[0]),
+        "ch": ch,
+        "ch_mult": mults,
+        "num_res_blocks": _count(sd, prefix + "encoder.down.0.block.{}."),
+        "attn_resolutions": [],
+        "dropout": 0.0,
     }
     return {"model": {"params": {"first_stage_config": {"params": {"ddconfig": ddconfig}}}}}
-

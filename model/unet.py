@@ -33,76 +33,103 @@ the spatial layers and temporal weights get no gradient at all.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from model.configuration import ConfigError, check
+from model.validation import ConfigError, check
 
 
 @dataclass
 class UNetConfig:
     """Architecture of ``UNet3D``. Defaults are the released ModelScopeT2V UNet (about 1.4B parameters)."""
 
-    in_channels: int = 4                       # latent channels (4 for the SD VAE; 3 in pixel space)
+    in_channels: int = 4  # latent channels (4 for the SD VAE; 3 in pixel space)
     out_channels: int = 4
-    model_channels: int = 320                  # base width C; level i has C * channel_mult[i] channels
+    model_channels: int = 320  # base width C; level i has C * channel_mult[i] channels
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
-    num_res_blocks: int = 2                    # residual blocks per level on the way down (one more on the way up)
+    num_res_blocks: int = 2  # residual blocks per level on the way down (one more on the way up)
     attention_levels: tuple[int, ...] = (0, 1, 2)  # levels with spatial + temporal transformers (middle always has)
-    head_dim: int = 64                         # spatial attention: width // head_dim heads of head_dim each
-    context_dim: int = 1024                    # text token width (OpenCLIP ViT-H/14: 1024)
-    num_text_tokens: int = 77                  # zero tokens used when forward() gets context=None
-    image_embed_dim: int = 1024                # pooled CLIP image embedding width; 0 disables the image condition
-    num_image_tokens: int = 4                  # TF-T2V: image embedding -> 4 tokens appended to the text tokens
-    temporal_heads: int = 8                    # heads of the temporal transformer after the input conv (8 x 64)
-    temporal_head_dim: int = 64                # per-level temporal transformers: width // temporal_head_dim heads
+    head_dim: int = 64  # spatial attention: width // head_dim heads of head_dim each
+    context_dim: int = 1024  # text token width (OpenCLIP ViT-H/14: 1024)
+    num_text_tokens: int = 77  # zero tokens used when forward() gets context=None
+    image_embed_dim: int = 1024  # pooled CLIP image embedding width; 0 disables the image condition
+    num_image_tokens: int = 4  # TF-T2V: image embedding -> 4 tokens appended to the text tokens
+    temporal_heads: int = 8  # heads of the temporal transformer after the input conv (8 x 64)
+    temporal_head_dim: int = 64  # per-level temporal transformers: width // temporal_head_dim heads
     temporal_attention_after_input: bool = True  # the temporal transformer right after the input conv
-    extra_in_channels: int = 0                 # VideoComposer / Lumiere concat slots, zeros when unused
+    extra_in_channels: int = 0  # VideoComposer / Lumiere concat slots, zeros when unused
     dropout: float = 0.1
-    num_groups: int = 32                       # GroupNorm groups everywhere
-    gradient_checkpointing: bool = False       # recompute block activations in backward (saves memory)
-    pooled_text_embedding: bool = False        # add mean(text tokens) -> MLP to the timestep embedding (not released)
-    frame_embedding: bool = False              # add a frame-index embedding per frame (not released)
-    coordinate_channels: bool = False          # append (x, y) coordinate planes to the input (not released)
+    num_groups: int = 32  # GroupNorm groups everywhere
+    gradient_checkpointing: bool = False  # recompute block activations in backward (saves memory)
+    pooled_text_embedding: bool = False  # add mean(text tokens) -> MLP to the timestep embedding (not released)
+    frame_embedding: bool = False  # add a frame-index embedding per frame (not released)
+    coordinate_channels: bool = False  # append (x, y) coordinate planes to the input (not released)
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(self.channel_mult)
         self.attention_levels = tuple(self.attention_levels)
-        for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks", "head_dim", "context_dim",
-                     "num_text_tokens", "num_image_tokens", "temporal_heads", "temporal_head_dim", "num_groups"):
+        for name in (
+            "in_channels",
+            "out_channels",
+            "model_channels",
+            "num_res_blocks",
+            "head_dim",
+            "context_dim",
+            "num_text_tokens",
+            "num_image_tokens",
+            "temporal_heads",
+            "temporal_head_dim",
+            "num_groups",
+        ):
             value = getattr(self, name)
-            check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                  f"unet.{name}={value!r}: must be a positive integer")
+            check(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                f"unet.{name}={value!r}: must be a positive integer",
+            )
         for name in ("image_embed_dim", "extra_in_channels"):
             value = getattr(self, name)
-            check(isinstance(value, int) and value >= 0,
-                  f"unet.{name}={value!r}: must be an integer >= 0 (0 turns it off)")
-        check(len(self.channel_mult) >= 1 and all(isinstance(m, int) and m >= 1 for m in self.channel_mult),
-              f"unet.channel_mult={list(self.channel_mult)}: must be a non-empty list of positive integers, "
-              "e.g. [1, 2, 4, 4]")
+            check(
+                isinstance(value, int) and value >= 0,
+                f"unet.{name}={value!r}: must be an integer >= 0 (0 turns it off)",
+            )
+        check(
+            len(self.channel_mult) >= 1 and all(isinstance(m, int) and m >= 1 for m in self.channel_mult),
+            f"unet.channel_mult={list(self.channel_mult)}: must be a non-empty list of positive integers, "
+            "e.g. [1, 2, 4, 4]",
+        )
         levels = range(len(self.channel_mult))
-        check(all(level in levels for level in self.attention_levels),
-              f"unet.attention_levels={list(self.attention_levels)}: levels must be in 0..{len(self.channel_mult) - 1} "
-              f"(one per entry of channel_mult={list(self.channel_mult)})")
-        check(len(set(self.attention_levels)) == len(self.attention_levels),
-              f"unet.attention_levels={list(self.attention_levels)}: list each level once")
-        check(self.model_channels % self.num_groups == 0,
-              f"unet.model_channels={self.model_channels} must be divisible by unet.num_groups={self.num_groups} "
-              "(GroupNorm); pick num_groups that divides it, e.g. 8 for small widths")
+        check(
+            all(level in levels for level in self.attention_levels),
+            f"unet.attention_levels={list(self.attention_levels)}: levels must be in 0..{len(self.channel_mult) - 1} "
+            f"(one per entry of channel_mult={list(self.channel_mult)})",
+        )
+        check(
+            len(set(self.attention_levels)) == len(self.attention_levels),
+            f"unet.attention_levels={list(self.attention_levels)}: list each level once",
+        )
+        check(
+            self.model_channels % self.num_groups == 0,
+            f"unet.model_channels={self.model_channels} must be divisible by unet.num_groups={self.num_groups} "
+            "(GroupNorm); pick num_groups that divides it, e.g. 8 for small widths",
+        )
         # The middle block always has attention, at the coarsest width.
         for level in sorted(set(self.attention_levels) | {len(self.channel_mult) - 1}):
             width = self.model_channels * self.channel_mult[level]
             where = "middle block" if level not in self.attention_levels else f"attention level {level}"
-            check(width % self.head_dim == 0,
-                  f"unet.head_dim={self.head_dim} must divide the width {width} of the {where}; "
-                  "choose a head_dim that divides model_channels * channel_mult")
-            check(width % self.temporal_head_dim == 0,
-                  f"unet.temporal_head_dim={self.temporal_head_dim} must divide the width {width} of the {where}")
+            check(
+                width % self.head_dim == 0,
+                f"unet.head_dim={self.head_dim} must divide the width {width} of the {where}; "
+                "choose a head_dim that divides model_channels * channel_mult",
+            )
+            check(
+                width % self.temporal_head_dim == 0,
+                f"unet.temporal_head_dim={self.temporal_head_dim} must divide the width {width} of the {where}",
+            )
         check(0.0 <= self.dropout < 1.0, f"unet.dropout={self.dropout}: must be in [0, 1)")
 
     @property
@@ -157,7 +184,7 @@ class Attention(nn.Module):
         # x [B, n, query_dim], context [B, m, context_dim] -> [B, n, query_dim]
         context = x if context is None else context
         q, k, v = (self._split(t) for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
-        out = F.scaled_dot_product_attention(q, k, v)          # [B, heads, n, head_dim]
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, n, head_dim]
         return self.to_out(out.transpose(1, 2).flatten(2))
 
     def _split(self, t: Tensor) -> Tensor:
@@ -238,13 +265,13 @@ class TemporalTransformer(nn.Module):
         self.proj_out = _zero_(nn.Conv1d(inner, channels, 1))
 
     def forward(self, x: Tensor, num_frames: int) -> Tensor:
-        if num_frames == 1:          # image mode: identity, no compute, no gradient to these weights
+        if num_frames == 1:  # image mode: identity, no compute, no gradient to these weights
             return x
-        n, c, h, w = x.shape         # [(b f), c, h, w]
+        n, c, h, w = x.shape  # [(b f), c, h, w]
         b, f = n // num_frames, num_frames
         # GroupNorm over [b, c, f, h, w]: statistics span all frames of a clip, as in the released model.
-        y = self.norm(x.view(b, f, c, h, w).transpose(1, 2))              # [b, c, f, h, w]
-        y = y.permute(0, 3, 4, 2, 1).reshape(b * h * w, f, c)             # [(b h w), f, c]
+        y = self.norm(x.view(b, f, c, h, w).transpose(1, 2))  # [b, c, f, h, w]
+        y = y.permute(0, 3, 4, 2, 1).reshape(b * h * w, f, c)  # [(b h w), f, c]
         y = F.linear(y, self.proj_in.weight.squeeze(-1), self.proj_in.bias)
         for block in self.transformer_blocks:
             y = block(y)
@@ -299,13 +326,16 @@ class ResBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, emb_dim: int, dropout: float, groups: int):
         super().__init__()
         self.in_layers = nn.Sequential(
-            nn.GroupNorm(groups, in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1))
+            nn.GroupNorm(groups, in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
         self.out_layers = nn.Sequential(
-            nn.GroupNorm(groups, out_channels), nn.SiLU(), nn.Dropout(dropout),
-            _zero_(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
-        self.skip_connection = (nn.Identity() if in_channels == out_channels
-                                else nn.Conv2d(in_channels, out_channels, 1))
+            nn.GroupNorm(groups, out_channels),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            _zero_(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+        )
+        self.skip_connection = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
         self.temopral_conv = TemporalConvBlock(out_channels, dropout, groups)  # [sic]: the released key name
 
     def forward(self, x: Tensor, emb: Tensor, num_frames: int) -> Tensor:
@@ -345,7 +375,7 @@ class Block(nn.ModuleList):
                 x = layer(x, context)
             elif isinstance(layer, TemporalTransformer):
                 x = layer(x, num_frames)
-            else:                    # input conv, Upsample
+            else:  # input conv, Upsample
                 x = layer(x)
         return x
 
@@ -361,8 +391,13 @@ class FrameEmbedding(nn.Module):
     def __init__(self, channels: int, emb_dim: int, text_dim: int = 0):
         super().__init__()
         self.channels, self.text_dim = channels, text_dim
-        self.net = nn.Sequential(nn.Linear(channels + text_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim),
-                                 nn.SiLU(), _zero_(nn.Linear(emb_dim, emb_dim)))
+        self.net = nn.Sequential(
+            nn.Linear(channels + text_dim, emb_dim),
+            nn.SiLU(),
+            nn.Linear(emb_dim, emb_dim),
+            nn.SiLU(),
+            _zero_(nn.Linear(emb_dim, emb_dim)),
+        )
 
     def forward(self, batch: int, num_frames: int, pooled_text: Tensor | None, dtype: torch.dtype) -> Tensor:
         # pooled_text [b, text_dim] (None without text) -> [(b f), emb_dim], frames of a clip consecutive
@@ -371,14 +406,14 @@ class FrameEmbedding(nn.Module):
         if not self.text_dim:
             return self.net(index).repeat(batch, 1)
         inputs = torch.cat([index.repeat(batch, 1), pooled_text.to(dtype).repeat_interleave(num_frames, 0)], dim=1)
-        return self.net(inputs)                                                                  # [(b f), E]
+        return self.net(inputs)  # [(b f), E]
 
 
 def coordinate_planes(b: int, f: int, h: int, w: int, like: Tensor) -> Tensor:
     """[b, 2, f, h, w]: x and y of each pixel centre in [-1, 1] (CoordConv, Liu et al. 2018, arXiv 1807.03247)."""
     ys = torch.linspace(-1, 1, h, device=like.device, dtype=like.dtype)
     xs = torch.linspace(-1, 1, w, device=like.device, dtype=like.dtype)
-    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")                                     # [h, w] each
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")  # [h, w] each
     return torch.stack([grid_x, grid_y])[None, :, None].expand(b, 2, f, h, w)
 
 
@@ -398,17 +433,22 @@ class UNet3D(nn.Module):
         C, emb_dim, drop, groups = cfg.model_channels, cfg.model_channels * 4, cfg.dropout, cfg.num_groups
 
         def attention(width: int) -> list[nn.Module]:
-            return [SpatialTransformer(width, width // cfg.head_dim, cfg.head_dim, cfg.context_dim, drop, groups),
-                    TemporalTransformer(width, width // cfg.temporal_head_dim, cfg.temporal_head_dim, drop, groups)]
+            return [
+                SpatialTransformer(width, width // cfg.head_dim, cfg.head_dim, cfg.context_dim, drop, groups),
+                TemporalTransformer(width, width // cfg.temporal_head_dim, cfg.temporal_head_dim, drop, groups),
+            ]
 
         self.time_embed = nn.Sequential(nn.Linear(C, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if cfg.image_embed_dim:
             self.pre_image_condition = nn.Sequential(
-                nn.Linear(cfg.image_embed_dim, cfg.context_dim), nn.SiLU(),
-                nn.Linear(cfg.context_dim, cfg.context_dim * cfg.num_image_tokens))
+                nn.Linear(cfg.image_embed_dim, cfg.context_dim),
+                nn.SiLU(),
+                nn.Linear(cfg.context_dim, cfg.context_dim * cfg.num_image_tokens),
+            )
         if cfg.pooled_text_embedding:
-            self.text_embed = nn.Sequential(nn.Linear(cfg.context_dim, emb_dim), nn.SiLU(),
-                                            _zero_(nn.Linear(emb_dim, emb_dim)))
+            self.text_embed = nn.Sequential(
+                nn.Linear(cfg.context_dim, emb_dim), nn.SiLU(), _zero_(nn.Linear(emb_dim, emb_dim))
+            )
         if cfg.frame_embedding:
             self.frame_embed = FrameEmbedding(C, emb_dim, cfg.context_dim if cfg.pooled_text_embedding else 0)
 
@@ -432,8 +472,9 @@ class UNet3D(nn.Module):
                 self.input_blocks.append(Downsample(ch))  # bare module: released key "input_blocks.N.op.weight"
                 skip_channels.append(ch)
 
-        self.middle_block = Block([ResBlock(ch, ch, emb_dim, drop, groups), *attention(ch),
-                                   ResBlock(ch, ch, emb_dim, drop, groups)])
+        self.middle_block = Block(
+            [ResBlock(ch, ch, emb_dim, drop, groups), *attention(ch), ResBlock(ch, ch, emb_dim, drop, groups)]
+        )
 
         # Decoder: one more ResBlock per level than the encoder, each eating one skip activation.
         self.output_blocks = nn.ModuleList()
@@ -448,8 +489,9 @@ class UNet3D(nn.Module):
                     layers.append(Upsample(ch))
                 self.output_blocks.append(Block(layers))
 
-        self.out = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(),
-                                 _zero_(nn.Conv2d(ch, cfg.out_channels, 3, padding=1)))
+        self.out = nn.Sequential(
+            nn.GroupNorm(groups, ch), nn.SiLU(), _zero_(nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        )
 
     # -- parameters -----------------------------------------------------------------------------------------------
 
@@ -478,8 +520,14 @@ class UNet3D(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------------------------
 
-    def forward(self, x: Tensor, timesteps: Tensor | float | int, context: Tensor | None = None,
-                image_embedding: Tensor | None = None, concat: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        timesteps: Tensor | float | int,
+        context: Tensor | None = None,
+        image_embedding: Tensor | None = None,
+        concat: Tensor | None = None,
+    ) -> Tensor:
         """x [b, in, f, h, w]; timesteps [b] (or a scalar for all); context [b, n, context_dim] text tokens or None
         (zeros); image_embedding [b, image_embed_dim] or None (zero tokens); concat [b, extra_in, f, h, w] or None
         (zeros). Returns [b, out, f, h, w]. With f == 1 every temporal layer is skipped (image mode)."""
@@ -487,25 +535,27 @@ class UNet3D(nn.Module):
         t = self._check_timesteps(timesteps, b, x.device)
         inputs = [x]
         if self.cfg.coordinate_channels:
-            inputs.append(coordinate_planes(b, f, h, w, x))                      # [b, 2, f, h, w]
-        if self.cfg.extra_in_channels:      # last, so pad_input_channels can append concat slots to a checkpoint
-            inputs.append(self._check_concat(concat, x))                        # [b, extra, f, h, w]
+            inputs.append(coordinate_planes(b, f, h, w, x))  # [b, 2, f, h, w]
+        if self.cfg.extra_in_channels:  # last, so pad_input_channels can append concat slots to a checkpoint
+            inputs.append(self._check_concat(concat, x))  # [b, extra, f, h, w]
         elif concat is not None:
-            raise ValueError("UNet3D: got concat but this UNet has no extra input channels "
-                             "(unet.extra_in_channels=0); set extra_in_channels to the concat channel count")
-        x = torch.cat(inputs, dim=1) if len(inputs) > 1 else x              # [b, in (+ 2) (+ extra), f, h, w]
+            raise ValueError(
+                "UNet3D: got concat but this UNet has no extra input channels "
+                "(unet.extra_in_channels=0); set extra_in_channels to the concat channel count"
+            )
+        x = torch.cat(inputs, dim=1) if len(inputs) > 1 else x  # [b, in (+ 2) (+ extra), f, h, w]
         n_text = context.shape[1] if context is not None else self.cfg.num_text_tokens
-        context = self._build_context(context, image_embedding, b, x)       # [b, n, context_dim]
+        context = self._build_context(context, image_embedding, b, x)  # [b, n, context_dim]
 
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(self.time_embed[0].weight.dtype))
-        pooled = context[:, :n_text].mean(dim=1)                           # [b, context_dim] the text tokens only
+        pooled = context[:, :n_text].mean(dim=1)  # [b, context_dim] the text tokens only
         if self.cfg.pooled_text_embedding:
             emb = emb + self.text_embed(pooled)
-        emb = emb.repeat_interleave(f, dim=0)                              # [(b f), 4C]
+        emb = emb.repeat_interleave(f, dim=0)  # [(b f), 4C]
         if self.cfg.frame_embedding and f > 1:
-            emb = emb + self.frame_embed(b, f, pooled, emb.dtype)          # frame index (with the prompt)
-        context = context.repeat_interleave(f, dim=0)                      # [(b f), n, context_dim]
-        x = x.transpose(1, 2).reshape(b * f, -1, h, w)                     # [(b f), c, h, w]
+            emb = emb + self.frame_embed(b, f, pooled, emb.dtype)  # frame index (with the prompt)
+        context = context.repeat_interleave(f, dim=0)  # [(b f), n, context_dim]
+        x = x.transpose(1, 2).reshape(b * f, -1, h, w)  # [(b f), c, h, w]
 
         skips = []
         for block in self.input_blocks:
@@ -514,8 +564,8 @@ class UNet3D(nn.Module):
         x = self._run(self.middle_block, x, emb, context, f)
         for block in self.output_blocks:
             x = self._run(block, torch.cat([x, skips.pop()], dim=1), emb, context, f)
-        x = self.out(x)                                                    # [(b f), out, h, w]
-        return x.reshape(b, f, -1, h, w).transpose(1, 2)                   # [b, out, f, h, w]
+        x = self.out(x)  # [(b f), out, h, w]
+        return x.reshape(b, f, -1, h, w).transpose(1, 2)  # [b, out, f, h, w]
 
     def _run(self, block: nn.Module, x: Tensor, emb: Tensor, context: Tensor, f: int) -> Tensor:
         if not isinstance(block, Block):
@@ -530,16 +580,21 @@ class UNet3D(nn.Module):
         cfg = self.cfg
         if not isinstance(x, Tensor) or x.ndim != 5:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"UNet3D: x must be a video tensor [b, c, f, h, w], got {shape}; "
-                             "pass images as 1-frame videos, e.g. images[:, :, None]")
+            raise ValueError(
+                f"UNet3D: x must be a video tensor [b, c, f, h, w], got {shape}; "
+                "pass images as 1-frame videos, e.g. images[:, :, None]"
+            )
         b, c, f, h, w = x.shape
         if c != cfg.in_channels:
-            raise ValueError(f"UNet3D: x has {c} channels but unet.in_channels={cfg.in_channels}; "
-                             "pass the conditioning channels separately as concat=")
+            raise ValueError(
+                f"UNet3D: x has {c} channels but unet.in_channels={cfg.in_channels}; "
+                "pass the conditioning channels separately as concat="
+            )
         k = cfg.downsample_factor
         if h % k or w % k:
-            raise ValueError(f"UNet3D: height and width must be multiples of {k} for {cfg.num_levels} levels, "
-                             f"got {h}x{w}")
+            raise ValueError(
+                f"UNet3D: height and width must be multiples of {k} for {cfg.num_levels} levels, got {h}x{w}"
+            )
         return b, c, f, h, w
 
     @staticmethod
@@ -548,8 +603,9 @@ class UNet3D(nn.Module):
         if t.ndim == 0:
             return t.expand(b)
         if t.shape != (b,):
-            raise ValueError(f"UNet3D: timesteps must have shape [{b}] (one per sample) or be a scalar, "
-                             f"got {tuple(t.shape)}")
+            raise ValueError(
+                f"UNet3D: timesteps must have shape [{b}] (one per sample) or be a scalar, got {tuple(t.shape)}"
+            )
         return t
 
     def _check_concat(self, concat: Tensor | None, x: Tensor) -> Tensor:
@@ -558,8 +614,10 @@ class UNet3D(nn.Module):
         if concat is None:
             return x.new_zeros(want)
         if tuple(concat.shape) != want:
-            raise ValueError(f"UNet3D: concat must have shape {list(want)} ([b, extra_in_channels, f, h, w]), "
-                             f"got {list(concat.shape)}")
+            raise ValueError(
+                f"UNet3D: concat must have shape {list(want)} ([b, extra_in_channels, f, h, w]), "
+                f"got {list(concat.shape)}"
+            )
         return concat.to(x.dtype)
 
     def _build_context(self, context: Tensor | None, image_embedding: Tensor | None, b: int, x: Tensor) -> Tensor:
@@ -567,23 +625,29 @@ class UNet3D(nn.Module):
         if context is None:
             context = x.new_zeros(b, cfg.num_text_tokens, cfg.context_dim)
         elif context.ndim != 3 or context.shape[0] != b or context.shape[2] != cfg.context_dim:
-            raise ValueError(f"UNet3D: context must be [b={b}, n_tokens, context_dim={cfg.context_dim}], "
-                             f"got {list(context.shape)}; check the text encoder width and batch size")
+            raise ValueError(
+                f"UNet3D: context must be [b={b}, n_tokens, context_dim={cfg.context_dim}], "
+                f"got {list(context.shape)}; check the text encoder width and batch size"
+            )
         context = context.to(x.dtype)
         if not cfg.image_embed_dim:
             if image_embedding is not None:
-                raise ValueError("UNet3D: got image_embedding but this UNet has no image condition "
-                                 "(unet.image_embed_dim=0); set image_embed_dim to the CLIP embedding width")
+                raise ValueError(
+                    "UNet3D: got image_embedding but this UNet has no image condition "
+                    "(unet.image_embed_dim=0); set image_embed_dim to the CLIP embedding width"
+                )
             return context
         if image_embedding is None:
             tokens = x.new_zeros(b, cfg.num_image_tokens, cfg.context_dim)
         else:
             if tuple(image_embedding.shape) != (b, cfg.image_embed_dim):
-                raise ValueError(f"UNet3D: image_embedding must be [b={b}, image_embed_dim={cfg.image_embed_dim}], "
-                                 f"got {list(image_embedding.shape)}")
+                raise ValueError(
+                    f"UNet3D: image_embedding must be [b={b}, image_embed_dim={cfg.image_embed_dim}], "
+                    f"got {list(image_embedding.shape)}"
+                )
             tokens = self.pre_image_condition(image_embedding.to(x.dtype))
             tokens = tokens.view(b, cfg.num_image_tokens, cfg.context_dim)  # [b, 4, context_dim]
-        return torch.cat([context, tokens], dim=1)                          # text tokens first, then image tokens
+        return torch.cat([context, tokens], dim=1)  # text tokens first, then image tokens
 
 
 def build_unet(cfg: UNetConfig, device: str | torch.device | None = None) -> UNet3D:

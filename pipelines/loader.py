@@ -37,17 +37,16 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import media
-from pipelines import schema
-from pipelines.stages.encode import STAMP_DEFAULTS
+from pipelines import media, schema
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +63,10 @@ class DataError(ValueError):
 class ShardSet:
     """The finished shards of one kind under one curation output directory."""
 
-    root: str                     # curation output directory
+    root: str  # curation output directory
     kind: str
-    urls: list[str]               # tar paths, sorted
-    counts: list[int]             # samples per tar (from its parquet index)
+    urls: list[str]  # tar paths, sorted
+    counts: list[int]  # samples per tar (from its parquet index)
 
     @property
     def num_samples(self) -> int:
@@ -98,21 +97,27 @@ def find_shard_sets(data: list[str]) -> list[ShardSet]:
     import pyarrow.parquet as pq
 
     if not data:
-        raise DataError("no training data given: set data to one or more curation output directories "
-                        "(t2v curate --output DIR), e.g. --set data=[runs/curated]")
+        raise DataError(
+            "no training data given: set data to one or more curation output directories "
+            "(t2v curate --output DIR), e.g. --set data=[runs/curated]"
+        )
     sets = []
     for root in data:
         if not Path(root).is_dir():
-            raise DataError(f"data directory {root!r} does not exist; pass a curation output directory "
-                            "(it holds shards/<kind>/*.tar)")
+            raise DataError(
+                f"data directory {root!r} does not exist; pass a curation output directory "
+                "(it holds shards/<kind>/*.tar)"
+            )
         for kind in schema.KINDS:
             urls = schema.shard_urls(root, kind)
             if urls:
                 counts = [pq.ParquetFile(schema.index_path(u)).metadata.num_rows for u in urls]
                 sets.append(ShardSet(str(Path(root).resolve()), kind, urls, counts))
     if not sets:
-        raise DataError(f"no finished shards under {data}: each directory needs shards/<kind>/*.tar with their "
-                        ".parquet index (written by t2v curate)")
+        raise DataError(
+            f"no finished shards under {data}: each directory needs shards/<kind>/*.tar with their "
+            ".parquet index (written by t2v curate)"
+        )
     return sets
 
 
@@ -147,8 +152,9 @@ def _fingerprint(urls: list[str], counts: list[int], world_size: int) -> str:
     return h.hexdigest()[:16]
 
 
-def plan_epoch(urls: list[str], counts: list[int], rank: int, world_size: int, seed: int, stream_id: int,
-               epoch: int) -> list[tuple[str, list[int] | None]]:
+def plan_epoch(
+    urls: list[str], counts: list[int], rank: int, world_size: int, seed: int, stream_id: int, epoch: int
+) -> list[tuple[str, list[int] | None]]:
     """This rank's (shard url, kept local sample indices or None for all) for one epoch, in read order."""
     order = np.random.default_rng([seed, stream_id, epoch]).permutation(len(urls))
     if len(urls) >= world_size:
@@ -178,8 +184,17 @@ def read_shard(url: str) -> Iterator[dict[str, Any]]:
 class KindStream:
     """Endless, seeded, resumable stream of one kind's raw samples for one rank: yields (raw, position after)."""
 
-    def __init__(self, kind: str, urls: list[str], counts: list[int], rank: int, world_size: int, seed: int,
-                 shuffle_block: int = 256, position: Position | None = None):
+    def __init__(
+        self,
+        kind: str,
+        urls: list[str],
+        counts: list[int],
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle_block: int = 256,
+        position: Position | None = None,
+    ):
         self.kind, self.urls, self.counts = kind, urls, counts
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_block = shuffle_block
@@ -187,8 +202,13 @@ class KindStream:
         self.fingerprint = _fingerprint(urls, counts, world_size)
         self.start = position or Position(fingerprint=self.fingerprint)
         if self.start.fingerprint != self.fingerprint:
-            log.warning("%s shards or the number of workers changed since the checkpoint: the %s stream restarts "
-                        "at the beginning of epoch %d", kind, kind, self.start.epoch)
+            log.warning(
+                "%s shards or the number of workers changed since the checkpoint: the %s stream restarts "
+                "at the beginning of epoch %d",
+                kind,
+                kind,
+                self.start.epoch,
+            )
             self.start = Position(epoch=self.start.epoch, fingerprint=self.fingerprint)
 
     def _shard_samples(self, url: str, keep: list[int] | None, epoch: int, shard: int) -> Iterator[dict]:
@@ -214,12 +234,14 @@ class KindStream:
                 url, keep = plan[s]
                 for k, raw in enumerate(self._shard_samples(url, keep, epoch, s)):
                     if s == shard and k < offset:
-                        continue          # resuming: already used before the checkpoint
+                        continue  # resuming: already used before the checkpoint
                     produced += 1
                     yield raw, Position(epoch, s, k + 1, self.fingerprint)
             if produced == 0 and shard == 0 and offset == 0:
-                raise DataError(f"worker {self.rank} of {self.world_size} got no {self.kind} samples: the "
-                                f"{self.kind} shards hold {sum(self.counts)} samples; add data or use fewer workers")
+                raise DataError(
+                    f"worker {self.rank} of {self.world_size} got no {self.kind} samples: the "
+                    f"{self.kind} shards hold {sum(self.counts)} samples; add data or use fewer workers"
+                )
             epoch, shard, offset = epoch + 1, 0, 0
 
 
@@ -233,13 +255,13 @@ class Item:
 
     key: str
     kind: str
-    caption: str | None                     # None for text-free clips
-    frames: np.ndarray | None               # uint8 [f, h, w, 3]; None when pre-encoded latents replace it
-    cond_frame: np.ndarray | None           # uint8 [h, w, 3]: the middle frame (CLIP image condition)
-    latent_mean: np.ndarray | None = None   # float32 [c, f, h', w'] pre-encoded posterior mean (unscaled)
+    caption: str | None  # None for text-free clips
+    frames: np.ndarray | None  # uint8 [f, h, w, 3]; None when pre-encoded latents replace it
+    cond_frame: np.ndarray | None  # uint8 [h, w, 3]: the middle frame (CLIP image condition)
+    latent_mean: np.ndarray | None = None  # float32 [c, f, h', w'] pre-encoded posterior mean (unscaled)
     latent_std: np.ndarray | None = None
-    text_emb: np.ndarray | None = None      # float32 [n, d]
-    image_emb: np.ndarray | None = None     # float32 [d]
+    text_emb: np.ndarray | None = None  # float32 [n, d]
+    image_emb: np.ndarray | None = None  # float32 [d]
 
 
 def frame_indices(total: int, num_frames: int, stride: int, rng: np.random.Generator) -> np.ndarray:
@@ -261,10 +283,10 @@ def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
         return frames
     scale = max(height / h, width / w)
     size = (max(height, round(h * scale)), max(width, round(w * scale)))
-    x = torch.from_numpy(np.array(frames)).permute(0, 3, 1, 2).float()               # [f, 3, h, w] (a writable copy)
+    x = torch.from_numpy(np.array(frames)).permute(0, 3, 1, 2).float()  # [f, 3, h, w] (a writable copy)
     x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
     top, left = (size[0] - height) // 2, (size[1] - width) // 2
-    x = x[:, :, top:top + height, left:left + width]
+    x = x[:, :, top : top + height, left : left + width]
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
@@ -277,9 +299,17 @@ class Decoder:
     corpus is read for many epochs.
     """
 
-    def __init__(self, num_frames: int, height: int, width: int, frame_stride: int = 0,
-                 latent_hw: tuple[int, int] | None = None, expected_encoders: dict | None = None,
-                 seed: int = 0, cache_mb: float = 0.0):
+    def __init__(
+        self,
+        num_frames: int,
+        height: int,
+        width: int,
+        frame_stride: int = 0,
+        latent_hw: tuple[int, int] | None = None,
+        expected_encoders: dict | None = None,
+        seed: int = 0,
+        cache_mb: float = 0.0,
+    ):
         self.num_frames, self.height, self.width = num_frames, height, width
         self.frame_stride = frame_stride
         self.latent_hw = latent_hw
@@ -312,19 +342,19 @@ class Decoder:
         if "image_emb" in arrays:
             item.image_emb = arrays["image_emb"].astype(np.float32)
         if "latent_mean" in arrays:
-            mean = arrays["latent_mean"]                                         # [c, f, h', w']
+            mean = arrays["latent_mean"]  # [c, f, h', w']
             idx = frame_indices(mean.shape[1], frames_per_item, self.frame_stride, rng)
             item.latent_mean = mean[:, idx].astype(np.float32)
             std = arrays.get("latent_std")
             item.latent_std = (std[:, idx] if std is not None else np.zeros_like(mean[:, idx])).astype(np.float32)
             self._count("pre_encoded")
             if item.image_emb is not None:
-                return item                                                      # nothing left to decode
-        clip = self._clip(sample)                                                # [n, h, w, 3] at model size
+                return item  # nothing left to decode
+        clip = self._clip(sample)  # [n, h, w, 3] at model size
         idx = frame_indices(len(clip), frames_per_item, self.frame_stride, rng)
         if item.latent_mean is None:
             item.frames = clip[idx]
-        item.cond_frame = clip[idx[len(idx) // 2]]                               # the middle frame
+        item.cond_frame = clip[idx[len(idx) // 2]]  # the middle frame
         return item
 
     def _count(self, name: str) -> int:
@@ -335,33 +365,39 @@ class Decoder:
     def _usable_arrays(self, sample: schema.Sample) -> dict[str, np.ndarray]:
         if not sample.arrays:
             return {}
-        enc = {**STAMP_DEFAULTS, **(sample.encoders or {})}      # a stamp older than a field means its default
-        differ = {k for k in enc.keys() & self.expected_encoders.keys() if enc[k] != self.expected_encoders[k]}
+        differ = schema.stamp_differences(sample.encoders, self.expected_encoders)
         if differ:
             if self._count("encoder_mismatch") == 1:
-                log.warning("pre-encoded arrays of %s were made with other encoders (%s differ); encoding on the "
-                            "fly instead", sample.key, sorted(differ))
+                log.warning(
+                    "pre-encoded arrays of %s were made with other encoders (%s differ); encoding on the fly instead",
+                    sample.key,
+                    sorted(differ),
+                )
             return {}
         arrays = dict(sample.arrays)
         mean = arrays.get("latent_mean")
         if mean is not None and self.latent_hw is not None and tuple(mean.shape[-2:]) != tuple(self.latent_hw):
             if self._count("encoder_mismatch") == 1:
-                log.warning("pre-encoded latents of %s are %s, the model needs %s; encoding on the fly instead",
-                            sample.key, tuple(mean.shape[-2:]), tuple(self.latent_hw))
+                log.warning(
+                    "pre-encoded latents of %s are %s, the model needs %s; encoding on the fly instead",
+                    sample.key,
+                    tuple(mean.shape[-2:]),
+                    tuple(self.latent_hw),
+                )
             arrays.pop("latent_mean"), arrays.pop("latent_std", None)
         return arrays
 
     def _clip(self, sample: schema.Sample) -> np.ndarray:
-        with self._lock:                                 # several decode threads share the cache
+        with self._lock:  # several decode threads share the cache
             cached = self._cache.get(sample.key)
             if cached is not None:
                 self._cache.move_to_end(sample.key)
                 self.stats["cache_hits"] += 1
                 return cached
         if sample.meta.kind == "image":
-            frames = media.decode_image(sample.media)[None]                      # [1, h, w, 3]
+            frames = media.decode_image(sample.media)[None]  # [1, h, w, 3]
         else:
-            frames = media.decode_mp4(sample.media)                              # [n, h, w, 3]
+            frames = media.decode_mp4(sample.media)  # [n, h, w, 3]
         clip = resize_frames(frames, self.height, self.width)
         with self._lock:
             self.stats["decoded"] += 1
@@ -383,9 +419,9 @@ class LoaderSpec:
     """What one training step consumes and how samples are shaped (built from TrainConfig by the worker)."""
 
     data: list[str]
-    image_batch: int = 8                  # image-text pairs per step and worker (0: no content branch)
-    video_batch: int = 4                  # clips per step and worker (0: no motion branch)
-    text_free_fraction: float = 0.5       # share of the video batch taken from text-free clips (when both exist)
+    image_batch: int = 8  # image-text pairs per step and worker (0: no content branch)
+    video_batch: int = 4  # clips per step and worker (0: no motion branch)
+    text_free_fraction: float = 0.5  # share of the video batch taken from text-free clips (when both exist)
     num_frames: int = 8
     height: int = 32
     width: int = 32
@@ -394,8 +430,8 @@ class LoaderSpec:
     expected_encoders: dict | None = None
     seed: int = 0
     shuffle_block: int = 256
-    prefetch: int = 4                     # step batches decoded ahead in a background thread
-    decode_workers: int = 2               # samples decoded in parallel (threads; PyAV decodes without the GIL)
+    prefetch: int = 4  # step batches decoded ahead in a background thread
+    decode_workers: int = 2  # samples decoded in parallel (threads; PyAV decodes without the GIL)
     cache_mb: float = 0.0
 
 
@@ -403,7 +439,7 @@ class LoaderSpec:
 class StepBatch:
     image: list[Item]
     video: list[Item]
-    position: dict[str, dict]             # kind -> Position as a dict, after this batch
+    position: dict[str, dict]  # kind -> Position as a dict, after this batch
 
 
 class TrainLoader:
@@ -412,25 +448,46 @@ class TrainLoader:
     ``state`` is a ``StepBatch.position`` from a checkpoint: the stream continues right after that batch.
     """
 
-    def __init__(self, spec: LoaderSpec, rank: int = 0, world_size: int = 1, state: dict | None = None,
-                 shard_sets: list[ShardSet] | None = None):
+    def __init__(
+        self,
+        spec: LoaderSpec,
+        rank: int = 0,
+        world_size: int = 1,
+        state: dict | None = None,
+        shard_sets: list[ShardSet] | None = None,
+    ):
         self.spec = spec
         self.sets = shard_sets if shard_sets is not None else find_shard_sets(spec.data)
         by_kind = urls_by_kind(self.sets)
         state = state or {}
         self.composition = self._composition(by_kind)
         self.streams = {
-            kind: KindStream(kind, *by_kind[kind], rank, world_size, spec.seed, spec.shuffle_block,
-                             Position(**state[kind]) if kind in state else None)
+            kind: KindStream(
+                kind,
+                *by_kind[kind],
+                rank,
+                world_size,
+                spec.seed,
+                spec.shuffle_block,
+                Position(**state[kind]) if kind in state else None,
+            )
             for kind in {k for k, n in self.composition.items() if n > 0}
         }
-        self.decoder = Decoder(spec.num_frames, spec.height, spec.width, spec.frame_stride, spec.latent_hw,
-                               spec.expected_encoders, spec.seed + 7919 * rank, spec.cache_mb)
+        self.decoder = Decoder(
+            spec.num_frames,
+            spec.height,
+            spec.width,
+            spec.frame_stride,
+            spec.latent_hw,
+            spec.expected_encoders,
+            spec.seed + 7919 * rank,
+            spec.cache_mb,
+        )
         self._pool = ThreadPoolExecutor(max(1, spec.decode_workers), thread_name_prefix="decode")
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, spec.prefetch))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.produce_time = 0.0            # seconds the background thread spent reading + decoding
+        self.produce_time = 0.0  # seconds the background thread spent reading + decoding
 
     def _composition(self, by_kind: dict) -> dict[str, int]:
         """Samples per step from each kind."""
@@ -444,8 +501,10 @@ class TrainLoader:
             free = round(s.video_batch * s.text_free_fraction)
         elif s.video_batch and "video" in n_video:
             if s.text_free_fraction == 0:
-                raise DataError("text_free_fraction=0 but the data has only text-free videos; add captioned "
-                                "videos or raise text_free_fraction")
+                raise DataError(
+                    "text_free_fraction=0 but the data has only text-free videos; add captioned "
+                    "videos or raise text_free_fraction"
+                )
             free = s.video_batch
         else:
             free = 0
@@ -487,7 +546,7 @@ class TrainLoader:
 
     # -- consumer -----------------------------------------------------------------------------------------------
 
-    def __iter__(self) -> "TrainLoader":
+    def __iter__(self) -> TrainLoader:
         return self
 
     def __next__(self) -> StepBatch:

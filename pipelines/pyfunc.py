@@ -43,7 +43,7 @@ class TextToVideoModel(_PythonModel):
     """pyfunc wrapper around ``TextToVideo``: see the module docstring for input, params and output."""
 
     def load_context(self, context) -> None:
-        from model.pipeline import TextToVideo
+        from model.text_to_video import TextToVideo
 
         self.model = TextToVideo.from_checkpoint(context.artifacts["checkpoint"])
         defaults_path = context.artifacts.get("defaults")
@@ -54,22 +54,31 @@ class TextToVideoModel(_PythonModel):
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         import pandas as pd
 
-        from model import media
+        from pipelines import media
 
         prompts = _prompts(model_input)
         p = {**self.defaults, **{k: v for k, v in (params or {}).items() if v is not None}}
-        frames = self.model.generate(prompts, steps=int(p["steps"]), guidance=float(p["guidance"]),
-                                     eta=float(p["eta"]), seed=int(p["seed"]),
-                                     negative_prompt=str(p["negative_prompt"]))             # [b, f, h, w, 3]
+        frames = self.model.generate(
+            prompts,
+            steps=int(p["steps"]),
+            guidance=float(p["guidance"]),
+            eta=float(p["eta"]),
+            seed=int(p["seed"]),
+            negative_prompt=str(p["negative_prompt"]),
+        )  # [b, f, h, w, 3]
         rows = []
         for prompt, video in zip(prompts, frames):
-            rows.append({
-                "prompt": prompt,
-                "mp4_base64": base64.b64encode(media.encode_mp4(video, float(p["fps"]))).decode("ascii"),
-                "frames_npy_base64": base64.b64encode(_npy(video)).decode("ascii"),
-                "num_frames": int(video.shape[0]), "height": int(video.shape[1]), "width": int(video.shape[2]),
-                "fps": float(p["fps"]),
-            })
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "mp4_base64": base64.b64encode(media.encode_mp4(video, float(p["fps"]))).decode("ascii"),
+                    "frames_npy_base64": base64.b64encode(_npy(video)).decode("ascii"),
+                    "num_frames": int(video.shape[0]),
+                    "height": int(video.shape[1]),
+                    "width": int(video.shape[2]),
+                    "fps": float(p["fps"]),
+                }
+            )
         return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
 
 
@@ -82,7 +91,7 @@ def _prompts(model_input) -> list[str]:
         if "prompt" not in model_input.columns:
             raise ValueError(f"input DataFrame needs a 'prompt' column, got columns {list(model_input.columns)}")
         prompts = []
-        for cell in model_input["prompt"].tolist():     # MLflow turns {"prompt": [..]} into one row holding a list
+        for cell in model_input["prompt"].tolist():  # MLflow turns {"prompt": [..]} into one row holding a list
             prompts.extend([cell] if isinstance(cell, str) else list(cell))
     elif isinstance(model_input, dict):
         prompts = model_input.get("prompt")
@@ -102,8 +111,7 @@ def _npy(array: np.ndarray) -> bytes:
 
 def frames_from_predictions(predictions) -> list[np.ndarray]:
     """The exact uint8 [f, h, w, 3] videos of a ``predict`` result."""
-    return [np.load(io.BytesIO(base64.b64decode(s)), allow_pickle=False)
-            for s in predictions["frames_npy_base64"]]
+    return [np.load(io.BytesIO(base64.b64decode(s)), allow_pickle=False) for s in predictions["frames_npy_base64"]]
 
 
 def write_predictions(predictions, out_dir: str | Path) -> list[Path]:
@@ -123,17 +131,27 @@ def signature(defaults: dict[str, Any]):
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
-    params = ParamSchema([
-        ParamSpec("steps", "long", int(defaults["steps"])),
-        ParamSpec("guidance", "double", float(defaults["guidance"])),
-        ParamSpec("eta", "double", float(defaults["eta"])),
-        ParamSpec("seed", "long", int(defaults["seed"])),
-        ParamSpec("fps", "double", float(defaults["fps"])),
-        ParamSpec("negative_prompt", "string", str(defaults["negative_prompt"])),
-    ])
-    outputs = Schema([ColSpec("string", "prompt"), ColSpec("string", "mp4_base64"),
-                      ColSpec("string", "frames_npy_base64"), ColSpec("long", "num_frames"),
-                      ColSpec("long", "height"), ColSpec("long", "width"), ColSpec("double", "fps")])
+    params = ParamSchema(
+        [
+            ParamSpec("steps", "long", int(defaults["steps"])),
+            ParamSpec("guidance", "double", float(defaults["guidance"])),
+            ParamSpec("eta", "double", float(defaults["eta"])),
+            ParamSpec("seed", "long", int(defaults["seed"])),
+            ParamSpec("fps", "double", float(defaults["fps"])),
+            ParamSpec("negative_prompt", "string", str(defaults["negative_prompt"])),
+        ]
+    )
+    outputs = Schema(
+        [
+            ColSpec("string", "prompt"),
+            ColSpec("string", "mp4_base64"),
+            ColSpec("string", "frames_npy_base64"),
+            ColSpec("long", "num_frames"),
+            ColSpec("long", "height"),
+            ColSpec("long", "width"),
+            ColSpec("double", "fps"),
+        ]
+    )
     return ModelSignature(inputs=Schema([ColSpec("string", "prompt")]), outputs=outputs, params=params)
 
 
@@ -142,8 +160,19 @@ def requirements() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = []
-    for name in ("torch", "numpy", "pandas", "einops", "open_clip_torch", "ffmpeg-python", "pyyaml", "pillow",
-                 "diffusers", "safetensors", "mlflow"):
+    for name in (
+        "torch",
+        "numpy",
+        "pandas",
+        "einops",
+        "open_clip_torch",
+        "ffmpeg-python",
+        "pyyaml",
+        "pillow",
+        "diffusers",
+        "safetensors",
+        "mlflow",
+    ):
         try:
             out.append(f"{name}=={version(name)}")
         except PackageNotFoundError:
@@ -151,8 +180,15 @@ def requirements() -> list[str]:
     return out
 
 
-def log_generation_model(checkpoint: str | Path, *, run_id: str, tracking_uri: str, name: str = "model",
-                         defaults: dict[str, Any] | None = None, config_file: str | Path | None = None) -> str:
+def log_generation_model(
+    checkpoint: str | Path,
+    *,
+    run_id: str,
+    tracking_uri: str,
+    name: str = "model",
+    defaults: dict[str, Any] | None = None,
+    config_file: str | Path | None = None,
+) -> str:
     """Log ``checkpoint`` as a pyfunc model of run ``run_id``; returns its URI (``models:/<model id>``)."""
     import tempfile
 
@@ -170,7 +206,15 @@ def log_generation_model(checkpoint: str | Path, *, run_id: str, tracking_uri: s
             artifacts["train_config"] = str(config_file)
         with tracking_uri_set(tracking_uri):
             # Model.log (unlike mlflow.pyfunc.log_model) takes the run id, so no fluent run has to be active
-            info = Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id,
-                             python_model=TextToVideoModel(), artifacts=artifacts, signature=signature(merged),
-                             pip_requirements=requirements(), code_paths=[str(ROOT / "model"), str(ROOT / "pipelines")])
+            info = Model.log(
+                artifact_path=None,
+                name=name,
+                flavor=mlflow.pyfunc,
+                run_id=run_id,
+                python_model=TextToVideoModel(),
+                artifacts=artifacts,
+                signature=signature(merged),
+                pip_requirements=requirements(),
+                code_paths=[str(ROOT / "model"), str(ROOT / "pipelines")],
+            )
     return info.model_uri

@@ -6,7 +6,7 @@ member names. Layout of a curation output directory::
     <out>/shards/<kind>/<kind>-000000.tar       WebDataset tar, one per ~``maxcount`` samples / ``maxsize`` bytes
     <out>/shards/<kind>/<kind>-000000.parquet   index of that tar: one row per sample (key + metadata columns)
     <out>/ledger.parquet/                       parquet dataset (part files): one row per input, accepted | rejected,
-                                                stage, reason, keys (read with pipelines.ledger.read_ledger)
+                                                stage, reason, keys (read with pipelines.curation.ledger.read_ledger)
     <out>/summary.json                          counts per stage / kind / rejection reason, throughput
     <out>/curate_config.yaml, .curate.lock      the resolved curation config; a lock against concurrent runs
 
@@ -57,17 +57,17 @@ PRE_ENCODED = {
 class SampleMeta:
     """What every sample's ``json`` member holds (extra keys are allowed and kept in ``extra``)."""
 
-    source: str                   # the input as given (path or URI)
-    kind: str                     # one of KINDS
-    num_frames: int               # 1 for images
-    fps: float                    # 0 for images
+    source: str  # the input as given (path or URI)
+    kind: str  # one of KINDS
+    num_frames: int  # 1 for images
+    fps: float  # 0 for images
     width: int
     height: int
     clip_index: int = 0
-    start_s: float = 0.0          # clip start in the source video, seconds
-    caption: str | None = None    # duplicate of txt for convenience in indexes (None when text-free)
-    scores: dict[str, float] = dataclasses.field(default_factory=dict)   # motion, clip_sim, ...
-    labels: dict[str, Any] = dataclasses.field(default_factory=dict)     # ground truth when known (shapes corpus)
+    start_s: float = 0.0  # clip start in the source video, seconds
+    caption: str | None = None  # duplicate of txt for convenience in indexes (None when text-free)
+    scores: dict[str, float] = dataclasses.field(default_factory=dict)  # motion, clip_sim, ...
+    labels: dict[str, Any] = dataclasses.field(default_factory=dict)  # ground truth when known (shapes corpus)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -80,7 +80,7 @@ class SampleMeta:
         return json.dumps(dataclasses.asdict(self), sort_keys=True).encode("utf-8")
 
     @classmethod
-    def from_json(cls, data: bytes | str | dict) -> "SampleMeta":
+    def from_json(cls, data: bytes | str | dict) -> SampleMeta:
         d = json.loads(data) if isinstance(data, (bytes, str)) else dict(data)
         names = {f.name for f in dataclasses.fields(cls)}
         extra = {k: d.pop(k) for k in list(d) if k not in names}
@@ -99,8 +99,9 @@ def media_member(kind: str) -> str:
     return "jpg" if kind == "image" else "mp4"
 
 
-def encode_sample(key: str, meta: SampleMeta, media: bytes, arrays: dict[str, np.ndarray] | None = None,
-                  encoders: dict | None = None) -> dict[str, Any]:
+def encode_sample(
+    key: str, meta: SampleMeta, media: bytes, arrays: dict[str, np.ndarray] | None = None, encoders: dict | None = None
+) -> dict[str, Any]:
     """Build the dict that ``webdataset.ShardWriter.write`` takes."""
     if "." in key:
         raise ValueError(f"sample key {key!r} contains a dot; readers split member names at the first dot")
@@ -125,7 +126,7 @@ class Sample:
 
     key: str
     meta: SampleMeta
-    media: bytes                  # mp4 or jpg bytes, still encoded
+    media: bytes  # mp4 or jpg bytes, still encoded
     caption: str | None
     arrays: dict[str, np.ndarray]
     encoders: dict | None
@@ -143,7 +144,8 @@ def decode_sample(raw: dict[str, Any]) -> Sample:
     if not isinstance(media, (bytes, bytearray, memoryview)):
         raise TypeError(
             f"sample {key}: the {media_member(meta.kind)} member was already decoded ({type(media).__name__}); "
-            "read shards with raw bytes, e.g. ray.data.read_webdataset(paths, decoder=None)")
+            "read shards with raw bytes, e.g. ray.data.read_webdataset(paths, decoder=None)"
+        )
     caption = raw.get("txt")
     if isinstance(caption, bytes):
         caption = caption.decode("utf-8")
@@ -189,3 +191,48 @@ def shard_urls(root: str | Path, kind: str) -> list[str]:
 
 def index_path(tar_path: str | Path) -> Path:
     return Path(tar_path).with_suffix(".parquet")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The encoder stamp (``encoders.json``): which frozen encoders made a sample's pre-encoded arrays
+
+# Identity fields added after shards were first stamped, with the value every older stamp implies.
+STAMP_DEFAULTS = {"word_code_gain": 0.0}
+
+
+def encoder_stamp(encoders_cfg, text_encoder, image_encoder, first_stage, model: str) -> dict[str, Any]:
+    """What produced the pre-encoded arrays: settings plus a fingerprint of the weights (sha1 of every tensor),
+    so a random-init CLIP from another seed or another VAE file can never be mixed up with this one."""
+    import torch  # only the stamping side needs torch; readers compare plain dicts
+
+    digest = hashlib.sha1()
+    for module in (text_encoder, image_encoder, first_stage):
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    # The EncoderConfig fields verbatim (training compares these keys with its own model's), then extras.
+    return {
+        "first_stage": encoders_cfg.first_stage,
+        "vae_path": encoders_cfg.vae_path,
+        "latent_scale": encoders_cfg.latent_scale,
+        "clip_model": encoders_cfg.clip_model,
+        "clip_pretrained": encoders_cfg.clip_pretrained,
+        "text_len": encoders_cfg.text_len,
+        "clip_image_size": encoders_cfg.clip_image_size,
+        "seed": encoders_cfg.seed,
+        "word_code_gain": encoders_cfg.word_code_gain,
+        "model": model,
+        "latents": "raw posterior mean/std, unscaled, float16 [c, f, h, w]",
+        "weights_sha1": digest.hexdigest(),
+    }
+
+
+# Stamp keys that describe the arrays rather than identify the encoders: never compared.
+STAMP_DESCRIPTIVE = ("model", "latents")
+
+
+def stamp_differences(stamp: dict[str, Any] | None, expected: dict[str, Any]) -> set[str]:
+    """Keys on which a sample's stamp and the reader's encoders disagree (empty: the arrays can be used)."""
+    found = {**STAMP_DEFAULTS, **(stamp or {})}  # a stamp older than a field means that field's default
+    keys = (found.keys() & expected.keys()) - set(STAMP_DESCRIPTIVE)
+    return {k for k in keys if found[k] != expected[k]}

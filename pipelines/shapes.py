@@ -25,8 +25,8 @@ from typing import Literal
 
 import numpy as np
 
-from model import configuration, media
-from model.configuration import check
+from pipelines import logs, media, settings
+from pipelines.settings import check
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -44,8 +44,11 @@ ALL_COMBOS = list(itertools.product(COLOURS, SHAPES, DIRECTIONS))
 # 12 of the 48 combinations, a Latin-square pattern: each (colour, shape) pair loses exactly one direction and each
 # direction is held out 3 times, so evaluation covers every colour and every direction while each held-out
 # combination's colour, shape and direction (and most of their pairs) still appear in training.
-HELDOUT = [(c, s, d) for (ci, c), (si, s), (di, d)
-           in itertools.product(enumerate(COLOURS), enumerate(SHAPES), enumerate(DIRECTIONS)) if (ci + si + di) % 4 == 0]
+HELDOUT = [
+    (c, s, d)
+    for (ci, c), (si, s), (di, d) in itertools.product(enumerate(COLOURS), enumerate(SHAPES), enumerate(DIRECTIONS))
+    if (ci + si + di) % 4 == 0
+]
 
 
 @dataclasses.dataclass
@@ -56,11 +59,11 @@ class CorpusConfig:
     height: int = 64
     fps: float = 12.0
     seconds: float = 2.0
-    text_free_fraction: float = 0.25     # videos written without a caption
+    text_free_fraction: float = 0.25  # videos written without a caption
     shape_scale: tuple[float, float] = (0.22, 0.32)  # shape size as a fraction of min(width, height)
-    travel: float = 0.6                  # distance travelled over the video, as a fraction of the frame
+    travel: float = 0.6  # distance travelled over the video, as a fraction of the frame
     image_format: Literal["png", "jpg", "mixed"] = "mixed"
-    exclude_heldout: bool = True         # keep HELDOUT combinations out of the corpus
+    exclude_heldout: bool = True  # keep HELDOUT combinations out of the corpus
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -69,7 +72,10 @@ class CorpusConfig:
         check(0 < self.fps <= 120, f"fps={self.fps} must be within (0, 120]")
         check(0 < self.seconds <= 60, f"seconds={self.seconds} must be within (0, 60]")
         check(0.0 <= self.text_free_fraction <= 1.0, "text_free_fraction must be within [0, 1]")
-        check(0 < self.shape_scale[0] <= self.shape_scale[1] < 1, "shape_scale must be (low, high) with 0 < low <= high < 1")
+        check(
+            0 < self.shape_scale[0] <= self.shape_scale[1] < 1,
+            "shape_scale must be (low, high) with 0 < low <= high < 1",
+        )
         check(0 < self.travel < 1, "travel must be within (0, 1)")
 
     @property
@@ -102,8 +108,14 @@ def _canvas(width: int, height: int, background=BACKGROUND) -> np.ndarray:
     return canvas
 
 
-def render_image(colour: str, shape: str, width: int, height: int, size: float | None = None,
-                 centre: tuple[float, float] | None = None) -> np.ndarray:
+def render_image(
+    colour: str,
+    shape: str,
+    width: int,
+    height: int,
+    size: float | None = None,
+    centre: tuple[float, float] | None = None,
+) -> np.ndarray:
     """uint8 [h, w, 3]: one static shape."""
     size = size if size is not None else 0.3 * min(width, height)
     cx, cy = centre if centre is not None else (width / 2, height / 2)
@@ -112,8 +124,17 @@ def render_image(colour: str, shape: str, width: int, height: int, size: float |
     return image
 
 
-def render_video(colour: str, shape: str, direction: str, width: int, height: int, num_frames: int,
-                 size: float | None = None, travel: float = 0.6, offset: float = 0.0) -> np.ndarray:
+def render_video(
+    colour: str,
+    shape: str,
+    direction: str,
+    width: int,
+    height: int,
+    num_frames: int,
+    size: float | None = None,
+    travel: float = 0.6,
+    offset: float = 0.0,
+) -> np.ndarray:
     """uint8 [f, h, w, 3]: a shape crossing ``travel`` of the frame in ``direction`` at constant speed.
 
     ``offset`` in [-1, 1] shifts the path sideways (perpendicular to the motion) from the centre line.
@@ -157,8 +178,17 @@ def generate(cfg: CorpusConfig, out_dir: str | Path, progress: bool = True) -> P
         colour, shape, direction = combos[rng.integers(len(combos))]
         size = float(rng.uniform(*cfg.shape_scale)) * side
         if kind == "video":
-            frames = render_video(colour, shape, direction, cfg.width, cfg.height, cfg.num_frames,
-                                  size=size, travel=cfg.travel, offset=float(rng.uniform(-1, 1)))
+            frames = render_video(
+                colour,
+                shape,
+                direction,
+                cfg.width,
+                cfg.height,
+                cfg.num_frames,
+                size=size,
+                travel=cfg.travel,
+                offset=float(rng.uniform(-1, 1)),
+            )
             path = out / "videos" / f"s{cfg.seed}_v{i:05d}.mp4"
             media.write_mp4(frames, path, cfg.fps)
             caption = "" if i in text_free else caption_for(colour, shape, direction)
@@ -170,15 +200,23 @@ def generate(cfg: CorpusConfig, out_dir: str | Path, progress: bool = True) -> P
             path = out / "images" / f"s{cfg.seed}_i{i:05d}.{fmt}"
             path.write_bytes(_encode_image(image, fmt))
             caption, direction = caption_for(colour, shape), ""
-        rows.append({"path": str(path), "caption": caption, "kind": kind, "colour": colour,
-                     "shape": shape, "direction": direction})
+        rows.append(
+            {
+                "path": str(path),
+                "caption": caption,
+                "kind": kind,
+                "colour": colour,
+                "shape": shape,
+                "direction": direction,
+            }
+        )
 
     manifest = out / "manifest.csv"
     with open(manifest, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=["path", "caption", "kind", "colour", "shape", "direction"])
         writer.writeheader()
         writer.writerows(rows)
-    (out / "corpus.yaml").write_text(configuration.dump(cfg), encoding="utf-8")
+    (out / "corpus.yaml").write_text(settings.dump(cfg), encoding="utf-8")
     return manifest
 
 
@@ -214,10 +252,10 @@ def heldout_prompts(n: int | None = None) -> list[tuple[str, str, str, str]]:
 
 @dataclasses.dataclass
 class Detection:
-    colour: str | None          # nearest palette colour of the foreground, None if no foreground found
-    direction: str | None       # dominant motion of the centroid, None if it hardly moves
+    colour: str | None  # nearest palette colour of the foreground, None if no foreground found
+    direction: str | None  # dominant motion of the centroid, None if it hardly moves
     displacement: tuple[float, float]  # centroid motion first -> last frame, as a fraction of (width, height)
-    foreground: float           # mean fraction of pixels that differ from the background
+    foreground: float  # mean fraction of pixels that differ from the background
 
 
 def detect(frames: np.ndarray, min_motion: float = 0.08, threshold: float = 60.0) -> Detection:
@@ -274,11 +312,12 @@ def detect(frames: np.ndarray, min_motion: float = 0.08, threshold: float = 60.0
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="t2v corpus", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="directory to write videos/, images/ and manifest.csv into")
-    configuration.add_arguments(parser)
+    settings.add_arguments(parser)
     args = parser.parse_args(argv)
-    cfg = configuration.resolve(parser, CorpusConfig, args)
+    cfg = settings.resolve(parser, CorpusConfig, args)
     if cfg is None:
         return 0
+    logs.setup()
     manifest = generate(cfg, args.output)
     print(f"wrote {cfg.num_videos} videos and {cfg.num_images} images; manifest: {manifest}")
     return 0

@@ -1,7 +1,7 @@
 """Experiment tracking for training: one MLflow run per training output, written by rank 0 only.
 
     tracker = MlflowTracker(default_tracking_uri(), "t2v-train", run_name="tiny")   # or NullTracker()
-    tracker.log_params(configuration.to_dict(cfg))        # flattened to dotted keys, secrets redacted
+    tracker.log_params(settings.to_dict(cfg))        # flattened to dotted keys, secrets redacted
     tracker.log_metrics({"loss": 0.3, "lr": 1e-4}, step=10)
     tracker.log_artifact("sample.mp4", "samples/step_000010")
     tracker.finish()
@@ -11,8 +11,8 @@
 same methods and does nothing (every rank but 0 gets one). The default store is a local SQLite database
 (``default_tracking_uri``): MLflow 3 refuses the old file store.
 
-Secrets never reach MLflow: params go through ``configuration.flatten`` (values under secret-looking keys are
-redacted) and tags and URIs through ``configuration.redact``.
+Secrets never reach MLflow: params go through ``settings.flatten`` (values under secret-looking keys are
+redacted) and tags and URIs through ``settings.redact``.
 """
 
 from __future__ import annotations
@@ -22,10 +22,13 @@ import logging
 import math
 import os
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
-from model import configuration
+from pipelines import settings
+from pipelines.settings import check
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,23 @@ log = logging.getLogger(__name__)
 # metrics and 100 params.
 MAX_PARAM_CHARS = 6000
 MAX_BATCH_PARAMS = 100
+
+
+@dataclass
+class TrackingConfig:
+    """Where and how a run is tracked: the ``mlflow`` section of ``t2v train``, ``t2v evaluate`` and ``t2v flow``."""
+
+    enabled: bool = True
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/runs/mlflow.db
+    experiment: str = "t2v"
+    run_name: str | None = None
+    run_id: str | None = None  # log into this existing run (evaluation into the model's training run)
+    tags: dict[str, Any] = field(default_factory=dict)
+    system_metrics_s: float = 10.0  # system metrics sampling interval; 0 turns them off
+
+    def __post_init__(self) -> None:
+        check(bool(self.experiment), "mlflow.experiment is empty: name an MLflow experiment, e.g. t2v-train")
+        check(self.system_metrics_s >= 0, "mlflow.system_metrics_s must be >= 0 seconds (0 turns it off)")
 
 
 def default_tracking_uri() -> str:
@@ -45,14 +65,15 @@ def resolve_tracking_uri(uri: str | None) -> str:
     directories) and their folder created; a bare path is refused (the MLflow 3 file store is deprecated)."""
     uri = uri or default_tracking_uri()
     if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
+        path = Path(uri[len("sqlite:///") :])
         path = path if path.is_absolute() else Path.cwd() / path
         path.parent.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{path}"
     if "://" not in uri and not uri.startswith(("databricks", "file:")):
-        raise configuration.ConfigError(
+        raise settings.ConfigError(
             f"tracking URI {uri!r} is a bare path: MLflow 3 deprecates the file store; use sqlite:///{uri}/mlflow.db "
-            "or an http(s):// tracking server")
+            "or an http(s):// tracking server"
+        )
     return uri
 
 
@@ -87,8 +108,9 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
-    def log_dataset(self, df: Any, name: str, source: str, digest: str | None = None,
-                    context: str = "training") -> None: ...
+    def log_dataset(
+        self, df: Any, name: str, source: str, digest: str | None = None, context: str = "training"
+    ) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
     def pause(self) -> None: ...
 
@@ -113,8 +135,9 @@ class NullTracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         pass
 
-    def log_dataset(self, df: Any, name: str, source: str, digest: str | None = None,
-                    context: str = "training") -> None:
+    def log_dataset(
+        self, df: Any, name: str, source: str, digest: str | None = None, context: str = "training"
+    ) -> None:
         pass
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -131,8 +154,16 @@ class MlflowTracker:
     ``system/*`` metrics of the run (needs psutil).
     """
 
-    def __init__(self, tracking_uri: str | None = None, experiment: str = "t2v-train", *, run_id: str | None = None,
-                 run_name: str | None = None, tags: dict[str, Any] | None = None, system_metrics_s: float = 0.0):
+    def __init__(
+        self,
+        tracking_uri: str | None = None,
+        experiment: str = "t2v-train",
+        *,
+        run_id: str | None = None,
+        run_name: str | None = None,
+        tags: dict[str, Any] | None = None,
+        system_metrics_s: float = 0.0,
+    ):
         from mlflow import MlflowClient
 
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
@@ -142,7 +173,7 @@ class MlflowTracker:
             run = self.client.create_run(experiment_id, run_name=run_name, tags=_safe_tags(tags or {}))
             self.run_id = run.info.run_id
         else:
-            run = self.client.get_run(run_id)               # raises if the run does not exist in this store
+            run = self.client.get_run(run_id)  # raises if the run does not exist in this store
             self.run_id = run_id
             if run.info.status != "RUNNING":
                 self.client.update_run(run_id, status="RUNNING")
@@ -167,8 +198,13 @@ class MlflowTracker:
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, samples_before_logging=1,
-                                                 resume_logging=True, tracking_uri=self.tracking_uri)
+            self._monitor = SystemMetricsMonitor(
+                self.run_id,
+                sampling_interval=interval_s,
+                samples_before_logging=1,
+                resume_logging=True,
+                tracking_uri=self.tracking_uri,
+            )
             self._monitor.start()
         except Exception as e:  # psutil missing or the store refuses: tracking must never stop training
             log.warning("system metrics are not logged: %s", e)
@@ -182,7 +218,7 @@ class MlflowTracker:
         from mlflow.entities import Param
 
         existing = self.client.get_run(self.run_id).data.params
-        safe = configuration.flatten(params)          # nested dicts -> dotted keys, secrets redacted
+        safe = settings.flatten(params)  # nested dicts -> dotted keys, secrets redacted
         new, changed = [], {}
         for key, value in safe.items():
             text = _param_text(key, value)
@@ -191,7 +227,7 @@ class MlflowTracker:
             elif existing[key] != text:
                 changed[f"changed_param.{key}"] = text
         for i in range(0, len(new), MAX_BATCH_PARAMS):
-            self.client.log_batch(self.run_id, params=new[i:i + MAX_BATCH_PARAMS], synchronous=True)
+            self.client.log_batch(self.run_id, params=new[i : i + MAX_BATCH_PARAMS], synchronous=True)
         if changed:
             self.set_tags(changed)
 
@@ -207,8 +243,9 @@ class MlflowTracker:
         from mlflow.utils.time import get_current_time_millis
 
         now = get_current_time_millis()
-        batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
-                 if v is not None and math.isfinite(float(v))]
+        batch = [
+            Metric(k, float(v), now, int(step)) for k, v in metrics.items() if v is not None and math.isfinite(float(v))
+        ]
         if batch:
             self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
 
@@ -222,18 +259,21 @@ class MlflowTracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
-    def log_dataset(self, df: Any, name: str, source: str, digest: str | None = None,
-                    context: str = "training") -> None:
+    def log_dataset(
+        self, df: Any, name: str, source: str, digest: str | None = None, context: str = "training"
+    ) -> None:
         """Record a dataset (a pandas DataFrame describing it, e.g. a shard index) as an input of the run."""
         import mlflow.data
         from mlflow.entities import DatasetInput, InputTag
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-        with warnings.catch_warnings():   # schema-inference hints about integer columns and ambiguous sources
+        with warnings.catch_warnings():  # schema-inference hints about integer columns and ambiguous sources
             warnings.simplefilter("ignore", UserWarning)
             dataset = mlflow.data.from_pandas(df, source=source, name=name, digest=digest)
-        self.client.log_inputs(self.run_id, datasets=[
-            DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+        self.client.log_inputs(
+            self.run_id,
+            datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])],
+        )
 
     def finish(self, status: str = "FINISHED") -> None:
         """Stop system metrics and mark the run ``status`` (FINISHED | FAILED | KILLED)."""
@@ -258,5 +298,5 @@ def _param_text(key: str, value: Any) -> str:
 
 
 def _safe_tags(tags: dict[str, Any]) -> dict[str, str]:
-    safe = configuration.redact({str(k): v for k, v in tags.items()})
+    safe = settings.redact({str(k): v for k, v in tags.items()})
     return {k: _param_text(k, v) for k, v in safe.items() if v is not None}

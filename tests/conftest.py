@@ -17,6 +17,7 @@ def shapes_corpus(tmp_path_factory):
     """A tiny generated corpus: 8 videos (2 text-free) + 6 images at 32x32, 12 fps, 2 s. Returns the manifest path."""
     from pipelines import shapes
 
-    cfg = shapes.CorpusConfig(num_videos=8, num_images=6, width=32, height=32, fps=12, seconds=2.0,
-                              text_free_fraction=0.25, seed=7)
+    cfg = shapes.CorpusConfig(
+        num_videos=8, num_images=6, width=32, height=32, fps=12, seconds=2.0, text_free_fraction=0.25, seed=7
+    )
     return shapes.generate(cfg, tmp_path_factory.mktemp("shapes"), progress=False)

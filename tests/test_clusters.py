@@ -24,10 +24,19 @@ def _docs(path: Path) -> list[dict]:
 
 
 def test_every_cluster_file_is_covered_by_a_check():
-    checked = set(KUBERAY + LAUNCHER + DEEPSPEED) | set((CLUSTERS / "configs").glob("*.yaml")) | {
-        CLUSTERS / "README.md", CLUSTERS / "constraints.txt", CLUSTERS / "image" / "Dockerfile",
-        CLUSTERS / "local" / "t2v", CLUSTERS / "local" / "ray-head.sh", CLUSTERS / "local" / "mlflow-server.sh",
-        CLUSTERS / "local" / "flow.yaml"}
+    checked = (
+        set(KUBERAY + LAUNCHER + DEEPSPEED)
+        | set((CLUSTERS / "configs").glob("*.yaml"))
+        | {
+            CLUSTERS / "README.md",
+            CLUSTERS / "constraints.txt",
+            CLUSTERS / "image" / "Dockerfile",
+            CLUSTERS / "local" / "t2v",
+            CLUSTERS / "local" / "ray-head.sh",
+            CLUSTERS / "local" / "mlflow-server.sh",
+            CLUSTERS / "local" / "flow.yaml",
+        }
+    )
     files = {p for p in CLUSTERS.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     assert files - checked == set(), "a new file under clusters/ needs a check in tests/test_clusters.py"
     assert KUBERAY and LAUNCHER and len(DEEPSPEED) >= 3
@@ -45,10 +54,12 @@ def test_launcher_yaml_matches_rays_cluster_schema(path):
     assert config["available_node_types"][config["head_node_type"]]["resources"] == {"CPU": 0}
     head_start = " ".join(config["head_start_ray_commands"])
     assert "--num-cpus=0" in head_start and "--dashboard-host=127.0.0.1" in head_start
-    gpu_types = [t for t in config["available_node_types"].values() if t["node_config"]["InstanceType"].startswith("p5")]
-    assert gpu_types and all(t["min_workers"] == 0 for t in gpu_types)   # GPU workers autoscale from zero
+    gpu_types = [
+        t for t in config["available_node_types"].values() if t["node_config"]["InstanceType"].startswith("p5")
+    ]
+    assert gpu_types and all(t["min_workers"] == 0 for t in gpu_types)  # GPU workers autoscale from zero
     bad = json.loads(json.dumps(config))
-    bad["available_node_types"]["head"]["min_worker"] = 1       # a typo the schema must catch
+    bad["available_node_types"]["head"]["min_worker"] = 1  # a typo the schema must catch
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(bad, schema)
 
@@ -70,15 +81,15 @@ def test_kuberay_manifests_use_valid_fields(path):
         assert spec["rayVersion"] == "2.60.0"
         assert spec["enableInTreeAutoscaling"] is True and spec["autoscalerOptions"]["version"] == "v2"
         head = spec["headGroupSpec"]
-        assert head["rayStartParams"]["num-cpus"] == "0"    # a string: KubeRay passes them to `ray start`
+        assert head["rayStartParams"]["num-cpus"] == "0"  # a string: KubeRay passes them to `ray start`
         assert all(isinstance(v, str) for v in head["rayStartParams"].values())
         for container in _containers(head):
-            assert "nvidia.com/gpu" not in container["resources"]["limits"]   # the head is CPU-only
+            assert "nvidia.com/gpu" not in container["resources"]["limits"]  # the head is CPU-only
         for group in spec["workerGroupSpecs"]:
             assert group["groupName"] and 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
             for container in _containers(group):
                 limits, requests = container["resources"]["limits"], container["resources"]["requests"]
-                assert limits == requests   # Ray advertises limits; equal requests keep scheduling honest
+                assert limits == requests  # Ray advertises limits; equal requests keep scheduling honest
                 if "nvidia.com/gpu" in limits:
                     assert isinstance(limits["nvidia.com/gpu"], int) and limits["nvidia.com/gpu"] >= 1
                     tolerations = group["template"]["spec"].get("tolerations", [])
@@ -87,7 +98,7 @@ def test_kuberay_manifests_use_valid_fields(path):
             job = doc["spec"]
             assert job["shutdownAfterJobFinishes"] is True and job["entrypoint"].strip()
             runtime_env = yaml.safe_load(job["runtimeEnvYAML"])
-            assert runtime_env["working_dir"] == "/home/ray/t2v"   # the project inside the image (Dockerfile)
+            assert runtime_env["working_dir"] == "/home/ray/t2v"  # the project inside the image (Dockerfile)
             assert set(runtime_env) <= {"working_dir", "env_vars", "pip", "excludes", "py_modules"}
 
 
@@ -110,9 +121,9 @@ def test_rayjob_entrypoints_exist_and_pass_dry_run(name, argv, capsys, monkeypat
     for i, arg in enumerate(argv):
         if arg == "--config":
             assert (ROOT / argv[i + 1]).is_file(), f"{name}: config {argv[i + 1]} is not in the project"
-    monkeypatch.chdir(ROOT)   # the job's working_dir is the project
+    monkeypatch.chdir(ROOT)  # the job's working_dir is the project
     assert cli.main(argv[3:] + ["--dry-run"]) == 0
-    assert capsys.readouterr().out.strip()   # the resolved config was printed
+    assert capsys.readouterr().out.strip()  # the resolved config was printed
 
 
 @pytest.fixture(scope="module")
@@ -124,18 +135,18 @@ def deepspeed_config_cls():
 
 @pytest.mark.parametrize("path", DEEPSPEED, ids=lambda p: p.name)
 def test_deepspeed_configs_load_through_the_train_config(path, deepspeed_config_cls):
-    from model import configuration
-    from pipelines.train import TrainConfig
-    from pipelines.train_worker import deepspeed_config
+    from pipelines import settings
+    from pipelines.training.config import TrainConfig
+    from pipelines.training.worker import deepspeed_config
 
-    cfg = configuration.load(TrainConfig, path)
-    ds = deepspeed_config(cfg, world_size=1, branches=2)   # what each worker hands to deepspeed.initialize
-    parsed = deepspeed_config_cls(ds)                      # DeepSpeed's own parser (rejects unknown keys)
+    cfg = settings.load(TrainConfig, path)
+    ds = deepspeed_config(cfg, world_size=1, branches=2)  # what each worker hands to deepspeed.initialize
+    parsed = deepspeed_config_cls(ds)  # DeepSpeed's own parser (rejects unknown keys)
     assert parsed.zero_optimization_stage == cfg.zero_stage
     name = path.stem
     if name.startswith("h100"):
         assert cfg.use_gpu and parsed.bfloat16_config.enabled
-        assert cfg.num_workers == int(name.split("x")[1].split("-")[0])   # h100x8 -> 8 workers
+        assert cfg.num_workers == int(name.split("x")[1].split("-")[0])  # h100x8 -> 8 workers
     if "zero3" in name:
         assert cfg.zero_stage == 3 and parsed.zero_config.offload_optimizer is not None
         assert parsed.zero_config.offload_param is not None
@@ -145,21 +156,26 @@ def test_deepspeed_configs_load_through_the_train_config(path, deepspeed_config_
 
 def test_a_deepspeed_typo_is_caught(deepspeed_config_cls):
     with pytest.raises(Exception, match="offload_optimiser"):
-        deepspeed_config_cls({"train_micro_batch_size_per_gpu": 1,
-                              "zero_optimization": {"stage": 3, "offload_optimiser": {"device": "cpu"}}})
+        deepspeed_config_cls(
+            {
+                "train_micro_batch_size_per_gpu": 1,
+                "zero_optimization": {"stage": 3, "offload_optimiser": {"device": "cpu"}},
+            }
+        )
 
 
 def test_flow_and_step_configs_load():
-    from model import configuration
-    from flows.retrain import RetrainConfig, curate_config, validate
+    from flows.retrain import load_config, validate
+    from pipelines import settings
 
-    flow = configuration.load(RetrainConfig, CLUSTERS / "local" / "flow.yaml", ["input=runs/incoming"])
+    flow = load_config(CLUSTERS / "local" / "flow.yaml", ["input=runs/incoming"])
     validate(flow)
-    assert flow.cluster.address is None   # the local profile runs steps in-process
-    from pipelines.curate import CurateConfig
+    assert flow.cluster.address is None  # the local profile runs steps in-process
+    from pipelines.curation.config import CurateConfig
 
-    configuration.load(CurateConfig, CLUSTERS / "configs" / "curate.yaml")
-    assert curate_config(flow).clips.width >= 16
+    settings.load(CurateConfig, CLUSTERS / "configs" / "curate.yaml")
+    assert flow.curate.clips.width == 32 and flow.train.zero_stage == 2  # from the train_base file
+    assert flow.train.steps == 2000  # the flow's own train settings win over train_base
 
 
 def test_local_scripts_are_valid_bash_and_bind_loopback():
@@ -188,11 +204,11 @@ def test_readme_names_every_cluster_file():
 
 
 def test_kuberay_flow_config_loads():
-    from model import configuration
-    from flows.retrain import RetrainConfig, train_settings
+    from flows.retrain import load_config, train_config
 
-    flow = configuration.load(RetrainConfig, CLUSTERS / "configs" / "flow-kuberay.yaml", ["input=/data/incoming"])
+    flow = load_config(CLUSTERS / "configs" / "flow-kuberay.yaml", ["input=/data/incoming"])
     assert flow.cluster.address == "http://127.0.0.1:8265"
-    assert flow.step_tracking_uri() == flow.cluster.tracking_uri != flow.tracking_uri
-    settings = train_settings(flow, Path("/data/flow/cycles/0001"), None)
-    assert settings["zero_stage"] == 2 and settings["num_workers"] == 8 and settings["steps"] == 5000
+    assert flow.step_tracking_uri() == flow.cluster.tracking_uri != flow.mlflow.tracking_uri
+    train = train_config(flow, Path("/data/flow/cycles/0001"), None)
+    assert train.zero_stage == 2 and train.num_workers == 8 and train.steps == 5000
+    assert train.mlflow.tracking_uri == flow.cluster.tracking_uri and train.data == ["/data/flow/curated"]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import configuration
-from model.configs import MODEL_CONFIGS, ModelConfig, get_config
-from model.configuration import ConfigError
 from model.encoders import PROJECT_CLIP_CONFIGS
+from model.registry import MODEL_CONFIGS, ModelConfig, get_config
 from model.unet import UNet3D, build_unet
+from pipelines import settings
+from pipelines.settings import ConfigError
 
 
 def test_registry_names_tiny_first():
@@ -47,7 +47,7 @@ def test_latent_sizes_follow_the_first_stage():
 def test_overrides_nested_or_dotted_and_registry_untouched():
     cfg = get_config("tiny", {"unet.model_channels": 32, "num_frames": 4, "diffusion": {"prediction": "eps"}})
     assert (cfg.unet.model_channels, cfg.num_frames, cfg.diffusion.prediction) == (32, 4, "eps")
-    assert cfg.unet.channel_mult == (1, 2, 4)                   # untouched fields keep the registry values
+    assert cfg.unet.channel_mult == (1, 2, 4)  # untouched fields keep the registry values
     cfg.unet.model_channels = 64
     assert MODEL_CONFIGS["tiny"].unet.model_channels == 16 == get_config("tiny").unet.model_channels
 
@@ -55,7 +55,7 @@ def test_overrides_nested_or_dotted_and_registry_untouched():
 def test_round_trips_through_plain_data():
     for name in MODEL_CONFIGS:
         cfg = get_config(name)
-        assert configuration.from_dict(ModelConfig, configuration.to_dict(cfg)) == cfg
+        assert settings.from_dict(ModelConfig, settings.to_dict(cfg)) == cfg
 
 
 def test_errors_name_the_problem():
@@ -68,7 +68,7 @@ def test_errors_name_the_problem():
         (("small", {"height": 200}), "multiples of 64"),
         (("tiny", {"encoders.text_len": 16}), "num_text_tokens=77 must equal encoders.text_len=16"),
         (("tiny", {"num_frames": 0}), "num_frames=0: must be a positive integer"),
-        (("tiny", ["unet.model_channels=8"]), "must be a mapping"),
+        (("tiny", ["unet.model_channels=8"]), "expected a mapping of settings"),
     ]
     for args, message in cases:
         with pytest.raises(ConfigError, match=message):

@@ -9,7 +9,6 @@ import torch
 diffusers = pytest.importorskip("diffusers")  # pinned in clusters/constraints.txt; always installed here
 
 from model.checkpoint import CheckpointError, load_unet_weights  # noqa: E402
-from model.configs import get_config  # noqa: E402
 from model.convert import (  # noqa: E402
     ConversionError,
     diffusers_config,
@@ -19,19 +18,26 @@ from model.convert import (  # noqa: E402
     unet_from_diffusers,
     unet_to_diffusers,
 )
+from model.registry import get_config  # noqa: E402
 from model.unet import UNet3D, build_unet  # noqa: E402
 
 
-def tiny_diffusers_unet() -> "diffusers.UNet3DConditionModel":
+def tiny_diffusers_unet() -> diffusers.UNet3DConditionModel:
     # Attention at the two fine levels and none at the coarsest, like the released model, so both block kinds
     # (and both upsample positions in output_blocks) are exercised. Random weights everywhere: diffusers
     # zero-initialises nothing we could hide behind, and ours zero-initialises several output layers.
     torch.manual_seed(0)
     model = diffusers.UNet3DConditionModel(
-        in_channels=4, out_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
         down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"),
         up_block_types=("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
-        cross_attention_dim=24, attention_head_dim=8).eval()
+        cross_attention_dim=24,
+        attention_head_dim=8,
+    ).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
@@ -59,8 +65,8 @@ def test_converted_diffusers_weights_give_the_same_output():
 def test_round_trip_ours_to_diffusers_to_ours_is_lossless():
     theirs = tiny_diffusers_unet()
     ours = unet_from_diffusers(theirs)
-    back = unet_to_diffusers(ours)                              # loads strictly into a fresh diffusers model
-    assert not back.training                                    # keeps the mode (dropout) of the source
+    back = unet_to_diffusers(ours)  # loads strictly into a fresh diffusers model
+    assert not back.training  # keeps the mode (dropout) of the source
     got, want = back.state_dict(), theirs.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], v) for k, v in want.items())
 
@@ -69,8 +75,9 @@ def test_round_trip_ours_to_diffusers_to_ours_is_lossless():
     assert again.keys() == state.keys() and all(torch.equal(again[k], v) for k, v in state.items())
     x, t, context = sample_inputs()
     with torch.no_grad():
-        torch.testing.assert_close(back(x, t, encoder_hidden_states=context).sample, ours(x, t, context),
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            back(x, t, encoder_hidden_states=context).sample, ours(x, t, context), rtol=1e-4, atol=1e-5
+        )
 
 
 def test_released_layout_maps_onto_diffusers_default_model():
@@ -79,8 +86,12 @@ def test_released_layout_maps_onto_diffusers_default_model():
     with torch.device("meta"):
         theirs = diffusers.UNet3DConditionModel()
     cfg = get_config("modelscope-1.7b", {"unet.image_embed_dim": 0}).unet
-    assert unet_config_from_diffusers(dict(theirs.config), dropout=cfg.dropout,
-                                      gradient_checkpointing=cfg.gradient_checkpointing) == cfg
+    assert (
+        unet_config_from_diffusers(
+            dict(theirs.config), dropout=cfg.dropout, gradient_checkpointing=cfg.gradient_checkpointing
+        )
+        == cfg
+    )
     assert diffusers_config(cfg)["down_block_types"] == tuple(theirs.config.down_block_types)
     ours = build_unet(cfg, "meta").state_dict()
     converted = diffusers_to_modelscope(theirs.state_dict(), cfg)
@@ -90,8 +101,9 @@ def test_released_layout_maps_onto_diffusers_default_model():
 
 
 def test_image_condition_has_no_diffusers_counterpart():
-    cfg = get_config("tiny", {"unet.pooled_text_embedding": False, "unet.frame_embedding": False,
-                                "unet.coordinate_channels": False}).unet
+    cfg = get_config(
+        "tiny", {"unet.pooled_text_embedding": False, "unet.frame_embedding": False, "unet.coordinate_channels": False}
+    ).unet
     unet = UNet3D(cfg)
     with pytest.raises(ConversionError, match="drop_image_condition=True"):
         modelscope_to_diffusers(unet.state_dict(), cfg)
@@ -99,7 +111,9 @@ def test_image_condition_has_no_diffusers_counterpart():
     assert not any("image" in k for k in converted)
     with pytest.raises(ConversionError, match="temporal_heads must be 8"):
         diffusers_config(cfg)  # the tiny config's input temporal transformer has 1 head
-    with pytest.raises(ConversionError, match="pooled_text_embedding, frame_embedding and coordinate_channels must be False"):
+    with pytest.raises(
+        ConversionError, match="pooled_text_embedding, frame_embedding and coordinate_channels must be False"
+    ):
         diffusers_config(get_config("tiny").unet)
 
 

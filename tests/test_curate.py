@@ -12,19 +12,24 @@ import sys
 
 import pytest
 import webdataset as wds
-
-from model import configuration, media
-from pipelines import curate, schema
-from pipelines.ledger import read_ledger
-
 from test_stages import make_bad_inputs  # the same bad files the stage tests use
 
-SETTINGS = ["clips.width=32", "clips.height=32", "clips.num_frames=8", "clips.fps=8", "quality.min_side=16",
-            "progress=false"]
+from pipelines import media, schema, settings
+from pipelines.curation import job as curate
+from pipelines.curation.ledger import read_ledger
+
+SETTINGS = [
+    "clips.width=32",
+    "clips.height=32",
+    "clips.num_frames=8",
+    "clips.fps=8",
+    "quality.min_side=16",
+    "progress=false",
+]
 
 
 def _cfg(*sets: str) -> curate.CurateConfig:
-    return configuration.load(curate.CurateConfig, None, [*SETTINGS, *sets])
+    return settings.load(curate.CurateConfig, None, [*SETTINGS, *sets])
 
 
 @pytest.fixture(scope="module")
@@ -53,16 +58,21 @@ def corpus(shapes_corpus, tmp_path_factory):
     shutil.copy(shapes_corpus.parent / "images" / "s7_i00001.jpg", root / "no_caption.jpg")
     extra = [f"{root / name},a caption for {name},,,,".encode() for name in expected_bad]
     extra += [
-        f"{root / 'bad_caption.mp4'},".encode() + b"caf\xe9 au lait in latin-1,video,,,",   # non-UTF-8 caption
-        f"{root / 'long_caption.mp4'},{'x' * 10_000},video,,,".encode(),                  # 10,000 characters
-        f"{root / 'no_caption.jpg'},,image,,,".encode(),                                  # image without caption
-        rows[0],                                                                          # duplicate row
+        f"{root / 'bad_caption.mp4'},".encode() + b"caf\xe9 au lait in latin-1,video,,,",  # non-UTF-8 caption
+        f"{root / 'long_caption.mp4'},{'x' * 10_000},video,,,".encode(),  # 10,000 characters
+        f"{root / 'no_caption.jpg'},,image,,,".encode(),  # image without caption
+        rows[0],  # duplicate row
     ]
     manifest = root / "manifest.csv"
     manifest.write_bytes(b"\n".join([header, *rows, *extra]) + b"\n")
     expected = {name: ("rejected", stage, reason) for name, (stage, reason) in expected_bad.items()}
-    expected.update({"bad_caption.mp4": ("accepted", "write", ""), "long_caption.mp4": ("accepted", "write", ""),
-                     "no_caption.jpg": ("rejected", "caption", "caption_missing")})
+    expected.update(
+        {
+            "bad_caption.mp4": ("accepted", "write", ""),
+            "long_caption.mp4": ("accepted", "write", ""),
+            "no_caption.jpg": ("rejected", "caption", "caption_missing"),
+        }
+    )
     return manifest, expected, len(rows) + len(extra)
 
 
@@ -83,8 +93,9 @@ def _outcome(out, inputs=None):
     """What a run produced, independent of run ids and order: ledger rows and shard samples (of ``inputs``,
     a set of (source, occurrence), when given)."""
     rows = [r for r in read_ledger(out).to_pylist() if inputs is None or (r["source"], r["occurrence"]) in inputs]
-    ledger = sorted((r["source"], r["occurrence"], r["status"], r["stage"], r["reason"], tuple(sorted(r["keys"])))
-                    for r in rows)
+    ledger = sorted(
+        (r["source"], r["occurrence"], r["status"], r["stage"], r["reason"], tuple(sorted(r["keys"]))) for r in rows
+    )
     keys = {k for r in rows for k in r["keys"]}
     samples = sorted((s.key, s.meta.kind, s.caption) for s in _shard_samples(out) if inputs is None or s.key in keys)
     return ledger, samples
@@ -109,15 +120,16 @@ def test_every_input_ends_accepted_or_rejected_with_its_reason(full_run, corpus)
             assert row["detail"] and not row["keys"]
     # the duplicate row: same source, second occurrence, rejected; the first occurrence is curated
     dup = by_name["s7_v00000.mp4"]
-    assert sorted((r["occurrence"], r["status"], r["reason"]) for r in dup) == [(0, "accepted", ""),
-                                                                                 (1, "rejected", "duplicate")]
+    assert sorted((r["occurrence"], r["status"], r["reason"]) for r in dup) == [
+        (0, "accepted", ""),
+        (1, "rejected", "duplicate"),
+    ]
     # the bad-caption videos became text-free, saying why
     samples = {s.key: s for s in _shard_samples(out)}
     for name, why in (("bad_caption.mp4", "caption_bad_encoding"), ("long_caption.mp4", "caption_too_long")):
         [row] = by_name[name]
         assert row["kinds"] == ["video", "video"]
-        assert all(samples[k].meta.extra["text_free_reason"] == why and samples[k].caption is None
-                   for k in row["keys"])
+        assert all(samples[k].meta.extra["text_free_reason"] == why and samples[k].caption is None for k in row["keys"])
     # summary: counts per stage and per reason agree with the ledger
     reasons = collections.Counter(f"{r['stage']}:{r['reason']}" for r in ledger if r["status"] == "rejected")
     assert summary["rejected_by_reason"] == dict(reasons)
@@ -220,12 +232,22 @@ def test_model_stages_run_as_actor_pools(ray_local, shapes_corpus, tmp_path):
     # The tiny OpenCLIP has random weights (no pretrained weights exist here): its scores are arbitrary but
     # deterministic; what is tested is that they are computed, stored, and that the threshold routes samples.
     threshold = 0.05
-    with pytest.raises(configuration.ConfigError, match="clips.num_frames=8 clips.width=32 clips.height=32"):
-        curate.run(_cfg("encode.mode=latents+clip", "clips.width=64", "clips.height=64"), str(shapes_corpus),
-                   str(tmp_path / "wrong-size"))
-    cfg = _cfg("caption.filter=clip", "caption.model=t2v-tiny-clip", f"caption.threshold={threshold}",
-               "caption.batch_size=8", "caption.actor_cpus=0.5", "encode.mode=latents+clip", "encode.actor_cpus=0.5",
-               "inputs.max_inputs=10")
+    with pytest.raises(settings.ConfigError, match="clips.num_frames=8 clips.width=32 clips.height=32"):
+        curate.run(
+            _cfg("encode.mode=latents+clip", "clips.width=64", "clips.height=64"),
+            str(shapes_corpus),
+            str(tmp_path / "wrong-size"),
+        )
+    cfg = _cfg(
+        "caption.filter=clip",
+        "caption.model=t2v-tiny-clip",
+        f"caption.threshold={threshold}",
+        "caption.batch_size=8",
+        "caption.actor_cpus=0.5",
+        "encode.mode=latents+clip",
+        "encode.actor_cpus=0.5",
+        "inputs.max_inputs=10",
+    )
     out = tmp_path / "models"
     summary = curate.run(cfg, str(shapes_corpus), str(out))
     assert summary["accepted"] + summary["rejected"] == summary["inputs"] == 10
@@ -269,9 +291,12 @@ def test_cli_prints_config_summary_and_refuses_mixed_settings(full_run, corpus, 
     assert curate.main(args + ["--set", "clips.width=64"]) == 2
     assert "other settings" in capsys.readouterr().err
     assert curate.main(["--dry-run", "--set", "clips.width=48"]) == 0
-    assert configuration.load(curate.CurateConfig, None, []).clips.width == 256
+    assert settings.load(curate.CurateConfig, None, []).clips.width == 256
     assert "width: 48" in capsys.readouterr().out
-    proc = subprocess.run([sys.executable, "-m", "pipelines.curate", "--dry-run", "--set", "caption.threshold=0.3"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.curation.job", "--dry-run", "--set", "caption.threshold=0.3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0 and "threshold: 0.3" in proc.stdout
-

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model import diffusion as D
-from model.configuration import ConfigError
+from pipelines.settings import ConfigError
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -28,7 +28,7 @@ def test_zero_terminal_snr_gives_alpha_T_zero(schedule):
     plain = D.Schedule.from_config(D.DiffusionConfig(beta_schedule=schedule, zero_terminal_snr=False))
     zsnr = D.Schedule.from_config(D.DiffusionConfig(beta_schedule=schedule, zero_terminal_snr=True))
     assert plain.alphas_cumprod[-1] > 0
-    assert zsnr.alphas_cumprod[-1] == 0                                      # SNR(T) = 0: x_T is pure noise
+    assert zsnr.alphas_cumprod[-1] == 0  # SNR(T) = 0: x_T is pure noise
     assert zsnr.snr(torch.tensor([999])).item() == 0
     # The first step is kept and the schedule still only ever adds noise.
     assert zsnr.alphas_cumprod[0].item() == pytest.approx(plain.alphas_cumprod[0].item(), rel=1e-9)
@@ -57,10 +57,10 @@ def test_eps_v_x0_conversions_round_trip(schedule, zero_snr):
     t = torch.tensor([0, 1, 500, 998, 999])
     x_t = D.q_sample(x0, t, eps, sched)
     v = D.v_target(x0, eps, t, sched)
-    assert torch.allclose(D.x0_from_v(x_t, v, t, sched), x0, atol=1e-9)       # exact at every t, even a_T = 0
+    assert torch.allclose(D.x0_from_v(x_t, v, t, sched), x0, atol=1e-9)  # exact at every t, even a_T = 0
     assert torch.allclose(D.eps_from_v(x_t, v, t, sched), eps, atol=1e-9)
     assert torch.allclose(D.eps_from_x0(x_t, x0, t, sched), eps, atol=1e-9)
-    ok = sched.alphas_cumprod[t] > 0                                          # eps -> x0 needs a_t > 0
+    ok = sched.alphas_cumprod[t] > 0  # eps -> x0 needs a_t > 0
     assert torch.allclose(D.x0_from_eps(x_t, eps, t, sched)[ok], x0[ok], atol=1e-6)
     assert torch.allclose(D.v_from_eps(x_t, eps, t, sched)[ok], v[ok], atol=1e-6)
     x0_hat, eps_hat = D.predict_x0_eps(v, x_t, t, sched)
@@ -83,8 +83,8 @@ def _frame_correlation(noise: torch.Tensor, i: int, j: int) -> float:
 
 @pytest.mark.parametrize("ratio", [0.0, 0.5, 0.8])
 def test_videofusion_noise_has_the_stated_frame_correlation(ratio):
-    noise = D.videofusion_noise((32, 2, 4, 16, 16), ratio, _gen(3))           # 16k values per frame
-    assert noise.var().item() == pytest.approx(1.0, abs=0.03)                 # each frame stays N(0, 1)
+    noise = D.videofusion_noise((32, 2, 4, 16, 16), ratio, _gen(3))  # 16k values per frame
+    assert noise.var().item() == pytest.approx(1.0, abs=0.03)  # each frame stays N(0, 1)
     for i, j in [(0, 1), (0, 3), (1, 2)]:
         assert _frame_correlation(noise, i, j) == pytest.approx(ratio, abs=0.03)
 
@@ -115,7 +115,7 @@ def test_offset_noise_is_one_value_per_sample_channel_frame():
 
 def test_coherence_loss_zero_when_frame_differences_match():
     target = torch.randn(3, 4, 5, 6, 6, generator=_gen(7))
-    offset = torch.randn(3, 4, 1, 6, 6, generator=_gen(8))                    # same error in every frame
+    offset = torch.randn(3, 4, 1, 6, 6, generator=_gen(8))  # same error in every frame
     assert torch.allclose(D.coherence_loss(target + offset, target), torch.zeros(3), atol=1e-6)
     assert torch.allclose(D.coherence_loss(target + 2.5, target), torch.zeros(3), atol=1e-6)
     # ... while the plain MSE does see that error.
@@ -125,17 +125,19 @@ def test_coherence_loss_zero_when_frame_differences_match():
 def test_coherence_loss_positive_per_sample_and_matches_the_formula():
     target = torch.randn(3, 2, 4, 5, 5, generator=_gen(9))
     pred = target.clone()
-    pred[1] += 0.3 * torch.randn(2, 4, 5, 5, generator=_gen(10))             # frame-varying error, sample 1 only
+    pred[1] += 0.3 * torch.randn(2, 4, 5, 5, generator=_gen(10))  # frame-varying error, sample 1 only
     loss = D.coherence_loss(pred, target)
     assert loss.shape == (3,)
     assert loss[0].item() == pytest.approx(0.0, abs=1e-7) and loss[2].item() == pytest.approx(0.0, abs=1e-7)
     assert loss[1] > 0
     # L_c = 1/(F-1) sum_j mean((o^_{j+1} - o^_j) - (o_{j+1} - o_j))^2, written out frame by frame.
     F = pred.shape[2]
-    manual = sum(((pred[1, :, j + 1] - pred[1, :, j]) - (target[1, :, j + 1] - target[1, :, j])).pow(2).mean()
-                 for j in range(F - 1)) / (F - 1)
+    manual = sum(
+        ((pred[1, :, j + 1] - pred[1, :, j]) - (target[1, :, j + 1] - target[1, :, j])).pow(2).mean()
+        for j in range(F - 1)
+    ) / (F - 1)
     assert loss[1].item() == pytest.approx(manual.item(), rel=1e-5)
-    assert (D.coherence_loss(pred[:, :, :1], target[:, :, :1]) == 0).all()   # images (1 frame): nothing to compare
+    assert (D.coherence_loss(pred[:, :, :1], target[:, :, :1]) == 0).all()  # images (1 frame): nothing to compare
 
 
 def test_training_losses_combine_diffusion_and_coherence_and_backpropagate():
@@ -165,15 +167,15 @@ def test_training_losses_rejects_wrong_output_channels():
 
 
 def test_timestep_shift_moves_training_towards_high_noise():
-    from model.configs import get_config
     from model.diffusion import DiffusionConfig, sample_timesteps
+    from model.registry import get_config
 
     g = torch.Generator().manual_seed(0)
     uniform = sample_timesteps(20000, 1000, g)
     shifted = sample_timesteps(20000, 1000, g, shift=3.0)
     assert uniform.min() >= 0 and uniform.max() <= 999 and shifted.min() >= 0 and shifted.max() <= 999
     high = lambda t: (t >= 900).float().mean().item()  # noqa: E731
-    assert abs(high(uniform) - 0.10) < 0.01 and abs(high(shifted) - 0.25) < 0.015   # 3u / (1 + 2u) >= 0.9: u >= 3/4
+    assert abs(high(uniform) - 0.10) < 0.01 and abs(high(shifted) - 0.25) < 0.015  # 3u / (1 + 2u) >= 0.9: u >= 3/4
     assert get_config("tiny").diffusion.timestep_shift == 3.0
     with pytest.raises(ConfigError, match="timestep_shift"):
         DiffusionConfig(timestep_shift=0)

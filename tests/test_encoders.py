@@ -15,9 +15,18 @@ import numpy as np
 import pytest
 import torch
 
-from model.configuration import ConfigError
-from model.encoders import (EncoderConfig, FirstStage, ImageEncoder, TextEncoder, build_clip_encoders, clip_dims,
-                            frames_to_tensor, load_openclip, tensor_to_frames)
+from model.encoders import (
+    EncoderConfig,
+    FirstStage,
+    ImageEncoder,
+    TextEncoder,
+    build_clip_encoders,
+    clip_dims,
+    frames_to_tensor,
+    load_openclip,
+    tensor_to_frames,
+)
+from pipelines.settings import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +45,7 @@ def test_text_encoder_gives_frozen_penultimate_token_states(tiny_clip):
     assert states.shape == (2, 77, clip_dims("t2v-tiny-clip")[0])
     assert not any(p.requires_grad for p in enc.parameters())
     enc.train()
-    assert not enc.training                                                  # frozen modules stay in eval mode
+    assert not enc.training  # frozen modules stay in eval mode
     # Penultimate layer then the final layer norm, computed by hand through open_clip's own modules.
     with torch.no_grad():
         x = clip.token_embedding(tokenizer(prompts)) + clip.positional_embedding
@@ -44,21 +53,21 @@ def test_text_encoder_gives_frozen_penultimate_token_states(tiny_clip):
             x = block(x, attn_mask=clip.attn_mask)
         assert torch.allclose(states, clip.ln_final(x), atol=1e-5)
         full = clip.ln_final(clip.transformer.resblocks[-1](x, attn_mask=clip.attn_mask))
-        assert not torch.allclose(states, full, atol=1e-3)                   # not the last layer
-    assert not torch.allclose(states[0], states[1])                          # the null prompt differs from a prompt
+        assert not torch.allclose(states, full, atol=1e-3)  # not the last layer
+    assert not torch.allclose(states[0], states[1])  # the null prompt differs from a prompt
     null = enc.null(3)
     assert null.shape == (3, 77, states.shape[-1])
     # the null prompt is encoded on its own (batch of 1), states[1] within a batch of 2: the same numbers up to
     # float rounding, which depends on the batch size on some CPUs (1.3e-6 apart on the 2-core dev machine)
     torch.testing.assert_close(null[2], states[1], rtol=1e-5, atol=1e-5)
-    assert torch.equal(enc.null(1, "blurry")[0], enc(["blurry"])[0])       # negative prompts work the same way
+    assert torch.equal(enc.null(1, "blurry")[0], enc(["blurry"])[0])  # negative prompts work the same way
 
 
 def test_word_code_adds_each_word_at_full_scale_and_leaves_the_null_prompt_alone(tiny_clip):
     clip, _, tokenizer = tiny_clip
     plain, coded = TextEncoder(clip, tokenizer), TextEncoder(clip, tokenizer, word_code_gain=2.0)
     prompts = ["a red circle moving left", "a red circle moving right", "a blue square moving left", ""]
-    code = coded.word_code(tokenizer(prompts))                              # [4, width]
+    code = coded.word_code(tokenizer(prompts))  # [4, width]
     width = code.shape[-1]
     # The same vector, times the gain, on every token state; nothing for the null prompt (no words), so
     # guidance's unconditional input is the plain encoder's.
@@ -67,10 +76,10 @@ def test_word_code_adds_each_word_at_full_scale_and_leaves_the_null_prompt_alone
     torch.testing.assert_close(coded.null(1)[0], plain.null(1)[0])
     # Layer-normalised mean of the words' own embeddings (start and end of text and padding left out), by hand.
     with torch.no_grad():
-        words = clip.token_embedding(tokenizer(["a red circle moving left"]))[0, 1:6]   # 5 words
+        words = clip.token_embedding(tokenizer(["a red circle moving left"]))[0, 1:6]  # 5 words
         torch.testing.assert_close(code[0], torch.nn.functional.layer_norm(words.mean(0), (width,)))
     # unit variance per channel (a little less: layer norm's eps is not small against embeddings of std 0.02)
-    assert ((code[:3].norm(dim=-1) > 0.85 * width ** 0.5) & (code[:3].norm(dim=-1) <= width ** 0.5)).all()
+    assert ((code[:3].norm(dim=-1) > 0.85 * width**0.5) & (code[:3].norm(dim=-1) <= width**0.5)).all()
     # What it is for: one changed word moves the code by a large share of its norm (the random transformer's
     # mean-pooled states move by about a tenth), and the direction word's part does not depend on the other words.
     states = plain(prompts[:2]).mean(dim=1)
@@ -90,8 +99,9 @@ def test_random_clip_is_deterministic_from_seed_and_loads_from_a_local_file(tmp_
     # Weights saved as an open_clip state dict load from the path, whatever the seed.
     clip, _, _ = load_openclip("t2v-tiny-clip", seed=0)
     torch.save(clip.state_dict(), tmp_path / "clip.pt")
-    loaded, _ = build_clip_encoders(EncoderConfig(clip_model="t2v-tiny-clip", clip_pretrained=str(tmp_path / "clip.pt"),
-                                                  seed=123))
+    loaded, _ = build_clip_encoders(
+        EncoderConfig(clip_model="t2v-tiny-clip", clip_pretrained=str(tmp_path / "clip.pt"), seed=123)
+    )
     assert torch.equal(loaded(p), text0(p))
 
 
@@ -105,8 +115,11 @@ def test_clip_loading_errors_say_what_to_do(tmp_path):
 def test_random_weights_of_a_non_project_clip_warn(tmp_path):
     import open_clip
 
-    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 16, "head_width": 8, "patch_size": 16},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 2}}
+    cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 16, "head_width": 8, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 2},
+    }
     (tmp_path / "test-external-clip.json").write_text(json.dumps(cfg))
     open_clip.add_model_config(tmp_path / "test-external-clip.json")
     with pytest.warns(UserWarning, match="random weights.*clip_pretrained"):
@@ -122,7 +135,7 @@ def test_image_encoder_pools_with_clip_preprocessing(tiny_clip):
     clip, preprocess, _ = tiny_clip
     enc = ImageEncoder(clip, 224)
     yy, xx = np.meshgrid(np.linspace(0, 1, 180), np.linspace(0, 1, 300), indexing="ij")
-    img = (np.stack([xx, yy, xx * yy], -1) * 255).astype(np.uint8)           # smooth, non-square [180, 300, 3]
+    img = (np.stack([xx, yy, xx * yy], -1) * 255).astype(np.uint8)  # smooth, non-square [180, 300, 3]
     emb = enc(np.stack([img, img[::-1].copy()]))
     assert emb.shape == (2, clip_dims("t2v-tiny-clip")[1])
     assert not torch.allclose(emb[0], emb[1])
@@ -152,9 +165,17 @@ def _tiny_vae():
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         layers_per_block=1, norm_num_groups=32, sample_size=16).eval()
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=32,
+        sample_size=16,
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +188,7 @@ def vae_folder(tmp_path_factory):
 def test_vae_first_stage_loads_from_a_folder_and_encodes_frame_by_frame(vae_folder):
     fs = FirstStage.from_config(EncoderConfig(first_stage="sd_vae", vae_path=str(vae_folder), vae_chunk=2))
     assert fs.latent_channels == 4 and fs.downsample == 2
-    x = torch.rand(1, 3, 5, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1   # [b, c, f, h, w]
+    x = torch.rand(1, 3, 5, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1  # [b, c, f, h, w]
     enc = fs.encode(x, generator=torch.Generator().manual_seed(1))
     assert enc.sample.shape == enc.mean.shape == enc.std.shape == (1, 4, 5, 8, 8)
     assert (enc.std > 0).all()
@@ -191,17 +212,21 @@ def _ldm_keys(sd: dict, levels: int) -> dict:
         n = k
         n = re.sub(r"down_blocks\.(\d+)\.resnets\.(\d+)\.", r"down.\1.block.\2.", n)
         n = re.sub(r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample.", n)
-        n = re.sub(r"up_blocks\.(\d+)\.resnets\.(\d+)\.",
-                   lambda m: f"up.{levels - 1 - int(m[1])}.block.{m[2]}.", n)
+        n = re.sub(r"up_blocks\.(\d+)\.resnets\.(\d+)\.", lambda m: f"up.{levels - 1 - int(m[1])}.block.{m[2]}.", n)
         n = re.sub(r"up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"up.{levels - 1 - int(m[1])}.upsample.", n)
         n = re.sub(r"mid_block\.resnets\.(\d)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", n)
         n = n.replace("mid_block.attentions.0.", "mid.attn_1.").replace("conv_shortcut", "nin_shortcut")
         n = n.replace("conv_norm_out", "norm_out")
         if "attn_1." in n:
-            n = (n.replace("group_norm", "norm").replace("to_q", "q").replace("to_k", "k").replace("to_v", "v")
-                 .replace("to_out.0", "proj_out"))
+            n = (
+                n.replace("group_norm", "norm")
+                .replace("to_q", "q")
+                .replace("to_k", "k")
+                .replace("to_v", "v")
+                .replace("to_out.0", "proj_out")
+            )
             if v.ndim == 2:
-                v = v[:, :, None, None]                                      # LDM attention uses 1x1 convs
+                v = v[:, :, None, None]  # LDM attention uses 1x1 convs
         out["first_stage_model." + n] = v
     return out
 
@@ -220,7 +245,9 @@ def test_vae_loads_from_single_files_in_both_key_layouts(vae_folder, tmp_path):
     # original Stable Diffusion key names inside a full-checkpoint-style file
     ldm = _ldm_keys(load_file(vae_folder / "diffusion_pytorch_model.safetensors"), levels=2)
     save_file(ldm, tmp_path / "sd-vae.safetensors")
-    original = FirstStage.from_config(EncoderConfig(first_stage="sd_vae", vae_path=str(tmp_path / "sd-vae.safetensors")))
+    original = FirstStage.from_config(
+        EncoderConfig(first_stage="sd_vae", vae_path=str(tmp_path / "sd-vae.safetensors"))
+    )
     assert torch.allclose(original.encode_moments(x)[0], ref, atol=1e-5)
 
 

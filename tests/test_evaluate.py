@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from flows import evaluate
-from model import configuration
-from model.configuration import ConfigError
+from pipelines import settings
+from pipelines.settings import ConfigError
 
 
 class _PooledVideoNet(torch.nn.Module):
@@ -27,8 +27,8 @@ class _PooledVideoNet(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    from model.configs import get_config
-    from model.pipeline import TextToVideo
+    from model.registry import get_config
+    from model.text_to_video import TextToVideo
 
     torch.manual_seed(0)
     return TextToVideo.build(get_config("tiny")).save(tmp_path_factory.mktemp("model") / "model.pt")
@@ -43,20 +43,31 @@ def fvd_network(tmp_path_factory):
 
 
 def _cfg(tmp_path, **kw) -> evaluate.EvalConfig:
-    base = {"num_prompts": 2, "steps": 2, "clip_model": "t2v-tiny-clip", "num_samples": 2, "batch_size": 2,
-            "output": str(tmp_path / "eval"), "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}}
-    return configuration.from_dict(evaluate.EvalConfig, {**base, **kw})
+    base = {
+        "num_prompts": 2,
+        "steps": 2,
+        "clip_model": "t2v-tiny-clip",
+        "num_samples": 2,
+        "batch_size": 2,
+        "output": str(tmp_path / "eval"),
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    }
+    return settings.from_dict(evaluate.EvalConfig, {**base, **kw})
 
 
 def test_evaluate_shapes_prompts_with_fvd_logs_to_mlflow(tmp_path, tiny_checkpoint, fvd_network, shapes_corpus):
     from mlflow import MlflowClient
 
-    cfg = _cfg(tmp_path, checkpoint=str(tiny_checkpoint), fvd_network=str(fvd_network),
-               fvd_reference=str(shapes_corpus), fvd_size=32)
+    cfg = _cfg(
+        tmp_path,
+        checkpoint=str(tiny_checkpoint),
+        fvd_network=str(fvd_network),
+        fvd_reference=str(shapes_corpus),
+        fvd_size=32,
+    )
     result = evaluate.run(cfg)
     m = result["metrics"]
-    assert set(m) == {"clipsim", "frame_consistency", "colour_accuracy", "direction_accuracy", "shapes_accuracy",
-                      "fvd"}
+    assert set(m) == {"clipsim", "frame_consistency", "colour_accuracy", "direction_accuracy", "shapes_accuracy", "fvd"}
     assert -1 <= m["clipsim"] <= 1 and -1 <= m["frame_consistency"] <= 1 and m["fvd"] >= 0
     assert all(0 <= m[k] <= 1 for k in ("colour_accuracy", "direction_accuracy", "shapes_accuracy"))
     assert result["skipped"] == {} and result["num_videos"] == 2
@@ -73,17 +84,42 @@ def test_evaluate_shapes_prompts_with_fvd_logs_to_mlflow(tmp_path, tiny_checkpoi
     assert any(a.path.endswith(".gif") for a in client.list_artifacts(run.info.run_id, "eval/samples"))
 
     # seeded: the same settings give the same figures
-    again = evaluate.run(_cfg(tmp_path, checkpoint=str(tiny_checkpoint), fvd_network=str(fvd_network),
-                              fvd_reference=str(shapes_corpus), fvd_size=32, mlflow={"enabled": False}))
+    again = evaluate.run(
+        _cfg(
+            tmp_path,
+            checkpoint=str(tiny_checkpoint),
+            fvd_network=str(fvd_network),
+            fvd_reference=str(shapes_corpus),
+            fvd_size=32,
+            mlflow={"enabled": False},
+        )
+    )
     assert again["metrics"] == pytest.approx(m) and again["signature"] == result["signature"]
 
 
 def test_prompt_file_cli_and_skipped_fvd(tmp_path, tiny_checkpoint, capsys):
     prompts = tmp_path / "captions.txt"
     prompts.write_text("# MSR-VTT style captions\na man is playing a guitar\n\na dog runs on the beach\n")
-    code = evaluate.main(["--checkpoint", str(tiny_checkpoint), "--prompts", str(prompts), "--output",
-                          str(tmp_path / "out"), "--set", "num_prompts=0", "--set", "steps=2", "--set",
-                          "clip_model=t2v-tiny-clip", "--set", "num_samples=1", "--set", "mlflow.enabled=false"])
+    code = evaluate.main(
+        [
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--prompts",
+            str(prompts),
+            "--output",
+            str(tmp_path / "out"),
+            "--set",
+            "num_prompts=0",
+            "--set",
+            "steps=2",
+            "--set",
+            "clip_model=t2v-tiny-clip",
+            "--set",
+            "num_samples=1",
+            "--set",
+            "mlflow.enabled=false",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "clipsim" in out and "fvd: skipped" in out and "shapes_accuracy" not in out
@@ -102,15 +138,20 @@ def test_evaluate_a_logged_model_by_uri(tmp_path, tiny_checkpoint):
     exp = client.create_experiment("t", artifact_location=(tmp_path / "artifacts").as_uri())
     run_id = client.create_run(exp).info.run_id
     model_uri = pyfunc.log_generation_model(tiny_checkpoint, run_id=run_id, tracking_uri=uri)
-    result = evaluate.run(_cfg(tmp_path, model_uri=model_uri, num_prompts=1, num_samples=0,
-                               mlflow={"tracking_uri": uri, "run_id": run_id}))
+    result = evaluate.run(
+        _cfg(
+            tmp_path, model_uri=model_uri, num_prompts=1, num_samples=0, mlflow={"tracking_uri": uri, "run_id": run_id}
+        )
+    )
     assert result["mlflow_run_id"] == run_id and "clipsim" in result["metrics"]
     assert "eval/clipsim" in client.get_run(run_id).data.metrics
 
 
 def test_bad_inputs_say_what_to_do(tmp_path, tiny_checkpoint, capsys):
-    with pytest.raises(ConfigError, match="exactly one of checkpoint"):
-        _cfg(tmp_path)
+    with pytest.raises(ConfigError, match="nothing to evaluate: give --checkpoint"):
+        evaluate.run(_cfg(tmp_path))
+    with pytest.raises(ConfigError, match="not both"):
+        _cfg(tmp_path, checkpoint=str(tiny_checkpoint), model_uri="models:/x@champion")
     with pytest.raises(FileNotFoundError, match="one prompt per line"):
         evaluate.run(_cfg(tmp_path, checkpoint=str(tiny_checkpoint), prompts=str(tmp_path / "missing.txt")))
     lonely = tmp_path / "one.csv"

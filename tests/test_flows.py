@@ -21,7 +21,6 @@ from flows import registry
 # Registry against a real SQLite store
 
 
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     import mlflow
@@ -48,8 +47,9 @@ def store(tmp_path_factory):
         weights.write_text(str(value))
         with tracking_uri_set(uri):
             with mlflow.start_run(run_id=run.info.run_id):
-                info = mlflow.pyfunc.log_model(name="model", python_model=Constant(), pip_requirements=[],
-                                               artifacts={"value": str(weights)})   # no slow inference
+                info = mlflow.pyfunc.log_model(
+                    name="model", python_model=Constant(), pip_requirements=[], artifacts={"value": str(weights)}
+                )  # no slow inference
         client.set_terminated(run.info.run_id)
         return run.info.run_id, info.model_uri
 
@@ -86,7 +86,7 @@ def test_promotion_gate_and_champion_loads_by_alias(store):
 
     second = registry.register(client, "p", models[1][1], models[1][0])
     champion = client.get_model_version_by_alias("p", registry.CHAMPION)
-    assert registry.recorded_evaluation(champion, "sig-other") is None   # other settings: not comparable
+    assert registry.recorded_evaluation(champion, "sig-other") is None  # other settings: not comparable
     recorded = registry.recorded_evaluation(champion, "sig-a")
     assert recorded == {"shapes_accuracy": 0.25, "fvd": 900.0}
 
@@ -96,7 +96,7 @@ def test_promotion_gate_and_champion_loads_by_alias(store):
     assert client.get_model_version_by_alias("p", registry.CHAMPION).version == first.version
     assert client.get_model_version("p", second.version).tags["promotion"] == "rejected"
 
-    better = registry.decide("fvd", {"fvd": 700.0}, recorded)   # FVD: lower wins
+    better = registry.decide("fvd", {"fvd": 700.0}, recorded)  # FVD: lower wins
     assert better.promote
     registry.apply_decision(client, "p", second.version, better)
     assert client.get_model_version_by_alias("p", registry.CHAMPION).version == second.version
@@ -126,54 +126,67 @@ def _tiny_flow_settings(tmp_path: Path, manifest: Path) -> dict:
     return {
         "input": str(manifest),
         "state_dir": str(tmp_path / "flow"),
-        "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "t2v-test"},
         "model_name": "t2v-test",
-        "experiment": "t2v-test",
         "metric": "colour_accuracy",
         "retries": 1,
         "retry_delay_s": 0.0,
-        "curate": {"clips": {"width": 32, "height": 32, "num_frames": 8, "fps": 8.0}, "quality": {"min_side": 32},
-                   "num_cpus": 2, "progress": False},
-        "train": {"model": "tiny", "steps": 2, "image_batch_size": 2, "video_batch_size": 1, "warmup_steps": 1,
-                  "checkpoint_every": 2, "sample_every": 0, "mlflow": {"system_metrics_s": 0.0}},
+        "curate": {
+            "clips": {"width": 32, "height": 32, "num_frames": 8, "fps": 8.0},
+            "quality": {"min_side": 32},
+            "num_cpus": 2,
+            "progress": False,
+        },
+        "train": {
+            "model": "tiny",
+            "steps": 2,
+            "image_batch_size": 2,
+            "video_batch_size": 1,
+            "warmup_steps": 1,
+            "checkpoint_every": 2,
+            "sample_every": 0,
+            "mlflow": {"system_metrics_s": 0.0},
+        },
         "evaluate": {"num_prompts": 2, "steps": 2, "clip_model": "t2v-tiny-clip", "num_samples": 1, "batch_size": 2},
     }
 
 
 @pytest.mark.slow
-def test_flow_runs_once_in_process_then_champion_generates_and_cycles_resume(tmp_path, shapes_corpus, monkeypatch,
-                                                                           request):
+def test_flow_runs_once_in_process_then_champion_generates_and_cycles_resume(
+    tmp_path, shapes_corpus, monkeypatch, request
+):
     import mlflow
+    import ray
     from prefect.testing.utilities import prefect_test_harness
 
     from flows import retrain
-    from model import configuration
-    from pipelines import pyfunc, shapes
+    from pipelines import pyfunc, settings, shapes
     from pipelines.tracking import tracking_uri_set
 
-    import ray
-
-    settings = _tiny_flow_settings(tmp_path, shapes_corpus)
-    cfg = configuration.from_dict(retrain.RetrainConfig, settings)
-    uri = settings["tracking_uri"]
+    given = _tiny_flow_settings(tmp_path, shapes_corpus)
+    cfg = settings.from_dict(retrain.RetrainConfig, given)
+    uri = given["mlflow"]["tracking_uri"]
     # One local Ray for every cycle of this test (the steps use a running Ray instead of starting their own).
     ray.init(num_cpus=2, include_dashboard=False)
     request.addfinalizer(ray.shutdown)
     with prefect_test_harness(server_startup_timeout=120):
         flow = retrain.retrain_flow()
-        first = flow(configuration.to_dict(cfg))
+        first = flow(settings.to_dict(cfg))
         assert first["status"] == "done" and first["cycle"] == "0001"
         assert first["decision"]["promote"] and "first model" in first["decision"]["reason"]
         assert first["registered"]["version"] == "1" and first["train"]["init_from"] is None
 
         # The same input again: the ledger has everything, so the cycle stops after curation.
-        again = flow(configuration.to_dict(cfg))
+        again = flow(settings.to_dict(cfg))
         assert again["status"] == "no-new-data" and again["cycle"] == "0002"
 
         # New data; training fails once (a transient error) and the task retry finishes the cycle from the champion.
-        more = shapes.generate(shapes.CorpusConfig(num_videos=4, num_images=2, width=32, height=32, fps=12,
-                                                   seconds=2.0, seed=11), tmp_path / "more", progress=False)
-        from pipelines import train as train_mod
+        more = shapes.generate(
+            shapes.CorpusConfig(num_videos=4, num_images=2, width=32, height=32, fps=12, seconds=2.0, seed=11),
+            tmp_path / "more",
+            progress=False,
+        )
+        from pipelines.training import job as train_mod
 
         real_run, calls = train_mod.run, []
 
@@ -184,8 +197,8 @@ def test_flow_runs_once_in_process_then_champion_generates_and_cycles_resume(tmp
             return real_run(train_cfg)
 
         monkeypatch.setattr(train_mod, "run", flaky_run)
-        cfg2 = configuration.from_dict(retrain.RetrainConfig, {**settings, "input": str(more)})
-        second = flow(configuration.to_dict(cfg2))
+        cfg2 = settings.from_dict(retrain.RetrainConfig, {**given, "input": str(more)})
+        second = flow(settings.to_dict(cfg2))
     assert len(calls) == 2 and calls[1] == second["champion_before"]["checkpoint"]
     assert second["status"] == "done" and second["curate"]["new_since_last_training"] == 6
     assert second["registered"]["version"] == "2"
@@ -198,8 +211,9 @@ def test_flow_runs_once_in_process_then_champion_generates_and_cycles_resume(tmp
     champion = client.get_model_version_by_alias("t2v-test", "champion")
     assert str(client.get_model_version_by_alias("t2v-test", "challenger").version) == "2"
     assert str(champion.version) == ("2" if decision["promote"] else "1")
-    assert client.get_model_version("t2v-test", "2").tags["promotion"] == ("promoted" if decision["promote"]
-                                                                          else "rejected")
+    assert client.get_model_version("t2v-test", "2").tags["promotion"] == (
+        "promoted" if decision["promote"] else "rejected"
+    )
     # the evaluation went into the training run, samples included
     run = client.get_run(second["train"]["run_id"])
     assert "eval/colour_accuracy" in run.data.metrics and "eval/clipsim" in run.data.metrics
@@ -224,21 +238,22 @@ def test_flow_runs_once_in_process_then_champion_generates_and_cycles_resume(tmp
 
 def test_schedule_serves_the_flow_with_its_config(tmp_path, shapes_corpus, capsys):
     from flows import retrain
-    from model import configuration
+    from pipelines import settings
 
-    cfg = configuration.from_dict(retrain.RetrainConfig, {**_tiny_flow_settings(tmp_path, shapes_corpus),
-                                                          "cron": "*/30 * * * *"})
+    cfg = settings.from_dict(
+        retrain.RetrainConfig, {**_tiny_flow_settings(tmp_path, shapes_corpus), "cron": "*/30 * * * *"}
+    )
     dep = retrain.deployment(cfg)
     assert dep.name == "t2v-retrain" and dep.schedules[0].schedule.cron == "*/30 * * * *"
-    assert configuration.from_dict(retrain.RetrainConfig, dep.parameters["config"]) == cfg
+    assert settings.from_dict(retrain.RetrainConfig, dep.parameters["config"]) == cfg
     assert retrain.main(["serve", "--input", str(shapes_corpus), "--cron", "0 4 * * 1", "--dry-run"]) == 0
     assert "cron: 0 4 * * 1" in capsys.readouterr().out
     with pytest.raises(Exception, match="five cron fields"):
-        configuration.from_dict(retrain.RetrainConfig, {"cron": "daily"})
+        settings.from_dict(retrain.RetrainConfig, {"cron": "daily"})
 
 
 def test_bench_dispatches_by_name(capsys):
-    from flows import bench
+    from flows import benchmarks as bench
 
     assert bench.main([]) == 0 and "curate" in capsys.readouterr().out
     assert bench.main(["nope"]) == 2 and "unknown benchmark 'nope'" in capsys.readouterr().err

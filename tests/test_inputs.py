@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from model.configuration import ConfigError
-from pipelines import inputs
-from pipelines.curate import InputConfig
-from pipelines.stages.probe import read_bytes
+from pipelines.curation import inputs
+from pipelines.curation.config import InputConfig
+from pipelines.curation.stages.probe import read_bytes
+from pipelines.settings import ConfigError
 
 
 def _media(tmp_path):
@@ -71,16 +71,24 @@ def test_non_utf8_caption_is_flagged_not_fatal(tmp_path):
 
 def test_duplicates_and_unusable_rows_become_rejected_inputs(tmp_path):
     _media(tmp_path)
-    (tmp_path / "m.jsonl").write_text("\n".join([
-        json.dumps({"path": "media/a.mp4", "caption": "first"}),
-        json.dumps({"path": "media/a.mp4", "caption": "again"}),
-        "{not json",
-        json.dumps({"path": "", "caption": "no path"}),
-    ]) + "\n")
+    (tmp_path / "m.jsonl").write_text(
+        "\n".join(
+            [
+                json.dumps({"path": "media/a.mp4", "caption": "first"}),
+                json.dumps({"path": "media/a.mp4", "caption": "again"}),
+                "{not json",
+                json.dumps({"path": "", "caption": "no path"}),
+            ]
+        )
+        + "\n"
+    )
     rows = inputs.resolve(str(tmp_path / "m.jsonl"), InputConfig())
     assert [(r["status"], r["reason"], r["occurrence"]) for r in rows] == [
-        ("ok", "", 0), ("rejected", "duplicate", 1), ("rejected", "bad_manifest_row", 0),
-        ("rejected", "bad_manifest_row", 0)]
+        ("ok", "", 0),
+        ("rejected", "duplicate", 1),
+        ("rejected", "bad_manifest_row", 0),
+        ("rejected", "bad_manifest_row", 0),
+    ]
     assert len({(r["source"], r["occurrence"]) for r in rows}) == 4  # every input keeps its own ledger identity
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from flows import jobs
-from model.configuration import ConfigError
+from pipelines.settings import ConfigError
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -35,13 +36,30 @@ def ray_head():
     token.write_text(secrets.token_hex(16))
     port = _free_port()
     venv_bin = str(Path(sys.executable).parent)
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0",
-               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",   # stop at once on SIGTERM (no 30 s drain)
-               PATH=venv_bin + os.pathsep + os.environ.get("PATH", ""))  # `python` in a job = this venv's python
-    cmd = [os.path.join(venv_bin, "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--port=0",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={port}", "--include-dashboard=true", "--num-cpus=1",
-           f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
-           f"--temp-dir={root / 'ray'}", "--disable-usage-stats"]
+    env = dict(
+        os.environ,
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token),
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # stop at once on SIGTERM (no 30 s drain)
+        PATH=venv_bin + os.pathsep + os.environ.get("PATH", ""),
+    )  # `python` in a job = this venv's python
+    cmd = [
+        os.path.join(venv_bin, "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        "--port=0",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={port}",
+        "--include-dashboard=true",
+        "--num-cpus=1",
+        f"--ray-client-server-port={_free_port()}",
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--temp-dir={root / 'ray'}",
+        "--disable-usage-stats",
+    ]
     log = open(root / "head.log", "wb")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{port}"
@@ -55,7 +73,8 @@ def ray_head():
                 break
             except ConnectionError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the Ray head did not start: {(root / 'head.log').read_text()[-2000:]}")
+                    log = (root / "head.log").read_text()[-2000:]
+                    raise RuntimeError(f"the Ray head did not start: {log}") from None
                 time.sleep(0.5)
         yield {"address": address, "port": port, "token": token, "pid": proc.pid}
     finally:
@@ -83,8 +102,11 @@ def test_project_entry_point_runs_as_a_job_and_reattaches(ray_head, tmp_path):
     cfg = _cluster(ray_head)
     out = tmp_path / "corpus"
     lines: list[str] = []
-    args = ["--output", str(out), *jobs.set_arguments({"num_videos": 2, "num_images": 1, "width": 32, "height": 32,
-                                                       "seconds": 0.5})]
+    args = [
+        "--output",
+        str(out),
+        *jobs.set_arguments({"num_videos": 2, "num_images": 1, "width": 32, "height": 32, "seconds": 0.5}),
+    ]
     sid = f"t2v-test-{secrets.token_hex(3)}"
     result = jobs.run_cli_step(cfg, "corpus", args, sid, env_vars={"T2V_MARK": "1"}, log=lines.append)
     assert result.status == "SUCCEEDED" and result.submission_id == sid
@@ -120,8 +142,11 @@ def test_failed_job_surfaces_status_and_logs_then_retries_under_a_new_id(ray_hea
 def test_job_server_listens_on_loopback_and_refuses_clients_without_the_token(ray_head, monkeypatch, tmp_path):
     import psutil
 
-    listening = [c for c in psutil.net_connections(kind="tcp")
-                 if c.status == psutil.CONN_LISTEN and c.laddr.port == ray_head["port"]]
+    listening = [
+        c
+        for c in psutil.net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == ray_head["port"]
+    ]
     assert listening and all(c.laddr.ip == "127.0.0.1" for c in listening)
 
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
@@ -139,12 +164,12 @@ def test_secrets_never_go_on_a_job_command_line():
 
 
 def test_set_arguments_round_trip_through_the_config_loader():
-    from model import configuration
+    from pipelines import settings
     from pipelines.shapes import CorpusConfig
 
     values = {"num_videos": 3, "shape_scale": [0.2, 0.3], "image_format": "png", "fps": 8.5}
     args = jobs.set_arguments(values)
-    loaded = configuration.load(CorpusConfig, None, args[1::2])
+    loaded = settings.load(CorpusConfig, None, args[1::2])
     assert (loaded.num_videos, loaded.shape_scale, loaded.image_format, loaded.fps) == (3, (0.2, 0.3), "png", 8.5)
     assert jobs.cli_entrypoint("curate", ["--input", "a b.csv"]) == "python -m flows.cli curate --input 'a b.csv'"
 
@@ -158,19 +183,30 @@ def test_cluster_config_rejects_a_ray_client_address():
 def test_flow_step_runs_as_a_job_and_the_flow_reads_its_result(ray_head, tmp_path):
     """The flow's curate step in job mode: submitted to the head, waited for, its output read back."""
     from flows import retrain
-    from model import configuration
-    from pipelines import shapes
+    from pipelines import settings, shapes
 
-    corpus = shapes.generate(shapes.CorpusConfig(num_videos=2, num_images=1, width=32, height=32, fps=8,
-                                                 seconds=1.0, seed=3), tmp_path / "corpus", progress=False)
-    cfg = configuration.from_dict(retrain.RetrainConfig, {
-        "input": str(corpus), "state_dir": str(tmp_path / "flow"), "tracking_uri": f"sqlite:///{tmp_path / 'm.db'}",
-        "cluster": {"address": ray_head["address"], "poll_s": 0.5},
-        "curate": {"clips": {"width": 32, "height": 32, "num_frames": 8, "fps": 8.0}, "quality": {"min_side": 32},
-                   "progress": False}})
+    corpus = shapes.generate(
+        shapes.CorpusConfig(num_videos=2, num_images=1, width=32, height=32, fps=8, seconds=1.0, seed=3),
+        tmp_path / "corpus",
+        progress=False,
+    )
+    cfg = settings.from_dict(
+        retrain.RetrainConfig,
+        {
+            "input": str(corpus),
+            "state_dir": str(tmp_path / "flow"),
+            "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'm.db'}"},
+            "cluster": {"address": ray_head["address"], "poll_s": 0.5},
+            "curate": {
+                "clips": {"width": 32, "height": 32, "num_frames": 8, "fps": 8.0},
+                "quality": {"min_side": 32},
+                "progress": False,
+            },
+        },
+    )
     cycle = retrain.open_cycle(cfg)
     record = retrain.curate_step(cfg, cycle)
     assert record["accepted_total"] == 3 and record["new_since_last_training"] == 3
     ids = {j.submission_id for j in jobs.client(ray_head["address"]).list_jobs()}
     assert retrain.job_id(cfg, cycle, "curate") in ids
-    assert retrain.curate_step(cfg, cycle) == record   # recorded: not submitted again
+    assert retrain.curate_step(cfg, cycle) == record  # recorded: not submitted again

@@ -15,8 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from model import media
-from pipelines import loader, schema
+from pipelines import loader, media, schema
 
 
 def write_shards(manifest: Path, out: Path, per_shard: int = 3, pre_encode: dict | None = None) -> Path:
@@ -33,13 +32,20 @@ def write_shards(manifest: Path, out: Path, per_shard: int = 3, pre_encode: dict
         else:
             frames = media.decode_video_file(row["path"])
             (n, h, w), fps = frames.shape[:3], 12.0
-        meta = schema.SampleMeta(source=row["path"], kind=kind, num_frames=n, fps=fps, width=w, height=h,
-                                 caption=row["caption"] or None,
-                                 labels={k: row[k] for k in ("colour", "shape", "direction")})
+        meta = schema.SampleMeta(
+            source=row["path"],
+            kind=kind,
+            num_frames=n,
+            fps=fps,
+            width=w,
+            height=h,
+            caption=row["caption"] or None,
+            labels={k: row[k] for k in ("colour", "shape", "direction")},
+        )
         arrays, encoders = None, None
         if pre_encode is not None and kind != "image":
             frames = media.decode_mp4(data)
-            pixels = frames.transpose(3, 0, 1, 2).astype(np.float32) / 127.5 - 1      # [3, f, h, w]
+            pixels = frames.transpose(3, 0, 1, 2).astype(np.float32) / 127.5 - 1  # [3, f, h, w]
             arrays = {"latent_mean": pixels.astype(np.float16), "latent_std": np.zeros_like(pixels, np.float16)}
             encoders = pre_encode
         by_kind[kind].append(schema.encode_sample(schema.sample_key(row["path"]), meta, data, arrays, encoders))
@@ -52,7 +58,7 @@ def write_shards(manifest: Path, out: Path, per_shard: int = 3, pre_encode: dict
                 sink.write(s)
         tars = sorted(schema.shard_dir(out, kind).glob("*.tar"))
         for i, tar in enumerate(tars):
-            keys = [s["__key__"] for s in samples[i * per_shard:(i + 1) * per_shard]]
+            keys = [s["__key__"] for s in samples[i * per_shard : (i + 1) * per_shard]]
             pq.write_table(pa.table({"key": keys, "kind": [kind] * len(keys)}), schema.index_path(tar))
     return out
 
@@ -89,15 +95,24 @@ def test_stream_is_seeded_shuffled_and_endless(shards):
     first = _keys(loader.KindStream("image", urls, counts, 0, 1, seed=1), 3 * n)
     again = _keys(loader.KindStream("image", urls, counts, 0, 1, seed=1), 3 * n)
     other = _keys(loader.KindStream("image", urls, counts, 0, 1, seed=2), 3 * n)
-    assert first == again                                  # deterministic
-    assert first != other                                  # the seed matters
-    assert sorted(first[:n]) == sorted(first[n:2 * n])     # every epoch covers every sample once
-    assert first[:n] != first[n:2 * n]                     # ... in a new order
+    assert first == again  # deterministic
+    assert first != other  # the seed matters
+    assert sorted(first[:n]) == sorted(first[n : 2 * n])  # every epoch covers every sample once
+    assert first[:n] != first[n : 2 * n]  # ... in a new order
 
 
 def test_resume_continues_exactly_where_the_batch_left_off(shards):
-    spec = loader.LoaderSpec(data=[str(shards)], image_batch=2, video_batch=2, text_free_fraction=0.5,
-                             num_frames=4, height=16, width=16, seed=5, prefetch=2)
+    spec = loader.LoaderSpec(
+        data=[str(shards)],
+        image_batch=2,
+        video_batch=2,
+        text_free_fraction=0.5,
+        num_frames=4,
+        height=16,
+        width=16,
+        seed=5,
+        prefetch=2,
+    )
     full = loader.TrainLoader(spec)
     batches = [next(full) for _ in range(5)]
     full.close()
@@ -109,8 +124,9 @@ def test_resume_continues_exactly_where_the_batch_left_off(shards):
 
 
 def test_batches_mix_kinds_at_the_model_size(shards):
-    spec = loader.LoaderSpec(data=[str(shards)], image_batch=3, video_batch=4, text_free_fraction=0.5,
-                             num_frames=4, height=16, width=24)
+    spec = loader.LoaderSpec(
+        data=[str(shards)], image_batch=3, video_batch=4, text_free_fraction=0.5, num_frames=4, height=16, width=24
+    )
     data = loader.TrainLoader(spec)
     batch = next(data)
     data.close()
@@ -129,14 +145,22 @@ def test_frames_are_spread_over_the_clip_or_strided():
     assert loader.frame_indices(24, 8, 0, rng).tolist() == [0, 3, 7, 10, 13, 16, 20, 23]
     strided = loader.frame_indices(24, 4, 2, rng)
     assert np.all(np.diff(strided) == 2) and strided.max() < 24
-    assert loader.frame_indices(3, 4, 2, rng).max() == 2     # short clip: last frame repeats
+    assert loader.frame_indices(3, 4, 2, rng).max() == 2  # short clip: last frame repeats
 
 
 def test_pre_encoded_latents_are_used_when_the_encoders_match(shapes_corpus, tmp_path):
     identity = {"first_stage": "identity", "clip_model": "t2v-tiny-clip"}
     out = write_shards(shapes_corpus, tmp_path / "enc", pre_encode=identity)
-    spec = loader.LoaderSpec(data=[str(out)], image_batch=0, video_batch=2, num_frames=4, height=32, width=32,
-                             latent_hw=(32, 32), expected_encoders=identity)
+    spec = loader.LoaderSpec(
+        data=[str(out)],
+        image_batch=0,
+        video_batch=2,
+        num_frames=4,
+        height=32,
+        width=32,
+        latent_hw=(32, 32),
+        expected_encoders=identity,
+    )
     data = loader.TrainLoader(spec)
     batch = next(data)
     data.close()
@@ -166,7 +190,7 @@ def test_corrupt_media_is_skipped_and_counted(shards, tmp_path):
         for m in tin.getmembers():
             data = tin.extractfile(m).read()
             if m.name.endswith(".jpg") and not tout.getmembers():
-                data = b"not a jpeg"                          # the first sample's picture is broken
+                data = b"not a jpeg"  # the first sample's picture is broken
             info = tarfile.TarInfo(m.name)
             info.size = len(data)
             tout.addfile(info, io.BytesIO(data))

@@ -77,7 +77,7 @@ class _TinyVideoNet(torch.nn.Module):
         self.proj = torch.nn.Linear(6, 8)
 
     def forward(self, x: torch.Tensor, return_features: bool = True) -> torch.Tensor:  # [b, 3, f, h, w]
-        stats = torch.cat([x.mean(dim=(2, 3, 4)), x.std(dim=(2, 3, 4))], dim=1)   # [b, 6]
+        stats = torch.cat([x.mean(dim=(2, 3, 4)), x.std(dim=(2, 3, 4))], dim=1)  # [b, 6]
         out = self.proj(stats)
         return out if return_features else out.softmax(-1)
 
@@ -153,7 +153,10 @@ def test_shapes_metrics_read_colour_and_direction():
 
     videos = [render_video("red", "circle", "left", 48, 48, 12), render_video("green", "square", "up", 48, 48, 12)]
     assert metrics.shapes_metrics(videos, [("red", "left"), ("green", "up")]) == {
-        "colour_accuracy": 1.0, "direction_accuracy": 1.0, "shapes_accuracy": 1.0}
+        "colour_accuracy": 1.0,
+        "direction_accuracy": 1.0,
+        "shapes_accuracy": 1.0,
+    }
     half = metrics.shapes_metrics(videos, [("red", "right"), ("green", "up")])
     assert half == {"colour_accuracy": 1.0, "direction_accuracy": 0.5, "shapes_accuracy": 0.5}
     still = np.zeros((12, 48, 48, 3), np.uint8)  # nothing drawn: nothing detected
@@ -162,8 +165,8 @@ def test_shapes_metrics_read_colour_and_direction():
 
 def test_which_way_is_better():
     assert metrics.is_better("clipsim", 0.31, 0.30)
-    assert not metrics.is_better("clipsim", 0.30, 0.30)           # a tie does not win
-    assert metrics.is_better("fvd", 400.0, 550.0)                  # lower FVD is better
+    assert not metrics.is_better("clipsim", 0.30, 0.30)  # a tie does not win
+    assert metrics.is_better("fvd", 400.0, 550.0)  # lower FVD is better
     assert not metrics.is_better("fvd", 549.0, 550.0, min_delta=5.0)
     assert not metrics.is_better("shapes_accuracy", float("nan"), 0.1)
     with pytest.raises(ValueError, match="unknown metric"):

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from model import media
-from model.configs import get_config
-from model.pipeline import FORMAT, TextToVideo
-from model.sample import main
+from flows.sample import main
+from model.registry import get_config
+from model.text_to_video import FORMAT, TextToVideo
+from pipelines import media
 
 
 def _trained_like(model: TextToVideo) -> TextToVideo:
@@ -34,10 +34,10 @@ def tiny_checkpoint(tmp_path_factory):
 
 def test_checkpoint_format_and_round_trip_gives_identical_generations(tiny_checkpoint):
     model, path = tiny_checkpoint
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)           # our format needs no pickled code
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # our format needs no pickled code
     assert ckpt["format"] == FORMAT and ckpt["step"] == 7
     assert {"config", "unet", "text_encoder", "image_encoder"} <= set(ckpt)
-    assert ckpt["text_encoder"] is not None                                  # random CLIP travels with the model
+    assert ckpt["text_encoder"] is not None  # random CLIP travels with the model
 
     loaded = TextToVideo.from_checkpoint(path)
     assert loaded.step == 7 and loaded.config == model.config
@@ -56,12 +56,28 @@ def test_generation_in_sd_vae_latent_space(tmp_path):
 
     # A tiny random KL autoencoder with SD's 8x downsampling (4 levels), saved as a diffusers folder.
     torch.manual_seed(0)
-    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32,) * 4,
-                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                  layers_per_block=1, norm_num_groups=32).save_pretrained(tmp_path / "vae")
-    cfg = get_config("tiny", {"encoders.first_stage": "sd_vae", "encoders.vae_path": str(tmp_path / "vae"),
-                              "unet.in_channels": 4, "unet.out_channels": 4, "num_frames": 2, "height": 64,
-                              "width": 64})
+    AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(32,) * 4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=32,
+    ).save_pretrained(tmp_path / "vae")
+    cfg = get_config(
+        "tiny",
+        {
+            "encoders.first_stage": "sd_vae",
+            "encoders.vae_path": str(tmp_path / "vae"),
+            "unet.in_channels": 4,
+            "unet.out_channels": 4,
+            "num_frames": 2,
+            "height": 64,
+            "width": 64,
+        },
+    )
     model = TextToVideo.build(cfg)
     assert model.latent_shape(1) == (1, *cfg.latent_shape) == (1, 4, 2, 8, 8)
     video = model.generate(["a red circle"], steps=2, guidance=2.0)
@@ -90,8 +106,26 @@ def _video_stream(path):
 def test_t2v_sample_writes_a_playable_mp4_and_gif(tiny_checkpoint, tmp_path, capsys):
     model, path = tiny_checkpoint
     out = tmp_path / "out.mp4"
-    assert main(["--checkpoint", str(path), "--prompt", "a red circle moving left", "--out", str(out), "--gif",
-                 "--steps", "2", "--guidance", "4", "--seed", "3"]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(path),
+                "--prompt",
+                "a red circle moving left",
+                "--out",
+                str(out),
+                "--gif",
+                "--steps",
+                "2",
+                "--guidance",
+                "4",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
     stream = _video_stream(out)
     cfg = model.config
     assert stream["codec_name"] == "h264"
@@ -108,8 +142,22 @@ def test_t2v_sample_several_prompts_and_an_image_condition(tiny_checkpoint, tmp_
     image = tmp_path / "cond.png"
     image.write_bytes(media.encode_jpg(np.full((40, 48, 3), 200, np.uint8)))
     out = tmp_path / "many.mp4"
-    main(["--checkpoint", str(path), "--prompt", "a red circle", "--prompt", "a green triangle", "--out", str(out),
-          "--steps", "1", "--image", str(image)])
+    main(
+        [
+            "--checkpoint",
+            str(path),
+            "--prompt",
+            "a red circle",
+            "--prompt",
+            "a green triangle",
+            "--out",
+            str(out),
+            "--steps",
+            "1",
+            "--image",
+            str(image),
+        ]
+    )
     for i in range(2):
         assert _video_stream(tmp_path / f"many-{i}.mp4")["codec_name"] == "h264"
     assert "many-1.mp4" in capsys.readouterr().out
@@ -117,8 +165,22 @@ def test_t2v_sample_several_prompts_and_an_image_condition(tiny_checkpoint, tmp_
 
 def test_t2v_sample_dry_run_prints_the_config_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "never.mp4"
-    assert main(["--checkpoint", "whatever.pt", "--prompt", "a red circle", "--out", str(out), "--set", "steps=7",
-                 "--dry-run"]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                "whatever.pt",
+                "--prompt",
+                "a red circle",
+                "--out",
+                str(out),
+                "--set",
+                "steps=7",
+                "--dry-run",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "checkpoint: whatever.pt" in printed and "steps: 7" in printed and "a red circle" in printed
     assert not out.exists()

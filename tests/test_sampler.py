@@ -5,16 +5,29 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model import ddim as S
 from model import diffusion as D
-from model import sampler as S
 from model.unet import UNet3D, UNetConfig
 
 
 def _tiny_unet() -> UNet3D:
     torch.manual_seed(0)
-    cfg = UNetConfig(in_channels=3, out_channels=3, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                     attention_levels=(1,), head_dim=8, context_dim=16, num_text_tokens=5, image_embed_dim=8,
-                     temporal_heads=2, temporal_head_dim=8, num_groups=8, dropout=0.0)
+    cfg = UNetConfig(
+        in_channels=3,
+        out_channels=3,
+        model_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_levels=(1,),
+        head_dim=8,
+        context_dim=16,
+        num_text_tokens=5,
+        image_embed_dim=8,
+        temporal_heads=2,
+        temporal_head_dim=8,
+        num_groups=8,
+        dropout=0.0,
+    )
     unet = UNet3D(cfg).eval()
     # Zero-initialised output layers would make every prediction 0 and every comparison trivial.
     with torch.no_grad():
@@ -50,7 +63,7 @@ def test_timesteps_are_trailing_and_skip_the_degenerate_step_for_eps():
     v = S.ddim_timesteps(D.Schedule.from_config(D.DiffusionConfig()), 50)
     assert len(v) == 50 and v[0] == 999 and v[-1] == 19 and v == sorted(v, reverse=True)
     eps = S.ddim_timesteps(D.Schedule.from_config(D.DiffusionConfig(prediction="eps")), 50)
-    assert eps[0] == 998                                                      # a_999 = 0: eps cannot give x0 there
+    assert eps[0] == 998  # a_999 = 0: eps cannot give x0 there
     with pytest.raises(ValueError, match="steps"):
         S.ddim_timesteps(D.Schedule.from_config(D.DiffusionConfig()), 0)
 
@@ -58,7 +71,7 @@ def test_timesteps_are_trailing_and_skip_the_degenerate_step_for_eps():
 def _conds(unet, b=2, image=False):
     g = torch.Generator().manual_seed(5)
     cond = {"context": torch.randn(b, 5, 16, generator=g)}
-    uncond = {"context": torch.randn(1, 5, 16, generator=g)}                 # one negative prompt for the batch
+    uncond = {"context": torch.randn(1, 5, 16, generator=g)}  # one negative prompt for the batch
     if image:
         cond["image_embedding"] = torch.randn(b, 8, generator=g)
     return cond, uncond
@@ -68,8 +81,10 @@ def test_sampling_is_deterministic_given_a_seed_and_differs_across_seeds():
     unet = _tiny_unet()
     cond, uncond = _conds(unet)
     cfg = D.DiffusionConfig()
-    run = lambda seed: S.sample(unet, (2, 3, 3, 8, 8), cfg, cond=cond, uncond=uncond, guidance=4.0, steps=3,
-                                seed=seed)
+
+    def run(seed):
+        return S.sample(unet, (2, 3, 3, 8, 8), cfg, cond=cond, uncond=uncond, guidance=4.0, steps=3, seed=seed)
+
     a, b, c = run(0), run(0), run(1)
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
@@ -87,7 +102,7 @@ def test_guidance_one_is_the_conditional_prediction_and_g_extrapolates(image):
         u = unet(x, t, context=uncond["context"].expand(2, -1, -1))
         assert torch.allclose(S.guided(unet, cond, uncond, 1.0)(x, t), c, atol=1e-5)
         assert torch.allclose(S.guided(unet, cond, uncond, 3.0)(x, t), u + 3.0 * (c - u), atol=1e-4)
-        assert not torch.allclose(c, u, atol=1e-4)                            # the conditions really differ
+        assert not torch.allclose(c, u, atol=1e-4)  # the conditions really differ
 
 
 def test_videofusion_initial_noise_is_used_when_configured():

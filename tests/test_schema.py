@@ -17,17 +17,28 @@ def test_samples_round_trip_through_a_tar(tmp_path):
     with wds.ShardWriter(pattern, maxcount=2, verbose=0) as sink:
         for i in range(3):
             key = schema.sample_key(f"/data/v{i}.mp4", clip_index=i)
-            meta = schema.SampleMeta(source=f"/data/v{i}.mp4", kind="video_text", num_frames=8, fps=8.0,
-                                     width=32, height=32, clip_index=i, caption=f"caption {i}",
-                                     scores={"motion": 0.5 + i})
-            sink.write(schema.encode_sample(key, meta, b"mp4-bytes-%d" % i, arrays={"latent_mean": latent},
-                                            encoders={"first_stage": "identity"}))
+            meta = schema.SampleMeta(
+                source=f"/data/v{i}.mp4",
+                kind="video_text",
+                num_frames=8,
+                fps=8.0,
+                width=32,
+                height=32,
+                clip_index=i,
+                caption=f"caption {i}",
+                scores={"motion": 0.5 + i},
+            )
+            sink.write(
+                schema.encode_sample(
+                    key, meta, b"mp4-bytes-%d" % i, arrays={"latent_mean": latent}, encoders={"first_stage": "identity"}
+                )
+            )
             written.append((key, meta))
     tars = sorted(schema.shard_dir(tmp_path, "video_text").glob("*.tar"))
     assert len(tars) == 2  # maxcount=2
     read = [schema.decode_sample(s) for s in wds.WebDataset([str(t) for t in tars], shardshuffle=False)]
     assert [s.key for s in read] == [k for k, _ in written]
-    for sample, (key, meta) in zip(read, written):
+    for sample, (_key, meta) in zip(read, written):
         assert sample.meta == meta and sample.caption == meta.caption
         assert sample.media.startswith(b"mp4-bytes")
         np.testing.assert_array_equal(sample.arrays["latent_mean"], latent)

@@ -5,8 +5,7 @@ import csv
 import numpy as np
 import pytest
 
-from model import media
-from pipelines import shapes
+from pipelines import media, shapes
 
 
 def read_manifest(path):
@@ -47,8 +46,11 @@ def test_generation_is_deterministic(tmp_path):
     assert strip(rows_a) == strip(rows_b)
     for ra, rb in zip(rows_a, rows_b):
         assert open(ra["path"], "rb").read() == open(rb["path"], "rb").read()
-    other = shapes.generate(shapes.CorpusConfig(num_videos=3, num_images=2, width=32, height=32, seconds=1.0, seed=4),
-                            tmp_path / "c", progress=False)
+    other = shapes.generate(
+        shapes.CorpusConfig(num_videos=3, num_images=2, width=32, height=32, seconds=1.0, seed=4),
+        tmp_path / "c",
+        progress=False,
+    )
     assert strip(read_manifest(other)) != strip(rows_a)
 
 
@@ -68,7 +70,7 @@ def test_detector_reports_no_motion_and_no_shape():
 
 def test_bad_config_values_are_rejected_with_the_key_named(tmp_path, capsys):
     for setting, message in (("text_free_fraction=2", "text_free_fraction"), ("num_vidoes=3", "unknown setting")):
-        with pytest.raises(SystemExit) as exit_:              # a usage error, not a traceback
+        with pytest.raises(SystemExit) as exit_:  # a usage error, not a traceback
             shapes.main(["--output", str(tmp_path), "--set", setting])
         assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())

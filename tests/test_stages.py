@@ -12,22 +12,21 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from model import configuration, media
-from pipelines import schema, shapes
-from pipelines.curate import CurateConfig
-from pipelines.ledger import Ledger, input_result, read_ledger, remove_uncommitted
-from pipelines.stages import new_row
-from pipelines.stages.caption import CaptionFilter, text_problem
-from pipelines.stages.decode import ClipDecoder, ClipPlanner
-from pipelines.stages.probe import Probe
-from pipelines.stages.quality import ClipQuality, InputQuality
-from pipelines.stages.route import Route
-from pipelines.stages.write import ShardSink
+from pipelines import media, schema, settings, shapes
+from pipelines.curation.config import CurateConfig
+from pipelines.curation.ledger import Ledger, input_result, read_ledger, remove_uncommitted
+from pipelines.curation.stages import new_row
+from pipelines.curation.stages.caption import CaptionFilter, text_problem
+from pipelines.curation.stages.decode import ClipDecoder, ClipPlanner
+from pipelines.curation.stages.probe import Probe
+from pipelines.curation.stages.quality import ClipQuality, InputQuality
+from pipelines.curation.stages.route import Route
+from pipelines.curation.stages.write import ShardSink
 
 
 def _cfg(*sets: str) -> CurateConfig:
     base = ["clips.width=32", "clips.height=32", "clips.num_frames=4", "clips.fps=8", "quality.min_side=16"]
-    return configuration.load(CurateConfig, None, [*base, *sets])
+    return settings.load(CurateConfig, None, [*base, *sets])
 
 
 def _input(path, caption=None) -> dict:
@@ -72,8 +71,7 @@ def test_clip_planner_drops_windows_that_span_a_scene_cut():
 def test_clip_planner_gives_the_same_clips_whatever_the_frames_arrive_in():
     # The decoder hands over the rest of a window at a time; any split of the stream must give the same clips.
     rng = np.random.default_rng(0)
-    moving = [np.roll(np.pad(np.full((3, 3, 3), 200, np.uint8), ((0, 5), (0, 5), (0, 0))), i, axis=1)
-              for i in range(7)]
+    moving = [np.roll(np.pad(np.full((3, 3, 3), 200, np.uint8), ((0, 5), (0, 5), (0, 0))), i, axis=1) for i in range(7)]
     frames = np.stack(moving + [np.full((8, 8, 3), 250, np.uint8)] * 3 + moving * 2)  # cuts at frames 7 and 10
     one = ClipPlanner(num_frames=4)
     singly = [c for f in frames if (c := one.push(f)) is not None]
@@ -81,7 +79,7 @@ def test_clip_planner_gives_the_same_clips_whatever_the_frames_arrive_in():
     chunked, i = [], 0
     while i < len(frames):
         n = int(rng.integers(1, many.window_left + 1))
-        chunked += many.push_frames(frames[i:i + n])
+        chunked += many.push_frames(frames[i : i + n])
         i += n
     assert one.cuts == many.cuts == [7, 10]
     assert [(c.index, c.motion) for c in singly] == [(c.index, c.motion) for c in chunked]
@@ -128,16 +126,33 @@ def test_frame_stride_follows_the_source_fps_and_policies_cap_clips(tmp_path, de
     assert json.loads(rows[0]["extra"])["decoded_frames"] == 16
     [first] = _decode(_cfg(use, "clips.policy=first"), _input(video))
     assert first["clip_index"] == 0 and media.decode_mp4(first["media"]).shape == (4, 32, 32, 3)  # a whole clip
-    assert [r["clip_index"] for r in _decode(_cfg(use, "clips.policy=max_n", "clips.max_clips=2"), _input(video))] \
-        == [0, 1]
+    assert [r["clip_index"] for r in _decode(_cfg(use, "clips.policy=max_n", "clips.max_clips=2"), _input(video))] == [
+        0,
+        1,
+    ]
 
 
 def _rotated_video(path, source):
     """``source`` with the container's display rotation set to 90 degrees (as phones write it)."""
     import subprocess
 
-    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", str(source), "-c", "copy",
-                    "-metadata:s:v:0", "rotate=90", str(path)], check=True)
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-y",
+            "-i",
+            str(source),
+            "-c",
+            "copy",
+            "-metadata:s:v:0",
+            "rotate=90",
+            str(path),
+        ],
+        check=True,
+    )
     return path
 
 
@@ -148,8 +163,25 @@ def _size_change_video(path, tmp_path):
     parts = []
     for i, (w, h, colour) in enumerate([(64, 40, "red"), (40, 64, "blue")]):
         mp4 = media.write_mp4(shapes.render_video(colour, "circle", "right", w, h, 16), tmp_path / f"part{i}.mp4", 8)
-        subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", str(mp4), "-c", "copy",
-                        "-bsf:v", "h264_mp4toannexb", "-f", "mpegts", str(mp4.with_suffix(".ts"))], check=True)
+        subprocess.run(
+            [
+                "ffmpeg",
+                "-nostdin",
+                "-loglevel",
+                "error",
+                "-y",
+                "-i",
+                str(mp4),
+                "-c",
+                "copy",
+                "-bsf:v",
+                "h264_mp4toannexb",
+                "-f",
+                "mpegts",
+                str(mp4.with_suffix(".ts")),
+            ],
+            check=True,
+        )
         parts.append(mp4.with_suffix(".ts").read_bytes())
     path.write_bytes(b"".join(parts))
     return path
@@ -159,18 +191,26 @@ def test_pyav_and_ffmpeg_decoders_make_the_same_clips(tmp_path):
     # The in-process decoder (default) and the ffmpeg command must cut the same clips with the same content: same
     # windows, scene cuts and frame counts; pixels equal up to the two FFmpeg builds' scaling and x264 rounding.
     wide = shapes.render_video("yellow", "square", "right", 64, 40, 30)
-    videos = [_two_scene_video(tmp_path / "cut.mp4"),
-              media.write_mp4(shapes.render_video("green", "triangle", "up", 40, 40, 48), tmp_path / "v24.mp4", 24),
-              _rotated_video(tmp_path / "rotated.mp4", media.write_mp4(wide, tmp_path / "wide.mp4", 10)),
-              _size_change_video(tmp_path / "resized.ts", tmp_path)]
+    videos = [
+        _two_scene_video(tmp_path / "cut.mp4"),
+        media.write_mp4(shapes.render_video("green", "triangle", "up", 40, 40, 48), tmp_path / "v24.mp4", 24),
+        _rotated_video(tmp_path / "rotated.mp4", media.write_mp4(wide, tmp_path / "wide.mp4", 10)),
+        _size_change_video(tmp_path / "resized.ts", tmp_path),
+    ]
     sets = ["clips.width=32", "clips.height=48", "quality.motion_max=1"]
-    got = {d: _decode(_cfg(*sets, f"clips.decoder={d}"), *[_input(v) for v in videos], keyframes=True)
-           for d in ("pyav", "ffmpeg")}
+    got = {
+        d: _decode(_cfg(*sets, f"clips.decoder={d}"), *[_input(v) for v in videos], keyframes=True)
+        for d in ("pyav", "ffmpeg")
+    }
     assert [r["status"] for r in got["pyav"]] == ["ok"] * len(got["pyav"]) and len(got["pyav"]) >= 9
     assert sum(r["source"].endswith("resized.ts") for r in got["pyav"]) == 8  # both halves: 2 x 16 frames
     for a, b in zip(got["pyav"], got["ffmpeg"], strict=True):
-        assert (a["source"], a["clip_index"], a["start_s"], a["extra"]) == (b["source"], b["clip_index"],
-                                                                          b["start_s"], b["extra"])
+        assert (a["source"], a["clip_index"], a["start_s"], a["extra"]) == (
+            b["source"],
+            b["clip_index"],
+            b["start_s"],
+            b["extra"],
+        )
         assert a["motion"] == pytest.approx(b["motion"], abs=0.01)
         fa, fb = media.decode_mp4(a["media"]), media.decode_mp4(b["media"])
         assert fa.shape == fb.shape == (4, 48, 32, 3)
@@ -202,8 +242,11 @@ def test_images_are_resized_cropped_and_reencoded(tmp_path):
 def test_motion_filter_drops_static_and_extreme_clips(tmp_path, decoder):
     still = np.repeat(shapes.render_image("red", "square", 32, 32)[None], 16, axis=0)
     noise = np.repeat(np.random.default_rng(0).integers(0, 256, (16, 32, 32, 1), dtype=np.uint8), 3, axis=-1)
-    rows = _decode(_cfg("clips.scene_threshold=2", f"clips.decoder={decoder}"), _input(media.write_mp4(still, tmp_path / "still.mp4", 8)),
-                   _input(media.write_mp4(noise, tmp_path / "noise.mp4", 8)))
+    rows = _decode(
+        _cfg("clips.scene_threshold=2", f"clips.decoder={decoder}"),
+        _input(media.write_mp4(still, tmp_path / "still.mp4", 8)),
+        _input(media.write_mp4(noise, tmp_path / "noise.mp4", 8)),
+    )
     reasons = {(r["source"].rsplit("/", 1)[-1], r["reason"]) for r in rows}
     assert reasons == {("still.mp4", "static"), ("noise.mp4", "extreme_motion")}
     assert all(r["stage"] == "quality" and not math.isnan(r["motion"]) for r in rows)
@@ -247,12 +290,16 @@ def make_bad_inputs(root) -> dict[str, tuple[str, str]]:
 
 
 def test_pyav_and_ffprobe_describe_media_alike(shapes_corpus, tmp_path):
-    from pipelines.stages.probe import describe, ffprobe, pyav_probe
+    from pipelines.curation.stages.probe import describe, ffprobe, pyav_probe
 
     make_bad_inputs(tmp_path)
     folder = shapes_corpus.parent
-    files = [*sorted(folder.glob("videos/*.mp4"))[:2], *sorted(folder.glob("images/*"))[:2], tmp_path / "image.mp4",
-             tmp_path / "short.mp4"]
+    files = [
+        *sorted(folder.glob("videos/*.mp4"))[:2],
+        *sorted(folder.glob("images/*"))[:2],
+        tmp_path / "image.mp4",
+        tmp_path / "short.mp4",
+    ]
     assert {f.suffix for f in files} >= {".mp4", ".png"}
     for f in files:
         assert describe(pyav_probe(str(f), 10)) == describe(ffprobe(str(f), 10)), f.name
@@ -264,7 +311,9 @@ def test_pyav_and_ffprobe_describe_media_alike(shapes_corpus, tmp_path):
 @pytest.mark.parametrize("probe, decoder", [("pyav", "pyav"), ("ffprobe", "ffmpeg")])
 def test_bad_inputs_are_rejected_with_reasons(tmp_path, probe, decoder):
     expected = make_bad_inputs(tmp_path)
-    rows = _decode(_cfg(f"clips.probe={probe}", f"clips.decoder={decoder}"), *[_input(tmp_path / name) for name in expected])
+    rows = _decode(
+        _cfg(f"clips.probe={probe}", f"clips.decoder={decoder}"), *[_input(tmp_path / name) for name in expected]
+    )
     got = {r["source"].rsplit("/", 1)[-1]: (r["stage"], r["reason"]) for r in rows}
     assert got == expected
     assert all(r["status"] == "rejected" and r["detail"] and r["media"] is None for r in rows)
@@ -275,8 +324,10 @@ def test_truncated_video_can_be_kept_when_asked(tmp_path, decoder):
     make_bad_inputs(tmp_path)
     [rejected] = _decode(_cfg(f"clips.decoder={decoder}"), _input(tmp_path / "truncated.mp4"))
     assert rejected["reason"] == "decode_error" and "truncated or corrupt" in rejected["detail"]
-    rows = _decode(_cfg("quality.on_decode_error=keep", "quality.motion_max=1", f"clips.decoder={decoder}"),
-                   _input(tmp_path / "truncated.mp4"))
+    rows = _decode(
+        _cfg("quality.on_decode_error=keep", "quality.motion_max=1", f"clips.decoder={decoder}"),
+        _input(tmp_path / "truncated.mp4"),
+    )
     assert rows and all(r["status"] == "ok" for r in rows)
     assert all(media.decode_mp4(r["media"]).shape == (4, 32, 32, 3) for r in rows)
 
@@ -285,17 +336,20 @@ def test_truncated_video_can_be_kept_when_asked(tmp_path, decoder):
 # caption filter and routing
 
 
-@pytest.mark.parametrize("caption, error, expected", [
-    ("a red circle moving left", None, None),
-    ("  padded caption  ", None, None),
-    (None, None, "caption_missing"),
-    ("   ", None, "caption_empty"),
-    ("abc", None, "caption_too_short"),
-    ("x" * 10_000, None, "caption_too_long"),
-    ("caf\ufffd au lait", "invalid UTF-8", "caption_bad_encoding"),
-    ("bell\x07 character", None, "caption_bad_encoding"),
-    ("lone \udcff surrogate", None, "caption_bad_encoding"),
-])
+@pytest.mark.parametrize(
+    "caption, error, expected",
+    [
+        ("a red circle moving left", None, None),
+        ("  padded caption  ", None, None),
+        (None, None, "caption_missing"),
+        ("   ", None, "caption_empty"),
+        ("abc", None, "caption_too_short"),
+        ("x" * 10_000, None, "caption_too_long"),
+        ("caf\ufffd au lait", "invalid UTF-8", "caption_bad_encoding"),
+        ("bell\x07 character", None, "caption_bad_encoding"),
+        ("lone \udcff surrogate", None, "caption_bad_encoding"),
+    ],
+)
 def test_caption_text_rules(caption, error, expected):
     assert text_problem(caption, error, min_chars=5, max_chars=1000) == expected
 
@@ -303,7 +357,7 @@ def test_caption_text_rules(caption, error, expected):
 def test_clip_similarity_with_a_tiny_random_openclip(shapes_corpus):
     # the tiny model's weights are random (tests have no pretrained weights), so the scores are arbitrary but
     # deterministic; what is tested is the plumbing: frames + caption -> cosine -> threshold
-    from pipelines import inputs
+    from pipelines.curation import inputs
 
     cfg = _cfg("caption.filter=clip", "caption.model=t2v-tiny-clip")
     rows = [r for r in inputs.resolve(str(shapes_corpus), cfg.inputs)][:6]
@@ -312,8 +366,9 @@ def test_clip_similarity_with_a_tiny_random_openclip(shapes_corpus):
     scored = stage(decoded).to_pylist()
     with_text = [r for r in scored if r["caption"]]
     assert with_text and all(-1 <= r["clip_sim"] <= 1 for r in with_text)
-    assert all(math.isnan(r["clip_sim"]) and r["caption_reason"] == "caption_missing" for r in scored
-               if not r["caption"])
+    assert all(
+        math.isnan(r["clip_sim"]) and r["caption_reason"] == "caption_missing" for r in scored if not r["caption"]
+    )
     sims = sorted(r["clip_sim"] for r in with_text)
     stage.threshold = threshold = (sims[0] + sims[-1]) / 2  # as if configured with caption.threshold=...
     again = stage(decoded).to_pylist()
@@ -323,26 +378,47 @@ def test_clip_similarity_with_a_tiny_random_openclip(shapes_corpus):
     assert {r["caption_ok"] for r in again if r["caption"]} == {True, False}
     # scores from stored key frames match scores from re-decoding the clip
     redecoded = stage([dict(r, keyframes=None) for r in decoded]).to_pylist()
-    np.testing.assert_allclose([r["clip_sim"] for r in redecoded if r["caption"]],
-                               [r["clip_sim"] for r in again if r["caption"]], atol=0.02)  # H.264 is lossy
+    np.testing.assert_allclose(
+        [r["clip_sim"] for r in redecoded if r["caption"]], [r["clip_sim"] for r in again if r["caption"]], atol=0.02
+    )  # H.264 is lossy
 
 
 def _routed_row(media_type, caption_ok, reason=""):
-    return new_row(source=f"/x/{media_type}", given="x", uri="x", media_type=media_type, caption="some caption",
-                   caption_ok=caption_ok, caption_reason=reason, num_frames=4, clip_index=2)
+    return new_row(
+        source=f"/x/{media_type}",
+        given="x",
+        uri="x",
+        media_type=media_type,
+        caption="some caption",
+        caption_ok=caption_ok,
+        caption_reason=reason,
+        num_frames=4,
+        clip_index=2,
+    )
 
 
 def test_route_assigns_kinds_and_keys():
-    keep = Route(_cfg())([_routed_row("image", True), _routed_row("image", False, "caption_too_long"),
-                                   _routed_row("video", True), _routed_row("video", False, "caption_missing")])
+    keep = Route(_cfg())(
+        [
+            _routed_row("image", True),
+            _routed_row("image", False, "caption_too_long"),
+            _routed_row("video", True),
+            _routed_row("video", False, "caption_missing"),
+        ]
+    )
     got = [(r["status"], r["kind"], r["reason"]) for r in keep.to_pylist()]
-    assert got == [("ok", "image", ""), ("rejected", None, "caption_too_long"), ("ok", "video_text", ""),
-                   ("ok", "video", "")]
+    assert got == [
+        ("ok", "image", ""),
+        ("rejected", None, "caption_too_long"),
+        ("ok", "video_text", ""),
+        ("ok", "video", ""),
+    ]
     assert keep.to_pylist()[0]["key"] == schema.sample_key("/x/image", 2)
     assert json.loads(keep.to_pylist()[3]["extra"])["text_free_reason"] == "caption_missing"
     drop = Route(_cfg("caption.text_free=drop"))([_routed_row("video", False, "caption_low_similarity")])
-    assert [(r["status"], r["stage"], r["reason"]) for r in drop.to_pylist()] == \
-        [("rejected", "caption", "caption_low_similarity")]
+    assert [(r["status"], r["stage"], r["reason"]) for r in drop.to_pylist()] == [
+        ("rejected", "caption", "caption_low_similarity")
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -351,21 +427,36 @@ def test_route_assigns_kinds_and_keys():
 
 def _sample_row(i, kind="video_text"):
     mp4 = b"\x00\x00\x00\x18ftypmp42" + bytes([i]) * 200
-    return new_row(source=f"/data/v{i}.mp4", given=f"v{i}.mp4", uri="x", media_type="video", kind=kind,
-                   key=schema.sample_key(f"/data/v{i}.mp4", 0), caption=f"caption {i}" if kind != "video" else None,
-                   num_frames=4, fps=8.0, width=32, height=32, media=mp4, motion=0.01 * i, labels='{"i": %d}' % i)
+    return new_row(
+        source=f"/data/v{i}.mp4",
+        given=f"v{i}.mp4",
+        uri="x",
+        media_type="video",
+        kind=kind,
+        key=schema.sample_key(f"/data/v{i}.mp4", 0),
+        caption=f"caption {i}" if kind != "video" else None,
+        num_frames=4,
+        fps=8.0,
+        width=32,
+        height=32,
+        media=mp4,
+        motion=0.01 * i,
+        labels=json.dumps({"i": i}),
+    )
 
 
 def test_shard_sink_rolls_indexes_and_commits(tmp_path):
     sink = ShardSink(tmp_path, "rtest", maxcount=2, maxsize=10**9)
     names = [sink.write(_sample_row(i)) for i in range(5)] + [sink.write(_sample_row(9, "video"))]
-    assert names[:5] == ["shards/video_text/video_text-rtest-000000.tar"] * 2 + \
-        ["shards/video_text/video_text-rtest-000001.tar"] * 2 + ["shards/video_text/video_text-rtest-000002.tar"]
+    assert names[:5] == ["shards/video_text/video_text-rtest-000000.tar"] * 2 + [
+        "shards/video_text/video_text-rtest-000001.tar"
+    ] * 2 + ["shards/video_text/video_text-rtest-000002.tar"]
     assert schema.shard_urls(tmp_path, "video_text") == []  # nothing is finished before the commit
     finished = sink.commit()
     assert len(finished) == 4 and len(schema.shard_urls(tmp_path, "video_text")) == 3
-    samples = [schema.decode_sample(s) for s in wds.WebDataset(schema.shard_urls(tmp_path, "video_text"),
-                                                                shardshuffle=False)]
+    samples = [
+        schema.decode_sample(s) for s in wds.WebDataset(schema.shard_urls(tmp_path, "video_text"), shardshuffle=False)
+    ]
     assert [s.caption for s in samples] == [f"caption {i}" for i in range(5)]
     assert samples[3].meta.scores == {"motion": 0.03} and samples[3].meta.labels == {"i": 3}
     import pyarrow.parquet as pq
@@ -406,9 +497,9 @@ def test_ledger_rows_and_leftovers_of_a_killed_run(tmp_path):
 
 
 def test_pre_encoder_stores_raw_moments_and_embeddings(shapes_corpus, tmp_path):
-    from pipelines import inputs
-    from pipelines.stages.caption import CaptionFilter as Captions
-    from pipelines.stages.encode import PreEncoder
+    from pipelines.curation import inputs
+    from pipelines.curation.stages.caption import CaptionFilter as Captions
+    from pipelines.curation.stages.encode import PreEncoder
 
     # the tiny model: identity first stage (pixels), random-but-seeded t2v-tiny-clip (no weights exist here)
     cfg = _cfg("clips.num_frames=8", "encode.mode=latents+clip", "encode.model=tiny")
@@ -421,7 +512,7 @@ def test_pre_encoder_stores_raw_moments_and_embeddings(shapes_corpus, tmp_path):
     assert set(by_kind) == {"video_text", "video", "image"} and all(r["status"] == "ok" for r in encoded)
     clip = by_kind["video_text"]
     mean, std = schema.load_npy(clip["latent_mean"]), schema.load_npy(clip["latent_std"])
-    frames = media.decode_mp4(clip["media"])                                    # [8, 32, 32, 3]
+    frames = media.decode_mp4(clip["media"])  # [8, 32, 32, 3]
     assert mean.dtype == np.float16 and mean.shape == (3, 8, 32, 32) and not std.any()
     np.testing.assert_allclose(mean, frames.transpose(3, 0, 1, 2) / 127.5 - 1, atol=1e-2)  # identity: pixels
     assert schema.load_npy(clip["text_emb"]).shape == (77, 32) and schema.load_npy(clip["image_emb"]).shape == (32,)

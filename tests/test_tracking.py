@@ -9,8 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from model import configuration, media
-from pipelines import pyfunc, tracking
+from pipelines import media, pyfunc, settings, tracking
 
 TINY = {"unet.model_channels": 8, "unet.num_groups": 4, "num_frames": 4, "height": 16, "width": 16}
 
@@ -24,7 +23,7 @@ def test_null_tracker_has_every_tracker_method():
     public = {n for n, v in inspect.getmembers(tracking.MlflowTracker, inspect.isfunction) if not n.startswith("_")}
     missing = {n for n in public if not hasattr(tracking.NullTracker, n)}
     assert not missing
-    tracking.NullTracker().log_metrics({"loss": 1.0}, step=1)     # and they do nothing
+    tracking.NullTracker().log_metrics({"loss": 1.0}, step=1)  # and they do nothing
 
 
 def test_params_metrics_tags_and_artifacts_read_back(store, tmp_path):
@@ -32,7 +31,7 @@ def test_params_metrics_tags_and_artifacts_read_back(store, tmp_path):
 
     t = tracking.MlflowTracker(store, "exp-a", run_name="r1", tags={"team": "video", "api_token": "s3cret"})
     t.log_params({"train": {"lr": 1e-4, "mlflow": {"password": "hunter2"}}, "steps": 10})
-    t.log_params({"steps": 20, "new_key": "x"})                 # a resumed run with a changed value
+    t.log_params({"steps": 20, "new_key": "x"})  # a resumed run with a changed value
     for step in (1, 2, 3):
         t.log_metrics({"loss": 1.0 / step, "lr": 0.1, "skipped": float("nan")}, step)
     (tmp_path / "d").mkdir()
@@ -46,10 +45,10 @@ def test_params_metrics_tags_and_artifacts_read_back(store, tmp_path):
     run = client.get_run(t.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["train.lr"] == "0.0001"
-    assert run.data.params["train.mlflow.password"] == configuration.REDACTED
+    assert run.data.params["train.mlflow.password"] == settings.REDACTED
     assert run.data.params["steps"] == "10" and run.data.tags["changed_param.steps"] == "20"
     assert run.data.params["new_key"] == "x"
-    assert run.data.tags["team"] == "video" and run.data.tags["api_token"] == configuration.REDACTED
+    assert run.data.tags["team"] == "video" and run.data.tags["api_token"] == settings.REDACTED
     everything = str(run.data.params) + str(run.data.tags)
     assert "s3cret" not in everything and "hunter2" not in everything
     history = client.get_metric_history(t.run_id, "loss")
@@ -59,7 +58,7 @@ def test_params_metrics_tags_and_artifacts_read_back(store, tmp_path):
     assert {"files", "folder", "notes"} <= names
     assert client.list_artifacts(t.run_id, "folder")[0].path == "folder/a.txt"
 
-    again = tracking.MlflowTracker(store, "exp-a", run_id=t.run_id)      # continue the same run (resume)
+    again = tracking.MlflowTracker(store, "exp-a", run_id=t.run_id)  # continue the same run (resume)
     assert client.get_run(t.run_id).info.status == "RUNNING"
     again.log_metrics({"loss": 0.25}, 4)
     again.finish("KILLED")
@@ -88,7 +87,7 @@ def test_tracking_uri_defaults_and_checks(tmp_path, monkeypatch):
     assert tracking.default_tracking_uri() == "http://tracking:5000"
     assert tracking.resolve_tracking_uri("sqlite:///rel/m.db") == f"sqlite:///{tmp_path / 'rel' / 'm.db'}"
     assert (tmp_path / "rel").is_dir()
-    with pytest.raises(configuration.ConfigError, match="sqlite"):
+    with pytest.raises(settings.ConfigError, match="sqlite"):
         tracking.resolve_tracking_uri("some/folder")
 
 
@@ -106,8 +105,8 @@ def test_pyfunc_generation_model_prompt_in_video_out(store, tmp_path):
     import mlflow
     import torch
 
-    from model.configs import get_config
-    from model.pipeline import TextToVideo
+    from model.registry import get_config
+    from model.text_to_video import TextToVideo
 
     torch.manual_seed(0)
     ckpt = TextToVideo.build(get_config("tiny", TINY)).save(tmp_path / "model.pt", step=3)
@@ -118,19 +117,18 @@ def test_pyfunc_generation_model_prompt_in_video_out(store, tmp_path):
     with tracking.tracking_uri_set(store):
         model = mlflow.pyfunc.load_model(uri)
         assert model.metadata.get_params_schema().to_dict()[0]["name"] == "steps"
-        out = model.predict(pd.DataFrame({"prompt": ["a red circle moving left", "a blue square"]}),
-                            params={"seed": 1})
+        out = model.predict(pd.DataFrame({"prompt": ["a red circle moving left", "a blue square"]}), params={"seed": 1})
         again = model.predict({"prompt": "a red circle moving left"}, params={"seed": 1})
     assert list(out.columns) == list(pyfunc.OUTPUT_COLUMNS)
     videos = pyfunc.frames_from_predictions(out)
     assert [v.shape for v in videos] == [(4, 16, 16, 3)] * 2 and videos[0].dtype == np.uint8
-    np.testing.assert_array_equal(pyfunc.frames_from_predictions(again)[0], videos[0])     # same seed, same video
+    np.testing.assert_array_equal(pyfunc.frames_from_predictions(again)[0], videos[0])  # same seed, same video
     assert out["fps"].tolist() == [4.0, 4.0]
     paths = pyfunc.write_predictions(out, tmp_path / "videos")
     assert media.decode_video_file(paths[0]).shape == (4, 16, 16, 3)
     from mlflow.exceptions import MlflowException
 
-    with pytest.raises(MlflowException, match="prompt"):        # the signature rejects it before the model runs
+    with pytest.raises(MlflowException, match="prompt"):  # the signature rejects it before the model runs
         model.predict(pd.DataFrame({"text": ["x"]}))
     with pytest.raises(ValueError, match="non-empty prompt"):
         pyfunc._prompts(pd.DataFrame({"prompt": [""]}))

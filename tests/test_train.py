@@ -15,14 +15,25 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from model import configuration
-from pipelines import export, train
 from test_loader import write_shards
 
+from pipelines import settings
+from pipelines.training import export
+from pipelines.training import job as train
+
 TEST_MODEL = {"unet.model_channels": 8, "unet.num_groups": 4, "num_frames": 4, "height": 16, "width": 16}
-BRANCH_METRICS = {"loss", "loss_image", "loss_video", "coherence_loss", "diffusion_loss_video", "lr", "grad_norm",
-                  "samples_per_s", "step_time_s", "data_wait_s"}
+BRANCH_METRICS = {
+    "loss",
+    "loss_image",
+    "loss_video",
+    "coherence_loss",
+    "diffusion_loss_video",
+    "lr",
+    "grad_norm",
+    "samples_per_s",
+    "step_time_s",
+    "data_wait_s",
+}
 
 pytestmark = pytest.mark.slow
 
@@ -42,13 +53,31 @@ def shards(shapes_corpus, tmp_path_factory):
 
 
 def make_config(shards: Path, out: Path, store: str | None, **kw) -> train.TrainConfig:
-    base = dict(data=[str(shards)], output=str(out), model="tiny", model_overrides=TEST_MODEL, steps=4,
-                num_workers=2, image_batch_size=2, video_batch_size=2, warmup_steps=2, lr=1e-3, checkpoint_every=2,
-                keep_checkpoints=2, sample_every=0, log_every=1, seed=0,
-                mlflow={"enabled": store is not None, "tracking_uri": store, "experiment": "test-train",
-                        "system_metrics_s": 1.0})
+    base = dict(
+        data=[str(shards)],
+        output=str(out),
+        model="tiny",
+        model_overrides=TEST_MODEL,
+        steps=4,
+        num_workers=2,
+        image_batch_size=2,
+        video_batch_size=2,
+        warmup_steps=2,
+        lr=1e-3,
+        checkpoint_every=2,
+        keep_checkpoints=2,
+        sample_every=0,
+        log_every=1,
+        seed=0,
+        mlflow={
+            "enabled": store is not None,
+            "tracking_uri": store,
+            "experiment": "test-train",
+            "system_metrics_s": 1.0,
+        },
+    )
     base.update(kw)
-    return configuration.from_dict(train.TrainConfig, base)
+    return settings.from_dict(train.TrainConfig, base)
 
 
 def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -59,12 +88,19 @@ def test_schedule_config_and_conditioning_without_ray(shards, tmp_path):
     import numpy as np
 
     from pipelines import loader
-    from pipelines.train_worker import (Conditioner, branch_loss, build_model, deepspeed_config, encoder_identity,
-                                        lr_factor, param_groups)
+    from pipelines.training.worker import (
+        Conditioner,
+        branch_loss,
+        build_model,
+        deepspeed_config,
+        encoder_identity,
+        lr_factor,
+        param_groups,
+    )
 
     cfg = make_config(shards, tmp_path, None, steps=100, warmup_steps=10, min_lr_ratio=0.1, spatial_lr_mult=0.5)
     assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
-    assert lr_factor(99, cfg) == pytest.approx(0.1, abs=1e-3)            # cosine down to min_lr_ratio
+    assert lr_factor(99, cfg) == pytest.approx(0.1, abs=1e-3)  # cosine down to min_lr_ratio
     # a time limit that runs out first drives the decay: half the minutes used at step 20 -> the cosine midpoint
     assert lr_factor(20, cfg, time_used=0.5) == pytest.approx(0.55) and lr_factor(20, cfg, time_used=1.0) == 0.1
     ds = deepspeed_config(cfg, world_size=2, branches=2)
@@ -82,18 +118,34 @@ def test_schedule_config_and_conditioning_without_ray(shards, tmp_path):
     cond = Conditioner(model, cfg, torch.device("cpu"))
     mean = np.random.default_rng(0).uniform(-1, 1, (3, 4, 16, 16)).astype(np.float32)
     text = np.random.default_rng(1).normal(size=(77, 32)).astype(np.float32)
-    pre = loader.Item("k", "video_text", "a red circle moving left", None, np.zeros((16, 16, 3), np.uint8),
-                      latent_mean=mean, latent_std=np.zeros_like(mean), text_emb=text)
+    pre = loader.Item(
+        "k",
+        "video_text",
+        "a red circle moving left",
+        None,
+        np.zeros((16, 16, 3), np.uint8),
+        latent_mean=mean,
+        latent_std=np.zeros_like(mean),
+        text_emb=text,
+    )
     free = loader.Item("f", "video", None, np.zeros((4, 16, 16, 3), np.uint8), np.zeros((16, 16, 3), np.uint8))
     x0 = cond.latents([pre, free], torch.Generator().manual_seed(0))
     assert x0.shape == (2, 3, 4, 16, 16)
     torch.testing.assert_close(x0[0], torch.from_numpy(mean))
-    assert torch.all(x0[1] == -1)                                         # black frames -> -1 in pixel space
+    assert torch.all(x0[1] == -1)  # black frames -> -1 in pixel space
     context = cond.text([pre, free])
     torch.testing.assert_close(context[0], torch.from_numpy(text))
-    torch.testing.assert_close(context[1], cond.null[0])                 # text-free: the null text
-    out = branch_loss(model.unet, model, cond, [pre, free], "motion", cfg, torch.Generator().manual_seed(0),
-                      torch.Generator().manual_seed(1))
+    torch.testing.assert_close(context[1], cond.null[0])  # text-free: the null text
+    out = branch_loss(
+        model.unet,
+        model,
+        cond,
+        [pre, free],
+        "motion",
+        cfg,
+        torch.Generator().manual_seed(0),
+        torch.Generator().manual_seed(1),
+    )
     assert out["loss"].requires_grad and out["coherence"] >= 0
     # the identity the curation pre-encode stage writes for these encoders is what training expects
     identity = encoder_identity(model)
@@ -107,31 +159,37 @@ def test_zero0_grad_norm_is_the_norm_of_the_accumulated_gradients(shards, tmp_pa
     import deepspeed
     import torch.distributed as dist
 
-    from pipelines.train_worker import OptimizerStep, _skip_inference_shm_op, deepspeed_config
+    from pipelines.training.worker import OptimizerStep, _skip_inference_shm_op, deepspeed_config
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                        "MASTER_PORT": str(port)}.items():
+    for name, value in {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }.items():
         monkeypatch.setenv(name, value)
     _skip_inference_shm_op()
     cfg = make_config(shards, tmp_path, None, zero_stage=0, grad_clip=0.5)
     torch.manual_seed(0)
     net = torch.nn.Linear(4, 3)
     reference = copy.deepcopy(net)
-    engine, *_ = deepspeed.initialize(model=net, model_parameters=list(net.parameters()),
-                                      config=deepspeed_config(cfg, world_size=1, branches=2))
+    engine, *_ = deepspeed.initialize(
+        model=net, model_parameters=list(net.parameters()), config=deepspeed_config(cfg, world_size=1, branches=2)
+    )
     try:
         optimizer_step = OptimizerStep(engine, cfg)
         xs = [torch.randn(5, 4), torch.randn(5, 4)]
-        for x in xs:                                      # two branches = two micro-steps, one optimizer step
+        for x in xs:  # two branches = two micro-steps, one optimizer step
             engine.backward(engine(x).pow(2).sum())
             optimizer_step()
         # DeepSpeed averages the gradients over the accumulation steps
         (sum(reference(x).pow(2).sum() for x in xs) / 2).backward()
         expected = float(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in reference.parameters()])))
-        assert expected > cfg.grad_clip                   # (so this step was clipped)
+        assert expected > cfg.grad_clip  # (so this step was clipped)
         assert optimizer_step.grad_norm == pytest.approx(expected, rel=1e-4)
     finally:
         dist.destroy_process_group()
@@ -139,10 +197,10 @@ def test_zero0_grad_norm_is_the_norm_of_the_accumulated_gradients(shards, tmp_pa
 
 def test_initialisation_from_local_pretrained_files(shards, tmp_path):
     from model.checkpoint import save_unet_weights
-    from model.configs import get_config
-    from model.pipeline import TextToVideo
+    from model.registry import get_config
+    from model.text_to_video import TextToVideo
     from model.unet import UNet3D
-    from pipelines.train_worker import build_model
+    from pipelines.training.worker import build_model
 
     # a ModelScope-style plain UNet state dict (no TF-T2V image MLP: that part starts fresh)
     torch.manual_seed(123)
@@ -167,15 +225,26 @@ def test_zero2_run_resume_and_mlflow_contents(ray_session, shards, tmp_path):
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "run"
-    cfg = make_config(shards, out, store, zero_stage=2, sample_every=4, sample_steps=2,
-                      mlflow={"tracking_uri": store, "experiment": "test-train", "system_metrics_s": 1.0,
-                              "tags": {"hub_token": "s3cret-value"}})
+    cfg = make_config(
+        shards,
+        out,
+        store,
+        zero_stage=2,
+        sample_every=4,
+        sample_steps=2,
+        mlflow={
+            "tracking_uri": store,
+            "experiment": "test-train",
+            "system_metrics_s": 1.0,
+            "tags": {"hub_token": "s3cret-value"},
+        },
+    )
     result = train.run(cfg)
 
     # the result and the exported model files
     assert json.loads((out / "result.json").read_text()) == result
     assert result["steps"] == 4 and math.isfinite(result["final_loss"])
-    from model.pipeline import TextToVideo
+    from model.text_to_video import TextToVideo
 
     model = TextToVideo.from_checkpoint(result["ema_checkpoint"])
     assert model.step == 4 and model.ema and model.config.height == 16
@@ -190,7 +259,7 @@ def test_zero2_run_resume_and_mlflow_contents(ray_session, shards, tmp_path):
     assert params["train.zero_stage"] == "2" and params["train.num_workers"] == "2"
     assert params["model_config.unet.model_channels"] == "8" and params["derived.world_size"] == "2"
     assert "s3cret-value" not in json.dumps(params) + json.dumps(run.data.tags)
-    assert run.data.tags["hub_token"] == configuration.REDACTED
+    assert run.data.tags["hub_token"] == settings.REDACTED
     assert BRANCH_METRICS <= set(run.data.metrics)
     assert [s for s, _ in history(client, run.info.run_id, "loss_video")] == [1, 2, 3, 4]
     assert all(v > 0 for _, v in history(client, run.info.run_id, "grad_norm"))
@@ -204,36 +273,77 @@ def test_zero2_run_resume_and_mlflow_contents(ray_session, shards, tmp_path):
     # the logged generation model: prompt in, video out
     with tracking.tracking_uri_set(store):
         predictions = mlflow.pyfunc.load_model(result["model_uri"]).predict(
-            {"prompt": ["a red circle moving left"]}, params={"steps": 2})
+            {"prompt": ["a red circle moving left"]}, params={"steps": 2}
+        )
     assert pyfunc.frames_from_predictions(predictions)[0].shape == (4, 16, 16, 3)
 
     # the same command with more steps resumes: same MLflow run, steps 5-6 only, schedule and data continue
-    resumed = train.run(make_config(shards, out, store, zero_stage=2, steps=6,
-                                    mlflow={"tracking_uri": store, "experiment": "test-train", "log_model": False,
-                                            "system_metrics_s": 0.0, "tags": {"hub_token": "s3cret-value"}}))
+    resumed = train.run(
+        make_config(
+            shards,
+            out,
+            store,
+            zero_stage=2,
+            steps=6,
+            mlflow={
+                "tracking_uri": store,
+                "experiment": "test-train",
+                "system_metrics_s": 0.0,
+                "tags": {"hub_token": "s3cret-value"},
+            },
+            log_model=False,
+        )
+    )
     assert resumed["run_id"] == result["run_id"] and resumed["steps"] == 6
     steps = [s for s, _ in history(client, result["run_id"], "loss")]
-    assert steps == [1, 2, 3, 4, 5, 6]                     # each step once: training went on from step 4
+    assert steps == [1, 2, 3, 4, 5, 6]  # each step once: training went on from step 4
     assert run.data.params["train.steps"] == "4"
     assert client.get_run(result["run_id"]).data.tags["changed_param.train.steps"] == "6"
     # ... and once finished, running it again does nothing
-    assert train.run(make_config(shards, out, store, zero_stage=2, steps=6,
-                                 mlflow={"tracking_uri": store, "experiment": "test-train", "log_model": False,
-                                         "tags": {"hub_token": "s3cret-value"}})) == resumed
+    assert (
+        train.run(
+            make_config(
+                shards,
+                out,
+                store,
+                zero_stage=2,
+                steps=6,
+                mlflow={
+                    "tracking_uri": store,
+                    "experiment": "test-train",
+                    "tags": {"hub_token": "s3cret-value"},
+                },
+                log_model=False,
+            )
+        )
+        == resumed
+    )
     # resuming with settings that change what the checkpoint means is refused
-    with pytest.raises(configuration.ConfigError, match="num_workers"):
+    with pytest.raises(settings.ConfigError, match="num_workers"):
         train.run(make_config(shards, out, store, zero_stage=2, steps=8, num_workers=1))
 
 
 def test_zero3_gathers_partitioned_weights_for_export(ray_session, shards, tmp_path):
-    from model.pipeline import TextToVideo
+    from model.text_to_video import TextToVideo
 
     out = tmp_path / "run3"
     # temporal_heads=8 and none of the tiny extras (pooled text, frame embedding, coordinates) give the tiny UNet
     # a diffusers equivalent, so the diffusers export runs too
-    cfg = make_config(shards, out, None, zero_stage=3, steps=2, checkpoint_every=2,
-                      model_overrides={**TEST_MODEL, "unet.temporal_heads": 8, "unet.pooled_text_embedding": False,
-                                       "unet.frame_embedding": False, "unet.coordinate_channels": False})
+    cfg = make_config(
+        shards,
+        out,
+        None,
+        zero_stage=3,
+        steps=2,
+        checkpoint_every=2,
+        model_overrides={
+            **TEST_MODEL,
+            "unet.temporal_heads": 8,
+            "unet.pooled_text_embedding": False,
+            "unet.frame_embedding": False,
+            "unet.coordinate_channels": False,
+        },
+    )
     result = train.run(cfg)
     assert result["steps"] == 2 and result["run_id"] is None and result["model_uri"] is None
     exported = TextToVideo.from_checkpoint(result["checkpoint"]).unet.state_dict()
@@ -243,7 +353,7 @@ def test_zero3_gathers_partitioned_weights_for_export(ray_session, shards, tmp_p
     for name, value in offline.items():
         torch.testing.assert_close(exported[name], value, msg=name)
     ema = TextToVideo.from_checkpoint(result["ema_checkpoint"]).unet.state_dict()
-    assert any(not torch.equal(ema[k], exported[k]) for k in exported)      # EMA differs from the raw weights
+    assert any(not torch.equal(ema[k], exported[k]) for k in exported)  # EMA differs from the raw weights
     from diffusers import UNet3DConditionModel
 
     assert list(UNet3DConditionModel.from_pretrained(result["diffusers"]).config.block_out_channels) == [8, 16, 32]
@@ -256,10 +366,18 @@ def test_killed_worker_continues_from_the_last_checkpoint(ray_session, shards, t
     out = tmp_path / "killed"
     # debug_fail_at_step makes the last rank os._exit(1) once after step 3 (a marker file stops it firing after the
     # restart): the same as the process being killed, but at a known step, so the test can check what follows.
-    cfg = make_config(shards, out, store, zero_stage=1, steps=4, checkpoint_every=2, max_failures=1,
-                      debug_fail_at_step=3,
-                      mlflow={"tracking_uri": store, "experiment": "test-train", "system_metrics_s": 0.0,
-                              "log_model": False})
+    cfg = make_config(
+        shards,
+        out,
+        store,
+        zero_stage=1,
+        steps=4,
+        checkpoint_every=2,
+        max_failures=1,
+        debug_fail_at_step=3,
+        mlflow={"tracking_uri": store, "experiment": "test-train", "system_metrics_s": 0.0},
+        log_model=False,
+    )
     result = train.run(cfg)
     assert result["steps"] == 4
     assert (out / ".debug_failed_at_3").exists()
@@ -276,9 +394,14 @@ def test_killed_worker_continues_from_the_last_checkpoint(ray_session, shards, t
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bf16 + NCCL path)")
 def test_one_gpu_bf16_run(ray_session, shards, tmp_path):
-    from model.pipeline import TextToVideo
+    from model.text_to_video import TextToVideo
 
-    result = train.run(make_config(shards, tmp_path / "gpu", None, num_workers=1, use_gpu=True, zero_stage=2,
-                                   steps=2, checkpoint_every=2))
+    result = train.run(
+        make_config(
+            shards, tmp_path / "gpu", None, num_workers=1, use_gpu=True, zero_stage=2, steps=2, checkpoint_every=2
+        )
+    )
     assert result["steps"] == 2 and math.isfinite(result["final_loss"])
-    assert TextToVideo.from_checkpoint(result["ema_checkpoint"]).unet.state_dict()["out.2.weight"].dtype == torch.float32
+    assert (
+        TextToVideo.from_checkpoint(result["ema_checkpoint"]).unet.state_dict()["out.2.weight"].dtype == torch.float32
+    )

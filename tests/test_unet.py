@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from model.checkpoint import NEW_IN_TFT2V, CheckpointError, load_unet_weights, read_state_dict, save_unet_weights
-from model.configs import get_config
-from model.unet import (TemporalConvBlock, TemporalTransformer, UNet3D, UNetConfig, build_unet,
-                        coordinate_planes)
+from model.registry import get_config
+from model.unet import TemporalConvBlock, TemporalTransformer, UNet3D, UNetConfig, build_unet, coordinate_planes
 
 # The tiny registry UNet; tests feed it 16x16 clips of 4 frames to stay fast.
 TINY = get_config("tiny").unet
@@ -58,8 +57,8 @@ def test_output_shape_and_determinism():
         out = a(x, t, context, image)
         assert out.shape == (B, TINY.out_channels, F, H, W)
         assert torch.isfinite(out).all()
-        assert torch.equal(out, a(x, t, context, image))          # same call twice: same result
-        assert torch.equal(out, b(x, t, context, image))          # same seed and weights: same result
+        assert torch.equal(out, a(x, t, context, image))  # same call twice: same result
+        assert torch.equal(out, b(x, t, context, image))  # same seed and weights: same result
         assert not torch.allclose(out, a(x, t.flip(0), context, image))  # the timestep matters
 
 
@@ -97,8 +96,8 @@ def test_image_mode_bypasses_temporal_layers():
     with torch.no_grad():
         before = unet(x, t, context, image)
         video_before = unet(*inputs(frames=F)[:1], t, context, image)
-        randomize(unet, seed=7, only=unet.temporal_parameters())             # change every temporal weight
-        assert torch.equal(before, unet(x, t, context, image))     # 1-frame output is independent of them
+        randomize(unet, seed=7, only=unet.temporal_parameters())  # change every temporal weight
+        assert torch.equal(before, unet(x, t, context, image))  # 1-frame output is independent of them
         assert not torch.allclose(video_before, unet(*inputs(frames=F)[:1], t, context, image))  # videos use them
 
     unet.train()
@@ -115,7 +114,7 @@ def test_new_video_unet_equals_per_frame_image_unet():
     x, t, context, image = inputs(frames=F)
     with torch.no_grad():
         video = unet(x, t, context, image)
-        frames = torch.cat([unet(x[:, :, i:i + 1], t, context, image) for i in range(F)], dim=2)
+        frames = torch.cat([unet(x[:, :, i : i + 1], t, context, image) for i in range(F)], dim=2)
     assert video.abs().mean() > 1e-3
     torch.testing.assert_close(video, frames, rtol=1e-4, atol=1e-5)
 
@@ -124,8 +123,10 @@ def test_temporal_and_spatial_parameters_partition_the_model():
     unet = make()
     # In the ModelScope layout temporal layers are the ResBlocks' temopral_conv, input_blocks.0.1, middle_block.2
     # and slot 2 of every block with attention (plus the tiny config's frame-index embedding).
-    layout = re.compile(r"(.*\.temopral_conv\.|input_blocks\.0\.1\.|middle_block\.2\.|(input|output)_blocks\.\d+\.2\."
-                        r"|frame_embed\.)")
+    layout = re.compile(
+        r"(.*\.temopral_conv\.|input_blocks\.0\.1\.|middle_block\.2\.|(input|output)_blocks\.\d+\.2\."
+        r"|frame_embed\.)"
+    )
     temporal = dict(unet.named_temporal_parameters())
     assert temporal and all(layout.match(n) for n in temporal)
     assert not any(layout.match(n) for n, _ in unet.named_parameters() if n not in temporal)
@@ -138,9 +139,9 @@ def test_temporal_and_spatial_parameters_partition_the_model():
 
 def test_modelscope_sizes_match_the_reference():
     cfg = get_config("modelscope-1.7b").unet
-    counts = build_unet(cfg, "meta").parameter_counts()   # shapes only, no memory
-    assert 1.3e9 < counts["total"] < 1.5e9                  # "the UNet about 1.4B"
-    assert 0.4e9 < counts["temporal"] < 0.6e9               # "of which about 0.5B temporal"
+    counts = build_unet(cfg, "meta").parameter_counts()  # shapes only, no memory
+    assert 1.3e9 < counts["total"] < 1.5e9  # "the UNet about 1.4B"
+    assert 0.4e9 < counts["temporal"] < 0.6e9  # "of which about 0.5B temporal"
 
 
 def test_modelscope_key_names_and_shapes():
@@ -148,33 +149,38 @@ def test_modelscope_key_names_and_shapes():
     expected = {
         "time_embed.0.weight": (1280, 320),
         "input_blocks.0.0.weight": (320, 4, 3, 3),
-        "input_blocks.0.1.proj_in.weight": (512, 320, 1),        # temporal transformer after the input conv: 8 x 64
+        "input_blocks.0.1.proj_in.weight": (512, 320, 1),  # temporal transformer after the input conv: 8 x 64
         "input_blocks.1.0.in_layers.2.weight": (320, 320, 3, 3),
         "input_blocks.1.0.temopral_conv.conv1.2.weight": (320, 320, 3, 1, 1),
         "input_blocks.1.0.temopral_conv.conv4.3.weight": (320, 320, 3, 1, 1),
-        "input_blocks.1.1.proj_in.weight": (320, 320),            # spatial transformer: linear projections
+        "input_blocks.1.1.proj_in.weight": (320, 320),  # spatial transformer: linear projections
         "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024),
         "input_blocks.1.1.transformer_blocks.0.ff.net.0.proj.weight": (2560, 320),
-        "input_blocks.1.2.proj_out.weight": (320, 320, 1),        # temporal transformer: Conv1d-shaped
+        "input_blocks.1.2.proj_out.weight": (320, 320, 1),  # temporal transformer: Conv1d-shaped
         "input_blocks.1.2.transformer_blocks.0.attn2.to_k.weight": (320, 320),  # second self-attention
-        "input_blocks.3.op.weight": (320, 320, 3, 3),            # downsample
+        "input_blocks.3.op.weight": (320, 320, 3, 3),  # downsample
         "input_blocks.4.0.skip_connection.weight": (640, 320, 1, 1),
         "input_blocks.11.0.out_layers.3.weight": (1280, 1280, 3, 3),
         "middle_block.1.norm.weight": (1280,),
         "middle_block.3.temopral_conv.conv2.3.bias": (1280,),
         "output_blocks.0.0.in_layers.2.weight": (1280, 2560, 3, 3),
-        "output_blocks.2.1.conv.weight": (1280, 1280, 3, 3),      # upsample of the level without attention
-        "output_blocks.5.3.conv.weight": (1280, 1280, 3, 3),      # upsample after spatial + temporal transformer
+        "output_blocks.2.1.conv.weight": (1280, 1280, 3, 3),  # upsample of the level without attention
+        "output_blocks.5.3.conv.weight": (1280, 1280, 3, 3),  # upsample after spatial + temporal transformer
         "output_blocks.11.2.proj_in.weight": (320, 320, 1),
         "out.2.weight": (4, 320, 3, 3),
-        "pre_image_condition.2.weight": (4096, 1024),             # TF-T2V: 4 image tokens of 1024
+        "pre_image_condition.2.weight": (4096, 1024),  # TF-T2V: 4 image tokens of 1024
     }
     for key, shape in expected.items():
         assert key in state, key
         assert tuple(state[key].shape) == shape, key
     # 12 input and 12 output blocks; no attention at the coarsest level
-    absent = ("input_blocks.12.", "output_blocks.12.", "input_blocks.10.1.", "input_blocks.11.1.",
-              "output_blocks.0.1.norm")
+    absent = (
+        "input_blocks.12.",
+        "output_blocks.12.",
+        "input_blocks.10.1.",
+        "input_blocks.11.1.",
+        "output_blocks.0.1.norm",
+    )
     assert not any(k.startswith(absent) for k in state)
 
 
@@ -258,8 +264,9 @@ def test_pad_input_channels_starts_concat_slots_at_zero():
     assert report.padded == ["input_blocks.0.0.weight"]
     x, t, context, image = inputs()
     with torch.no_grad():  # zero concat weights: the concat input has no effect yet, the rest is unchanged
-        assert torch.equal(plain(x, t, context, image),
-                           concat_model(x, t, context, image, concat=torch.randn(B, 3, F, H, W)))
+        assert torch.equal(
+            plain(x, t, context, image), concat_model(x, t, context, image, concat=torch.randn(B, 3, F, H, W))
+        )
 
 
 # ---- bad inputs ----------------------------------------------------------------------------------------------
@@ -287,13 +294,15 @@ def test_bad_inputs_say_what_is_wrong():
 
 
 def test_bad_config_values_say_how_to_fix():
-    from model.configuration import ConfigError
+    from pipelines.settings import ConfigError
 
-    for overrides, message in [({"attention_levels": (5,)}, "levels must be in 0..2"),
-                               ({"head_dim": 24}, "head_dim=24 must divide"),
-                               ({"num_groups": 5}, "divisible by unet.num_groups=5"),
-                               ({"channel_mult": ()}, "non-empty"),
-                               ({"dropout": 1.0}, r"dropout=1.0: must be in \[0, 1\)")]:
+    for overrides, message in [
+        ({"attention_levels": (5,)}, "levels must be in 0..2"),
+        ({"head_dim": 24}, "head_dim=24 must divide"),
+        ({"num_groups": 5}, "divisible by unet.num_groups=5"),
+        ({"channel_mult": ()}, "non-empty"),
+        ({"dropout": 1.0}, r"dropout=1.0: must be in \[0, 1\)"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             UNetConfig(**{**vars(TINY), **overrides})
 
@@ -347,14 +356,14 @@ def test_frame_and_pooled_text_embeddings_condition_every_frame():
     unet = make(attention_levels=(), temporal_attention_after_input=False)
     assert unet.cfg.frame_embedding and unet.cfg.pooled_text_embedding
     x, t, context, image = inputs(frames=F)
-    still = x[:, :, :1].expand(-1, -1, F, -1, -1).contiguous()        # the same frame F times
+    still = x[:, :, :1].expand(-1, -1, F, -1, -1).contiguous()  # the same frame F times
     randomize(unet)
     with torch.no_grad():
-        temporal_layers_to_identity(unet)              # frames are independent
+        temporal_layers_to_identity(unet)  # frames are independent
         out = unet(still, t, context, image)
         other = torch.randn_like(context)
         other_text = unet(still, t, other, image)
-        unet.text_embed[-1].weight.zero_()             # the prompt now reaches the ResBlocks only with the frame
+        unet.text_embed[-1].weight.zero_()  # the prompt now reaches the ResBlocks only with the frame
         unet.text_embed[-1].bias.zero_()
         image_mode = unet(still[:, :, :1], t, context, image)
         frame_text = unet(still, t, context, image) - unet(still, t, other, image)
@@ -385,24 +394,23 @@ def test_frame_embedding_without_pooled_prompt_codes_each_frame_of_every_clip():
         code = unet.frame_embed(B, F, None, torch.float32)
     assert out.shape == (B, TINY.out_channels, F, H, W)
     assert code.shape == (B * F, unet.time_embed[-1].out_features)
-    torch.testing.assert_close(code[:F], code[F:])                   # every clip gets the same frame codes
-    assert (out[:, :, 1] - out[:, :, 2]).abs().mean() > 1e-4        # and frames differ by their index
+    torch.testing.assert_close(code[:F], code[F:])  # every clip gets the same frame codes
+    assert (out[:, :, 1] - out[:, :, 2]).abs().mean() > 1e-4  # and frames differ by their index
 
 
 def test_coordinate_channels_feed_each_pixel_its_position():
     unet = make()
     assert unet.cfg.coordinate_channels
-    planes = coordinate_planes(B, F, H, W, torch.zeros(1))                       # [b, 2, f, h, w]
+    planes = coordinate_planes(B, F, H, W, torch.zeros(1))  # [b, 2, f, h, w]
     assert planes.shape == (B, 2, F, H, W)
-    assert planes[0, 0, 0, 0, 0] == -1 and planes[0, 0, 0, 0, -1] == 1          # x: left to right
-    assert planes[0, 1, 0, 0, 0] == -1 and planes[0, 1, 0, -1, 0] == 1          # y: top to bottom
+    assert planes[0, 0, 0, 0, 0] == -1 and planes[0, 0, 0, 0, -1] == 1  # x: left to right
+    assert planes[0, 1, 0, 0, 0] == -1 and planes[0, 1, 0, -1, 0] == 1  # y: top to bottom
     first = unet.input_blocks[0][0]
     assert first.in_channels == unet.cfg.in_channels + 2
     randomize(unet)
     x, t, context, image = inputs()
     with torch.no_grad():
         out = unet(x, t, context, image)
-        first.weight[:, unet.cfg.in_channels:] = 0                              # blind the network to position
+        first.weight[:, unet.cfg.in_channels :] = 0  # blind the network to position
         blind = unet(x, t, context, image)
     assert (out - blind).abs().mean() > 1e-3
-

@@ -6,22 +6,23 @@
 
 ``MODEL_CONFIGS`` maps names to configs (treat them as read-only: ``get_config`` returns a fresh, validated
 copy with overrides applied). Overrides are a nested dict (``{"unet": {"model_channels": 192}}``) or dotted keys
-(``{"unet.model_channels": 192}``), checked like every other config (``model/configuration.py``).
+(``{"unet.model_channels": 192}``), checked like every other config (``model/validation.py``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
-from model import configuration
-from model.configuration import ConfigError, check
+from model import validation
 from model.diffusion import DiffusionConfig
 from model.encoders import PROJECT_CLIP_CONFIGS, EncoderConfig
 from model.unet import UNetConfig
+from model.validation import ConfigError, check
 
-VAE_FACTOR = 8     # the SD autoencoder downsamples height and width by 8
-VAE_CHANNELS = 4   # ... into 4 latent channels
+VAE_FACTOR = 8  # the SD autoencoder downsamples height and width by 8
+VAE_CHANNELS = 4  # ... into 4 latent channels
 
 
 def _tiny_unet() -> UNetConfig:
@@ -31,10 +32,24 @@ def _tiny_unet() -> UNetConfig:
     # move across it), attention only at the two coarse levels, one ResBlock per level, no dropout. Pooled text and
     # frame-index embeddings (model/unet.py) make prompt colour and motion direction learnable in minutes.
     # About 1.8M parameters and 23 GFLOP per forward+backward at batch 2.
-    return UNetConfig(in_channels=3, out_channels=3, model_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1,
-                      attention_levels=(1, 2), head_dim=16, context_dim=32, image_embed_dim=32,
-                      temporal_heads=1, temporal_head_dim=16, num_groups=8, dropout=0.0,
-                      pooled_text_embedding=True, frame_embedding=True, coordinate_channels=True)
+    return UNetConfig(
+        in_channels=3,
+        out_channels=3,
+        model_channels=16,
+        channel_mult=(1, 2, 4),
+        num_res_blocks=1,
+        attention_levels=(1, 2),
+        head_dim=16,
+        context_dim=32,
+        image_embed_dim=32,
+        temporal_heads=1,
+        temporal_head_dim=16,
+        num_groups=8,
+        dropout=0.0,
+        pooled_text_embedding=True,
+        frame_embedding=True,
+        coordinate_channels=True,
+    )
 
 
 def _tiny_encoders() -> EncoderConfig:
@@ -53,9 +68,9 @@ class ModelConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     encoders: EncoderConfig = field(default_factory=_tiny_encoders)
     num_frames: int = 8
-    height: int = 32                # pixels
+    height: int = 32  # pixels
     width: int = 32
-    fps: int = 8                    # frame rate clips are sampled at for training and written at
+    fps: int = 8  # frame rate clips are sampled at for training and written at
 
     def __post_init__(self) -> None:
         check(bool(self.name), "name is empty: give the model config a name")
@@ -64,28 +79,40 @@ class ModelConfig:
             check(isinstance(value, int) and value >= 1, f"{key}={value!r}: must be a positive integer")
         u, e = self.unet, self.encoders
         channels = 3 if e.first_stage == "identity" else VAE_CHANNELS
-        check(u.in_channels == channels,
-              f"unet.in_channels={u.in_channels} but encoders.first_stage={e.first_stage!r} gives {channels} channels; "
-              f"set unet.in_channels={channels}")
-        check(u.out_channels == u.in_channels,
-              f"unet.out_channels={u.out_channels} must equal unet.in_channels={u.in_channels} (the model predicts "
-              "v or noise of the same shape as its input)")
+        check(
+            u.in_channels == channels,
+            f"unet.in_channels={u.in_channels} but encoders.first_stage={e.first_stage!r} gives {channels} channels; "
+            f"set unet.in_channels={channels}",
+        )
+        check(
+            u.out_channels == u.in_channels,
+            f"unet.out_channels={u.out_channels} must equal unet.in_channels={u.in_channels} (the model predicts "
+            "v or noise of the same shape as its input)",
+        )
         multiple = self.vae_factor * u.downsample_factor
-        check(self.height % multiple == 0 and self.width % multiple == 0,
-              f"height x width = {self.height}x{self.width} must be multiples of {multiple} "
-              f"({'VAE x8, ' if self.vae_factor > 1 else ''}{u.num_levels} UNet levels)")
-        check(u.num_text_tokens == e.text_len,
-              f"unet.num_text_tokens={u.num_text_tokens} must equal encoders.text_len={e.text_len}")
+        check(
+            self.height % multiple == 0 and self.width % multiple == 0,
+            f"height x width = {self.height}x{self.width} must be multiples of {multiple} "
+            f"({'VAE x8, ' if self.vae_factor > 1 else ''}{u.num_levels} UNet levels)",
+        )
+        check(
+            u.num_text_tokens == e.text_len,
+            f"unet.num_text_tokens={u.num_text_tokens} must equal encoders.text_len={e.text_len}",
+        )
         # Project CLIP widths are known without importing open_clip; others are checked when encoders load.
         clip = PROJECT_CLIP_CONFIGS.get(e.clip_model)
         if clip is not None:
             text_width, embed_dim = clip["text_cfg"]["width"], clip["embed_dim"]
-            check(u.context_dim == text_width,
-                  f"unet.context_dim={u.context_dim} but {e.clip_model} text states are {text_width} wide; "
-                  f"set unet.context_dim={text_width}")
-            check(u.image_embed_dim in (0, embed_dim),
-                  f"unet.image_embed_dim={u.image_embed_dim} but {e.clip_model} image embeddings are {embed_dim} wide; "
-                  f"set unet.image_embed_dim={embed_dim} (or 0 for no image condition)")
+            check(
+                u.context_dim == text_width,
+                f"unet.context_dim={u.context_dim} but {e.clip_model} text states are {text_width} wide; "
+                f"set unet.context_dim={text_width}",
+            )
+            check(
+                u.image_embed_dim in (0, embed_dim),
+                f"unet.image_embed_dim={u.image_embed_dim} but {e.clip_model} image embeddings are {embed_dim} wide; "
+                f"set unet.image_embed_dim={embed_dim} (or 0 for no image condition)",
+            )
 
     @property
     def vae_factor(self) -> int:
@@ -108,10 +135,24 @@ def _small() -> ModelConfig:
     # (256x256 -> 32x32 latents) with the real OpenCLIP ViT-H/14 (pass its weights as encoders.clip_pretrained).
     return ModelConfig(
         name="small",
-        unet=UNetConfig(in_channels=4, out_channels=4, model_channels=128, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
-                        attention_levels=(0, 1, 2), head_dim=64, context_dim=1024, image_embed_dim=1024, dropout=0.1),
+        unet=UNetConfig(
+            in_channels=4,
+            out_channels=4,
+            model_channels=128,
+            channel_mult=(1, 2, 4, 4),
+            num_res_blocks=2,
+            attention_levels=(0, 1, 2),
+            head_dim=64,
+            context_dim=1024,
+            image_embed_dim=1024,
+            dropout=0.1,
+        ),
         encoders=EncoderConfig(first_stage="sd_vae", clip_model="ViT-H-14"),
-        num_frames=16, height=256, width=256, fps=8)
+        num_frames=16,
+        height=256,
+        width=256,
+        fps=8,
+    )
 
 
 def _modelscope() -> ModelConfig:
@@ -122,11 +163,27 @@ def _modelscope() -> ModelConfig:
     # {"diffusion.prediction": "eps", "diffusion.zero_terminal_snr": False}; the defaults are TF-T2V's.
     return ModelConfig(
         name="modelscope-1.7b",
-        unet=UNetConfig(in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
-                        attention_levels=(0, 1, 2), head_dim=64, context_dim=1024, image_embed_dim=1024,
-                        temporal_heads=8, temporal_head_dim=64, dropout=0.1, gradient_checkpointing=True),
+        unet=UNetConfig(
+            in_channels=4,
+            out_channels=4,
+            model_channels=320,
+            channel_mult=(1, 2, 4, 4),
+            num_res_blocks=2,
+            attention_levels=(0, 1, 2),
+            head_dim=64,
+            context_dim=1024,
+            image_embed_dim=1024,
+            temporal_heads=8,
+            temporal_head_dim=64,
+            dropout=0.1,
+            gradient_checkpointing=True,
+        ),
         encoders=EncoderConfig(first_stage="sd_vae", clip_model="ViT-H-14"),
-        num_frames=16, height=256, width=256, fps=8)
+        num_frames=16,
+        height=256,
+        width=256,
+        fps=8,
+    )
 
 
 MODEL_CONFIGS: dict[str, ModelConfig] = {
@@ -140,33 +197,8 @@ def get_config(name: str, overrides: Mapping[str, Any] | None = None) -> ModelCo
     """A validated copy of the named config with ``overrides`` (nested or dotted keys) applied."""
     if name not in MODEL_CONFIGS:
         raise ConfigError(f"unknown model config {name!r}; choose one of: {', '.join(MODEL_CONFIGS)}")
-    data = configuration.to_dict(MODEL_CONFIGS[name])
-    for key, value in _nested(overrides or {}).items():
-        _merge(data, key, value)
-    return configuration.from_dict(ModelConfig, data)
-
-
-def _nested(overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"unet.model_channels": 8}`` -> ``{"unet": {"model_channels": 8}}`` (nested dicts pass through)."""
-    if not isinstance(overrides, Mapping):
-        raise ConfigError(f"model overrides must be a mapping such as {{'unet.model_channels': 64}}, got {overrides!r}")
-    out: dict[str, Any] = {}
-    for key, value in overrides.items():
-        *parents, leaf = str(key).split(".")
-        path: dict[str, Any] = {leaf: value}
-        for part in reversed(parents):
-            path = {part: path}
-        for k, v in path.items():
-            _merge(out, k, v)
-    return out
-
-
-def _merge(data: dict[str, Any], key: str, value: Any) -> None:
-    if isinstance(value, Mapping) and isinstance(data.get(key), dict):
-        for k, v in value.items():
-            _merge(data[key], k, v)
-    else:
-        data[key] = value
+    data = validation.merge(validation.to_dict(MODEL_CONFIGS[name]), validation.nested(overrides or {}))
+    return validation.from_dict(ModelConfig, data)
 
 
 __all__ = ["ModelConfig", "MODEL_CONFIGS", "get_config", "VAE_FACTOR", "VAE_CHANNELS"]

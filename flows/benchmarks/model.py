@@ -1,4 +1,4 @@
-"""python -m model.bench [--set sizes=[tiny,small] --set batch=1 --set repeats=3 --set frames=4 --set device=auto]
+"""t2v bench model [--set sizes=[tiny,small] --set batch=1 --set repeats=3 --set frames=4 --set device=auto]
 
 Model benchmark (also ``t2v bench model``). Prints:
 1. forward+backward time per sample and peak memory of the first training step (TF-T2V loss) for the timed sizes,
@@ -20,31 +20,35 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from model import configuration
-from model.configuration import check
+from pipelines import logs, settings
+from pipelines.settings import check
 
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 @dataclass
-class BenchConfig:
+class ModelBenchConfig:
     sizes: list[str] = field(default_factory=lambda: ["tiny", "small"])  # timed; the first is the baseline
     batch: int = 1
-    repeats: int = 3                          # timed steps after one warm-up step
-    device: str = "auto"                      # auto | cpu | cuda
-    big: str = "modelscope-1.7b"              # the size whose training memory is estimated
-    gpus: int = 8                             # data-parallel GPUs sharing the ZeRO partitions
+    repeats: int = 3  # timed steps after one warm-up step
+    device: str = "auto"  # auto | cpu | cuda
+    big: str = "modelscope-1.7b"  # the size whose training memory is estimated
+    gpus: int = 8  # data-parallel GPUs sharing the ZeRO partitions
     seed: int = 0
-    frames: int | None = None                 # override num_frames of the timed sizes (quicker CPU runs)
+    frames: int | None = None  # override num_frames of the timed sizes (quicker CPU runs)
 
     def __post_init__(self) -> None:
         check(bool(self.sizes), "sizes is empty: name at least one registered size, e.g. --set sizes=[tiny]")
         check(self.batch >= 1, f"batch={self.batch}: must be >= 1")
         check(self.repeats >= 1, f"repeats={self.repeats}: must be >= 1")
         check(self.gpus >= 1, f"gpus={self.gpus}: must be >= 1")
-        check(self.frames is None or self.frames >= 1, f"frames={self.frames}: must be >= 1 (or null for the size's own)")
-        check(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
-              f"device={self.device!r}: use auto, cpu or cuda")
+        check(
+            self.frames is None or self.frames >= 1, f"frames={self.frames}: must be >= 1 (or null for the size's own)"
+        )
+        check(
+            self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+            f"device={self.device!r}: use auto, cpu or cuda",
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -58,8 +62,11 @@ class PeakMemory:
         import torch
 
         self.cuda = torch.device(device).type == "cuda"
-        self.method = ("torch.cuda.max_memory_allocated above the pre-step allocation" if self.cuda
-                       else "peak RSS (VmHWM reset via /proc/self/clear_refs) above pre-step RSS")
+        self.method = (
+            "torch.cuda.max_memory_allocated above the pre-step allocation"
+            if self.cuda
+            else "peak RSS (VmHWM reset via /proc/self/clear_refs) above pre-step RSS"
+        )
         self.peak = 0
 
     def __enter__(self):
@@ -90,7 +97,7 @@ class PeakMemory:
 def _reset_hwm() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")            # Linux >= 4.0: reset the peak resident set size to the current one
+            f.write("5")  # Linux >= 4.0: reset the peak resident set size to the current one
         return True
     except OSError:
         return False
@@ -106,7 +113,7 @@ def _status_kib(key: str) -> int:
         pass
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss        # KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -129,8 +136,9 @@ def time_train_step(model_cfg, batch: int, repeats: int, device: str, seed: int 
     u, d = model_cfg.unet, latent_downsample(model_cfg)
     unet = UNet3D(u).to(device).train()
     schedule = Schedule.from_config(model_cfg.diffusion)
-    x0 = torch.randn(batch, u.in_channels, model_cfg.num_frames, model_cfg.height // d, model_cfg.width // d,
-                     device=device)                                          # [b, c, f, h, w]
+    x0 = torch.randn(
+        batch, u.in_channels, model_cfg.num_frames, model_cfg.height // d, model_cfg.width // d, device=device
+    )  # [b, c, f, h, w]
     cond = {"context": torch.randn(batch, u.num_text_tokens, u.context_dim, device=device)}
     if u.image_embed_dim:
         cond["image_embedding"] = torch.randn(batch, u.image_embed_dim, device=device)
@@ -157,8 +165,13 @@ def time_train_step(model_cfg, batch: int, repeats: int, device: str, seed: int 
         step()
     sync()
     seconds = (time.perf_counter() - start) / repeats
-    return {"sec_per_sample": seconds / batch, "peak_bytes": peak.peak, "memory_method": peak.method,
-            "input": list(x0.shape), "precision": "bf16 autocast" if cuda else "fp32"}
+    return {
+        "sec_per_sample": seconds / batch,
+        "peak_bytes": peak.peak,
+        "memory_method": peak.method,
+        "input": list(x0.shape),
+        "precision": "bf16 autocast" if cuda else "fp32",
+    }
 
 
 def count_parameters(model_cfg) -> dict:
@@ -174,8 +187,9 @@ def count_parameters(model_cfg) -> dict:
 
     register_project_clip_configs()
     with torch.device("meta"):
-        clip = open_clip.create_model(model_cfg.encoders.clip_model, device="meta",
-                                      force_image_size=model_cfg.encoders.clip_image_size)
+        clip = open_clip.create_model(
+            model_cfg.encoders.clip_model, device="meta", force_image_size=model_cfg.encoders.clip_image_size
+        )
     vision = sum(p.numel() for p in clip.visual.parameters())
     counts["clip_text"] = sum(p.numel() for p in clip.parameters()) - vision
     counts["clip_vision"] = vision
@@ -183,9 +197,14 @@ def count_parameters(model_cfg) -> dict:
     if model_cfg.encoders.first_stage == "sd_vae":
         from diffusers import AutoencoderKL
 
-        with torch.device("meta"):   # Stable Diffusion's KL-f8 autoencoder architecture
-            vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                                block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4)
+        with torch.device("meta"):  # Stable Diffusion's KL-f8 autoencoder architecture
+            vae = AutoencoderKL(
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4,
+                block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2,
+                latent_channels=4,
+            )
         counts["vae"] = sum(p.numel() for p in vae.parameters())
     counts["all"] = counts["total"] + counts["clip_text"] + counts["clip_vision"] + counts["vae"]
     return counts
@@ -222,27 +241,35 @@ def _fmt_count(n: float) -> str:
     return str(int(n))
 
 
-def run(cfg: BenchConfig) -> dict:
+def run(cfg: ModelBenchConfig) -> dict:
     import torch
 
-    from model.configs import MODEL_CONFIGS, get_config
+    from model.registry import MODEL_CONFIGS, get_config
 
-    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else (
-        "cpu" if cfg.device == "auto" else cfg.device)
+    device = (
+        "cuda"
+        if cfg.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if cfg.device == "auto" else cfg.device)
+    )
     results: dict = {"device": device, "timed": {}, "params": {}, "zero": {}}
 
-    print(f"== forward+backward per sample (batch {cfg.batch}, {cfg.repeats} timed steps, device {device}, "
-          f"torch threads {torch.get_num_threads()})")
+    print(
+        f"== forward+backward per sample (batch {cfg.batch}, {cfg.repeats} timed steps, device {device}, "
+        f"torch threads {torch.get_num_threads()})"
+    )
     base = None
     for name in cfg.sizes:
         overrides = {"num_frames": cfg.frames} if cfg.frames else None
         m = time_train_step(get_config(name, overrides), cfg.batch, cfg.repeats, device, cfg.seed)
         results["timed"][name] = m
         base = base or m
-        print(f"{name:>16}: input {m['input']}  {m['sec_per_sample'] * 1e3:9.1f} ms/sample "
-              f"({m['sec_per_sample'] / base['sec_per_sample']:6.2f}x {cfg.sizes[0]})  "
-              f"peak {m['peak_bytes'] / 2 ** 20:9.1f} MiB "
-              f"({m['peak_bytes'] / max(base['peak_bytes'], 1):6.2f}x {cfg.sizes[0]})", flush=True)
+        print(
+            f"{name:>16}: input {m['input']}  {m['sec_per_sample'] * 1e3:9.1f} ms/sample "
+            f"({m['sec_per_sample'] / base['sec_per_sample']:6.2f}x {cfg.sizes[0]})  "
+            f"peak {m['peak_bytes'] / 2**20:9.1f} MiB "
+            f"({m['peak_bytes'] / max(base['peak_bytes'], 1):6.2f}x {cfg.sizes[0]})",
+            flush=True,
+        )
     print(f"   precision: {base['precision']}; memory method: {base['memory_method']}")
 
     print("== parameters (meta device; UNet trains, encoders are frozen)")
@@ -251,18 +278,22 @@ def run(cfg: BenchConfig) -> dict:
         c = count_parameters(get_config(name))
         results["params"][name] = c
         first = first or c
-        print(f"{name:>16}: UNet {_fmt_count(c['total']):>8} (temporal {_fmt_count(c['temporal'])}, "
-              f"{c['temporal'] / c['total']:.0%})  CLIP text {_fmt_count(c['clip_text'])}  "
-              f"vision {_fmt_count(c['clip_vision'])}  VAE {_fmt_count(c['vae'])}  "
-              f"all {_fmt_count(c['all'])}  ({c['total'] / first['total']:.0f}x {next(iter(MODEL_CONFIGS))} UNet)")
+        print(
+            f"{name:>16}: UNet {_fmt_count(c['total']):>8} (temporal {_fmt_count(c['temporal'])}, "
+            f"{c['temporal'] / c['total']:.0%})  CLIP text {_fmt_count(c['clip_text'])}  "
+            f"vision {_fmt_count(c['clip_vision'])}  VAE {_fmt_count(c['vae'])}  "
+            f"all {_fmt_count(c['all'])}  ({c['total'] / first['total']:.0f}x {next(iter(MODEL_CONFIGS))} UNet)"
+        )
 
     big = results["params"].get(cfg.big) or count_parameters(get_config(cfg.big))
     # The image tower is only needed to embed conditioning frames; it is frozen like the text tower and the VAE.
     frozen = big["clip_text"] + big["clip_vision"] + big["vae"]
     mem = zero_memory(big["total"], frozen, cfg.gpus)
     results["zero"] = mem
-    print(f"== {cfg.big} model-state memory per GPU, bf16 + fp32 AdamW, {cfg.gpus} GPUs "
-          f"(P = {_fmt_count(big['total'])} trainable, {_fmt_count(frozen)} frozen in bf16)")
+    print(
+        f"== {cfg.big} model-state memory per GPU, bf16 + fp32 AdamW, {cfg.gpus} GPUs "
+        f"(P = {_fmt_count(big['total'])} trainable, {_fmt_count(frozen)} frozen in bf16)"
+    )
     print("   formula ZeRO-2: 2P (bf16 weights) + (2P bf16 grads + 4P fp32 master + 8P Adam moments) / N + 2 x frozen")
     for stage, label in (("ddp", "DDP, no ZeRO"), ("zero1", "ZeRO-1"), ("zero2", "ZeRO-2"), ("zero3", "ZeRO-3")):
         print(f"{label:>16}: {mem[stage] / GIB:7.1f} GiB  ({mem[stage] / mem['ddp']:.2f}x DDP)")
@@ -271,10 +302,11 @@ def run(cfg: BenchConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m model.bench", description="TF-T2V model benchmark")
-    configuration.add_arguments(parser)
-    cfg = configuration.resolve(parser, BenchConfig, parser.parse_args(argv))
+    parser = argparse.ArgumentParser(prog="python -m flows.benchmarks.model", description="TF-T2V model benchmark")
+    settings.add_arguments(parser)
+    cfg = settings.resolve(parser, ModelBenchConfig, parser.parse_args(argv))
     if cfg is not None:
+        logs.setup()
         run(cfg)
     return 0
 

@@ -23,17 +23,30 @@ import pyarrow.parquet as pq
 import webdataset as wds
 
 from pipelines import schema
-from pipelines.stages import loads
+from pipelines.curation.stages import loads
 
 ARRAY_COLUMNS = ("latent_mean", "latent_std", "text_emb", "image_emb")
 
-INDEX_SCHEMA = pa.schema([
-    ("key", pa.string()), ("kind", pa.string()), ("source", pa.string()), ("clip_index", pa.int32()),
-    ("start_s", pa.float64()), ("num_frames", pa.int32()), ("fps", pa.float64()), ("width", pa.int32()),
-    ("height", pa.int32()), ("caption", pa.string()), ("motion", pa.float64()), ("clip_sim", pa.float64()),
-    ("media_bytes", pa.int64()), ("sample_bytes", pa.int64()), ("pre_encoded", pa.bool_()),
-    ("json", pa.string()),
-])
+INDEX_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("kind", pa.string()),
+        ("source", pa.string()),
+        ("clip_index", pa.int32()),
+        ("start_s", pa.float64()),
+        ("num_frames", pa.int32()),
+        ("fps", pa.float64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("caption", pa.string()),
+        ("motion", pa.float64()),
+        ("clip_sim", pa.float64()),
+        ("media_bytes", pa.int64()),
+        ("sample_bytes", pa.int64()),
+        ("pre_encoded", pa.bool_()),
+        ("json", pa.string()),
+    ]
+)
 
 
 def _score(value: float | None) -> float | None:
@@ -42,19 +55,40 @@ def _score(value: float | None) -> float | None:
 
 def sample_meta(row: dict[str, Any]) -> schema.SampleMeta:
     """The sample's json, from a routed row: geometry, scores computed for it, labels, provenance."""
-    scores = {name: v for name, v in (("motion", _score(row["motion"])), ("clip_sim", _score(row["clip_sim"])))
-              if v is not None}
+    scores = {
+        name: v
+        for name, v in (("motion", _score(row["motion"])), ("clip_sim", _score(row["clip_sim"])))
+        if v is not None
+    }
     extra = loads(row["extra"])
-    extra.update({k: v for k, v in {
-        "source_width": row["src_width"], "source_height": row["src_height"],
-        "source_fps": _score(row["src_fps"]), "source_duration": _score(row["duration"]),
-        "codec": row["codec"], "given": row["given"],
-    }.items() if v not in (None, "")})
+    extra.update(
+        {
+            k: v
+            for k, v in {
+                "source_width": row["src_width"],
+                "source_height": row["src_height"],
+                "source_fps": _score(row["src_fps"]),
+                "source_duration": _score(row["duration"]),
+                "codec": row["codec"],
+                "given": row["given"],
+            }.items()
+            if v not in (None, "")
+        }
+    )
     return schema.SampleMeta(
-        source=row["source"], kind=row["kind"], num_frames=row["num_frames"], fps=float(row["fps"]),
-        width=row["width"], height=row["height"], clip_index=row["clip_index"], start_s=float(row["start_s"]),
-        caption=row["caption"] if row["kind"] != "video" else None, scores=scores, labels=loads(row["labels"]),
-        extra=extra)
+        source=row["source"],
+        kind=row["kind"],
+        num_frames=row["num_frames"],
+        fps=float(row["fps"]),
+        width=row["width"],
+        height=row["height"],
+        clip_index=row["clip_index"],
+        start_s=float(row["start_s"]),
+        caption=row["caption"] if row["kind"] != "video" else None,
+        scores=scores,
+        labels=loads(row["labels"]),
+        extra=extra,
+    )
 
 
 def sample_from_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -99,13 +133,26 @@ class _KindWriter:
         self.count += 1
         self.size += nbytes
         meta = json.loads(sample["json"])
-        self.index_rows[self.path].append({
-            "key": row["key"], "kind": row["kind"], "source": row["source"], "clip_index": row["clip_index"],
-            "start_s": row["start_s"], "num_frames": row["num_frames"], "fps": row["fps"], "width": row["width"],
-            "height": row["height"], "caption": meta["caption"], "motion": _score(row["motion"]),
-            "clip_sim": _score(row["clip_sim"]), "media_bytes": len(row["media"]), "sample_bytes": nbytes,
-            "pre_encoded": any(m in sample for m in schema.PRE_ENCODED), "json": sample["json"].decode("utf-8"),
-        })
+        self.index_rows[self.path].append(
+            {
+                "key": row["key"],
+                "kind": row["kind"],
+                "source": row["source"],
+                "clip_index": row["clip_index"],
+                "start_s": row["start_s"],
+                "num_frames": row["num_frames"],
+                "fps": row["fps"],
+                "width": row["width"],
+                "height": row["height"],
+                "caption": meta["caption"],
+                "motion": _score(row["motion"]),
+                "clip_sim": _score(row["clip_sim"]),
+                "media_bytes": len(row["media"]),
+                "sample_bytes": nbytes,
+                "pre_encoded": any(m in sample for m in schema.PRE_ENCODED),
+                "json": sample["json"].decode("utf-8"),
+            }
+        )
         return self.path
 
 

@@ -27,19 +27,20 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from model import configuration
-from pipelines import export, loader
-from pipelines.train import EXPORT_DIR, RAY_DIR, RAY_RUN_NAME, TrainConfig
+from pipelines import loader, logs, schema, settings
+from pipelines.training import export
+from pipelines.training.config import EXPORT_DIR, RAY_DIR, RAY_RUN_NAME, TrainConfig
 
-log = logging.getLogger("pipelines.train")
+log = logging.getLogger("t2v.train")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -49,7 +50,7 @@ log = logging.getLogger("pipelines.train")
 def _is_t2v_checkpoint(path: str | None) -> bool:
     if not path or not Path(path).is_file() or Path(path).suffix == ".safetensors":
         return False
-    from model.pipeline import FORMAT
+    from model.text_to_video import FORMAT
 
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     return isinstance(ckpt, dict) and ckpt.get("format") == FORMAT
@@ -58,22 +59,23 @@ def _is_t2v_checkpoint(path: str | None) -> bool:
 def resolve_model_config(cfg: TrainConfig):
     """The ModelConfig training uses: the registry entry with overrides, or the one stored in ``init_from`` when
     that is a TextToVideo checkpoint (its architecture and encoders must be kept to load its weights)."""
-    from model.configs import ModelConfig, get_config
+    from model.registry import ModelConfig, get_config
 
     if _is_t2v_checkpoint(cfg.init_from):
-        from model.pipeline import read_checkpoint
+        from model.text_to_video import read_checkpoint
 
         if cfg.model_overrides:
-            log.warning("init_from is a TextToVideo checkpoint: its stored model config is used and "
-                        "model_overrides are ignored")
-        return configuration.from_dict(ModelConfig, read_checkpoint(cfg.init_from)["config"])
+            log.warning(
+                "init_from is a TextToVideo checkpoint: its stored model config is used and model_overrides are ignored"
+            )
+        return settings.from_dict(ModelConfig, read_checkpoint(cfg.init_from)["config"])
     return get_config(cfg.model, cfg.model_overrides or None)
 
 
 def build_model(cfg: TrainConfig, device: torch.device):
     """TextToVideo with random (seeded, identical on every rank) or ``init_from`` weights."""
     from model.checkpoint import NEW_IN_TFT2V, load_unet_weights
-    from model.pipeline import TextToVideo
+    from model.text_to_video import TextToVideo
 
     torch.manual_seed(cfg.seed)
     if _is_t2v_checkpoint(cfg.init_from):
@@ -82,7 +84,7 @@ def build_model(cfg: TrainConfig, device: torch.device):
         model = TextToVideo.build(resolve_model_config(cfg))
         if cfg.init_from:
             source: Any = cfg.init_from
-            if Path(cfg.init_from).is_dir():                       # a diffusers UNet3DConditionModel folder
+            if Path(cfg.init_from).is_dir():  # a diffusers UNet3DConditionModel folder
                 from diffusers import UNet3DConditionModel
 
                 from model.convert import diffusers_to_modelscope
@@ -99,8 +101,10 @@ def param_groups(unet, cfg: TrainConfig) -> list[dict]:
     """Temporal weights at lr, spatial ones at lr * spatial_lr_mult (TF-T2V: 0.5 for pretrained SD weights)."""
     temporal = list(unet.temporal_parameters())
     spatial = list(unet.spatial_parameters())
-    groups = [{"params": temporal, "lr": cfg.lr, "name": "temporal"},
-              {"params": spatial, "lr": cfg.lr * cfg.spatial_lr_mult, "name": "spatial"}]
+    groups = [
+        {"params": temporal, "lr": cfg.lr, "name": "temporal"},
+        {"params": spatial, "lr": cfg.lr * cfg.spatial_lr_mult, "name": "spatial"},
+    ]
     return [g for g in groups if g["params"]]
 
 
@@ -147,10 +151,17 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, branches: int) -> dict:
         "gradient_accumulation_steps": branches,
         "train_batch_size": micro * branches * world_size,
         "gradient_clipping": 0.0 if clips_itself(cfg) else cfg.grad_clip,
-        "optimizer": {"type": "AdamW", "params": {
-            "lr": cfg.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": cfg.weight_decay,
-            # torch's AdamW needs no compiled op; offload needs DeepSpeedCPUAdam (JIT-compiled once).
-            "torch_adam": not cfg.offload_optimizer}},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.lr,
+                "betas": [0.9, 0.999],
+                "eps": 1e-8,
+                "weight_decay": cfg.weight_decay,
+                # torch's AdamW needs no compiled op; offload needs DeepSpeedCPUAdam (JIT-compiled once).
+                "torch_adam": not cfg.offload_optimizer,
+            },
+        },
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.bf16},
         "zero_allow_untested_optimizer": True,
@@ -172,7 +183,7 @@ class OptimizerStep:
     formula (torch's ``clip_grad_norm_``) just before DeepSpeed's step."""
 
     def __init__(self, engine, cfg: TrainConfig):
-        self.engine, self.max_norm = engine, cfg.grad_clip or math.inf   # grad_clip 0: measured, not clipped
+        self.engine, self.max_norm = engine, cfg.grad_clip or math.inf  # grad_clip 0: measured, not clipped
         self.own = clips_itself(cfg)
         self._norm = 0.0
 
@@ -197,30 +208,39 @@ def encoder_identity(model) -> dict:
     """What pre-encoded shard arrays must have been made with to be used as they are: the identity the curation
     pre-encode stage writes (encoder settings + a fingerprint of the encoder weights), less the keys that do not
     change the arrays (the model config's name, a description)."""
-    from pipelines.stages.encode import encoder_identity as identity
-
-    found = identity(model.config.encoders, model.text_encoder, model.image_encoder, model.first_stage,
-                     model.config.name)
-    return {k: v for k, v in found.items() if k not in ("model", "latents")}
+    found = schema.encoder_stamp(
+        model.config.encoders, model.text_encoder, model.image_encoder, model.first_stage, model.config.name
+    )
+    return {k: v for k, v in found.items() if k not in schema.STAMP_DESCRIPTIVE}
 
 
 def loader_spec(cfg: TrainConfig, model) -> loader.LoaderSpec:
     """What the loader must deliver for this model: its clip geometry, latent size and encoders."""
     mc = model.config
-    latent = model.latent_shape(1)                                              # (1, c, f, h', w')
+    latent = model.latent_shape(1)  # (1, c, f, h', w')
     return loader.LoaderSpec(
-        data=cfg.data, image_batch=cfg.image_batch_size, video_batch=cfg.video_batch_size,
-        text_free_fraction=cfg.text_free_fraction, num_frames=mc.num_frames, height=mc.height, width=mc.width,
-        frame_stride=cfg.frame_stride, latent_hw=(latent[3], latent[4]),
-        expected_encoders=encoder_identity(model), seed=cfg.seed, shuffle_block=cfg.shuffle_block,
-        prefetch=cfg.prefetch, decode_workers=cfg.decode_workers, cache_mb=cfg.decode_cache_mb)
+        data=cfg.data,
+        image_batch=cfg.image_batch_size,
+        video_batch=cfg.video_batch_size,
+        text_free_fraction=cfg.text_free_fraction,
+        num_frames=mc.num_frames,
+        height=mc.height,
+        width=mc.width,
+        frame_stride=cfg.frame_stride,
+        latent_hw=(latent[3], latent[4]),
+        expected_encoders=encoder_identity(model),
+        seed=cfg.seed,
+        shuffle_block=cfg.shuffle_block,
+        prefetch=cfg.prefetch,
+        decode_workers=cfg.decode_workers,
+        cache_mb=cfg.decode_cache_mb,
+    )
 
 
 def _skip_inference_shm_op() -> None:
     """DeepSpeed JIT-compiles a shared-memory all-reduce op on CPU at start-up (about a minute the first time); only
     its inference all-reduce uses it, training uses the process group. Mark it unavailable so it is not built."""
     import deepspeed.ops
-
     from deepspeed.accelerator import get_accelerator
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
@@ -256,7 +276,7 @@ class Ema:
         self.updates += 1
         if not self.holder:
             return
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))   # short runs: early weights fade fast
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))  # short runs: early weights fade fast
         for e, t in zip(self.tensors, self._live()):
             e.lerp_(t.float(), 1 - decay)
 
@@ -297,7 +317,7 @@ def _fill(rows: list[Tensor | None], encode) -> Tensor:
     if todo:
         encoded = encode(todo)
         for j, i in enumerate(todo):
-            rows[i] = encoded[j:j + 1]
+            rows[i] = encoded[j : j + 1]
     return torch.cat(rows).float()
 
 
@@ -307,8 +327,8 @@ class Conditioner:
 
     def __init__(self, model, cfg: TrainConfig, device: torch.device):
         self.model, self.cfg, self.device = model, cfg, device
-        self.null = model.encode_text([""]).to(device)                          # [1, n, d]
-        self.negative = model.encode_text([cfg.negative_prompt]).to(device)     # [1, n, d]
+        self.null = model.encode_text([""]).to(device)  # [1, n, d]
+        self.negative = model.encode_text([cfg.negative_prompt]).to(device)  # [1, n, d]
 
     def latents(self, items: list[loader.Item], gen: torch.Generator) -> Tensor:
         """Diffusion input x0 [b, c, f, h', w'] (scaled latents, or pixels in [-1, 1])."""
@@ -319,8 +339,9 @@ class Conditioner:
                 mean = torch.from_numpy(it.latent_mean)[None].to(self.device)
                 std = torch.from_numpy(it.latent_std)[None].to(self.device)
                 out[i] = fs.latents_from_moments(mean, std, gen)
-        return _fill(out, lambda todo: self.model.encode_video(
-            loader.collate_frames([items[i] for i in todo]), gen))             # uint8 [b', f, h, w, 3] -> latents
+        return _fill(
+            out, lambda todo: self.model.encode_video(loader.collate_frames([items[i] for i in todo]), gen)
+        )  # uint8 [b', f, h, w, 3] -> latents
 
     def text(self, items: list[loader.Item]) -> Tensor:
         """[b, n, d]: caption states; the null text for text-free items."""
@@ -338,12 +359,13 @@ class Conditioner:
         for i, it in enumerate(items):
             if it.image_emb is not None:
                 rows[i] = torch.from_numpy(it.image_emb)[None].to(self.device)
-        return _fill(rows, lambda todo: self.model.encode_image(
-            np.stack([items[i].cond_frame for i in todo])).to(self.device))      # uint8 [b', h, w, 3]
+        return _fill(
+            rows, lambda todo: self.model.encode_image(np.stack([items[i].cond_frame for i in todo])).to(self.device)
+        )  # uint8 [b', h, w, 3]
 
     def cfg_dropout(self, context: Tensor, gen: torch.Generator) -> Tensor:
         """Per sample, with probability cfg_dropout: text -> negative-prompt embedding."""
-        drop = torch.rand(context.shape[0], generator=gen) < self.cfg.cfg_dropout       # [b]
+        drop = torch.rand(context.shape[0], generator=gen) < self.cfg.cfg_dropout  # [b]
         if not drop.any():
             return context
         return torch.where(drop.to(context.device)[:, None, None], self.negative.to(context.dtype), context)
@@ -353,22 +375,30 @@ def _coin(p: float, gen: torch.Generator) -> bool:
     return bool(torch.rand((), generator=gen) < p)
 
 
-def branch_loss(net, model, cond: Conditioner, items: list[loader.Item], branch: str, cfg: TrainConfig,
-                gen: torch.Generator, shared: torch.Generator) -> dict[str, Tensor]:
+def branch_loss(
+    net,
+    model,
+    cond: Conditioner,
+    items: list[loader.Item],
+    branch: str,
+    cfg: TrainConfig,
+    gen: torch.Generator,
+    shared: torch.Generator,
+) -> dict[str, Tensor]:
     """The diffusion loss of one branch's batch (model/diffusion.py training_losses). ``net`` runs the UNet: the
     DeepSpeed engine wrapping ``model.unet`` (or the bare UNet in the plain-loop benchmark). ``gen`` draws this
     rank's noise and dropout, ``shared`` the conditioning choices all ranks make alike."""
     from model.diffusion import sample_timesteps, training_losses
 
-    x0 = cond.latents(items, gen)                                                # [b, c, f, h', w']
+    x0 = cond.latents(items, gen)  # [b, c, f, h', w']
     b = x0.shape[0]
     has_image_cond = model.config.unet.image_embed_dim > 0
     if branch == "content":
         use_image = has_image_cond and _coin(cfg.image_condition_prob, shared)
-        context = cond.null.expand(b, -1, -1) if use_image else cond.text(items)   # [b, n, d]
+        context = cond.null.expand(b, -1, -1) if use_image else cond.text(items)  # [b, n, d]
     else:
         use_image = has_image_cond and _coin(cfg.video_image_condition_prob, shared)
-        context = cond.text(items)                                               # null text for text-free clips
+        context = cond.text(items)  # null text for text-free clips
     context = cond.cfg_dropout(context, gen)
     image = cond.image(items) if use_image else None
     t = sample_timesteps(b, model.schedule.num_timesteps, gen, x0.device, model.config.diffusion.timestep_shift)
@@ -377,11 +407,20 @@ def branch_loss(net, model, cond: Conditioner, items: list[loader.Item], branch:
     def unet_fn(x, t, context=None, image_embedding=None, concat=None):
         # bf16 engines take bf16 inputs; the loss is computed in fp32 by training_losses.
         cast = lambda v: v.to(dtype) if v is not None else None  # noqa: E731
-        return net(cast(x), t, context=cast(context), image_embedding=cast(image_embedding),
-                   concat=cast(concat)).float()
+        return net(
+            cast(x), t, context=cast(context), image_embedding=cast(image_embedding), concat=cast(concat)
+        ).float()
 
-    return training_losses(unet_fn, x0, t, model.config.diffusion, context=context, image_embedding=image,
-                           schedule=model.schedule, generator=gen)
+    return training_losses(
+        unet_fn,
+        x0,
+        t,
+        model.config.diffusion,
+        context=context,
+        image_embedding=image,
+        schedule=model.schedule,
+        generator=gen,
+    )
 
 
 def _seed_step(cfg: TrainConfig, step: int, rank: int) -> tuple[torch.Generator, torch.Generator]:
@@ -394,8 +433,9 @@ def _seed_step(cfg: TrainConfig, step: int, rank: int) -> tuple[torch.Generator,
     return torch.Generator().manual_seed(seed + rank), torch.Generator().manual_seed(seed + 2**62)
 
 
-def joint_step(net, model, cond: Conditioner, batch: loader.StepBatch, cfg: TrainConfig, step: int, rank: int,
-               backward, micro_step) -> dict[str, float]:
+def joint_step(
+    net, model, cond: Conditioner, batch: loader.StepBatch, cfg: TrainConfig, step: int, rank: int, backward, micro_step
+) -> dict[str, float]:
     """Forward and backward of both branches of one step: ``backward(loss)`` then ``micro_step()`` per branch
     (DeepSpeed: engine.backward / engine.step). Returns the branch losses as floats."""
     gen, shared = _seed_step(cfg, step, rank)
@@ -409,8 +449,9 @@ def joint_step(net, model, cond: Conditioner, batch: loader.StepBatch, cfg: Trai
         if branch == "content":
             losses["image"] = out["loss"].item()
         else:
-            losses.update(video=out["loss"].item(), diffusion_video=out["diffusion"].item(),
-                          coherence=out["coherence"].item())
+            losses.update(
+                video=out["loss"].item(), diffusion_video=out["diffusion"].item(), coherence=out["coherence"].item()
+            )
     return losses
 
 
@@ -418,26 +459,42 @@ def joint_step(net, model, cond: Conditioner, batch: loader.StepBatch, cfg: Trai
 # Checkpoints
 
 
-def save_checkpoint(engine, ema: Ema, step: int, position: dict, rank: int, world_size: int, cfg: TrainConfig,
-                    model, metrics: dict) -> None:
+def save_checkpoint(
+    engine, ema: Ema, step: int, position: dict, rank: int, world_size: int, cfg: TrainConfig, model, metrics: dict
+) -> None:
     """Every rank writes its DeepSpeed shard + its worker state into a local directory and reports it; Ray merges
     the directories into one checkpoint in storage. ``ray.train.report`` is a barrier: all ranks call it."""
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="t2v-ckpt-") as d:
         engine.save_checkpoint(d, tag=export.DS_TAG, client_state={"step": step})
-        torch.save({"step": step, "loader": position, "ema": ema.state(), "rank": rank},
-                   Path(d) / export.worker_state_file(rank))
+        torch.save(
+            {"step": step, "loader": position, "ema": ema.state(), "rank": rank},
+            Path(d) / export.worker_state_file(rank),
+        )
         if rank == 0:
-            info = {"step": step, "world_size": world_size, "zero_stage": cfg.zero_stage,
-                    "model_config": configuration.to_dict(model.config),
-                    "param_names": [n for n, _ in engine.module.named_parameters()], "time": time.time()}
+            info = {
+                "step": step,
+                "world_size": world_size,
+                "zero_stage": cfg.zero_stage,
+                "model_config": settings.to_dict(model.config),
+                "param_names": [n for n, _ in engine.module.named_parameters()],
+                "time": time.time(),
+            }
             (Path(d) / export.TRAIN_STATE_FILE).write_text(json.dumps(info), encoding="utf-8")
-            if model.config.encoders.clip_pretrained is None:       # random CLIP: keep it for offline export
-                torch.save({"text_encoder": model.text_encoder.state_dict(),
-                            "image_encoder": model.image_encoder.state_dict()}, Path(d) / "encoders.pt")
-        ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_dir_name=f"step_{step:08d}")
+            if model.config.encoders.clip_pretrained is None:  # random CLIP: keep it for offline export
+                torch.save(
+                    {
+                        "text_encoder": model.text_encoder.state_dict(),
+                        "image_encoder": model.image_encoder.state_dict(),
+                    },
+                    Path(d) / "encoders.pt",
+                )
+        ray.train.report(
+            {"step": step, **metrics},
+            checkpoint=ray.train.Checkpoint.from_directory(d),
+            checkpoint_dir_name=f"step_{step:08d}",
+        )
 
 
 def load_checkpoint(engine, ema: Ema, checkpoint, rank: int, world_size: int, cfg: TrainConfig) -> tuple[int, dict]:
@@ -445,9 +502,11 @@ def load_checkpoint(engine, ema: Ema, checkpoint, rank: int, world_size: int, cf
     with checkpoint.as_directory() as d:
         info = json.loads((Path(d) / export.TRAIN_STATE_FILE).read_text(encoding="utf-8"))
         if info["world_size"] != world_size or info["zero_stage"] != cfg.zero_stage:
-            raise RuntimeError(f"checkpoint {d} was written by {info['world_size']} workers with ZeRO stage "
-                               f"{info['zero_stage']}; resume with num_workers={info['world_size']} and "
-                               f"zero_stage={info['zero_stage']}, or start a new output directory")
+            raise RuntimeError(
+                f"checkpoint {d} was written by {info['world_size']} workers with ZeRO stage "
+                f"{info['zero_stage']}; resume with num_workers={info['world_size']} and "
+                f"zero_stage={info['zero_stage']}, or start a new output directory"
+            )
         engine.load_checkpoint(d, tag=export.DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
         state = torch.load(Path(d) / export.worker_state_file(rank), map_location="cpu", weights_only=True)
     ema.load(state["ema"])
@@ -466,7 +525,7 @@ class Exporter:
         self.engine, self.ema, self.rank, self.cfg, self.out, self.tracker = engine, ema, rank, cfg, out, tracker
         self.model = None
         if rank == 0:
-            from model.pipeline import TextToVideo
+            from model.text_to_video import TextToVideo
             from model.unet import UNet3D
 
             unet = UNet3D(model.config.unet).to(model.device)
@@ -483,13 +542,17 @@ class Exporter:
         state = self.gather(ema=True)
         if self.rank != 0:
             return
-        from model import media
+        from pipelines import media
 
         self.model.unet.load_state_dict(state)
         t0 = time.perf_counter()
-        frames = self.model.generate(list(self.cfg.sample_prompts), steps=self.cfg.sample_steps,
-                                     guidance=self.cfg.sample_guidance, seed=self.cfg.seed,
-                                     negative_prompt=self.cfg.negative_prompt)              # [b, f, h, w, 3]
+        frames = self.model.generate(
+            list(self.cfg.sample_prompts),
+            steps=self.cfg.sample_steps,
+            guidance=self.cfg.sample_guidance,
+            seed=self.cfg.seed,
+            negative_prompt=self.cfg.negative_prompt,
+        )  # [b, f, h, w, 3]
         with tempfile.TemporaryDirectory() as d:
             for i, (prompt, video) in enumerate(zip(self.cfg.sample_prompts, frames)):
                 stem = f"{i:02d}_" + "".join(c if c.isalnum() else "_" for c in prompt)[:60]
@@ -546,8 +609,17 @@ def _debug_fail(cfg: TrainConfig, step: int, rank: int, world_size: int, out: Pa
             break
         time.sleep(0.5)
     marker.write_text(str(os.getpid()), encoding="utf-8")
-    print(f"[train] debug_fail_at_step={step}: rank {rank} exits now", flush=True)
+    log.warning("debug_fail_at_step=%d: rank %d exits now", step, rank)
     os._exit(1)
+
+
+def _time_left(clock: TimeBudget, done: int, todo: int) -> str:
+    """Minutes left: the steps still to do at this run's pace, or the time limit if that comes first."""
+    spent = time.perf_counter() - clock.t0
+    left = spent / max(done, 1) * todo
+    if clock.seconds > 0:
+        left = min(left, max(0.0, clock.seconds - spent))
+    return f"{left / 60:.1f} min"
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -558,13 +630,13 @@ def train_loop_per_worker(config: dict) -> None:
     from pipelines import tracking
 
     # -- config and process group (Ray Train already created it: gloo on CPU, NCCL on GPU) ----------------------
-    cfg = configuration.from_dict(TrainConfig, config["cfg"])
+    cfg = settings.from_dict(TrainConfig, config["cfg"])
     out = Path(cfg.output).resolve()
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.threads_per_worker or cfg.cpus_per_worker)
     device = ray.train.torch.get_device()
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    logs.setup(rank=rank)
     if not cfg.use_gpu:
         _skip_inference_shm_op()
     t_start = time.perf_counter()
@@ -575,10 +647,11 @@ def train_loop_per_worker(config: dict) -> None:
     model.unet.train()
     branches = int(cfg.image_batch_size > 0) + int(cfg.video_batch_size > 0)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model.unet, model_parameters=param_groups(model.unet, cfg),
+        model=model.unet,
+        model_parameters=param_groups(model.unet, cfg),
         config=deepspeed_config(cfg, world_size, branches),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(s, cfg, clock.used)))
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, clock.used)),
+    )
     ema = Ema(engine, cfg.ema_decay, rank)
     optimizer_step = OptimizerStep(engine, cfg)
 
@@ -587,8 +660,7 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         step, loader_state = load_checkpoint(engine, ema, checkpoint, rank, world_size, cfg)
-        if rank == 0:
-            print(f"[train] resumed from step {step}", flush=True)
+        log.info("resumed from step %d", step)
 
     # -- data ----------------------------------------------------------------------------------------------------
     data = loader.TrainLoader(loader_spec(cfg, model), rank, world_size, state=loader_state)
@@ -597,22 +669,39 @@ def train_loop_per_worker(config: dict) -> None:
     # -- tracking (rank 0 only) ----------------------------------------------------------------------------------
     tracker: Any = tracking.NullTracker()
     if rank == 0 and config.get("run_id"):
-        tracker = tracking.MlflowTracker(config["tracking_uri"], cfg.mlflow.experiment, run_id=config["run_id"],
-                                         system_metrics_s=cfg.mlflow.system_metrics_s)
+        tracker = tracking.MlflowTracker(
+            config["tracking_uri"],
+            cfg.mlflow.experiment,
+            run_id=config["run_id"],
+            system_metrics_s=cfg.mlflow.system_metrics_s,
+        )
         counts = model.unet.parameter_counts()
-        tracker.log_params({"derived": {"world_size": world_size, "unet_params": counts["total"],
-                                        "unet_temporal_params": counts["temporal"],
-                                        "deepspeed": json.dumps(deepspeed_config(cfg, world_size, branches))}})
+        tracker.log_params(
+            {
+                "derived": {
+                    "world_size": world_size,
+                    "unet_params": counts["total"],
+                    "unet_temporal_params": counts["temporal"],
+                    "deepspeed": json.dumps(deepspeed_config(cfg, world_size, branches)),
+                }
+            }
+        )
     exporter = Exporter(model, engine, ema, rank, cfg, out, tracker)
     print_every = cfg.print_every or max(1, cfg.steps // 20)
-    if rank == 0:
-        print(f"[train] {world_size} worker(s), ZeRO-{cfg.zero_stage}, start-up {time.perf_counter() - t_start:.1f}s; "
-              f"steps {step + 1}..{cfg.steps}", flush=True)
+    log.info(
+        "%d worker(s), ZeRO-%d, start-up %.1fs; steps %d..%d",
+        world_size,
+        cfg.zero_stage,
+        time.perf_counter() - t_start,
+        step + 1,
+        cfg.steps,
+    )
 
     # -- loop ----------------------------------------------------------------------------------------------------
     metrics: dict[str, float] = {}
     position = loader_state
     clock.start()
+    first_step = step
     samples_per_step = (cfg.image_batch_size + cfg.video_batch_size) * world_size
     try:
         while step < cfg.steps:
@@ -625,14 +714,31 @@ def train_loop_per_worker(config: dict) -> None:
             ema.update()
             position = batch.position
             step_time = time.perf_counter() - t0
-            used = clock.local()                              # share of the time limit (0 without one)
+            used = clock.local()  # share of the time limit (0 without one)
             img, vid, dvid, coh, wait, stop, clock.used = _reduce_mean(
-                [losses["image"], losses["video"], losses["diffusion_video"], losses["coherence"], t_data,
-                 float(used >= 1.0), used], world_size)
-            metrics = {"loss": cfg.image_loss_weight * img + vid, "loss_image": img, "loss_video": vid,
-                       "diffusion_loss_video": dvid, "coherence_loss": coh,
-                       "lr": scheduler.get_last_lr()[0], "grad_norm": optimizer_step.grad_norm,
-                       "samples_per_s": samples_per_step / step_time, "step_time_s": step_time, "data_wait_s": wait}
+                [
+                    losses["image"],
+                    losses["video"],
+                    losses["diffusion_video"],
+                    losses["coherence"],
+                    t_data,
+                    float(used >= 1.0),
+                    used,
+                ],
+                world_size,
+            )
+            metrics = {
+                "loss": cfg.image_loss_weight * img + vid,
+                "loss_image": img,
+                "loss_video": vid,
+                "diffusion_loss_video": dvid,
+                "coherence_loss": coh,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": optimizer_step.grad_norm,
+                "samples_per_s": samples_per_step / step_time,
+                "step_time_s": step_time,
+                "data_wait_s": wait,
+            }
             if not cfg.image_batch_size:
                 metrics.pop("loss_image")
             if not cfg.video_batch_size:
@@ -640,10 +746,21 @@ def train_loop_per_worker(config: dict) -> None:
                     metrics.pop(k)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 tracker.log_metrics(metrics, step)
-            if rank == 0 and (step % print_every == 0 or step == 1 or step == cfg.steps):
-                print(f"[train] step {step}/{cfg.steps} loss {metrics['loss']:.4f} (image {img:.4f} video {vid:.4f} "
-                      f"coherence {coh:.4f}) lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s "
-                      f"data wait {wait / step_time:.0%}", flush=True)
+            if step % print_every == 0 or step == 1 or step == cfg.steps:
+                log.info(
+                    "step %d/%d loss %.4f (image %.4f video %.4f coherence %.4f) lr %.2e %.1f samples/s "
+                    "data wait %.0f%%, %s left",
+                    step,
+                    cfg.steps,
+                    metrics["loss"],
+                    img,
+                    vid,
+                    coh,
+                    metrics["lr"],
+                    metrics["samples_per_s"],
+                    100 * wait / step_time,
+                    _time_left(clock, step - first_step, cfg.steps - step),
+                )
             if cfg.sample_every and step % cfg.sample_every == 0:
                 exporter.samples(step)
             if cfg.snapshot_every and step % cfg.snapshot_every == 0:
@@ -653,8 +770,7 @@ def train_loop_per_worker(config: dict) -> None:
             if step % cfg.checkpoint_every == 0 or last:
                 save_checkpoint(engine, ema, step, position, rank, world_size, cfg, model, metrics)
             if stop > 0:
-                if rank == 0:
-                    print(f"[train] time limit of {cfg.time_limit_minutes} min reached at step {step}", flush=True)
+                log.info("time limit of %s min reached at step %d", cfg.time_limit_minutes, step)
                 break
     finally:
         data.close()
@@ -664,7 +780,7 @@ def train_loop_per_worker(config: dict) -> None:
         exporter.samples(step)
     t_export = time.perf_counter()
     exporter.final(step, metrics)
+    log.info("exported the model in %.1fs", time.perf_counter() - t_export)
     if rank == 0:
-        print(f"[train] exported the model in {time.perf_counter() - t_export:.1f}s", flush=True)
         tracker.log_metrics({"train_time_s": time.perf_counter() - t_start}, step)
-        tracker.pause()                  # the driver marks the run finished once the model is logged
+        tracker.pause()  # the driver marks the run finished once the model is logged

@@ -13,7 +13,7 @@ x0 estimate divides by sqrt(a_T) = 0), so for eps prediction any step with a_t =
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -30,13 +30,20 @@ def ddim_timesteps(schedule: Schedule, steps: int) -> list[int]:
         raise ValueError(f"steps={steps}: must be between 1 and num_timesteps={T}")
     ts = [round(T - i * T / steps) - 1 for i in range(steps)]
     if schedule.prediction == "eps":
-        valid = int((schedule.alphas_cumprod > 0).nonzero().max())         # last t where x0 is recoverable
+        valid = int((schedule.alphas_cumprod > 0).nonzero().max())  # last t where x0 is recoverable
         ts = [min(t, valid) for t in ts]
     return sorted(set(ts), reverse=True)
 
 
-def ddim_step(model_output: Tensor, x_t: Tensor, t: int, t_prev: int, schedule: Schedule, eta: float = 0.0,
-              generator: torch.Generator | None = None) -> Tensor:
+def ddim_step(
+    model_output: Tensor,
+    x_t: Tensor,
+    t: int,
+    t_prev: int,
+    schedule: Schedule,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """One DDIM update x_t -> x_{t_prev} (Song et al. 2021, arXiv 2010.02502, eq. 12). t_prev = -1 means x0.
 
     x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z,
@@ -46,10 +53,13 @@ def ddim_step(model_output: Tensor, x_t: Tensor, t: int, t_prev: int, schedule: 
     tt = torch.full((b,), t, dtype=torch.long)
     x0, eps = predict_x0_eps(model_output, x_t, tt, schedule)
     a_t = gather(schedule.alphas_cumprod, tt, x_t)
-    a_prev = (gather(schedule.alphas_cumprod, torch.full((b,), t_prev, dtype=torch.long), x_t)
-              if t_prev >= 0 else torch.ones_like(a_t))
+    a_prev = (
+        gather(schedule.alphas_cumprod, torch.full((b,), t_prev, dtype=torch.long), x_t)
+        if t_prev >= 0
+        else torch.ones_like(a_t)
+    )
     sigma = eta * ((1 - a_prev) / (1 - a_t)).sqrt() * (1 - a_t / a_prev).sqrt()
-    x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+    x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
     if eta > 0 and t_prev >= 0:
         z = torch.randn(x_t.shape, generator=generator, dtype=torch.float32).to(x_t)
         x_prev = x_prev + sigma * z
@@ -57,8 +67,15 @@ def ddim_step(model_output: Tensor, x_t: Tensor, t: int, t_prev: int, schedule: 
 
 
 @torch.no_grad()
-def ddim_sample(model_fn: ModelFn, x_T: Tensor, schedule: Schedule, steps: int = 50, eta: float = 0.0,
-                generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
+def ddim_sample(
+    model_fn: ModelFn,
+    x_T: Tensor,
+    schedule: Schedule,
+    steps: int = 50,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> Tensor:
     """Run DDIM from noise x_T [b, c, f, h, w] to an x0 estimate [b, c, f, h, w]."""
     ts = ddim_timesteps(schedule, steps)
     x = x_T
@@ -79,7 +96,8 @@ def guided(unet: Callable[..., Tensor], cond: dict, uncond: dict | None = None, 
 
     cond/uncond: keyword arguments for ``unet(x, t, **kw)`` (context, image_embedding, concat), each tensor with
     the batch first (a batch of 1 broadcasts). The unconditional pass uses the negative-prompt embedding (as TF-T2V
-    does). Both passes run as one doubled batch when they have the same conditions. guidance == 1 (or no uncond) is the plain conditional prediction.
+    does). Both passes run as one doubled batch when they have the same conditions. guidance == 1 (or no uncond) is
+    the plain conditional prediction.
     """
     if uncond is None or guidance == 1.0:
         return lambda x, t: unet(x, t, **_expand(cond, x.shape[0]))
@@ -118,10 +136,22 @@ def make_generator(seed: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def sample(unet: Callable[..., Tensor], shape: tuple[int, ...], cfg: DiffusionConfig, *, cond: dict,
-           uncond: dict | None = None, guidance: float = 9.0, steps: int = 50, eta: float = 0.0, seed: int = 0,
-           device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, schedule: Schedule | None = None,
-           progress: bool = False) -> Tensor:
+def sample(
+    unet: Callable[..., Tensor],
+    shape: tuple[int, ...],
+    cfg: DiffusionConfig,
+    *,
+    cond: dict,
+    uncond: dict | None = None,
+    guidance: float = 9.0,
+    steps: int = 50,
+    eta: float = 0.0,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    schedule: Schedule | None = None,
+    progress: bool = False,
+) -> Tensor:
     """The full sampling recipe -> latents [b, c, f, h, w] (decode them with the first stage)."""
     schedule = schedule or Schedule.from_config(cfg)
     generator = make_generator(seed)

@@ -1,4 +1,4 @@
-"""python -m pipelines.bench_curate [--set videos=100 --set cpus=2 --set repeats=2] [--dry-run]
+"""python -m flows.benchmarks.curate [--set videos=100 --set cpus=2 --set repeats=2] [--dry-run]
 
 Curation benchmark (also ``t2v bench curate``). On a generated shapes corpus (``videos`` videos of
 ``src_width x src_height`` at ``src_fps``), prints:
@@ -6,7 +6,7 @@ Curation benchmark (also ``t2v bench curate``). On a generated shapes corpus (``
 1. the wall time of the curation decode path (probe, decode, clip, motion, shard writing; caption filter off:
    text rules only) against bare ffmpeg doing the same work on the same inputs, measured in the same run, as a
    ratio. "The same work" = one ffmpeg process per video with the same fps/scale/crop filter chain and the same
-   H.264 clip encoding (``pipelines.stages.decode`` builds both commands), run ``cpus`` at a time. Ray start-up
+   H.264 clip encoding (``pipelines.curation.stages.decode`` builds both commands), run ``cpus`` at a time. Ray start-up
    and the first (worker warm-up) run are reported separately; the ratio is for a started Ray, best of
    ``repeats`` runs of each side, with the input files read once beforehand (a warm page cache for both sides).
    Target: <= 1.3.
@@ -36,24 +36,24 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model import configuration
-from model.configuration import check
+from pipelines import logs, settings
+from pipelines.settings import check
 
 
 @dataclass
-class BenchCurateConfig:
-    videos: int = 100                 # corpus size (the issue asks for at least 100)
-    src_width: int = 320              # generated source videos
+class CurateBenchConfig:
+    videos: int = 100  # corpus size (the issue asks for at least 100)
+    src_width: int = 320  # generated source videos
     src_height: int = 240
     src_fps: float = 24.0
     seconds: float = 6.0
-    curate_set: list[str] = field(default_factory=list)   # extra --set overrides for the CurateConfig
-    cpus: int | None = None           # Ray CPUs = bare-ffmpeg concurrency (None: all cores)
-    repeats: int = 2                  # timed repetitions of each side (best is reported)
+    curate_set: list[str] = field(default_factory=list)  # extra --set overrides for the CurateConfig
+    cpus: int | None = None  # Ray CPUs = bare-ffmpeg concurrency (None: all cores)
+    repeats: int = 2  # timed repetitions of each side (best is reported)
     clip_model: str = "t2v-tiny-clip"
     clip_pretrained: str | None = None
-    clip_rows: int = 64               # clips scored for the caption-filter figure
-    workdir: str | None = None        # keep corpus and outputs here (default: a temporary folder, removed)
+    clip_rows: int = 64  # clips scored for the caption-filter figure
+    workdir: str | None = None  # keep corpus and outputs here (default: a temporary folder, removed)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -63,11 +63,11 @@ class BenchCurateConfig:
         check(self.clip_rows >= 1, "clip_rows must be >= 1")
 
 
-def _curate_config(cfg: BenchCurateConfig):
-    from pipelines.curate import CurateConfig
+def _curate_config(cfg: CurateBenchConfig):
+    from pipelines.curation.config import CurateConfig
 
     sets = ["caption.filter=text", "progress=false", f"num_cpus={cfg.cpus or os.cpu_count()}", *cfg.curate_set]
-    return configuration.load(CurateConfig, None, sets)
+    return settings.load(CurateConfig, None, sets)
 
 
 def bare_ffmpeg(paths: list[str], ccfg, workers: int, out_dir: Path, mode: str = "clips") -> float:
@@ -75,7 +75,7 @@ def bare_ffmpeg(paths: list[str], ccfg, workers: int, out_dir: Path, mode: str =
     fps/scale/crop, H.264 clip files: the decode path's work), "decode" (same without encoding), "probe"."""
     import ffmpeg
 
-    from pipelines.stages.decode import filter_chain, h264_segment_args
+    from pipelines.curation.stages.decode import filter_chain, h264_segment_args
 
     c = ccfg.clips
 
@@ -88,8 +88,9 @@ def bare_ffmpeg(paths: list[str], ccfg, workers: int, out_dir: Path, mode: str =
             if mode == "clips":
                 target = out_dir / f"v{i:05d}"
                 target.mkdir(parents=True, exist_ok=True)
-                out = stream.output(str(target / "c%06d.mp4"),
-                                    **h264_segment_args(c.num_frames, c.fps, c.crf, c.preset, c.threads))
+                out = stream.output(
+                    str(target / "c%06d.mp4"), **h264_segment_args(c.num_frames, c.fps, c.crf, c.preset, c.threads)
+                )
             else:
                 out = stream.output("-", format="null", threads=c.threads)
             cmd = out.global_args("-nostdin", "-loglevel", "error").compile()
@@ -104,15 +105,21 @@ def bare_ffmpeg(paths: list[str], ccfg, workers: int, out_dir: Path, mode: str =
 def _decode_inputs(args) -> int:
     """Process-pool job for ``stages_without_ray``: the decode path's stages on some input rows."""
     ccfg, rows = args
-    from pipelines.stages.caption import CaptionFilter
-    from pipelines.stages.decode import ClipDecoder
-    from pipelines.stages.probe import Probe
-    from pipelines.stages.quality import ClipQuality, InputQuality
-    from pipelines.stages.route import Route
+    from pipelines.curation.stages.caption import CaptionFilter
+    from pipelines.curation.stages.decode import ClipDecoder
+    from pipelines.curation.stages.probe import Probe
+    from pipelines.curation.stages.quality import ClipQuality, InputQuality
+    from pipelines.curation.stages.route import Route
 
     table = rows
-    for stage in (Probe(ccfg), InputQuality(ccfg), ClipDecoder(ccfg), ClipQuality(ccfg), CaptionFilter(ccfg),
-                  Route(ccfg)):
+    for stage in (
+        Probe(ccfg),
+        InputQuality(ccfg),
+        ClipDecoder(ccfg),
+        ClipQuality(ccfg),
+        CaptionFilter(ccfg),
+        Route(ccfg),
+    ):
         table = stage(table)
     return table.num_rows
 
@@ -123,7 +130,7 @@ def stages_without_ray(rows: list[dict], ccfg, workers: int) -> float:
     and the driver."""
     import multiprocessing
 
-    chunks = [rows[i::workers * 4] for i in range(workers * 4)]
+    chunks = [rows[i :: workers * 4] for i in range(workers * 4)]
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         list(pool.map(_decode_inputs, [(ccfg, [])] * workers * 2))  # start the processes, import the stages
         start = time.perf_counter()
@@ -131,19 +138,19 @@ def stages_without_ray(rows: list[dict], ccfg, workers: int) -> float:
         return time.perf_counter() - start
 
 
-def caption_throughput(cfg: BenchCurateConfig, ccfg, manifest: Path) -> dict:
+def caption_throughput(cfg: CurateBenchConfig, ccfg, manifest: Path) -> dict:
     """CLIP frames scored per second on one thread (the caption filter's per-core speed)."""
     import torch
 
-    from pipelines import inputs
-    from pipelines.stages.caption import CaptionFilter
-    from pipelines.stages.decode import ClipDecoder
-    from pipelines.stages.probe import Probe
+    from pipelines.curation import inputs
+    from pipelines.curation.stages.caption import CaptionFilter
+    from pipelines.curation.stages.decode import ClipDecoder
+    from pipelines.curation.stages.probe import Probe
 
     sets = [f"caption.model={cfg.clip_model}", "caption.filter=clip", "caption.threshold=-1"]
     if cfg.clip_pretrained:
         sets.append(f"caption.pretrained={cfg.clip_pretrained}")
-    clip_cfg = configuration.load(type(ccfg), None, [*cfg.curate_set, *sets])
+    clip_cfg = settings.load(type(ccfg), None, [*cfg.curate_set, *sets])
     rows: list[dict] = []
     for row in inputs.resolve(str(manifest), clip_cfg.inputs):
         decoded = ClipDecoder(clip_cfg, keep_keyframes=True)(Probe(clip_cfg)([row])).to_pylist()
@@ -159,33 +166,51 @@ def caption_throughput(cfg: BenchCurateConfig, ccfg, manifest: Path) -> dict:
         stage(rows[:batch])  # warm-up
         start = time.perf_counter()
         for i in range(0, len(rows), batch):
-            stage(rows[i:i + batch])
+            stage(rows[i : i + batch])
         seconds = time.perf_counter() - start
     finally:
         torch.set_num_threads(threads)
     frames = len(rows) * len(clip_cfg.caption.frames)
-    return {"model": cfg.clip_model, "pretrained": bool(cfg.clip_pretrained), "clips": len(rows), "frames": frames,
-            "seconds": round(seconds, 3), "frames_per_s_per_core": round(frames / seconds, 1)}
+    return {
+        "model": cfg.clip_model,
+        "pretrained": bool(cfg.clip_pretrained),
+        "clips": len(rows),
+        "frames": frames,
+        "seconds": round(seconds, 3),
+        "frames_per_s_per_core": round(frames / seconds, 1),
+    }
 
 
-def run(cfg: BenchCurateConfig) -> dict:
+def run(cfg: CurateBenchConfig) -> dict:
     import ray
 
-    from pipelines import curate, inputs, shapes
+    from pipelines import shapes
+    from pipelines.curation import inputs
+    from pipelines.curation import job as curate
 
     work = Path(cfg.workdir) if cfg.workdir else Path(tempfile.mkdtemp(prefix="t2v-bench-curate-"))
     cpus = cfg.cpus or os.cpu_count() or 1
     ccfg = _curate_config(cfg)
     try:
-        corpus = shapes.CorpusConfig(num_videos=cfg.videos, num_images=0, width=cfg.src_width,
-                                     height=cfg.src_height, fps=cfg.src_fps, seconds=cfg.seconds, seed=cfg.seed)
+        corpus = shapes.CorpusConfig(
+            num_videos=cfg.videos,
+            num_images=0,
+            width=cfg.src_width,
+            height=cfg.src_height,
+            fps=cfg.src_fps,
+            seconds=cfg.seconds,
+            seed=cfg.seed,
+        )
         manifest = work / "corpus" / "manifest.csv"
         made = work / "corpus" / "corpus.yaml"
-        if manifest.exists() and made.exists() and made.read_text() == configuration.dump(corpus):
+        if manifest.exists() and made.exists() and made.read_text() == settings.dump(corpus):
             print(f"[bench curate] reusing the corpus in {manifest.parent}", flush=True)  # same config, same files
         else:
-            print(f"[bench curate] generating {cfg.videos} videos ({cfg.src_width}x{cfg.src_height}, "
-                  f"{cfg.src_fps:g} fps, {cfg.seconds:g} s) in {work}", flush=True)
+            print(
+                f"[bench curate] generating {cfg.videos} videos ({cfg.src_width}x{cfg.src_height}, "
+                f"{cfg.src_fps:g} fps, {cfg.seconds:g} s) in {work}",
+                flush=True,
+            )
             manifest = shapes.generate(corpus, work / "corpus", progress=False)
         paths = [line.split(",", 1)[0] for line in manifest.read_text().splitlines()[1:]]
         # Both sides read the same files: read them once first, so neither pays for a cold page cache.
@@ -195,8 +220,12 @@ def run(cfg: BenchCurateConfig) -> dict:
         if ray.is_initialized():
             ray.shutdown()
         t = time.perf_counter()
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
-                 _system_config=curate.local_ray_system_config(cpus, ccfg.task_cpus))
+        ray.init(
+            num_cpus=cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            _system_config=curate.local_ray_system_config(cpus, ccfg.task_cpus),
+        )
         ray_start = time.perf_counter() - t
         # First run, on the whole corpus: starts Ray Data's actors and the worker processes and imports the stages
         # in them (start-up, not steady state). Then the timed runs of each side back to back: Ray stops workers
@@ -226,15 +255,21 @@ def run(cfg: BenchCurateConfig) -> dict:
         pipeline, bare = min(pipeline_times), min(bare_times)
         clip = caption_throughput(cfg, ccfg, manifest)
         result = {
-            "videos": cfg.videos, "cpus": cpus,
+            "videos": cfg.videos,
+            "cpus": cpus,
             "clip": f"{ccfg.clips.num_frames} frames {ccfg.clips.width}x{ccfg.clips.height} @ {ccfg.clips.fps:g} fps",
             "samples_written": summary["samples"],
-            "ray_start_s": round(ray_start, 2), "warmup_run_s": round(warmup, 2),
-            "pipeline_s": round(pipeline, 2), "bare_ffmpeg_s": round(bare, 2),
-            "ratio": round(pipeline / bare, 3), "target_ratio": 1.3,
-            "decoder": ccfg.clips.decoder, "stages_without_ray_s": round(no_ray, 2),
+            "ray_start_s": round(ray_start, 2),
+            "warmup_run_s": round(warmup, 2),
+            "pipeline_s": round(pipeline, 2),
+            "bare_ffmpeg_s": round(bare, 2),
+            "ratio": round(pipeline / bare, 3),
+            "target_ratio": 1.3,
+            "decoder": ccfg.clips.decoder,
+            "stages_without_ray_s": round(no_ray, 2),
             "ratio_to_stages_without_ray": round(pipeline / no_ray, 3),
-            "bare_decode_only_s": round(decode_only, 2), "bare_ffprobe_s": round(probe_only, 2),
+            "bare_decode_only_s": round(decode_only, 2),
+            "bare_ffprobe_s": round(probe_only, 2),
             "probe": ccfg.clips.probe,
             "videos_per_s": round(cfg.videos / pipeline, 2),
             "caption_filter": clip,
@@ -251,23 +286,26 @@ def run(cfg: BenchCurateConfig) -> dict:
 def _print(r: dict) -> None:
     c = r["caption_filter"]
     print(f"""
-curation decode path: {r['videos']} videos -> {sum(r['samples_written'].values())} clips ({r['clip']}), {r['cpus']} CPUs
-  Ray start-up                 {r['ray_start_s']:8.2f} s   (reported separately)
-  first run (workers start)    {r['warmup_run_s']:8.2f} s   (the same corpus; reported separately)
-  curate pipeline              {r['pipeline_s']:8.2f} s   ({r['videos_per_s']:.2f} videos/s)
-  bare ffmpeg, same work       {r['bare_ffmpeg_s']:8.2f} s
-  ratio pipeline / bare        {r['ratio']:8.3f}     (target <= {r['target_ratio']}; decoder here: {r['decoder']})
-  same stages without Ray      {r['stages_without_ray_s']:8.2f} s   (process pool, no shards: pipeline / this = {r['ratio_to_stages_without_ray']:.3f})
-  bare ffmpeg, decode only     {r['bare_decode_only_s']:8.2f} s   (no H.264 encoding; for reference)
-  bare ffprobe                 {r['bare_ffprobe_s']:8.2f} s   (what clips.probe=ffprobe would add; probe here: {r['probe']})
-caption filter ({c['model']}{'' if c['pretrained'] else ', random weights'}): {c['frames_per_s_per_core']:.1f} frames/s per core ({c['frames']} frames in {c['seconds']:.2f} s on 1 thread)""")
+curation decode path: {r["videos"]} videos -> {sum(r["samples_written"].values())} clips ({r["clip"]}), {r["cpus"]} CPUs
+  Ray start-up                 {r["ray_start_s"]:8.2f} s   (reported separately)
+  first run (workers start)    {r["warmup_run_s"]:8.2f} s   (the same corpus; reported separately)
+  curate pipeline              {r["pipeline_s"]:8.2f} s   ({r["videos_per_s"]:.2f} videos/s)
+  bare ffmpeg, same work       {r["bare_ffmpeg_s"]:8.2f} s
+  ratio pipeline / bare        {r["ratio"]:8.3f}     (target <= {r["target_ratio"]}; decoder here: {r["decoder"]})
+  same stages without Ray      {r["stages_without_ray_s"]:8.2f} s   (process pool, no shards)
+  pipeline / without Ray       {r["ratio_to_stages_without_ray"]:8.3f}
+  bare ffmpeg, decode only     {r["bare_decode_only_s"]:8.2f} s   (no H.264 encoding; for reference)
+  bare ffprobe                 {r["bare_ffprobe_s"]:8.2f} s   (what clips.probe=ffprobe would add; probe: {r["probe"]})
+caption filter ({c["model"]}{"" if c["pretrained"] else ", random weights"}): \
+{c["frames_per_s_per_core"]:.1f} frames/s per core ({c["frames"]} frames in {c["seconds"]:.2f} s on 1 thread)""")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="t2v bench curate", description=__doc__.split("\n\n")[1].strip())
-    configuration.add_arguments(parser)
-    cfg = configuration.resolve(parser, BenchCurateConfig, parser.parse_args(argv))
+    settings.add_arguments(parser)
+    cfg = settings.resolve(parser, CurateBenchConfig, parser.parse_args(argv))
     if cfg is not None:
+        logs.setup()
         run(cfg)
     return 0
 

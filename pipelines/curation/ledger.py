@@ -26,27 +26,41 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import schema
-from pipelines.stages import OK
+from pipelines.curation.stages import OK
 
 log = logging.getLogger(__name__)
 
 ACCEPTED = "accepted"
 REJECTED = "rejected"
 
-LEDGER_SCHEMA = pa.schema([
-    ("source", pa.string()), ("given", pa.string()), ("occurrence", pa.int32()), ("status", pa.string()),
-    ("stage", pa.string()), ("reason", pa.string()), ("detail", pa.string()),
-    ("keys", pa.list_(pa.string())), ("kinds", pa.list_(pa.string())), ("shards", pa.list_(pa.string())),
-    ("clips_rejected", pa.string()), ("media_type", pa.string()), ("origin", pa.string()),
-    ("run", pa.string()), ("commit", pa.int32()), ("finished_at", pa.float64()),
-])
+LEDGER_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("given", pa.string()),
+        ("occurrence", pa.int32()),
+        ("status", pa.string()),
+        ("stage", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("keys", pa.list_(pa.string())),
+        ("kinds", pa.list_(pa.string())),
+        ("shards", pa.list_(pa.string())),
+        ("clips_rejected", pa.string()),
+        ("media_type", pa.string()),
+        ("origin", pa.string()),
+        ("run", pa.string()),
+        ("commit", pa.int32()),
+        ("finished_at", pa.float64()),
+    ]
+)
 
 
 def ledger_dir(output: str | os.PathLike) -> Path:
@@ -72,11 +86,15 @@ def input_result(rows: list[dict[str, Any]], shard_of: dict[str, str]) -> dict[s
     rejected = [r for r in rows if r["status"] != OK]
     counts = collections.Counter(r["reason"] for r in rejected)
     row = {
-        "source": first["source"], "given": first["given"], "occurrence": first["occurrence"],
-        "keys": [r["key"] for r in accepted], "kinds": [r["kind"] for r in accepted],
+        "source": first["source"],
+        "given": first["given"],
+        "occurrence": first["occurrence"],
+        "keys": [r["key"] for r in accepted],
+        "kinds": [r["kind"] for r in accepted],
         "shards": sorted({shard_of[r["key"]] for r in accepted}),
         "clips_rejected": json.dumps(dict(counts), sort_keys=True) if accepted or len(rejected) > 1 else "{}",
-        "media_type": first["media_type"] or "", "origin": first["origin"] or "",
+        "media_type": first["media_type"] or "",
+        "origin": first["origin"] or "",
     }
     if accepted:  # clips it lost, if any, are counted in clips_rejected
         row.update(status=ACCEPTED, stage="write", reason="", detail="")
@@ -94,8 +112,9 @@ class Ledger:
         self.output = Path(output)
         self.dir = ledger_dir(output)
         table = read_ledger(output)
-        self.done: set[tuple[str, int]] = set(zip(table.column("source").to_pylist(),
-                                                  table.column("occurrence").to_pylist()))
+        self.done: set[tuple[str, int]] = set(
+            zip(table.column("source").to_pylist(), table.column("occurrence").to_pylist())
+        )
         self.shards: set[str] = {s for lst in table.column("shards").to_pylist() for s in (lst or [])}
         self.keys: set[str] = {k for lst in table.column("keys").to_pylist() for k in (lst or [])}
         self.rows = table.num_rows
@@ -108,8 +127,10 @@ class Ledger:
         new_keys = [k for r in rows for k in r["keys"]]
         clash = (set(new_keys) & self.keys) or {k for k, n in collections.Counter(new_keys).items() if n > 1}
         if clash:
-            raise RuntimeError(f"refusing to commit duplicate sample keys {sorted(clash)[:3]}: the output "
-                               f"{self.output} would hold the same sample twice (this is a bug; please report it)")
+            raise RuntimeError(
+                f"refusing to commit duplicate sample keys {sorted(clash)[:3]}: the output "
+                f"{self.output} would hold the same sample twice (this is a bug; please report it)"
+            )
         now = time.time()
         full = [dict(r, run=run, commit=commit, finished_at=now) for r in rows]
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +181,9 @@ def summarize(table: pa.Table) -> dict[str, Any]:
     kinds = collections.Counter(k for r in rows for k in (r["kinds"] or []))
     accepted = sum(r["status"] == ACCEPTED for r in rows)
     return {
-        "inputs": len(rows), "accepted": accepted, "rejected": len(rows) - accepted,
+        "inputs": len(rows),
+        "accepted": accepted,
+        "rejected": len(rows) - accepted,
         "samples": {k: kinds.get(k, 0) for k in schema.KINDS},
         "rejected_by_reason": dict(sorted(by_reason.items())),
     }

@@ -51,8 +51,16 @@ def encode_mp4(frames: np.ndarray, fps: float, crf: int = 18) -> bytes:
             (
                 ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{w}x{h}", framerate=fps)
                 .filter("pad", "ceil(iw/2)*2", "ceil(ih/2)*2")
-                .output(out, vcodec="libx264", pix_fmt="yuv420p", crf=crf, preset="veryfast",
-                        movflags="+faststart", r=fps, **{"x264-params": "log-level=error"})
+                .output(
+                    out,
+                    vcodec="libx264",
+                    pix_fmt="yuv420p",
+                    crf=crf,
+                    preset="veryfast",
+                    movflags="+faststart",
+                    r=fps,
+                    **{"x264-params": "log-level=error"},
+                )
                 .global_args("-nostdin", "-loglevel", "error")
                 .run(input=frames.tobytes(), capture_stdout=True, capture_stderr=True)
             )
@@ -89,8 +97,13 @@ def probe(source: str | Path) -> dict:
         raise MediaError(f"ffprobe cannot read {source}: {_stderr_tail(e)}") from None
 
 
-def decode_video_file(path: str | Path, width: int | None = None, height: int | None = None,
-                      fps: float | None = None, max_frames: int | None = None) -> np.ndarray:
+def decode_video_file(
+    path: str | Path,
+    width: int | None = None,
+    height: int | None = None,
+    fps: float | None = None,
+    max_frames: int | None = None,
+) -> np.ndarray:
     """Decode a video file to uint8 [f, h, w, 3], optionally resampled to ``fps`` and scaled to width x height."""
     require_ffmpeg()
     if width is None or height is None:
@@ -107,8 +120,11 @@ def decode_video_file(path: str | Path, width: int | None = None, height: int | 
     if max_frames is not None:
         out_args["vframes"] = max_frames
     try:
-        raw, _ = (stream.output("pipe:", **out_args).global_args("-nostdin", "-loglevel", "error")
-                  .run(capture_stdout=True, capture_stderr=True))
+        raw, _ = (
+            stream.output("pipe:", **out_args)
+            .global_args("-nostdin", "-loglevel", "error")
+            .run(capture_stdout=True, capture_stderr=True)
+        )
     except ffmpeg.Error as e:
         raise MediaError(f"ffmpeg cannot decode {path}: {_stderr_tail(e)}") from None
     frame_bytes = width * height * 3
@@ -131,7 +147,7 @@ def decode_mp4(data: bytes) -> np.ndarray:
             if not container.streams.video:
                 raise MediaError(f"FFmpeg cannot decode the video bytes ({len(data)} bytes): no video stream")
             stream = container.streams.video[0]
-            stream.thread_type, stream.codec_context.thread_count = "NONE", 1   # tiny clips: threads cost more
+            stream.thread_type, stream.codec_context.thread_count = "NONE", 1  # tiny clips: threads cost more
             frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
     except av.FFmpegError as e:
         raise MediaError(f"FFmpeg cannot decode the video bytes ({len(data)} bytes): {e}") from None

@@ -12,10 +12,10 @@ import sys
 
 # name -> (module, what it measures)
 BENCHMARKS: dict[str, tuple[str, str]] = {
-    "model": ("model.bench", "UNet forward/backward and sampling speed and memory"),
-    "curate": ("pipelines.bench_curate", "curation decode path against bare ffmpeg on the same inputs"),
-    "train": ("pipelines.bench_train", "training throughput with Ray Train + DeepSpeed"),
-    "learn": ("pipelines.bench_learn", "what the model learns on the shapes corpus (accuracy vs steps)"),
+    "model": ("flows.benchmarks.model", "UNet forward/backward and sampling speed and memory"),
+    "curate": ("flows.benchmarks.curate", "curation decode path against bare ffmpeg on the same inputs"),
+    "train": ("flows.benchmarks.train", "training throughput with Ray Train + DeepSpeed"),
+    "learn": ("flows.benchmarks.learn", "what the model learns on the shapes corpus (accuracy vs steps)"),
 }
 
 

@@ -16,16 +16,16 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from pipelines.stages import Stage, reject
+from pipelines.curation.stages import Stage, reject
 
 if TYPE_CHECKING:
-    from pipelines.curate import CurateConfig
+    from pipelines.curation.config import CurateConfig
 
 
 class InputQuality(Stage):
     name = "quality"
 
-    def __init__(self, cfg: "CurateConfig"):
+    def __init__(self, cfg: CurateConfig):
         q = cfg.quality
         self.min_side = q.min_side
         self.max_pixels = q.max_pixels
@@ -35,22 +35,29 @@ class InputQuality(Stage):
     def process(self, row: dict[str, Any]):
         w, h = row["src_width"], row["src_height"]
         if w * h > self.max_pixels:
-            yield reject(row, self.name, "too_large",
-                         f"{w}x{h} = {w * h:,} pixels > quality.max_pixels={self.max_pixels:,}")
+            yield reject(
+                row, self.name, "too_large", f"{w}x{h} = {w * h:,} pixels > quality.max_pixels={self.max_pixels:,}"
+            )
             return
         if min(w, h) < self.min_side:
-            yield reject(row, self.name, "too_small", f"{w}x{h}: short side {min(w, h)} < quality.min_side="
-                         f"{self.min_side}")
+            yield reject(
+                row, self.name, "too_small", f"{w}x{h}: short side {min(w, h)} < quality.min_side={self.min_side}"
+            )
             return
         duration = row["duration"]
         if row["media_type"] == "video" and duration is not None and not math.isnan(duration):
             if duration < self.min_duration:
-                yield reject(row, self.name, "too_short", f"{duration:.2f} s < {self.min_duration:.2f} s "
-                             "(one clip, or quality.min_duration_s)")
+                yield reject(
+                    row,
+                    self.name,
+                    "too_short",
+                    f"{duration:.2f} s < {self.min_duration:.2f} s (one clip, or quality.min_duration_s)",
+                )
                 return
             if duration > self.max_duration:
-                yield reject(row, self.name, "too_long",
-                             f"{duration:.0f} s > quality.max_duration_s={self.max_duration:.0f}")
+                yield reject(
+                    row, self.name, "too_long", f"{duration:.0f} s > quality.max_duration_s={self.max_duration:.0f}"
+                )
                 return
         yield row
 
@@ -58,7 +65,7 @@ class InputQuality(Stage):
 class ClipQuality(Stage):
     name = "quality"
 
-    def __init__(self, cfg: "CurateConfig"):
+    def __init__(self, cfg: CurateConfig):
         self.motion_min = cfg.quality.motion_min
         self.motion_max = cfg.quality.motion_max
 
@@ -70,7 +77,8 @@ class ClipQuality(Stage):
         if motion < self.motion_min:
             yield reject(row, self.name, "static", f"motion {motion:.4f} < quality.motion_min={self.motion_min}")
         elif motion > self.motion_max:
-            yield reject(row, self.name, "extreme_motion",
-                         f"motion {motion:.4f} > quality.motion_max={self.motion_max}")
+            yield reject(
+                row, self.name, "extreme_motion", f"motion {motion:.4f} > quality.motion_max={self.motion_max}"
+            )
         else:
             yield row

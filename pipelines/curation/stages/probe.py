@@ -26,16 +26,18 @@ import math
 import os
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
-from pipelines.stages import Stage, reject
+from pipelines.curation.stages import Stage, reject
 
 if TYPE_CHECKING:
-    from pipelines.curate import CurateConfig
+    from pipelines.curation.config import CurateConfig
 
-VIDEO_EXTENSIONS = frozenset({"mp4", "m4v", "mov", "mkv", "webm", "avi", "mpg", "mpeg", "ts", "flv", "wmv", "3gp",
-                              "ogv", "gif", "y4m"})
+VIDEO_EXTENSIONS = frozenset(
+    {"mp4", "m4v", "mov", "mkv", "webm", "avi", "mpg", "mpeg", "ts", "flv", "wmv", "3gp", "ogv", "gif", "y4m"}
+)
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff"})
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | IMAGE_EXTENSIONS
 
@@ -51,7 +53,7 @@ def is_local(uri: str) -> bool:
 
 
 def local_path(uri: str) -> str:
-    return uri[len("file://"):] if uri.startswith("file://") else uri
+    return uri[len("file://") :] if uri.startswith("file://") else uri
 
 
 def filesystem(uri: str):
@@ -110,16 +112,20 @@ def pyav_probe(path: str, timeout: float) -> dict:
             streams = []
             for s in container.streams.video:
                 ctx = s.codec_context
-                streams.append({
-                    "codec_type": "video", "codec_name": ctx.name if ctx else "",
-                    "width": ctx.width if ctx else 0, "height": ctx.height if ctx else 0,
-                    "avg_frame_rate": str(s.average_rate) if s.average_rate else None,
-                    "r_frame_rate": str(s.base_rate) if s.base_rate else None,
-                    "duration": float(s.duration * s.time_base) if s.duration and s.time_base else None,
-                    "nb_frames": s.frames or None,
-                    "disposition": {"attached_pic": int(bool(s.disposition & av.stream.Disposition.attached_pic))},
-                })
-            duration = container.duration / 1e6 if container.duration else None    # AV_TIME_BASE units
+                streams.append(
+                    {
+                        "codec_type": "video",
+                        "codec_name": ctx.name if ctx else "",
+                        "width": ctx.width if ctx else 0,
+                        "height": ctx.height if ctx else 0,
+                        "avg_frame_rate": str(s.average_rate) if s.average_rate else None,
+                        "r_frame_rate": str(s.base_rate) if s.base_rate else None,
+                        "duration": float(s.duration * s.time_base) if s.duration and s.time_base else None,
+                        "nb_frames": s.frames or None,
+                        "disposition": {"attached_pic": int(bool(s.disposition & av.stream.Disposition.attached_pic))},
+                    }
+                )
+            duration = container.duration / 1e6 if container.duration else None  # AV_TIME_BASE units
             return {"format": {"format_name": container.format.name, "duration": duration}, "streams": streams}
     except (av.FFmpegError, OSError, ValueError) as e:
         raise RuntimeError(str(e).replace(f": '{path}'", "")) from None
@@ -149,8 +155,11 @@ def describe(info: dict) -> dict[str, Any]:
     """Pick what curation needs out of ffprobe's JSON. ``media_type`` is "" when there is no picture stream."""
     fmt = info.get("format", {}) or {}
     container = str(fmt.get("format_name", ""))
-    streams = [s for s in info.get("streams", []) or []
-               if s.get("codec_type") == "video" and not (s.get("disposition") or {}).get("attached_pic")]
+    streams = [
+        s
+        for s in info.get("streams", []) or []
+        if s.get("codec_type") == "video" and not (s.get("disposition") or {}).get("attached_pic")
+    ]
     if not streams or container == "tty":  # ffmpeg reads any text as "tty" (ANSI art)
         return {"media_type": "", "container": container, "codec": ""}
     s = streams[0]
@@ -184,7 +193,7 @@ class Probe(Stage):
 
     name = "probe"
 
-    def __init__(self, cfg: "CurateConfig"):
+    def __init__(self, cfg: CurateConfig):
         self.timeout = cfg.clips.timeout_s
         self.probe = pyav_probe if cfg.clips.probe == "pyav" else ffprobe
         self.tool = cfg.clips.probe
@@ -231,19 +240,31 @@ class Probe(Stage):
         found = describe(info)
         row.update(found)
         if not found["media_type"]:
-            yield reject(row, self.name, "not_media",
-                         f"no video or image stream ({self.tool} sees format {found['container']!r})")
+            yield reject(
+                row,
+                self.name,
+                "not_media",
+                f"no video or image stream ({self.tool} sees format {found['container']!r})",
+            )
             return
         if row["src_width"] <= 0 or row["src_height"] <= 0:
-            yield reject(row, self.name, "bad_dimensions",
-                         f"{self.tool} reports a {row['src_width']}x{row['src_height']} picture (the header declares a "
-                         "size ffmpeg refuses, or none)")
+            yield reject(
+                row,
+                self.name,
+                "bad_dimensions",
+                f"{self.tool} reports a {row['src_width']}x{row['src_height']} picture (the header declares a "
+                "size ffmpeg refuses, or none)",
+            )
             return
         ext = extension(row["source"])
         if found["media_type"] == "image" and ext in VIDEO_EXTENSIONS and ext != "gif":
             if self.content_mismatch == "reject":
-                yield reject(row, self.name, "image_in_video_file",
-                             f"the .{ext} file holds a still {found['codec']} image, not a video "
-                             "(set quality.content_mismatch=by_content to curate it as an image)")
+                yield reject(
+                    row,
+                    self.name,
+                    "image_in_video_file",
+                    f"the .{ext} file holds a still {found['codec']} image, not a video "
+                    "(set quality.content_mismatch=by_content to curate it as an image)",
+                )
                 return
         yield row

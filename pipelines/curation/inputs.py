@@ -30,15 +30,16 @@ import os
 import posixpath
 import re
 import tarfile
-from typing import TYPE_CHECKING, Any, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
-from model.configuration import ConfigError
 from pipelines import schema
-from pipelines.stages import REJECTED, new_row
-from pipelines.stages.probe import MEDIA_EXTENSIONS, extension, filesystem, is_local
+from pipelines.curation.stages import REJECTED, new_row
+from pipelines.curation.stages.probe import MEDIA_EXTENSIONS, extension, filesystem, is_local
+from pipelines.settings import ConfigError
 
 if TYPE_CHECKING:
-    from pipelines.curate import InputConfig
+    from pipelines.curation.config import InputConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ MANIFEST_EXTENSIONS = {"csv": "csv", "parquet": "parquet", "pq": "parquet", "jso
 _MEDIA_ORDER = ("mp4", "webm", "mkv", "mov", "avi", "m4v", "gif", "jpg", "jpeg", "png", "webp")
 
 
-def resolve(spec: str, cfg: "InputConfig") -> list[dict[str, Any]]:
+def resolve(spec: str, cfg: InputConfig) -> list[dict[str, Any]]:
     """``--input`` -> input rows (see the module docstring), duplicates marked, in a deterministic order."""
     rows = list(_list(spec, cfg))
     mark_duplicates(rows)
@@ -65,18 +66,22 @@ def describe(spec: str) -> str:
     from pyarrow import fs
 
     if info.type == fs.FileType.NotFound:
-        raise ConfigError(f"--input {spec!r} does not exist: pass a manifest (.csv/.parquet/.jsonl), a directory of "
-                          "media files, or WebDataset tars")
+        raise ConfigError(
+            f"--input {spec!r} does not exist: pass a manifest (.csv/.parquet/.jsonl), a directory of "
+            "media files, or WebDataset tars"
+        )
     if info.type == fs.FileType.Directory:
         exts = {extension(p) for p in _walk(spec)}
         return "tar" if "tar" in exts and not exts & MEDIA_EXTENSIONS else "dir"
     if ext in MANIFEST_EXTENSIONS:
         return "manifest"
-    raise ConfigError(f"--input {spec!r}: unknown input type .{ext}; pass a manifest (.csv, .parquet, .jsonl), "
-                      "a directory of media files, or WebDataset .tar shards")
+    raise ConfigError(
+        f"--input {spec!r}: unknown input type .{ext}; pass a manifest (.csv, .parquet, .jsonl), "
+        "a directory of media files, or WebDataset .tar shards"
+    )
 
 
-def _list(spec: str, cfg: "InputConfig") -> Iterable[dict[str, Any]]:
+def _list(spec: str, cfg: InputConfig) -> Iterable[dict[str, Any]]:
     kind = describe(spec)
     if kind == "manifest":
         return read_manifest(spec, cfg)
@@ -99,9 +104,12 @@ def mark_duplicates(rows: list[dict[str, Any]]) -> None:
         if row["occurrence"] == 0:
             first[src] = i
         else:
-            row.update(status=REJECTED, stage="input", reason="duplicate",
-                       detail=f"same source as input #{first[src]} ({row['given']}); one source makes one set of "
-                              "samples")
+            row.update(
+                status=REJECTED,
+                stage="input",
+                reason="duplicate",
+                detail=f"same source as input #{first[src]} ({row['given']}); one source makes one set of samples",
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -179,8 +187,16 @@ def _plain(value: Any) -> Any:
 
 
 def _bad_row(manifest: str, n: int, detail: str) -> dict[str, Any]:
-    return new_row(source=f"{manifest}#row{n}", given=f"row {n}", origin="manifest", uri="", status=REJECTED,
-                   stage="input", reason="bad_manifest_row", detail=detail)
+    return new_row(
+        source=f"{manifest}#row{n}",
+        given=f"row {n}",
+        origin="manifest",
+        uri="",
+        status=REJECTED,
+        stage="input",
+        reason="bad_manifest_row",
+        detail=detail,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -212,7 +228,7 @@ def _manifest_records(spec: str, fmt: str) -> Iterable[dict[str, Any] | Exceptio
         yield record if isinstance(record, dict) else ValueError(f"line {n + 1} is not a JSON object")
 
 
-def read_manifest(spec: str, cfg: "InputConfig") -> Iterable[dict[str, Any]]:
+def read_manifest(spec: str, cfg: InputConfig) -> Iterable[dict[str, Any]]:
     fmt = MANIFEST_EXTENSIONS[extension(spec)]
     manifest_uri = _uri(spec, filesystem(spec)[1])
     root = cfg.media_root or _parent(manifest_uri)
@@ -222,11 +238,17 @@ def read_manifest(spec: str, cfg: "InputConfig") -> Iterable[dict[str, Any]]:
             yield _bad_row(manifest_uri, n, str(record))
             continue
         if n == 0 and cfg.path_column not in record:
-            raise ConfigError(f"manifest {spec} has no {cfg.path_column!r} column (columns: {sorted(record)}); "
-                              f"name the media column with --set inputs.path_column=NAME")
+            raise ConfigError(
+                f"manifest {spec} has no {cfg.path_column!r} column (columns: {sorted(record)}); "
+                f"name the media column with --set inputs.path_column=NAME"
+            )
         if n == 0 and cfg.caption_column not in record and not warned:
-            log.warning("manifest %s has no %r column: every video becomes text-free and every image is rejected "
-                        "(name the caption column with --set inputs.caption_column=NAME)", spec, cfg.caption_column)
+            log.warning(
+                "manifest %s has no %r column: every video becomes text-free and every image is rejected "
+                "(name the caption column with --set inputs.caption_column=NAME)",
+                spec,
+                cfg.caption_column,
+            )
             warned = True
         given = record.get(cfg.path_column)
         if isinstance(given, bytes):
@@ -240,11 +262,21 @@ def read_manifest(spec: str, cfg: "InputConfig") -> Iterable[dict[str, Any]]:
             continue
         uri = given if "://" in given else (os.path.abspath(given) if os.path.isabs(given) else _join(root, given))
         caption, error = _caption_from(record.get(cfg.caption_column))
-        names = cfg.label_columns if cfg.label_columns is not None else \
-            [k for k in record if k not in (cfg.path_column, cfg.caption_column)]
+        names = (
+            cfg.label_columns
+            if cfg.label_columns is not None
+            else [k for k in record if k not in (cfg.path_column, cfg.caption_column)]
+        )
         labels = {k: _plain(record.get(k)) for k in names if k in record}
-        yield new_row(source=uri, given=given, origin="manifest", uri=uri, caption=caption, caption_error=error,
-                      labels=json.dumps(labels, sort_keys=True))
+        yield new_row(
+            source=uri,
+            given=given,
+            origin="manifest",
+            uri=uri,
+            caption=caption,
+            caption_error=error,
+            labels=json.dumps(labels, sort_keys=True),
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -256,8 +288,11 @@ def _walk(spec: str) -> list[str]:
 
     fsys, path = filesystem(spec)
     infos = fsys.get_file_info(fs.FileSelector(path, recursive=True))
-    return sorted(i.path for i in infos if i.type == fs.FileType.File
-                  and not any(part.startswith(".") for part in i.path[len(path):].split("/")))
+    return sorted(
+        i.path
+        for i in infos
+        if i.type == fs.FileType.File and not any(part.startswith(".") for part in i.path[len(path) :].split("/"))
+    )
 
 
 def read_directory(spec: str) -> Iterable[dict[str, Any]]:
@@ -266,8 +301,12 @@ def read_directory(spec: str) -> Iterable[dict[str, Any]]:
     present = set(files)
     manifests = [p for p in files if extension(p) in MANIFEST_EXTENSIONS and posixpath.dirname(p) == top.rstrip("/")]
     if manifests:
-        log.warning("%s holds %s: captions are read from sidecar .txt/.json files only; pass the manifest itself "
-                    "as --input to use its captions", spec, ", ".join(posixpath.basename(m) for m in manifests))
+        log.warning(
+            "%s holds %s: captions are read from sidecar .txt/.json files only; pass the manifest itself "
+            "as --input to use its captions",
+            spec,
+            ", ".join(posixpath.basename(m) for m in manifests),
+        )
     for path in files:
         if extension(path) not in MEDIA_EXTENSIONS:
             continue
@@ -288,8 +327,15 @@ def read_directory(spec: str) -> Iterable[dict[str, Any]]:
                 caption, error = decode_text(f.read())
             caption = caption or None
         uri = _uri(spec, path)
-        yield new_row(source=uri, given=uri, origin="dir", uri=uri, caption=caption, caption_error=error,
-                      labels=json.dumps(labels, sort_keys=True))
+        yield new_row(
+            source=uri,
+            given=uri,
+            origin="dir",
+            uri=uri,
+            caption=caption,
+            caption_error=error,
+            labels=json.dumps(labels, sort_keys=True),
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,8 +355,10 @@ def tar_urls(spec: str) -> list[str]:
         for item in braceexpand.braceexpand(spec):
             if re.search(r"[*?\[]", item):
                 if not is_local(item):
-                    raise ConfigError(f"--input {spec!r}: glob patterns work for local paths only; use a brace "
-                                      "pattern like s3://bucket/data-{000..009}.tar")
+                    raise ConfigError(
+                        f"--input {spec!r}: glob patterns work for local paths only; use a brace "
+                        "pattern like s3://bucket/data-{000..009}.tar"
+                    )
                 import glob
 
                 urls.extend(os.path.abspath(p) for p in glob.glob(item))
@@ -352,25 +400,43 @@ def read_tars(urls: list[str]) -> Iterable[dict[str, Any]]:
                     media_ext = next((e for e in members if e in MEDIA_EXTENSIONS), None)
                 source = f"{url}#{key}.{media_ext or 'none'}"
                 if media_ext is None:
-                    yield new_row(source=source, given=source, origin="tar", uri=url, status=REJECTED, stage="input",
-                                  reason="no_media_member",
-                                  detail=f"sample {key} has members {sorted(members)} but no video or image")
+                    yield new_row(
+                        source=source,
+                        given=source,
+                        origin="tar",
+                        uri=url,
+                        status=REJECTED,
+                        stage="input",
+                        reason="no_media_member",
+                        detail=f"sample {key} has members {sorted(members)} but no video or image",
+                    )
                     continue
                 caption, error, labels = None, None, {}
                 if "json" in members:
                     meta = _read_json(f, members["json"])
                     if isinstance(meta, dict):
                         caption, error = _caption_from(meta.get("caption", meta.get("text")))
-                        labels = meta.get("labels") if isinstance(meta.get("labels"), dict) else \
-                            {k: v for k, v in meta.items() if k not in ("caption", "text")}
+                        labels = (
+                            meta.get("labels")
+                            if isinstance(meta.get("labels"), dict)
+                            else {k: v for k, v in meta.items() if k not in ("caption", "text")}
+                        )
                         labels = _plain(labels)
                 if "txt" in members:
                     caption, error = decode_text(f.read_at(members["txt"].size, members["txt"].offset_data))
                     caption = caption or None
                 m = members[media_ext]
-                yield new_row(source=source, given=source, origin="tar", uri=url, offset=m.offset_data,
-                              length=m.size, caption=caption, caption_error=error,
-                              labels=json.dumps(labels, sort_keys=True))
+                yield new_row(
+                    source=source,
+                    given=source,
+                    origin="tar",
+                    uri=url,
+                    offset=m.offset_data,
+                    length=m.size,
+                    caption=caption,
+                    caption_error=error,
+                    labels=json.dumps(labels, sort_keys=True),
+                )
 
 
 def _read_json(f, member: tarfile.TarInfo) -> Any:
@@ -378,4 +444,3 @@ def _read_json(f, member: tarfile.TarInfo) -> Any:
         return json.loads(f.read_at(member.size, member.offset_data))
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
-

@@ -1,6 +1,6 @@
 """Consolidated model weights out of DeepSpeed training, written as TextToVideo checkpoints and diffusers folders.
 
-    python -m pipelines.export --checkpoint runs/train/ray/train/step_00000400 --output runs/exported
+    python -m pipelines.training.export --checkpoint runs/train/ray/train/step_00000400 --output runs/exported
 
 During training (``pipelines/train_worker.py``) every rank calls ``consolidated_state_dict(engine)``: under ZeRO-3
 the parameters are partitioned across ranks and gathering them is a collective, one module at a time, so
@@ -25,15 +25,18 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from pipelines import logs, settings
+
 log = logging.getLogger(__name__)
 
-DS_TAG = "ds"                      # DeepSpeed checkpoint tag used by training
+DS_TAG = "ds"  # DeepSpeed checkpoint tag used by training
 TRAIN_STATE_FILE = "train_state.json"
 
 
@@ -45,7 +48,7 @@ def consolidated_state_dict(engine) -> dict[str, Tensor] | None:
     """The full UNet state dict on CPU on rank 0 (None on other ranks). Collective under ZeRO-3."""
     import torch.distributed as dist
 
-    if engine.zero_optimization_partition_weights():                           # ZeRO-3
+    if engine.zero_optimization_partition_weights():  # ZeRO-3
         state = engine._zero3_consolidated_16bit_state_dict()
         return {k: v.float() for k, v in state.items()} if state is not None else None
     if dist.is_initialized() and dist.get_rank() != 0:
@@ -65,8 +68,9 @@ def export_diffusers(unet, out_dir: Path) -> str | None:
     return None
 
 
-def write_models(model, raw: dict[str, Tensor], ema: dict[str, Tensor] | None, out_dir: str | Path, step: int,
-                 diffusers: bool = True) -> dict[str, Any]:
+def write_models(
+    model, raw: dict[str, Tensor], ema: dict[str, Tensor] | None, out_dir: str | Path, step: int, diffusers: bool = True
+) -> dict[str, Any]:
     """Write model.pt (raw), model_ema.pt (EMA, if given) and the diffusers folder; returns their paths.
 
     ``model`` is a TextToVideo whose UNet is overwritten (it carries the config and encoders to save with them).
@@ -98,8 +102,10 @@ def state_from_checkpoint(ckpt_dir: str | Path) -> tuple[dict[str, Tensor], dict
     d = Path(ckpt_dir)
     info_path = d / TRAIN_STATE_FILE
     if not info_path.is_file():
-        raise FileNotFoundError(f"{d} is not a training checkpoint (no {TRAIN_STATE_FILE}); pass a directory "
-                                "under <output>/ray/train/ such as step_00000400")
+        raise FileNotFoundError(
+            f"{d} is not a training checkpoint (no {TRAIN_STATE_FILE}); pass a directory "
+            "under <output>/ray/train/ such as step_00000400"
+        )
     info = json.loads(info_path.read_text(encoding="utf-8"))
     if info["zero_stage"] == 0:
         model_states = torch.load(d / DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
@@ -114,39 +120,51 @@ def state_from_checkpoint(ckpt_dir: str | Path) -> tuple[dict[str, Tensor], dict
         tensors = torch.load(rank0, map_location="cpu", weights_only=True).get("ema")
         if tensors is not None:
             ema = {name: t.reshape(raw[name].shape).float() for name, t in zip(info["param_names"], tensors)}
-            ema.update({k: v for k, v in raw.items() if k not in ema})              # buffers: as trained
+            ema.update({k: v for k, v in raw.items() if k not in ema})  # buffers: as trained
     return raw, ema, info
 
 
 def export_checkpoint(ckpt_dir: str | Path, output: str | Path, diffusers: bool = True) -> dict[str, Any]:
     """A training checkpoint directory -> model.pt / model_ema.pt / diffusers folder under ``output``."""
-    from model import configuration
-    from model.configs import ModelConfig
-    from model.pipeline import TextToVideo
+    from model.registry import ModelConfig
+    from model.text_to_video import TextToVideo
+    from pipelines import settings
 
     raw, ema, info = state_from_checkpoint(ckpt_dir)
-    model = TextToVideo.build(configuration.from_dict(ModelConfig, info["model_config"]))
+    model = TextToVideo.build(settings.from_dict(ModelConfig, info["model_config"]))
     encoders = Path(ckpt_dir) / "encoders.pt"
-    if encoders.is_file():                    # random-init CLIP weights training used (see TextToVideo.save)
+    if encoders.is_file():  # random-init CLIP weights training used (see TextToVideo.save)
         state = torch.load(encoders, map_location="cpu", weights_only=True)
         model.text_encoder.load_state_dict(state["text_encoder"])
         model.image_encoder.load_state_dict(state["image_encoder"])
     return write_models(model, raw, ema, output, step=int(info["step"]), diffusers=diffusers)
 
 
+@dataclass
+class ExportConfig:
+    checkpoint: str | None = None  # a checkpoint directory written by training (<output>/ray/train/step_XXXXXXXX)
+    output: str | None = None  # directory for model.pt, model_ema.pt, diffusers/
+    diffusers: bool = True  # also write the diffusers folder
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint directory written by training "
-                        "(<output>/ray/train/step_XXXXXXXX)")
-    parser.add_argument("--output", required=True, help="directory for model.pt, model_ema.pt, diffusers/")
-    parser.add_argument("--no-diffusers", action="store_true", help="skip the diffusers folder")
-    parser.add_argument("--dry-run", action="store_true", help="print what would be read and exit")
+    parser = argparse.ArgumentParser(prog="python -m pipelines.training.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="a checkpoint directory written by training "
+        "(<output>/ray/train/step_XXXXXXXX); same as --set checkpoint=...",
+    )
+    parser.add_argument("--output", default=None, help="directory for model.pt, model_ema.pt, diffusers/")
+    settings.add_arguments(parser)
     args = parser.parse_args(argv)
-    if args.dry_run:
-        info = json.loads((Path(args.checkpoint) / TRAIN_STATE_FILE).read_text(encoding="utf-8"))
-        print(json.dumps({k: info[k] for k in ("step", "zero_stage", "world_size")}, indent=2))
+    cfg = settings.resolve(parser, ExportConfig, args, {"checkpoint": args.checkpoint, "output": args.output})
+    if cfg is None:
         return 0
-    files = export_checkpoint(args.checkpoint, args.output, diffusers=not args.no_diffusers)
+    if not cfg.checkpoint or not cfg.output:
+        parser.error("give --checkpoint (a training checkpoint directory) and --output")
+    logs.setup()
+    files = export_checkpoint(cfg.checkpoint, cfg.output, diffusers=cfg.diffusers)
     print(json.dumps(files, indent=2))
     return 0
 

@@ -1,6 +1,6 @@
 """t2v bench train [--data DIR] [--steps 30] [--threads 2] [--zero-stage 2] [--set rounds=2] [--dry-run]
 
-Also ``python -m pipelines.bench_train``. Measures the training machinery against baselines run in the same
+Also ``python -m flows.benchmarks.train``. Measures the training machinery against baselines run in the same
 process, and prints the figures:
 
 1. step time of Ray Train + DeepSpeed (one worker) against a plain single-process PyTorch loop with the same model,
@@ -26,61 +26,85 @@ from pathlib import Path
 
 import torch
 
-from model import configuration
+from pipelines import logs, settings
 
 
 @dataclass
-class BenchConfig:
-    data: str | None = None          # curation output directory; None: generate + curate a shapes corpus
+class TrainBenchConfig:
+    data: str | None = None  # curation output directory; None: generate + curate a shapes corpus
     model: str = "tiny"
-    model_overrides: dict = None     # type: ignore[assignment]
-    steps: int = 30                  # measured steps per contender (after warm-up)
+    model_overrides: dict = None  # type: ignore[assignment]
+    steps: int = 30  # measured steps per contender (after warm-up)
     warmup: int = 5
-    threads: int = 2                 # torch threads of the plain loop = cpus_per_worker of the Ray worker
+    threads: int = 2  # torch threads of the plain loop = cpus_per_worker of the Ray worker
     zero_stage: int = 2
     image_batch_size: int = 4
     video_batch_size: int = 4
     loader_batches: int = 30
-    rounds: int = 2                  # Ray jobs, each between two plain loops (plain, Ray, plain, Ray, plain)
+    rounds: int = 2  # Ray jobs, each between two plain loops (plain, Ray, plain, Ray, plain)
     decode_cache_mb: float = 0.0
 
     def __post_init__(self) -> None:
         self.model_overrides = self.model_overrides or {}
-        configuration.check(self.steps >= 3 and self.warmup >= 0, "steps must be >= 3 and warmup >= 0")
-        configuration.check(self.threads >= 1, "threads must be >= 1")
-        configuration.check(self.rounds >= 1, "rounds must be >= 1")
+        settings.check(self.steps >= 3 and self.warmup >= 0, "steps must be >= 3 and warmup >= 0")
+        settings.check(self.threads >= 1, "threads must be >= 1")
+        settings.check(self.rounds >= 1, "rounds must be >= 1")
 
 
 def prepare_data(work: Path, num_videos: int = 24, num_images: int = 24, height: int = 32) -> str:
     """A small shapes corpus, curated into shards with the real curation job."""
-    from pipelines import curate, shapes
+    from pipelines import shapes
+    from pipelines.curation import job as curate
 
-    manifest = shapes.generate(shapes.CorpusConfig(num_videos=num_videos, num_images=num_images, seed=1),
-                               work / "corpus", progress=False)
-    cfg = configuration.from_dict(curate.CurateConfig, {
-        "clips": {"width": height, "height": height, "num_frames": 8, "fps": 4.0},
-        "caption": {"filter": "text"}, "progress": False})
+    manifest = shapes.generate(
+        shapes.CorpusConfig(num_videos=num_videos, num_images=num_images, seed=1), work / "corpus", progress=False
+    )
+    cfg = settings.from_dict(
+        curate.CurateConfig,
+        {
+            "clips": {"width": height, "height": height, "num_frames": 8, "fps": 4.0},
+            "caption": {"filter": "text"},
+            "progress": False,
+        },
+    )
     curate.run(cfg, str(manifest), str(work / "curated"))
     return str(work / "curated")
 
 
-def train_config(b: BenchConfig, data: str, out: Path, steps: int) -> "TrainConfig":  # noqa: F821
-    from pipelines.train import TrainConfig
+def train_config(b: TrainBenchConfig, data: str, out: Path, steps: int) -> TrainConfig:  # noqa: F821
+    from pipelines.training.config import TrainConfig
 
-    return configuration.from_dict(TrainConfig, {
-        "data": [data], "output": str(out), "model": b.model, "model_overrides": b.model_overrides,
-        "steps": steps, "num_workers": 1, "cpus_per_worker": b.threads, "zero_stage": b.zero_stage,
-        "image_batch_size": b.image_batch_size, "video_batch_size": b.video_batch_size, "warmup_steps": 2,
-        "checkpoint_every": steps, "sample_every": 0, "decode_cache_mb": b.decode_cache_mb,
-        "mlflow": {"tracking_uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": "bench-train",
-                   "system_metrics_s": 0.0, "log_model": False}})
+    return settings.from_dict(
+        TrainConfig,
+        {
+            "data": [data],
+            "output": str(out),
+            "model": b.model,
+            "model_overrides": b.model_overrides,
+            "steps": steps,
+            "num_workers": 1,
+            "cpus_per_worker": b.threads,
+            "zero_stage": b.zero_stage,
+            "image_batch_size": b.image_batch_size,
+            "video_batch_size": b.video_batch_size,
+            "warmup_steps": 2,
+            "checkpoint_every": steps,
+            "sample_every": 0,
+            "decode_cache_mb": b.decode_cache_mb,
+            "mlflow": {
+                "tracking_uri": f"sqlite:///{out / 'mlflow.db'}",
+                "experiment": "bench-train",
+                "system_metrics_s": 0.0,
+                "log_model": False,
+            },
+        },
+    )
 
 
 def plain_loop(cfg, steps: int) -> tuple[list[float], list[float]]:
     """The baseline: one process, the same model, data, optimizer and joint step, no Ray and no DeepSpeed."""
     from pipelines import loader
-    from pipelines.train_worker import (Conditioner, build_model, joint_step, loader_spec, lr_factor,
-                                        param_groups)
+    from pipelines.training.worker import Conditioner, build_model, joint_step, loader_spec, lr_factor, param_groups
 
     torch.set_num_threads(cfg.cpus_per_worker)
     model = build_model(cfg, torch.device("cpu"))
@@ -97,8 +121,9 @@ def plain_loop(cfg, steps: int) -> tuple[list[float], list[float]]:
             t0 = time.perf_counter()
             batch = next(data)
             waits.append(time.perf_counter() - t0)
-            joint_step(model.unet, model, cond, batch, cfg, step, 0, lambda loss: (loss / branches).backward(),
-                       lambda: None)
+            joint_step(
+                model.unet, model, cond, batch, cfg, step, 0, lambda loss: (loss / branches).backward(), lambda: None
+            )
             torch.nn.utils.clip_grad_norm_(model.unet.parameters(), cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -116,7 +141,7 @@ def ray_deepspeed(cfg) -> tuple[list[float], list[float], float]:
     """(step times, data wait times, wall seconds of train.run) of the real training job with one worker."""
     from mlflow import MlflowClient
 
-    from pipelines import train
+    from pipelines.training import job as train
 
     t0 = time.perf_counter()
     result = train.run(cfg)
@@ -129,10 +154,10 @@ def ray_deepspeed(cfg) -> tuple[list[float], list[float], float]:
 
 def loader_rate(cfg, batches: int) -> float:
     """Samples/s the loader delivers alone (decode included), after its first batch."""
-    from model.configs import get_config
-    from model.pipeline import TextToVideo
+    from model.registry import get_config
+    from model.text_to_video import TextToVideo
     from pipelines import loader
-    from pipelines.train_worker import loader_spec
+    from pipelines.training.worker import loader_spec
 
     model = TextToVideo.build(get_config(cfg.model, cfg.model_overrides or None))
     data = loader.TrainLoader(loader_spec(cfg, model))
@@ -147,22 +172,27 @@ def loader_rate(cfg, batches: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="t2v bench train", description=__doc__.split("\n\n")[0])
-    configuration.add_arguments(parser)
+    settings.add_arguments(parser)
     parser.add_argument("--data", default=None, help="curation output directory (default: generate + curate)")
     parser.add_argument("--steps", type=int, default=None, help="measured steps per contender")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for both contenders")
     parser.add_argument("--zero-stage", type=int, default=None, help="DeepSpeed ZeRO stage of the Ray run")
     args = parser.parse_args(argv)
-    b = configuration.resolve(parser, BenchConfig, args,
-                              {name: getattr(args, name) for name in ("data", "steps", "threads", "zero_stage")})
+    b = settings.resolve(
+        parser,
+        TrainBenchConfig,
+        args,
+        {name: getattr(args, name) for name in ("data", "steps", "threads", "zero_stage")},
+    )
     if b is None:
         return 0
+    logs.setup()
     import ray
 
     with tempfile.TemporaryDirectory(prefix="t2v-bench-train-") as tmp:
         work = Path(tmp)
         data = b.data or prepare_data(work)
-        ray.shutdown()      # curation leaves its local Ray running; the training run gets one sized to the threads
+        ray.shutdown()  # curation leaves its local Ray running; the training run gets one sized to the threads
         total = b.warmup + b.steps
         cfg = train_config(b, data, work / "run", total)
         # Plain loops and Ray jobs alternate (plain, Ray, plain, ..., plain): on a shared machine the speed drifts
@@ -170,11 +200,15 @@ def main(argv: list[str] | None = None) -> int:
         # silently skewing the ratio one way.
         plain, ds, ds_waits, walls = [], [], [], []
         for r in range(b.rounds):
-            print(f"[bench] round {r + 1}/{b.rounds}: plain PyTorch loop, {total} steps, {b.threads} threads",
-                  flush=True)
+            print(
+                f"[bench] round {r + 1}/{b.rounds}: plain PyTorch loop, {total} steps, {b.threads} threads", flush=True
+            )
             plain.append(plain_loop(cfg, total))
-            print(f"[bench] round {r + 1}/{b.rounds}: Ray Train + DeepSpeed ZeRO-{b.zero_stage}, 1 worker, "
-                  f"{b.threads} CPUs", flush=True)
+            print(
+                f"[bench] round {r + 1}/{b.rounds}: Ray Train + DeepSpeed ZeRO-{b.zero_stage}, 1 worker, "
+                f"{b.threads} CPUs",
+                flush=True,
+            )
             ray.init(num_cpus=max(b.threads, 1), include_dashboard=False)
             try:
                 times, waits, wall = ray_deepspeed(train_config(b, data, work / f"run{r}", total))
@@ -202,19 +236,28 @@ def main(argv: list[str] | None = None) -> int:
     all_waits = [d for waits in ds_waits for d in waits[w:]]
     all_times = [t for times in ds for t in times[w:]]
     print()
-    print(f"model {b.model} {b.model_overrides or ''}  batch image {b.image_batch_size} + video {b.video_batch_size}"
-          f"  threads {b.threads}  steps {b.steps} (+{w} warm-up) per contender and round, medians")
-    print(f"  plain PyTorch step, in run order         {ms(plain_total)} ms   (without data wait "
-          f"{ms(plain_compute)} ms)")
-    print(f"  Ray Train + DeepSpeed ZeRO-{b.zero_stage} step          {ms(ds_total)} ms   (without data wait "
-          f"{ms(ds_compute)} ms)")
+    print(
+        f"model {b.model} {b.model_overrides or ''}  batch image {b.image_batch_size} + video {b.video_batch_size}"
+        f"  threads {b.threads}  steps {b.steps} (+{w} warm-up) per contender and round, medians"
+    )
+    print(
+        f"  plain PyTorch step, in run order         {ms(plain_total)} ms   (without data wait {ms(plain_compute)} ms)"
+    )
+    print(
+        f"  Ray Train + DeepSpeed ZeRO-{b.zero_stage} step          {ms(ds_total)} ms   (without data wait "
+        f"{ms(ds_compute)} ms)"
+    )
     pairs = "  ".join(f"{d / ((plain_total[i] + plain_total[i + 1]) / 2):.3f}" for i, d in enumerate(ds_total))
-    print(f"  ratio DeepSpeed / plain                  {ratio:8.3f}   (without data wait {ratio_compute:.3f}; "
-          f"target <= 1.15; per round, against the plain loops either side: {pairs})")
+    print(
+        f"  ratio DeepSpeed / plain                  {ratio:8.3f}   (without data wait {ratio_compute:.3f}; "
+        f"target <= 1.15; per round, against the plain loops either side: {pairs})"
+    )
     print(f"  Ray job wall time incl. start-up         {' / '.join(f'{x:.1f}' for x in walls)} s")
     print(f"  loader alone                             {rate:8.1f} samples/s")
-    print(f"  training consumes                        {consume:8.1f} samples/s   loader / training = "
-          f"{rate / consume:.1f}x")
+    print(
+        f"  training consumes                        {consume:8.1f} samples/s   loader / training = "
+        f"{rate / consume:.1f}x"
+    )
     print(f"  training time waiting for data           {sum(all_waits) / sum(all_times):8.1%}")
     return 0
 

@@ -14,16 +14,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from pipelines import schema
-from pipelines.stages import Stage, add_extra, reject
+from pipelines.curation.stages import Stage, add_extra, reject
 
 if TYPE_CHECKING:
-    from pipelines.curate import CurateConfig
+    from pipelines.curation.config import CurateConfig
 
 
 class Route(Stage):
     name = "route"
 
-    def __init__(self, cfg: "CurateConfig"):
+    def __init__(self, cfg: CurateConfig):
         self.text_free = cfg.caption.text_free
 
     def process(self, row: dict[str, Any]):

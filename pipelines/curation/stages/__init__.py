@@ -22,7 +22,8 @@ from __future__ import annotations
 import json
 import math
 import traceback
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -33,68 +34,89 @@ REJECTED = "rejected"
 # Stage names as they appear in the ledger and the summary, in pipeline order.
 STAGES = ("input", "probe", "quality", "decode", "caption", "route", "encode", "write")
 
-ROW_SCHEMA = pa.schema([
-    # -- the input (set by pipelines/inputs.py) --
-    ("source", pa.string()),          # resolved URI of the input: absolute local path, s3://..., tar#key
-    ("given", pa.string()),           # the input exactly as the manifest / directory / tar named it
-    ("occurrence", pa.int32()),       # 0 for the first row naming `source`, 1.. for later duplicates
-    ("origin", pa.string()),          # manifest | dir | tar
-    ("uri", pa.string()),             # the file to open (a tar for re-ingested samples)
-    ("offset", pa.int64()),           # byte range inside `uri` (-1: the whole file)
-    ("length", pa.int64()),
-    ("caption", pa.string()),         # None: no caption given
-    ("caption_error", pa.string()),   # set when the caption could not be read as UTF-8 text
-    ("labels", pa.string()),          # JSON object: other manifest columns / sidecar keys (ground truth)
-    ("data", pa.large_binary()),      # fetched bytes for inputs that are not plain local files
-    # -- probe --
-    ("media_type", pa.string()),      # video | image
-    ("container", pa.string()),
-    ("codec", pa.string()),
-    ("duration", pa.float64()),       # seconds (nan: unknown)
-    ("src_fps", pa.float64()),
-    ("src_width", pa.int32()),
-    ("src_height", pa.int32()),
-    ("src_frames", pa.int64()),
-    # -- bookkeeping for every row --
-    ("status", pa.string()),          # ok | rejected
-    ("stage", pa.string()),           # stage that rejected the row ("" while ok)
-    ("reason", pa.string()),          # short code, e.g. missing_file, static, caption_too_long
-    ("detail", pa.string()),          # human-readable explanation
-    ("input_rows", pa.int32()),       # rows the driver receives for this input (clips, or 1)
-    # -- decode: one row per clip --
-    ("clip_index", pa.int32()),
-    ("start_s", pa.float64()),
-    ("num_frames", pa.int32()),
-    ("fps", pa.float64()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("media", pa.large_binary()),     # mp4 (video) or jpg (image) bytes of this clip, one clip per row
-    ("keyframes", pa.large_binary()), # npy uint8 [k, h, w, 3]: frames the caption filter scores
-    ("motion", pa.float64()),
-    # -- caption --
-    ("caption_ok", pa.bool_()),
-    ("caption_reason", pa.string()),
-    ("clip_sim", pa.float64()),
-    # -- route --
-    ("kind", pa.string()),            # image | video_text | video
-    ("key", pa.string()),             # schema.sample_key(source, clip_index)
-    # -- encode (optional pre-encoding) --
-    ("latent_mean", pa.large_binary()),
-    ("latent_std", pa.large_binary()),
-    ("text_emb", pa.large_binary()),
-    ("image_emb", pa.large_binary()),
-    ("encoders", pa.string()),        # JSON identity of the encoders
-    # -- free-form notes (JSON object), copied into the sample's json `extra` --
-    ("extra", pa.string()),
-])
+ROW_SCHEMA = pa.schema(
+    [
+        # -- the input (set by pipelines/inputs.py) --
+        ("source", pa.string()),  # resolved URI of the input: absolute local path, s3://..., tar#key
+        ("given", pa.string()),  # the input exactly as the manifest / directory / tar named it
+        ("occurrence", pa.int32()),  # 0 for the first row naming `source`, 1.. for later duplicates
+        ("origin", pa.string()),  # manifest | dir | tar
+        ("uri", pa.string()),  # the file to open (a tar for re-ingested samples)
+        ("offset", pa.int64()),  # byte range inside `uri` (-1: the whole file)
+        ("length", pa.int64()),
+        ("caption", pa.string()),  # None: no caption given
+        ("caption_error", pa.string()),  # set when the caption could not be read as UTF-8 text
+        ("labels", pa.string()),  # JSON object: other manifest columns / sidecar keys (ground truth)
+        ("data", pa.large_binary()),  # fetched bytes for inputs that are not plain local files
+        # -- probe --
+        ("media_type", pa.string()),  # video | image
+        ("container", pa.string()),
+        ("codec", pa.string()),
+        ("duration", pa.float64()),  # seconds (nan: unknown)
+        ("src_fps", pa.float64()),
+        ("src_width", pa.int32()),
+        ("src_height", pa.int32()),
+        ("src_frames", pa.int64()),
+        # -- bookkeeping for every row --
+        ("status", pa.string()),  # ok | rejected
+        ("stage", pa.string()),  # stage that rejected the row ("" while ok)
+        ("reason", pa.string()),  # short code, e.g. missing_file, static, caption_too_long
+        ("detail", pa.string()),  # human-readable explanation
+        ("input_rows", pa.int32()),  # rows the driver receives for this input (clips, or 1)
+        # -- decode: one row per clip --
+        ("clip_index", pa.int32()),
+        ("start_s", pa.float64()),
+        ("num_frames", pa.int32()),
+        ("fps", pa.float64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("media", pa.large_binary()),  # mp4 (video) or jpg (image) bytes of this clip, one clip per row
+        ("keyframes", pa.large_binary()),  # npy uint8 [k, h, w, 3]: frames the caption filter scores
+        ("motion", pa.float64()),
+        # -- caption --
+        ("caption_ok", pa.bool_()),
+        ("caption_reason", pa.string()),
+        ("clip_sim", pa.float64()),
+        # -- route --
+        ("kind", pa.string()),  # image | video_text | video
+        ("key", pa.string()),  # schema.sample_key(source, clip_index)
+        # -- encode (optional pre-encoding) --
+        ("latent_mean", pa.large_binary()),
+        ("latent_std", pa.large_binary()),
+        ("text_emb", pa.large_binary()),
+        ("image_emb", pa.large_binary()),
+        ("encoders", pa.string()),  # JSON identity of the encoders
+        # -- free-form notes (JSON object), copied into the sample's json `extra` --
+        ("extra", pa.string()),
+    ]
+)
 
 COLUMNS = tuple(ROW_SCHEMA.names)
 
 _DEFAULTS: dict[str, Any] = {
-    "occurrence": 0, "offset": -1, "length": -1, "labels": "{}", "duration": math.nan, "src_fps": math.nan,
-    "src_width": 0, "src_height": 0, "src_frames": 0, "status": OK, "stage": "", "reason": "", "detail": "",
-    "input_rows": 1, "clip_index": 0, "start_s": 0.0, "num_frames": 0, "fps": 0.0, "width": 0, "height": 0,
-    "motion": math.nan, "clip_sim": math.nan, "extra": "{}",
+    "occurrence": 0,
+    "offset": -1,
+    "length": -1,
+    "labels": "{}",
+    "duration": math.nan,
+    "src_fps": math.nan,
+    "src_width": 0,
+    "src_height": 0,
+    "src_frames": 0,
+    "status": OK,
+    "stage": "",
+    "reason": "",
+    "detail": "",
+    "input_rows": 1,
+    "clip_index": 0,
+    "start_s": 0.0,
+    "num_frames": 0,
+    "fps": 0.0,
+    "width": 0,
+    "height": 0,
+    "motion": math.nan,
+    "clip_sim": math.nan,
+    "extra": "{}",
 }
 
 
@@ -102,7 +124,7 @@ def new_row(**values: Any) -> dict[str, Any]:
     """A row with every column present (defaults for the ones not given)."""
     unknown = set(values) - set(COLUMNS)
     if unknown:
-        raise KeyError(f"unknown row column(s) {sorted(unknown)}; see pipelines.stages.ROW_SCHEMA")
+        raise KeyError(f"unknown row column(s) {sorted(unknown)}; see pipelines.curation.stages.ROW_SCHEMA")
     row = {name: _DEFAULTS.get(name) for name in COLUMNS}
     row.update(values)
     return row
@@ -135,8 +157,7 @@ def to_table(rows: list[dict[str, Any]]) -> pa.Table:
 def reject(row: dict[str, Any], stage: str, reason: str, detail: str = "") -> dict[str, Any]:
     """Mark ``row`` rejected (media dropped: a rejected row carries only what the ledger needs)."""
     row = dict(row)
-    row.update(status=REJECTED, stage=stage, reason=reason, detail=detail[:2000], media=None, keyframes=None,
-               data=None)
+    row.update(status=REJECTED, stage=stage, reason=reason, detail=detail[:2000], media=None, keyframes=None, data=None)
     return row
 
 

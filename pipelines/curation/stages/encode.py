@@ -11,7 +11,7 @@ of ``schema.PRE_ENCODED``:
 - ``text_emb.npy``: text encoder token states, float16 ``[text_len, width]`` (captioned kinds only).
 - ``image_emb.npy``: pooled CLIP image embedding of the conditioning frame (``encode.condition_frame``, the
   middle frame as in TF-T2V; the image itself for images), float16 ``[embed_dim]``.
-- ``encoders.json``: the encoders' identity (see ``encoder_identity``); training compares it with its own
+- ``encoders.json``: the encoders' identity (``schema.encoder_stamp``); training compares it with its own
   encoders and encodes on the fly instead when they differ.
 
 Encoders come from a model config name (``encode.model`` + ``encode.model_overrides``, e.g. the "tiny" model's
@@ -20,56 +20,29 @@ random-but-seeded CLIP) or from a TextToVideo checkpoint (``encode.checkpoint``:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipelines import schema
-from pipelines.stages import Stage, internal_error
+from pipelines.curation.stages import Stage, internal_error
 
 if TYPE_CHECKING:
-    from pipelines.curate import CurateConfig
+    from pipelines.curation.config import CurateConfig
 
 
-# Identity fields added after shards were first stamped, with the value every older stamp implies.
-STAMP_DEFAULTS = {"word_code_gain": 0.0}
-
-
-def encoder_identity(encoders_cfg, text_encoder, image_encoder, first_stage, model: str) -> dict[str, Any]:
-    """What produced the pre-encoded arrays: settings plus a fingerprint of the weights (sha1 of every tensor),
-    so a random-init CLIP from another seed or another VAE file can never be mixed up with this one."""
-    import torch
-
-    digest = hashlib.sha1()
-    for module in (text_encoder, image_encoder, first_stage):
-        for name, tensor in sorted(module.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    # The EncoderConfig fields verbatim (training compares these keys with its own model's), then extras.
-    return {
-        "first_stage": encoders_cfg.first_stage, "vae_path": encoders_cfg.vae_path,
-        "latent_scale": encoders_cfg.latent_scale, "clip_model": encoders_cfg.clip_model,
-        "clip_pretrained": encoders_cfg.clip_pretrained, "text_len": encoders_cfg.text_len,
-        "clip_image_size": encoders_cfg.clip_image_size, "seed": encoders_cfg.seed,
-        "word_code_gain": encoders_cfg.word_code_gain,
-        "model": model, "latents": "raw posterior mean/std, unscaled, float16 [c, f, h, w]",
-        "weights_sha1": digest.hexdigest(),
-    }
-
-
-def load_encoders(cfg: "CurateConfig", device: str):
+def load_encoders(cfg: CurateConfig, device: str):
     """(model config, text encoder, image encoder, first stage, name) for ``cfg.encode``."""
     e = cfg.encode
     if e.checkpoint:
-        from model.pipeline import TextToVideo
+        from model.text_to_video import TextToVideo
 
         t2v = TextToVideo.from_checkpoint(e.checkpoint, device=device)
         t2v.unet = None  # only the encoders are needed here
         return t2v.config, t2v.text_encoder, t2v.image_encoder, t2v.first_stage, e.checkpoint
-    from model.configs import get_config
     from model.encoders import FirstStage, build_clip_encoders
+    from model.registry import get_config
 
     model_cfg = get_config(e.model, e.model_overrides)
     text, image = build_clip_encoders(model_cfg.encoders, device)
@@ -79,7 +52,7 @@ def load_encoders(cfg: "CurateConfig", device: str):
 class PreEncoder(Stage):
     name = "encode"
 
-    def __init__(self, cfg: "CurateConfig", device: str | None = None):
+    def __init__(self, cfg: CurateConfig, device: str | None = None):
         import torch
 
         if device is None:
@@ -87,12 +60,12 @@ class PreEncoder(Stage):
         self.device = torch.device(device)
         self.condition_frame = cfg.encode.condition_frame
         model_cfg, self.text, self.image, self.first_stage, name = load_encoders(cfg, str(self.device))
-        self.identity = encoder_identity(model_cfg.encoders, self.text, self.image, self.first_stage, name)
+        self.identity = schema.encoder_stamp(model_cfg.encoders, self.text, self.image, self.first_stage, name)
         self.identity_json = json.dumps(self.identity, sort_keys=True)
 
     def _frames(self, row: dict[str, Any]) -> np.ndarray:
         """uint8 [f, h, w, 3] of a routed row (1 frame for images)."""
-        from model import media
+        from pipelines import media
 
         if row["kind"] == "image":
             return media.decode_image(row["media"])[None]
@@ -111,7 +84,7 @@ class PreEncoder(Stage):
                 frames.append(None)
                 continue
             groups.setdefault(frames[i].shape, []).append(i)
-        for shape, idx in groups.items():
+        for _shape, idx in groups.items():
             try:
                 self._encode_group(out, idx, np.stack([frames[i] for i in idx]))
             except Exception as e:
@@ -125,17 +98,21 @@ class PreEncoder(Stage):
         from model.encoders import frames_to_tensor
 
         with torch.inference_mode():
-            x = frames_to_tensor(clips).to(self.device)                          # [b, 3, f, h, w] in [-1, 1]
-            mean, std = self.first_stage.encode_moments(x)                      # [b, c, f, h', w'] each
+            x = frames_to_tensor(clips).to(self.device)  # [b, 3, f, h, w] in [-1, 1]
+            mean, std = self.first_stage.encode_moments(x)  # [b, c, f, h', w'] each
             f = clips.shape[1]
-            cond = clips[:, 0 if self.condition_frame == "first" or f == 1 else f // 2]   # [b, h, w, 3]
-            image_emb = self.image(cond)                                        # [b, embed_dim]
+            cond = clips[:, 0 if self.condition_frame == "first" or f == 1 else f // 2]  # [b, h, w, 3]
+            image_emb = self.image(cond)  # [b, embed_dim]
             captioned = [i for i in idx if rows[i]["kind"] != "video"]
             text_emb = self.text([rows[i]["caption"] for i in captioned]) if captioned else None  # [n, len, width]
         as16 = lambda t: t.detach().to("cpu", torch.float16).numpy()  # noqa: E731
         mean, std, image_emb = as16(mean), as16(std), as16(image_emb)
         text_by_row = dict(zip(captioned, as16(text_emb))) if text_emb is not None else {}
         for j, i in enumerate(idx):
-            rows[i].update(latent_mean=schema.npy_bytes(mean[j]), latent_std=schema.npy_bytes(std[j]),
-                           image_emb=schema.npy_bytes(image_emb[j]), encoders=self.identity_json,
-                           text_emb=schema.npy_bytes(text_by_row[i]) if i in text_by_row else None)
+            rows[i].update(
+                latent_mean=schema.npy_bytes(mean[j]),
+                latent_std=schema.npy_bytes(std[j]),
+                image_emb=schema.npy_bytes(image_emb[j]),
+                encoders=self.identity_json,
+                text_emb=schema.npy_bytes(text_by_row[i]) if i in text_by_row else None,
+            )

@@ -48,11 +48,11 @@ import ffmpeg
 import numpy as np
 
 from pipelines import schema
-from pipelines.stages import Stage, add_extra, reject
-from pipelines.stages.probe import media_path
+from pipelines.curation.stages import Stage, add_extra, reject
+from pipelines.curation.stages.probe import media_path
 
 if TYPE_CHECKING:
-    from pipelines.curate import CurateConfig
+    from pipelines.curation.config import CurateConfig
 
 HIST_BINS = 16  # per channel, for scene-cut detection
 ANALYSIS_SIDE = 64  # short side of the frames scene cuts and motion are measured on
@@ -71,7 +71,7 @@ def thumbnail(frames: np.ndarray, size: int = ANALYSIS_SIDE) -> np.ndarray:
 def colour_histograms(thumbs: np.ndarray) -> np.ndarray:
     """uint8 [k, h, w, 3] -> [k, 3 * HIST_BINS] normalised per-channel histograms (each frame's sums to 3)."""
     k = thumbs.shape[0]
-    bins = (thumbs.reshape(k, -1, 3) >> 4).astype(np.int64)                    # 16 bins per channel
+    bins = (thumbs.reshape(k, -1, 3) >> 4).astype(np.int64)  # 16 bins per channel
     bins += np.arange(3) * HIST_BINS + (np.arange(k) * 3 * HIST_BINS)[:, None, None]  # one bin range per frame
     counts = np.bincount(bins.ravel(), minlength=k * 3 * HIST_BINS).astype(np.float32)
     return counts.reshape(k, 3 * HIST_BINS) / max(1, thumbs.shape[1] * thumbs.shape[2])
@@ -97,12 +97,12 @@ def motion_score(thumbs: np.ndarray) -> float:
 
 @dataclass
 class Clip:
-    index: int                    # grid window number: the clip covers frames [index, index + 1) * num_frames
-    start: int                    # first frame, counted in target-fps frames from the start of the video
-    frames: list[np.ndarray]      # num_frames x uint8 [h, w, 3], as pushed to the planner
+    index: int  # grid window number: the clip covers frames [index, index + 1) * num_frames
+    start: int  # first frame, counted in target-fps frames from the start of the video
+    frames: list[np.ndarray]  # num_frames x uint8 [h, w, 3], as pushed to the planner
     motion: float
-    data: bytes = b""             # the encoded mp4 (filled by the decoder)
-    keyframes: bytes | None = None   # npy of the caption filter's frames, full size (when it scores frames)
+    data: bytes = b""  # the encoded mp4 (filled by the decoder)
+    keyframes: bytes | None = None  # npy of the caption filter's frames, full size (when it scores frames)
 
 
 @dataclass
@@ -114,10 +114,10 @@ class ClipPlanner:
     frame); ``push`` takes one."""
 
     num_frames: int
-    max_clips: int | None = None          # stop after this many clips (None: all)
-    scene_threshold: float = 0.4          # histogram distance between consecutive frames that is a cut (>1: never)
-    seen: int = 0                         # frames pushed so far
-    cuts: list[int] = field(default_factory=list)   # frame indices that start a new scene
+    max_clips: int | None = None  # stop after this many clips (None: all)
+    scene_threshold: float = 0.4  # histogram distance between consecutive frames that is a cut (>1: never)
+    seen: int = 0  # frames pushed so far
+    cuts: list[int] = field(default_factory=list)  # frame indices that start a new scene
     clips_made: int = 0
     _window: list[np.ndarray] = field(default_factory=list)
     _thumbs: list[np.ndarray] = field(default_factory=list)
@@ -178,9 +178,11 @@ class ClipPlanner:
 
 def filter_chain(stream, width: int, height: int, fps: float):
     """fps resampling, scale to cover width x height, centre crop: the one definition of the clip geometry."""
-    return (stream.filter("fps", fps=fps)
-            .filter("scale", width, height, force_original_aspect_ratio="increase")
-            .filter("crop", width, height))
+    return (
+        stream.filter("fps", fps=fps)
+        .filter("scale", width, height, force_original_aspect_ratio="increase")
+        .filter("crop", width, height)
+    )
 
 
 def h264_segment_args(num_frames: int, fps: float, crf: int, preset: str, threads: int) -> dict[str, Any]:
@@ -188,11 +190,20 @@ def h264_segment_args(num_frames: int, fps: float, crf: int, preset: str, thread
     No B-frames, so every clip starts at timestamp 0 and decodes to exactly ``num_frames`` frames.
     (segment_time_delta: half a frame of slack, so float rounding never moves a cut to the next key frame.)"""
     return {
-        "vcodec": "libx264", "pix_fmt": "yuv420p", "crf": crf, "preset": preset, "threads": threads, "bf": 0,
+        "vcodec": "libx264",
+        "pix_fmt": "yuv420p",
+        "crf": crf,
+        "preset": preset,
+        "threads": threads,
+        "bf": 0,
         "force_key_frames": f"expr:eq(mod(n,{num_frames}),0)",
-        "f": "segment", "segment_format": "mp4", "segment_format_options": "movflags=+faststart",
-        "segment_time": f"{num_frames / fps:.6f}", "segment_time_delta": f"{0.5 / fps:.6f}",
-        "reset_timestamps": 1, "x264-params": "log-level=error",
+        "f": "segment",
+        "segment_format": "mp4",
+        "segment_format_options": "movflags=+faststart",
+        "segment_time": f"{num_frames / fps:.6f}",
+        "segment_time_delta": f"{0.5 / fps:.6f}",
+        "reset_timestamps": 1,
+        "x264-params": "log-level=error",
     }
 
 
@@ -205,11 +216,20 @@ def clip_graph(first, time_base, rotation: int, width: int, height: int, fps: fl
 
     graph = av.filter.Graph()
     chain = [graph.add_buffer(width=first.width, height=first.height, format=first.format, time_base=time_base)]
-    upright = {90: [("transpose", "cclock")], -90: [("transpose", "clock")],
-               180: [("hflip", ""), ("vflip", "")], -180: [("hflip", ""), ("vflip", "")]}.get(rotation, [])
-    for name, args in [*upright, ("fps", f"fps={fps}"),
-                       ("scale", f"{width}:{height}:force_original_aspect_ratio=increase"),
-                       ("crop", f"{width}:{height}"), ("format", "yuv420p"), ("buffersink", "")]:
+    upright = {
+        90: [("transpose", "cclock")],
+        -90: [("transpose", "clock")],
+        180: [("hflip", ""), ("vflip", "")],
+        -180: [("hflip", ""), ("vflip", "")],
+    }.get(rotation, [])
+    for name, args in [
+        *upright,
+        ("fps", f"fps={fps}"),
+        ("scale", f"{width}:{height}:force_original_aspect_ratio=increase"),
+        ("crop", f"{width}:{height}"),
+        ("format", "yuv420p"),
+        ("buffersink", ""),
+    ]:
         chain.append(graph.add(name, args))
         chain[-2].link_to(chain[-1])
     graph.configure()
@@ -223,8 +243,18 @@ def analysis_size(width: int, height: int, short_side: int = ANALYSIS_SIDE) -> t
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def clip_command(path: str, out_pattern: str, width: int, height: int, fps: float, num_frames: int, crf: int,
-                 preset: str, threads: int, raw_size: tuple[int, int] | None = None) -> list[str]:
+def clip_command(
+    path: str,
+    out_pattern: str,
+    width: int,
+    height: int,
+    fps: float,
+    num_frames: int,
+    crf: int,
+    preset: str,
+    threads: int,
+    raw_size: tuple[int, int] | None = None,
+) -> list[str]:
     """One ffmpeg: decode -> fps/scale/crop -> split -> (raw RGB on stdout, H.264 clip files ``out_pattern``).
     ``raw_size`` (w, h) scales the raw frames down first (they are only analysed; default: the clip size)."""
     frames = filter_chain(ffmpeg.input(path, threads=threads).video, width, height, fps).split()
@@ -317,7 +347,7 @@ class ClipDecoder(Stage):
 
     name = "decode"
 
-    def __init__(self, cfg: "CurateConfig", keep_keyframes: bool = False):
+    def __init__(self, cfg: CurateConfig, keep_keyframes: bool = False):
         c = cfg.clips
         self.width, self.height, self.num_frames, self.fps = c.width, c.height, c.num_frames, c.fps
         self.policy, self.max_clips_cfg = c.policy, c.max_clips
@@ -334,7 +364,7 @@ class ClipDecoder(Stage):
     def _image(self, row: dict[str, Any]) -> dict[str, Any]:
         from PIL import Image
 
-        from model import media
+        from pipelines import media
 
         with media_path(row) as path:
             try:
@@ -343,8 +373,18 @@ class ClipDecoder(Stage):
             except Exception as e:  # PIL raises many types for bad data (and DecompressionBombError)
                 raise DecodeFailed("decode_error", f"cannot decode the image: {type(e).__name__}: {e}") from None
         image = cover_crop(image, self.width, self.height)
-        out = dict(row, media=media.encode_jpg(image, quality=self.jpg_quality), clip_index=0, start_s=0.0,
-                   num_frames=1, fps=0.0, width=self.width, height=self.height, input_rows=1, data=None)
+        out = dict(
+            row,
+            media=media.encode_jpg(image, quality=self.jpg_quality),
+            clip_index=0,
+            start_s=0.0,
+            num_frames=1,
+            fps=0.0,
+            width=self.width,
+            height=self.height,
+            input_rows=1,
+            data=None,
+        )
         if self.keyframes_which:
             out["keyframes"] = schema.npy_bytes(image[None])
         return out
@@ -363,18 +403,36 @@ class ClipDecoder(Stage):
             raise DecodeFailed("decode_error", f"FFmpeg reported errors ({errors}); the file is truncated or corrupt")
         if not made:
             cuts = f" with {len(planner.cuts)} scene cut(s)" if planner.cuts else ""
-            raise DecodeFailed("no_clip", f"decoded {planner.seen} frames at {self.fps:g} fps{cuts}: no "
-                               f"window of {self.num_frames} frames without a cut")
+            raise DecodeFailed(
+                "no_clip",
+                f"decoded {planner.seen} frames at {self.fps:g} fps{cuts}: no "
+                f"window of {self.num_frames} frames without a cut",
+            )
 
         src_fps = row["src_fps"]
         stride = (src_fps / self.fps) if src_fps and not math.isnan(src_fps) else math.nan
         out = []
         for clip in made:
-            r = dict(row, media=clip.data, clip_index=clip.index, start_s=clip.start / self.fps,
-                     num_frames=self.num_frames, fps=self.fps, width=self.width, height=self.height,
-                     motion=clip.motion, input_rows=len(made), data=None, keyframes=clip.keyframes)
-            add_extra(r, frame_stride=None if math.isnan(stride) else round(stride, 4),
-                      scene_cuts=len(planner.cuts), decoded_frames=planner.seen)
+            r = dict(
+                row,
+                media=clip.data,
+                clip_index=clip.index,
+                start_s=clip.start / self.fps,
+                num_frames=self.num_frames,
+                fps=self.fps,
+                width=self.width,
+                height=self.height,
+                motion=clip.motion,
+                input_rows=len(made),
+                data=None,
+                keyframes=clip.keyframes,
+            )
+            add_extra(
+                r,
+                frame_stride=None if math.isnan(stride) else round(stride, 4),
+                scene_cuts=len(planner.cuts),
+                decoded_frames=planner.seen,
+            )
             out.append(r)
         return out
 
@@ -386,11 +444,11 @@ class ClipDecoder(Stage):
         from av.video.reformatter import Interpolation, VideoReformatter
 
         raw_w, raw_h = analysis_size(self.width, self.height)
-        reformatter = VideoReformatter()      # keeps its swscale context between frames
+        reformatter = VideoReformatter()  # keeps its swscale context between frames
         deadline = time.monotonic() + self.timeout
         made: list[Clip] = []
-        window: list[av.VideoFrame] = []      # the current window's frames (clip size, yuv420p)
-        thumbs: list[np.ndarray] = []         # the same frames, small and RGB, for the planner
+        window: list[av.VideoFrame] = []  # the current window's frames (clip size, yuv420p)
+        thumbs: list[np.ndarray] = []  # the same frames, small and RGB, for the planner
         errors: list[str] = []
 
         def take(graph) -> None:
@@ -401,8 +459,9 @@ class ClipDecoder(Stage):
                 except (av.BlockingIOError, av.EOFError):
                     return
                 window.append(frame)
-                thumbs.append(reformatter.reformat(frame, raw_w, raw_h, "rgb24",
-                                                   interpolation=Interpolation.POINT).to_ndarray())
+                thumbs.append(
+                    reformatter.reformat(frame, raw_w, raw_h, "rgb24", interpolation=Interpolation.POINT).to_ndarray()
+                )
                 if len(window) == self.num_frames:  # a window is complete: analyse it, encode it if it is a clip
                     for clip in planner.push_frames(np.stack(thumbs)):
                         made.append(self._encode(clip, window, tmp / f"c{clip.index:06d}.mp4"))
@@ -413,7 +472,7 @@ class ClipDecoder(Stage):
             if self.threads > 1:
                 stream.thread_type = "AUTO"  # frame and slice threads (PyAV's default is slices only)
             graph, graph_input = None, None
-            for packet in container.demux(stream):    # ends with an empty packet: flushes the decoder
+            for packet in container.demux(stream):  # ends with an empty packet: flushes the decoder
                 try:
                     frames = stream.decode(packet)
                 except av.FFmpegError as e:
@@ -429,20 +488,20 @@ class ClipDecoder(Stage):
                             graph.push(None)
                             take(graph)
                         graph_input = (frame.width, frame.height, frame.format.name)
-                        graph = clip_graph(frame, stream.time_base, frame.rotation, self.width, self.height,
-                                           self.fps)
+                        graph = clip_graph(frame, stream.time_base, frame.rotation, self.width, self.height, self.fps)
                     graph.push(frame)
                     take(graph)
                 if planner.done:
                     break
                 if time.monotonic() > deadline:
-                    raise DecodeFailed("decode_timeout", f"decoding took longer than clips.timeout_s="
-                                       f"{self.timeout:.0f} s")
+                    raise DecodeFailed(
+                        "decode_timeout", f"decoding took longer than clips.timeout_s={self.timeout:.0f} s"
+                    )
             if graph is not None and not planner.done and not (errors and self.on_decode_error == "reject"):
-                graph.push(None)                         # end of stream: the fps filter emits its last frames
+                graph.push(None)  # end of stream: the fps filter emits its last frames
                 take(graph)
         if thumbs and not planner.done:
-            planner.push_frames(np.stack(thumbs))        # an incomplete tail: counted, never a clip
+            planner.push_frames(np.stack(thumbs))  # an incomplete tail: counted, never a clip
         errors += [message.strip() for level, _, message in logs if level <= av.logging.ERROR]
         return made, " | ".join(dict.fromkeys(errors))
 
@@ -468,8 +527,14 @@ class ClipDecoder(Stage):
         except av.FFmpegError as e:
             raise DecodeFailed("encode_error", f"FFmpeg could not encode clip {clip.index}: {e}") from None
         if self.keyframes_which:
-            clip.keyframes = schema.npy_bytes(np.stack([
-                frames[i].to_ndarray(format="rgb24") for i in keyframe_indices(self.num_frames, self.keyframes_which)]))
+            clip.keyframes = schema.npy_bytes(
+                np.stack(
+                    [
+                        frames[i].to_ndarray(format="rgb24")
+                        for i in keyframe_indices(self.num_frames, self.keyframes_which)
+                    ]
+                )
+            )
         clip.frames = []
         return clip
 
@@ -483,8 +548,18 @@ class ClipDecoder(Stage):
         clips: list[Clip] = []
         watchdog = _Watchdog(self.timeout)
         err = tmp / "ffmpeg.err"
-        cmd = clip_command(path, str(tmp / "c%06d.mp4"), self.width, self.height, self.fps, self.num_frames,
-                           self.crf, self.preset, self.threads, raw_size=(raw_w, raw_h))
+        cmd = clip_command(
+            path,
+            str(tmp / "c%06d.mp4"),
+            self.width,
+            self.height,
+            self.fps,
+            self.num_frames,
+            self.crf,
+            self.preset,
+            self.threads,
+            raw_size=(raw_w, raw_h),
+        )
         with open(err, "wb") as err_file:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err_file)
         watchdog.procs.append(proc)
@@ -492,12 +567,12 @@ class ClipDecoder(Stage):
         try:
             while True:
                 want = planner.window_left * frame_bytes  # the rest of the current window, analysed together
-                buf = proc.stdout.read(want)              # short only at the end of the stream
+                buf = proc.stdout.read(want)  # short only at the end of the stream
                 if stopped_early:
                     if not buf:
                         break
                     continue  # draining what ffmpeg flushes after the interrupt
-                whole = len(buf) // frame_bytes           # (a partial frame at the very end is dropped)
+                whole = len(buf) // frame_bytes  # (a partial frame at the very end is dropped)
                 frames = np.frombuffer(buf, np.uint8, count=whole * frame_bytes).reshape(whole, raw_h, raw_w, 3)
                 for clip in planner.push_frames(frames):
                     if self.keyframes_which:
@@ -523,8 +598,10 @@ class ClipDecoder(Stage):
         for clip in clips:
             f = tmp / f"c{clip.index:06d}.mp4"
             if not f.is_file():
-                raise DecodeFailed("decode_error" if errors else "encode_error",
-                                   f"ffmpeg wrote no file for clip {clip.index}: {errors}")
+                raise DecodeFailed(
+                    "decode_error" if errors else "encode_error",
+                    f"ffmpeg wrote no file for clip {clip.index}: {errors}",
+                )
             clip.data = f.read_bytes()
         return clips, errors
 
@@ -553,13 +630,12 @@ def cover_crop(image: np.ndarray, width: int, height: int) -> np.ndarray:
 
 def decode_clip(data: bytes) -> np.ndarray:
     """A clip's mp4 bytes -> uint8 [f, h, w, 3] (for the caption / encode stages and tests)."""
-    from model import media
+    from pipelines import media
 
     return media.decode_mp4(data)
 
 
 def decode_still(data: bytes) -> np.ndarray:
-    from model import media
+    from pipelines import media
 
     return media.decode_image(data)
-

@@ -24,17 +24,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipelines import schema
-from pipelines.stages import Stage, internal_error
+from pipelines.curation.stages import Stage, internal_error
 
 if TYPE_CHECKING:
-    from pipelines.curate import CaptionConfig, CurateConfig
+    from pipelines.curation.config import CaptionConfig, CurateConfig
 
 log = logging.getLogger(__name__)
 
 FRAME_NAMES = ("first", "middle", "last")
 
 
-def model_enabled(cfg: "CaptionConfig") -> bool:
+def model_enabled(cfg: CaptionConfig) -> bool:
     """Does the CLIP similarity run? ("auto": only with pretrained weights)."""
     return cfg.filter == "clip" or (cfg.filter == "auto" and cfg.pretrained is not None)
 
@@ -64,7 +64,7 @@ def text_problem(caption: str | None, caption_error: str | None, min_chars: int,
 class CaptionFilter(Stage):
     name = "caption"
 
-    def __init__(self, cfg: "CurateConfig", device: str | None = None):
+    def __init__(self, cfg: CurateConfig, device: str | None = None):
         c = cfg.caption
         self.min_chars, self.max_chars = c.min_chars, c.max_chars
         self.threshold, self.reduce, self.frames = c.threshold, c.reduce, list(c.frames)
@@ -110,7 +110,7 @@ class CaptionFilter(Stage):
         """uint8 [k, h, w, 3]: the frames to score (stored by decode, or decoded again from the clip)."""
         if row.get("keyframes") is not None:
             return schema.load_npy(row["keyframes"])
-        from pipelines.stages.decode import decode_clip, decode_still, keyframe_indices
+        from pipelines.curation.stages.decode import decode_clip, decode_still, keyframe_indices
 
         if row["media_type"] == "image":
             return decode_still(row["media"])[None]
@@ -123,16 +123,15 @@ class CaptionFilter(Stage):
         frames = [self.frames_of(r) for r in rows]
         counts = [len(f) for f in frames]
         with torch.inference_mode():
-            image = self.image_encoder(np.concatenate(frames))                    # [sum k, d]
+            image = self.image_encoder(np.concatenate(frames))  # [sum k, d]
             image = torch.nn.functional.normalize(image.float(), dim=-1)
             tokens = self.tokenizer([r["caption"] for r in rows]).to(self.device)
             text = torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)  # [n, d]
         text_per_frame = torch.repeat_interleave(text, torch.tensor(counts, device=text.device), dim=0)
-        sims = (image * text_per_frame).sum(-1).cpu().numpy()                     # [sum k]
+        sims = (image * text_per_frame).sum(-1).cpu().numpy()  # [sum k]
         reduce = {"mean": np.mean, "min": np.min, "max": np.max}[self.reduce]
         out, start = [], 0
         for k in counts:
-            out.append(float(reduce(sims[start:start + k])))
+            out.append(float(reduce(sims[start : start + k])))
             start += k
         return out
-

@@ -6,7 +6,7 @@
     frames = t2v.generate(["a red circle moving left"], steps=50, guidance=9.0, seed=0)   # uint8 [b, f, h, w, 3]
 
 Checkpoint file (our own format; ``torch.load(weights_only=True)`` reads it):
-    {"format": "t2v-platform/1", "config": configuration.to_dict(model_config), "unet": unet.state_dict(),
+    {"format": "t2v-platform/1", "config": validation.to_dict(model_config), "unet": unet.state_dict(),
      "text_encoder": state_dict | None, "image_encoder": state_dict | None, "step": int, "ema": bool}
 The CLIP encoders are stored when they were random-initialised (no ``encoders.clip_pretrained``), so sampling sees
 exactly the encoders training used; pretrained CLIP and VAE weights are read again from their local paths.
@@ -21,13 +21,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model import configuration
-from model.configuration import ConfigError
-from model.configs import ModelConfig
+from model import validation
+from model.ddim import sample
 from model.diffusion import Schedule
-from model.encoders import FirstStage, ImageEncoder, TextEncoder, build_clip_encoders, frames_to_tensor, tensor_to_frames
-from model.sampler import sample
+from model.encoders import (
+    FirstStage,
+    ImageEncoder,
+    TextEncoder,
+    build_clip_encoders,
+    frames_to_tensor,
+    tensor_to_frames,
+)
+from model.registry import ModelConfig
 from model.unet import UNet3D
+from model.validation import ConfigError
 
 FORMAT = "t2v-platform/1"
 
@@ -35,37 +42,44 @@ FORMAT = "t2v-platform/1"
 class TextToVideo:
     """A text-to-video model: ModelConfig + UNet3D + text/image encoders + first stage + schedule."""
 
-    def __init__(self, config: ModelConfig, unet: UNet3D, text_encoder: TextEncoder, image_encoder: ImageEncoder,
-                 first_stage: FirstStage):
+    def __init__(
+        self,
+        config: ModelConfig,
+        unet: UNet3D,
+        text_encoder: TextEncoder,
+        image_encoder: ImageEncoder,
+        first_stage: FirstStage,
+    ):
         self.config = config
         self.unet = unet
         self.text_encoder = text_encoder
         self.image_encoder = image_encoder
         self.first_stage = first_stage
         self.schedule = Schedule.from_config(config.diffusion)
-        self.step = 0          # training step the weights come from (set by from_checkpoint)
-        self.ema = False       # whether the UNet holds EMA weights
+        self.step = 0  # training step the weights come from (set by from_checkpoint)
+        self.ema = False  # whether the UNet holds EMA weights
         _check_compatible(config, text_encoder, image_encoder, first_stage)
 
     # -- construction -----------------------------------------------------------------------------------------
 
     @classmethod
-    def build(cls, cfg: ModelConfig, device: str | torch.device = "cpu") -> "TextToVideo":
+    def build(cls, cfg: ModelConfig, device: str | torch.device = "cpu") -> TextToVideo:
         """A fresh model: random UNet (seeded by the caller's torch RNG), encoders per ``cfg.encoders``."""
         if not isinstance(cfg, ModelConfig):
-            raise ConfigError(f"TextToVideo.build: expected a ModelConfig (model.configs.get_config), got "
-                              f"{type(cfg).__name__}")
+            raise ConfigError(
+                f"TextToVideo.build: expected a ModelConfig (model.registry.get_config), got {type(cfg).__name__}"
+            )
         text, image = build_clip_encoders(cfg.encoders, device)
         first_stage = FirstStage.from_config(cfg.encoders, device)
         unet = UNet3D(cfg.unet).to(device)
         return cls(cfg, unet, text, image, first_stage)
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "TextToVideo":
+    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> TextToVideo:
         """Load a file written by ``save`` (see the module docstring for the format)."""
         ckpt = read_checkpoint(path)
         try:
-            cfg = configuration.from_dict(ModelConfig, ckpt["config"])
+            cfg = validation.from_dict(ModelConfig, ckpt["config"])
         except ConfigError as e:
             raise ConfigError(f"{path}: the stored model config is not valid for this version: {e}") from None
         text, image = build_clip_encoders(cfg.encoders, device)
@@ -83,12 +97,17 @@ class TextToVideo:
     def save(self, path: str | os.PathLike, step: int = 0, ema: bool = False) -> Path:
         """Write the checkpoint atomically (a reader never sees half a file). ``ema``: the UNet holds EMA weights."""
         random_clip = self.config.encoders.clip_pretrained is None
-        return write_checkpoint(path, self.config, self.unet.state_dict(),
-                                text_encoder=self.text_encoder.state_dict() if random_clip else None,
-                                image_encoder=self.image_encoder.state_dict() if random_clip else None,
-                                step=step, ema=ema)
+        return write_checkpoint(
+            path,
+            self.config,
+            self.unet.state_dict(),
+            text_encoder=self.text_encoder.state_dict() if random_clip else None,
+            image_encoder=self.image_encoder.state_dict() if random_clip else None,
+            step=step,
+            ema=ema,
+        )
 
-    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "TextToVideo":
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> TextToVideo:
         """Move every module to ``device``; ``dtype`` applies to the UNet only (encoders stay as loaded)."""
         self.unet.to(device=device, dtype=dtype)
         for module in (self.text_encoder, self.image_encoder, self.first_stage):
@@ -111,7 +130,7 @@ class TextToVideo:
 
     def encode_video(self, frames, generator: torch.Generator | None = None) -> Tensor:
         """uint8 [b, f, h, w, 3] -> what the UNet diffuses, [b, c, f, h/d, w/d] (scaled latents or pixels)."""
-        x = frames_to_tensor(frames).to(self.device)                         # [b, 3, f, h, w] in [-1, 1]
+        x = frames_to_tensor(frames).to(self.device)  # [b, 3, f, h, w] in [-1, 1]
         return self.first_stage.encode(x, generator).sample
 
     def decode(self, latents: Tensor) -> np.ndarray:
@@ -125,8 +144,18 @@ class TextToVideo:
     # -- sampling -----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], *, image=None, steps: int = 50, guidance: float = 9.0, eta: float = 0.0,
-                 seed: int = 0, negative_prompt: str = "", progress: bool = False) -> np.ndarray:
+    def generate(
+        self,
+        prompts: list[str],
+        *,
+        image=None,
+        steps: int = 50,
+        guidance: float = 9.0,
+        eta: float = 0.0,
+        seed: int = 0,
+        negative_prompt: str = "",
+        progress: bool = False,
+    ) -> np.ndarray:
         """Prompts (and optionally a conditioning image) -> videos uint8 [b, f, h, w, 3].
 
         ``image``: uint8 [h, w, 3] for all prompts or [b, h, w, 3], given to the UNet as its CLIP image embedding.
@@ -136,21 +165,33 @@ class TextToVideo:
             raise ValueError("prompts must be a non-empty list of strings, e.g. ['a red circle moving left']")
         b = len(prompts)
         dtype = next(self.unet.parameters()).dtype
-        cond = {"context": self.encode_text(prompts).to(dtype)}              # [b, n, width]
+        cond = {"context": self.encode_text(prompts).to(dtype)}  # [b, n, width]
         uncond = {"context": self.text_encoder.null(1, negative_prompt).to(dtype)}  # [1, n, width]
         if image is not None:
             if not self.config.unet.image_embed_dim:
                 raise ValueError("this model has no image condition (unet.image_embed_dim=0); omit the image")
-            emb = self.encode_image(image).to(dtype)                         # [1 or b, embed_dim]
+            emb = self.encode_image(image).to(dtype)  # [1 or b, embed_dim]
             if emb.shape[0] not in (1, b):
                 raise ValueError(f"got {emb.shape[0]} images for {b} prompts; pass one image or one per prompt")
             cond["image_embedding"] = emb.expand(b, -1)
         was_training = self.unet.training
         self.unet.eval()
         try:
-            latents = sample(self.unet, self.latent_shape(b), self.config.diffusion, cond=cond, uncond=uncond,
-                             guidance=guidance, steps=steps, eta=eta, seed=seed, device=self.device, dtype=dtype,
-                             schedule=self.schedule, progress=progress)
+            latents = sample(
+                self.unet,
+                self.latent_shape(b),
+                self.config.diffusion,
+                cond=cond,
+                uncond=uncond,
+                guidance=guidance,
+                steps=steps,
+                eta=eta,
+                seed=seed,
+                device=self.device,
+                dtype=dtype,
+                schedule=self.schedule,
+                progress=progress,
+            )
         finally:
             self.unet.train(was_training)
         return self.decode(latents)
@@ -163,13 +204,17 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     """torch.load(weights_only=True) a TextToVideo checkpoint, with errors that say what the file is instead."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist: pass a model.pt written by training "
-                                "(result.json 'checkpoint') or TextToVideo.save")
+        raise FileNotFoundError(
+            f"checkpoint {str(path)!r} does not exist: pass a model.pt written by training "
+            "(result.json 'checkpoint') or TextToVideo.save"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types (UnpicklingError, RuntimeError, IndexError...) on junk
-        raise ValueError(f"{path} is not a t2v-platform checkpoint (torch.load failed: {str(e).splitlines()[0]}); "
-                         "pass a model.pt written by training or TextToVideo.save") from None
+        raise ValueError(
+            f"{path} is not a t2v-platform checkpoint (torch.load failed: {str(e).splitlines()[0]}); "
+            "pass a model.pt written by training or TextToVideo.save"
+        ) from None
     if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
         missing = [k for k in ("config", "unet") if k not in ckpt]
         if missing:
@@ -178,15 +223,26 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if isinstance(ckpt, dict) and ckpt.get("format"):
         raise ValueError(f"{path} has format {ckpt['format']!r}; this version reads {FORMAT!r}")
     if isinstance(ckpt, dict) and any(str(k).startswith(("input_blocks.", "model.diffusion_model.")) for k in ckpt):
-        raise ValueError(f"{path} is a bare ModelScope/TF-T2V UNet state dict, not a t2v-platform checkpoint: "
-                         "import it with model/checkpoint.py into a TextToVideo, then save that")
-    raise ValueError(f"{path} is not a t2v-platform checkpoint (no 'format': {FORMAT!r} entry); pass a model.pt "
-                     "written by training or TextToVideo.save")
+        raise ValueError(
+            f"{path} is a bare ModelScope/TF-T2V UNet state dict, not a t2v-platform checkpoint: "
+            "import it with model/checkpoint.py into a TextToVideo, then save that"
+        )
+    raise ValueError(
+        f"{path} is not a t2v-platform checkpoint (no 'format': {FORMAT!r} entry); pass a model.pt "
+        "written by training or TextToVideo.save"
+    )
 
 
-def write_checkpoint(path: str | os.PathLike, config: ModelConfig, unet: dict[str, Tensor], *,
-                     text_encoder: dict[str, Tensor] | None = None, image_encoder: dict[str, Tensor] | None = None,
-                     step: int = 0, ema: bool = False) -> Path:
+def write_checkpoint(
+    path: str | os.PathLike,
+    config: ModelConfig,
+    unet: dict[str, Tensor],
+    *,
+    text_encoder: dict[str, Tensor] | None = None,
+    image_encoder: dict[str, Tensor] | None = None,
+    step: int = 0,
+    ema: bool = False,
+) -> Path:
     """Write a TextToVideo checkpoint from state dicts (for exporters that hold only the UNet weights, e.g. a
     DeepSpeed rank 0). Leave the encoders None when ``config.encoders.clip_pretrained`` is set; for random CLIPs
     pass them, or ``from_checkpoint`` re-creates them from ``config.encoders.seed``. Written atomically."""
@@ -194,7 +250,7 @@ def write_checkpoint(path: str | os.PathLike, config: ModelConfig, unet: dict[st
     path.parent.mkdir(parents=True, exist_ok=True)
     ckpt = {
         "format": FORMAT,
-        "config": configuration.to_dict(config),
+        "config": validation.to_dict(config),
         "unet": _cpu(unet),
         "text_encoder": None if text_encoder is None else _cpu(text_encoder),
         "image_encoder": None if image_encoder is None else _cpu(image_encoder),
@@ -214,8 +270,10 @@ def _cpu(state: dict[str, Tensor]) -> dict[str, Tensor]:
 def _load_state(module: torch.nn.Module, state: dict, where: str) -> None:
     result = module.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"{where}: weights do not fit the stored config (missing {result.missing_keys[:4]}, "
-                         f"unexpected {result.unexpected_keys[:4]}); was the file written by another version?")
+        raise ValueError(
+            f"{where}: weights do not fit the stored config (missing {result.missing_keys[:4]}, "
+            f"unexpected {result.unexpected_keys[:4]}); was the file written by another version?"
+        )
 
 
 def _check_compatible(cfg: ModelConfig, text: TextEncoder, image: ImageEncoder, first_stage: FirstStage) -> None:
@@ -223,17 +281,24 @@ def _check_compatible(cfg: ModelConfig, text: TextEncoder, image: ImageEncoder, 
     u = cfg.unet
     problems = []
     if u.in_channels != first_stage.latent_channels or u.out_channels != first_stage.latent_channels:
-        problems.append(f"unet.in_channels/out_channels={u.in_channels}/{u.out_channels} but the first stage "
-                        f"({cfg.encoders.first_stage}) has {first_stage.latent_channels} channels")
+        problems.append(
+            f"unet.in_channels/out_channels={u.in_channels}/{u.out_channels} but the first stage "
+            f"({cfg.encoders.first_stage}) has {first_stage.latent_channels} channels"
+        )
     if u.context_dim != text.width:
-        problems.append(f"unet.context_dim={u.context_dim} but CLIP {cfg.encoders.clip_model!r} text width is "
-                        f"{text.width}")
+        problems.append(
+            f"unet.context_dim={u.context_dim} but CLIP {cfg.encoders.clip_model!r} text width is {text.width}"
+        )
     if u.image_embed_dim and u.image_embed_dim != image.embed_dim:
-        problems.append(f"unet.image_embed_dim={u.image_embed_dim} but CLIP {cfg.encoders.clip_model!r} image "
-                        f"embedding has {image.embed_dim}")
+        problems.append(
+            f"unet.image_embed_dim={u.image_embed_dim} but CLIP {cfg.encoders.clip_model!r} image "
+            f"embedding has {image.embed_dim}"
+        )
     step = first_stage.downsample * u.downsample_factor
     if cfg.height % step or cfg.width % step:
-        problems.append(f"height x width = {cfg.height}x{cfg.width} must be multiples of {step} "
-                        f"(first stage /{first_stage.downsample}, UNet /{u.downsample_factor})")
+        problems.append(
+            f"height x width = {cfg.height}x{cfg.width} must be multiples of {step} "
+            f"(first stage /{first_stage.downsample}, UNet /{u.downsample_factor})"
+        )
     if problems:
         raise ConfigError("model config does not fit together: " + "; ".join(problems))

@@ -1,0 +1,511 @@
+"""t2v curate --input runs/corpus/manifest.csv --output runs/curated [--config curate.yaml] [--set key=value ...]
+
+Also ``python -m pipelines.curation.job ...`` (the Ray job entrypoint), same arguments. Curates a video/image corpus
+into WebDataset shards with Ray Data:
+
+    inputs -> probe -> quality (resolution, duration) -> decode + clip -> quality (motion)
+           -> caption filter (text rules + OpenCLIP, actor pool) -> route (image | video_text | video)
+           [-> pre-encode (optional, actor pool)] -> shards + ledger (driver)
+
+Local Ray by default; ``--address ray://head:10001`` (or RAY_ADDRESS) runs on a cluster. Running the same
+command again skips inputs the ledger already has and writes no duplicates; a run that was killed resumes.
+``--dry-run`` prints the resolved config. See ``pipelines/schema.py`` for the output layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines import logs, schema, settings
+from pipelines.curation import inputs as inputs_mod
+from pipelines.curation.config import CONFIG_FILE, SHAPING, CurateConfig
+from pipelines.curation.ledger import Ledger, input_result, read_ledger, remove_uncommitted, summarize
+from pipelines.curation.stages import OK, REJECTED, STAGES, to_table
+from pipelines.settings import ConfigError
+
+log = logging.getLogger("t2v.curate")
+
+LOCK_FILE = ".curate.lock"
+# Test hook: raise SimulatedCrash after this many inputs were written but before their commit (what a kill
+# between two commits leaves behind). Only tests set it.
+CRASH_ENV = "T2V_CURATE_CRASH_AFTER"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised by the CRASH_ENV test hook."""
+
+
+def run(cfg: CurateConfig, input: str, output: str | os.PathLike, address: str | None = None) -> dict[str, Any]:
+    """Curate ``input`` into ``output``; returns the run summary (also written to ``<output>/summary.json``).
+
+    Incremental: inputs already in the output's ledger are skipped, so calling it again with a grown manifest (or
+    a new one) adds only the new inputs.
+    """
+    started = time.time()
+    out = Path(output).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.encode.mode != "none":
+        _check_encode(cfg)
+    with _lock(out):
+        _check_compatible(cfg, out)
+        ledger = Ledger(out)
+        removed = remove_uncommitted(out, ledger.shards)
+        listed = inputs_mod.resolve(input, cfg.inputs)
+        todo = [r for r in listed if (r["source"], r["occurrence"]) not in ledger.done]
+        run_id = time.strftime("r%Y%m%dT%H%M%S", time.gmtime()) + uuid.uuid4().hex[:6]
+        log.info(
+            "curate %s -> %s: %d inputs listed, %d already done, %d to do (run %s)",
+            input,
+            out,
+            len(listed),
+            len(listed) - len(todo),
+            len(todo),
+            run_id,
+        )
+        driver = _Driver(out, run_id, ledger, cfg, total=len(todo))
+        live = [r for r in todo if r["status"] == OK]
+        ray_start_s = 0.0
+        pipeline_started = time.time()
+        try:
+            # rejected while listing (duplicates, unusable manifest rows): already final
+            driver.receive([r for r in todo if r["status"] != OK])
+            if live:
+                _warn_about_models(cfg)
+                ray_start_s = init_ray(address, cfg.num_cpus, cfg.task_cpus)
+                pipeline_started = time.time()
+                for batch in build_dataset(live, cfg).iter_batches(batch_size=None, batch_format="pyarrow"):
+                    driver.receive(batch.to_pylist())
+        except BaseException:
+            driver.sink.abort()  # no commit: the next run removes these tars and redoes their inputs
+            raise
+        driver.finish()
+        pipeline_s = time.time() - pipeline_started
+    summary = _summary(driver, input, out, listed, todo, removed, started, ray_start_s, pipeline_s)
+    _write_json(out / schema.SUMMARY_FILE, summary)
+    return summary
+
+
+def local_ray_system_config(num_cpus: int | None, task_cpus: float) -> dict[str, Any]:
+    """Ray settings for a local Ray: keep a worker process per decode-task slot. By default Ray keeps only as many
+    idle workers as CPUs and stops the rest after a second idle, so with task_cpus 0.5 every short pause
+    (between two runs, or while one input's tasks finish) stopped half the workers, and the next tasks paid for
+    new ones (about 1.5 s of CPU each, mostly imports). On a cluster, set the same in the cluster's config."""
+    cpus = num_cpus or os.cpu_count() or 1
+    return {"num_workers_soft_limit": max(cpus, math.ceil(cpus / task_cpus))}
+
+
+def init_ray(address: str | None, num_cpus: int | None, task_cpus: float) -> float:
+    """Connect to Ray unless already connected; returns the seconds it took. ``address`` (or RAY_ADDRESS) joins
+    a cluster; otherwise a local Ray starts (``local_ray_system_config``)."""
+    t = time.time()
+    import ray  # (importing Ray is part of its start-up cost: several seconds)
+
+    if ray.is_initialized():
+        return 0.0
+    if address:
+        # A client outside the cluster ships this project's code to the workers.
+        import model
+        import pipelines
+
+        ray.init(address=address, runtime_env={"py_modules": [model, pipelines]}, log_to_driver=True)
+    elif os.environ.get("RAY_ADDRESS"):
+        ray.init()  # inside a Ray job, or pointed at a cluster by the environment
+    else:
+        # With the dashboard (on 127.0.0.1 only), which serves the State API: Ray Train's placement-group cleaner
+        # polls it every second and, without it, logs a warning each time for the whole of a training run.
+        ray.init(
+            num_cpus=num_cpus, dashboard_host="127.0.0.1", _system_config=local_ray_system_config(num_cpus, task_cpus)
+        )
+    return time.time() - t
+
+
+def _gpus_available() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def build_dataset(rows: list[dict[str, Any]], cfg: CurateConfig):
+    """The Ray Data pipeline over input rows (all stages; see the module docstring). Nothing runs until iterated."""
+    import ray
+
+    from pipelines.curation.stages.caption import CaptionFilter, model_enabled
+    from pipelines.curation.stages.decode import ClipDecoder
+    from pipelines.curation.stages.probe import Probe
+    from pipelines.curation.stages.quality import ClipQuality, InputQuality
+    from pipelines.curation.stages.route import Route
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = cfg.progress
+    # Decode tasks ask for task_cpus = 0.5 by default: two tasks per core, so while one task waits on Ray (its
+    # input block, handing its output over) the other keeps the core busy. With an ffmpeg process per video
+    # (clips.decoder=ffmpeg), 22% of the 2 cores sat idle at 1 CPU a task during a bench curate run, 4% at 0.5;
+    # with the in-process decoder, 0.5 is still a little faster than 1 (4.2-4.4 s against 4.5 s).
+    # Blocks: each task costs Ray and Ray Data a fixed overhead (about 0.1 s of CPU), so blocks are as large as
+    # still balances the load, about 4 tasks per task slot (decode work is uneven: a long video against an image),
+    # 1 to 16 inputs each, and never more than 20,000 blocks for the driver to track.
+    if cfg.inputs_per_task:
+        n = cfg.inputs_per_task
+    else:
+        slots = max(1.0, ray.cluster_resources().get("CPU", 1) / cfg.task_cpus)
+        n = min(16, max(1, math.ceil(len(rows) / (4 * slots))))
+    n = max(n, math.ceil(len(rows) / 20_000))
+    blocks = [to_table(rows[i : i + n]) for i in range(0, len(rows), n)]
+    ds = ray.data.from_arrow(blocks)
+    clip_model = model_enabled(cfg.caption)
+    # CPU stages run as tasks; Ray fuses consecutive ones into a single task per block.
+    for stage in (Probe(cfg), InputQuality(cfg), ClipDecoder(cfg, keep_keyframes=clip_model), ClipQuality(cfg)):
+        ds = ds.map_batches(stage, batch_size=None, batch_format="pyarrow", num_cpus=cfg.task_cpus)
+    use_gpu = cfg.caption.device != "cpu" and _gpus_available()
+    _check_cpu_budget(
+        cfg, clip_model, use_gpu, cfg.encode.mode != "none" and not (cfg.encode.device != "cpu" and _gpus_available())
+    )
+    # Model stages run as actor pools placed with SPREAD: on a cluster the model copies land on different nodes,
+    # and, because the decode tasks ask for no placement, Ray Data does not fuse the decode tasks into the actor
+    # pool (with equal CPU requests it would, and every block would then decode inside the one model actor).
+    pool_args = {"scheduling_strategy": "SPREAD"}
+    if clip_model:
+        ds = ds.map_batches(
+            CaptionFilter,
+            fn_constructor_kwargs={"cfg": cfg},
+            batch_size=cfg.caption.batch_size,
+            batch_format="pyarrow",
+            concurrency=cfg.caption.actors,
+            num_gpus=1 if use_gpu else 0,
+            num_cpus=0 if use_gpu else cfg.caption.actor_cpus,
+            **pool_args,
+        )
+    else:
+        ds = ds.map_batches(CaptionFilter(cfg), batch_size=None, batch_format="pyarrow", num_cpus=cfg.task_cpus)
+    ds = ds.map_batches(Route(cfg), batch_size=None, batch_format="pyarrow", num_cpus=cfg.task_cpus)
+    if cfg.encode.mode != "none":
+        from pipelines.curation.stages.encode import PreEncoder
+
+        use_gpu = cfg.encode.device != "cpu" and _gpus_available()
+        ds = ds.map_batches(
+            PreEncoder,
+            fn_constructor_kwargs={"cfg": cfg},
+            batch_size=cfg.encode.batch_size,
+            batch_format="pyarrow",
+            concurrency=cfg.encode.actors,
+            num_gpus=1 if use_gpu else 0,
+            num_cpus=0 if use_gpu else cfg.encode.actor_cpus,
+            **pool_args,
+        )
+    return ds
+
+
+def _check_cpu_budget(cfg: CurateConfig, clip_on_cpu_pool: bool, clip_gpu: bool, encode_on_cpu: bool) -> None:
+    """Actor pools hold their CPUs for the whole run; if they hold them all, the decode tasks never start."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    held = (cfg.caption.actors * cfg.caption.actor_cpus if clip_on_cpu_pool and not clip_gpu else 0) + (
+        cfg.encode.actors * cfg.encode.actor_cpus if encode_on_cpu else 0
+    )
+    if held and total - held < cfg.task_cpus:
+        raise ConfigError(
+            f"the CPU actor pools would hold {held:g} of the cluster's {total:g} CPUs, leaving none for "
+            "decoding; lower caption.actors/caption.actor_cpus or encode.actors/encode.actor_cpus "
+            "(e.g. --set caption.actor_cpus=0.5), or add CPUs"
+        )
+
+
+class _Driver:
+    """Collects finished rows in the driver: groups them by input, writes complete inputs' samples into the
+    shards, and commits (shard indexes + a ledger part) every ``shards.commit_every`` inputs and at the end."""
+
+    def __init__(self, out: Path, run_id: str, ledger: Ledger, cfg: CurateConfig, total: int):
+        from pipelines.curation.stages.write import ShardSink
+
+        self.out, self.run_id, self.ledger, self.cfg, self.total = out, run_id, ledger, cfg, total
+        self.sink = ShardSink(out, run_id, cfg.shards.maxcount, cfg.shards.maxsize)
+        self.partial: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        self.uncommitted: list[dict[str, Any]] = []
+        self.results: list[dict[str, Any]] = []  # ledger rows of this run
+        self.clip_reasons: collections.Counter = collections.Counter()
+        self.stage_rejections: collections.Counter = collections.Counter()
+        self.clips_made = 0
+        self.commits = 0
+        self.written_inputs = 0
+        self.crash_after = int(os.environ[CRASH_ENV]) if os.environ.get(CRASH_ENV) else None
+        self.last_log = time.time()
+        self.started = time.time()
+
+    def receive(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            ident = (row["source"], row["occurrence"])
+            group = self.partial.setdefault(ident, [])
+            group.append(row)
+            if len(group) >= row["input_rows"]:
+                del self.partial[ident]
+                self._complete(group)
+        if self.cfg.progress and time.time() - self.last_log > 10:
+            self.last_log = time.time()
+            rate = len(self.results) / max(1e-9, time.time() - self.started)
+            log.info(
+                "curate: %d/%d inputs done (%.1f/s), %d samples written",
+                len(self.results),
+                self.total,
+                rate,
+                sum(self.sink.samples.values()),
+            )
+
+    def _complete(self, rows: list[dict[str, Any]]) -> None:
+        shard_of = {}
+        for row in rows:
+            is_clip = row["num_frames"] > 0  # made by decode (input-level rows have no frames yet)
+            self.clips_made += is_clip
+            if row["status"] == OK:
+                shard_of[row["key"]] = self.sink.write(row)
+            else:
+                self.stage_rejections[row["stage"]] += 1
+                if is_clip:
+                    self.clip_reasons[f"{row['stage']}:{row['reason']}"] += 1
+        result = input_result(rows, shard_of)
+        self.uncommitted.append(result)
+        self.results.append(result)
+        self.written_inputs += 1
+        if self.crash_after is not None and self.written_inputs >= self.crash_after:
+            raise SimulatedCrash(f"{CRASH_ENV}={self.crash_after}: stopping as if killed before a commit")
+        if len(self.uncommitted) >= self.cfg.shards.commit_every:
+            self.commit()
+
+    def commit(self) -> None:
+        self.sink.commit()
+        self.ledger.append(self.uncommitted, self.run_id, self.commits)
+        self.commits += 1
+        self.uncommitted = []
+
+    def finish(self) -> None:
+        if self.partial:  # cannot happen unless a stage broke the row contract; say so rather than lose inputs
+            raise RuntimeError(
+                f"{len(self.partial)} input(s) came back incomplete from the pipeline, e.g. {next(iter(self.partial))}"
+            )
+        self.commit()
+
+
+def _summary(driver: _Driver, input: str, out: Path, listed, todo, removed, started, ray_start_s, pipeline_s):
+    results = driver.results
+    by_reason = collections.Counter(f"{r['stage']}:{r['reason']}" for r in results if r["status"] == REJECTED)
+    samples = collections.Counter(k for r in results for k in r["kinds"])
+    accepted = sum(r["status"] == "accepted" for r in results)
+    wall = time.time() - started
+    written = sum(samples.values())
+    return {
+        "run": driver.run_id,
+        "input": input,
+        "output": str(out),
+        "inputs": len(listed),
+        "skipped_done": len(listed) - len(todo),
+        "processed": len(results),
+        "accepted": accepted,
+        "rejected": len(results) - accepted,
+        "samples": {k: samples.get(k, 0) for k in schema.KINDS},
+        "rejected_by_reason": dict(sorted(by_reason.items())),
+        "stages": {s: {"rejected": driver.stage_rejections.get(s, 0)} for s in STAGES},
+        "clips": {
+            "made": driver.clips_made,
+            "written": written,
+            "rejected_by_reason": dict(sorted(driver.clip_reasons.items())),
+        },
+        "throughput": {
+            "wall_s": round(wall, 3),
+            "ray_start_s": round(ray_start_s, 3),
+            "pipeline_s": round(pipeline_s, 3),
+            "inputs_per_s": round(len(results) / max(pipeline_s, 1e-9), 3),
+            "samples_per_s": round(written / max(pipeline_s, 1e-9), 3),
+            "mb_written": round(driver.sink.bytes_written / 1e6, 3),
+        },
+        "removed_partial_shards": len(removed),
+        "totals": summarize(read_ledger(out)),
+        "shards": {k: len(schema.shard_urls(out, k)) for k in schema.KINDS},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output-directory guards
+
+
+@contextlib.contextmanager
+def _lock(out: Path):
+    """One curate run per output directory at a time (a second one would race on shards and ledger)."""
+    path = out / LOCK_FILE
+    if path.exists():
+        try:
+            held = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            held = {}
+        if (
+            held.get("host") == socket.gethostname()
+            and _alive(int(held.get("pid", -1)))
+            and held.get("pid") != os.getpid()
+        ):
+            raise ConfigError(
+                f"another curate run (pid {held['pid']}) is writing to {out}; wait for it to finish "
+                f"(or delete {path} if that process is gone)"
+            )
+    path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _get(d: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d.get(part, {}) if isinstance(d, dict) else {}
+    return d
+
+
+def _check_compatible(cfg: CurateConfig, out: Path) -> None:
+    """Refuse to add samples of another shape to an existing output; record the config on the first run."""
+    path = out / CONFIG_FILE
+    current = settings.to_dict(cfg)
+    if path.exists():
+        saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        diff = [
+            f"{k}: {_get(saved, k)!r} -> {_get(current, k)!r}" for k in SHAPING if _get(saved, k) != _get(current, k)
+        ]
+        if diff:
+            raise ConfigError(
+                f"{out} holds samples curated with other settings ({'; '.join(diff)}); use a new "
+                "--output, or the same settings"
+            )
+    else:
+        path.write_text(settings.dump(cfg), encoding="utf-8")
+
+
+def _check_encode(cfg: CurateConfig) -> None:
+    """Pre-encoded clips are only useful to a model that takes clips of this shape: say so before any work."""
+    e, c = cfg.encode, cfg.clips
+    if e.checkpoint:
+        from model.registry import ModelConfig
+        from model.text_to_video import read_checkpoint
+
+        model = settings.from_dict(ModelConfig, read_checkpoint(e.checkpoint)["config"])
+    else:
+        from model.registry import get_config
+
+        model = get_config(e.model, e.model_overrides)
+    if (model.num_frames, model.height, model.width) != (c.num_frames, c.height, c.width):
+        raise ConfigError(
+            f"encode: model {model.name!r} takes {model.num_frames} frames of {model.width}x{model.height} but the "
+            f"clips are {c.num_frames} frames of {c.width}x{c.height}; set clips.num_frames={model.num_frames} "
+            f"clips.width={model.width} clips.height={model.height}, or pick the matching model"
+        )
+
+
+def _warn_about_models(cfg: CurateConfig) -> None:
+    c = cfg.caption
+    if c.filter == "auto" and c.pretrained is None:
+        log.warning(
+            "no pretrained CLIP weights (caption.pretrained): the caption-similarity filter is off and "
+            "captions are checked by the text rules only. To enable it, pass a local open_clip weights file: "
+            "--set caption.pretrained=/path/to/%s.bin",
+            c.model,
+        )
+    elif c.filter == "clip" and c.pretrained is None:
+        log.warning(
+            "caption.filter=clip without caption.pretrained: %s has random weights, so its similarity "
+            "scores are noise (fine for tests, not for data)",
+            c.model,
+        )
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    t = s["throughput"]
+    lines = [
+        f"curated {s['input']} -> {s['output']} (run {s['run']})",
+        f"  inputs          {s['inputs']:>8}   ({s['skipped_done']} already done, {s['processed']} processed)",
+        f"  accepted        {s['accepted']:>8}",
+        f"  rejected        {s['rejected']:>8}",
+    ]
+    for reason, n in s["rejected_by_reason"].items():
+        lines.append(f"    {reason:<30} {n:>6}")
+    if s["clips"]["rejected_by_reason"]:
+        lines.append("  clips dropped (of accepted inputs and others)")
+        for reason, n in s["clips"]["rejected_by_reason"].items():
+            lines.append(f"    {reason:<30} {n:>6}")
+    lines.append("  samples written " + ", ".join(f"{k} {v}" for k, v in s["samples"].items()))
+    lines.append(
+        f"  time            {t['wall_s']:.1f} s (Ray start {t['ray_start_s']:.1f} s, pipeline "
+        f"{t['pipeline_s']:.1f} s: {t['inputs_per_s']:.2f} inputs/s, {t['samples_per_s']:.2f} samples/s, "
+        f"{t['mb_written']:.1f} MB)"
+    )
+    tot = s["totals"]
+    lines.append(
+        f"  output totals   {tot['inputs']} inputs: {tot['accepted']} accepted, {tot['rejected']} rejected; "
+        + ", ".join(f"{k} {v}" for k, v in tot["samples"].items())
+    )
+    lines.append(
+        f"  ledger: {Path(s['output']) / schema.LEDGER_FILE}   summary: {Path(s['output']) / schema.SUMMARY_FILE}"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="t2v curate", description=__doc__.split("\n\n")[1].strip())
+    parser.add_argument("--input", help="manifest (.csv/.parquet/.jsonl), media directory, or WebDataset tars")
+    parser.add_argument("--output", help="output directory (shards/, ledger.parquet, summary.json)")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local Ray)")
+    settings.add_arguments(parser)
+    args = parser.parse_args(argv)
+    cfg = settings.resolve(parser, CurateConfig, args)
+    if cfg is None:
+        return 0
+    if not args.input or not args.output:
+        parser.error("--input and --output are required (or --dry-run to print the config)")
+    logs.setup()
+    try:
+        summary = run(cfg, args.input, args.output, address=args.address)
+    except ConfigError as e:
+        print(f"t2v curate: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

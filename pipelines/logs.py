@@ -1,0 +1,91 @@
+"""One logging set-up for every entry point: the project's lines as ``[tag] message``, libraries kept quiet.
+
+    log = logging.getLogger("t2v.curate")    # entry points log under t2v.<command>; library modules __name__
+    logs.setup()                             # once, in main(): INFO lines to stdout, warnings and errors to stderr
+    logs.setup(rank=rank)                    # in a training worker: INFO from rank 0 only, warnings from every rank
+
+The tag is the last part of the logger's name (``t2v.curate`` -> ``[curate]``, ``pipelines.loader`` ->
+``[loader]``). Third-party libraries log at WARNING and above only; their INFO lines (Ray's start-up, open_clip's
+model loading, MLflow's store migrations) say nothing a user can act on. Errors are never filtered.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+# Loggers of libraries whose INFO output is routine; WARNING and above still show.
+QUIET_LIBRARIES = (
+    "ray",
+    "ray.data",
+    "ray.train",
+    "ray.tune",
+    "mlflow",
+    "alembic",
+    "open_clip",
+    "DeepSpeed",
+    "deepspeed",
+    "torch.distributed",
+    "prefect",
+    "httpx",
+    "urllib3",
+    "filelock",
+    "fsspec",
+    "asyncio",
+    "diffusers",
+    "numexpr",
+)
+
+_MARK = "_t2v_handler"
+
+
+class _TagFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        tag = record.name.rsplit(".", 1)[-1]
+        level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+        text = f"[{tag}] {level}{record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+class _Below(logging.Filter):
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < self.level
+
+
+class _RankZero(logging.Filter):
+    """Other ranks keep their warnings and errors; their INFO lines would repeat rank 0's."""
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.rank == 0 or record.levelno >= logging.WARNING
+
+
+def setup(level: int | str | None = None, rank: int = 0) -> None:
+    """Configure the root logger (idempotent). ``level`` defaults to ``$T2V_LOG_LEVEL`` or INFO."""
+    level = level or os.environ.get("T2V_LOG_LEVEL", "INFO")
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, _MARK, False)]:
+        root.removeHandler(handler)
+    formatter = _TagFormatter()
+    out = logging.StreamHandler(sys.stdout)
+    out.addFilter(_Below(logging.WARNING))
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
+    for handler in (out, err):
+        handler.setFormatter(formatter)
+        handler.addFilter(_RankZero(rank))
+        setattr(handler, _MARK, True)
+        root.addHandler(handler)
+    root.setLevel(level)
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))

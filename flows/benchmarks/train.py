@@ -95,8 +95,8 @@ def train_config(b: TrainBenchConfig, data: str, out: Path, steps: int) -> Train
                 "tracking_uri": f"sqlite:///{out / 'mlflow.db'}",
                 "experiment": "bench-train",
                 "system_metrics_s": 0.0,
-                "log_model": False,
             },
+            "log_model": False,
         },
     )
 

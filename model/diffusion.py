@@ -16,7 +16,7 @@ Zero terminal SNR and epsilon prediction: with ``a_T = 0`` the last timestep's `
 model's output carries no information about x0 there and ``x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)`` divides by
 zero. Training an eps model on it is harmless (the target is well defined), but converting eps to x0 at ``t = T``
 is not; ``x0_from_eps`` floors ``a_t`` (``MIN_ALPHA_BAR``) so nothing becomes inf, and the sampler starts an eps
-model at the last timestep with ``a_t > 0`` (see ``model/sampler.py``). That is why v-prediction is the default.
+model at the last timestep with ``a_t > 0`` (see ``model/ddim.py``). That is why v-prediction is the default.
 """
 
 from __future__ import annotations

@@ -172,15 +172,12 @@ def load_openclip(
 class TextEncoder(nn.Module):
     """Prompts -> CLIP token states [b, text_len, width]: penultimate layer, then the final layer norm. Frozen.
 
-    With ``word_code_gain`` > 0 every state also gets ``gain * word_code(prompt)``. Why: a randomly initialised
-    CLIP (all this project can have without downloaded weights) mixes every word into every state through random
-    attention, so one word moves the mean-pooled prompt by a tenth of its norm and its effect depends on the other
-    words. That was enough to learn colour but not motion direction, a prompt x frame interaction: the tiny model
-    drew shapes moving in directions the starting noise picked. The word code is each word's own embedding,
-    averaged over the prompt's words and layer-normalised, so every word (the direction word too) is an additive
-    part of it at full scale, the same whatever the other words; the null prompt (no words) gets zero, so
-    classifier-free guidance's unconditional input is unchanged. A pretrained CLIP separates words itself and
-    needs no word code (off by default).
+    With ``word_code_gain`` > 0 every state also gets ``gain * word_code(prompt)``: each word's own embedding,
+    averaged over the prompt's words and layer-normalised, so every word is an additive part of it at full scale
+    whatever the other words. Why: a randomly initialised CLIP (all there is without downloaded weights) mixes
+    every word into every state, which leaves a single word, such as a motion direction, too faint to learn from.
+    The null prompt (no words) gets zero, so classifier-free guidance's unconditional input is unchanged. A
+    pretrained CLIP separates words itself and needs no word code (off by default).
     """
 
     def __init__(self, clip_model: nn.Module, tokenizer, text_len: int = 77, word_code_gain: float = 0.0):

@@ -26,12 +26,10 @@ VAE_CHANNELS = 4  # ... into 4 latent channels
 
 
 def _tiny_unet() -> UNetConfig:
-    # Pixel space, 32x32, 8 frames: trained on CPU by the demo and used by tests. Step time is what limits how
-    # much it learns there, so it is shaped by FLOPs: a narrow first level (16 channels at 32x32, where every
-    # conv is 4x dearer than one level down), three levels so the 8x8 bottleneck sees the whole frame (shapes
-    # move across it), attention only at the two coarse levels, one ResBlock per level, no dropout. Pooled text and
-    # frame-index embeddings (model/unet.py) make prompt colour and motion direction learnable in minutes.
-    # About 1.8M parameters and 23 GFLOP per forward+backward at batch 2.
+    # Pixel space, 32x32, 8 frames: trained on CPU by the demo and used by tests, so shaped by FLOPs: a narrow first
+    # level, three levels so the 8x8 bottleneck sees the whole frame, attention only at the two coarse levels, one
+    # ResBlock per level, no dropout. The extra inputs (model/unet.py) make the prompt's colour and motion direction
+    # learnable in minutes. About 1.8M parameters.
     return UNetConfig(
         in_channels=3,
         out_channels=3,
@@ -53,9 +51,8 @@ def _tiny_unet() -> UNetConfig:
 
 
 def _tiny_encoders() -> EncoderConfig:
-    # The word code (model/encoders.py TextEncoder) at gain 2: with the random tiny CLIP's own states the tiny model
-    # learned colour but never motion direction; with it `t2v bench learn` reached direction 1.00 (colour 1.00) in
-    # 30 minutes, against chance before (README, benchmarks).
+    # The word code (model/encoders.py TextEncoder) at gain 2: the random tiny CLIP's own states carry the motion
+    # direction word too faintly for the tiny model to learn it.
     return EncoderConfig(first_stage="identity", clip_model="t2v-tiny-clip", word_code_gain=2.0)
 
 
@@ -125,8 +122,8 @@ class ModelConfig:
 
 
 def _tiny() -> ModelConfig:
-    # The defaults are the tiny model, trained with timesteps shifted towards high noise: on CPU it sees a few
-    # thousand steps, and where a shape sits in each frame (its motion) is decided at high noise.
+    # The defaults are the tiny model, trained with timesteps shifted towards high noise, where a clip's layout and
+    # motion are decided: on CPU it sees only a few thousand steps.
     return ModelConfig(diffusion=DiffusionConfig(timestep_shift=3.0))
 
 

@@ -12,17 +12,14 @@ ModelScope/TF-T2V state dicts so their checkpoints load unchanged (``model/check
     output_blocks.N            ResBlock on [x, skip] [+ spatial + temporal transformer] [+ Upsample ("conv")]
     out                        GroupNorm -> SiLU -> Conv2d (zero-initialised)
 
-Two optional inputs to the per-frame embedding, off in the released layout and on in the tiny config, where only
-minutes of CPU training are available: ``text_embed`` adds the mean of the text tokens to the timestep embedding
-(Imagen's pooled-text conditioning: every ResBlock sees the prompt, not only the attention levels), and
-``frame_embed`` adds an embedding of each frame's index (the released temporal layers have no positional
-encoding, so a frame can only infer its place from the temporal convs' zero padding, which is slow to learn and
-makes motion direction hard), computed together with the pooled prompt when both are on. Both end in a
-zero-initialised linear layer, so a fresh video UNet still computes the per-frame image UNet; ``frame_embed`` is a
-temporal module (image batches skip it). ``coordinate_channels`` appends two constant planes, each pixel's x and
-y, to the input (CoordConv): convolutions are translation-equivariant and the released attention has no
-positional encoding, so without them the network can hardly put content at a place the prompt decides (the tiny
-model trained for 30 minutes drew every "moving left/right/up/down" clip's frames at the centre of the frame).
+Three inputs the released layout lacks, off by default and on in the tiny config (which trains for minutes on CPU):
+``pooled_text_embedding`` (``text_embed``) adds the mean text token to the timestep embedding, as Imagen does, so
+every ResBlock sees the prompt, not only the attention levels; ``frame_embedding`` (``frame_embed``, a temporal
+module that image batches skip) adds an embedding of each frame's index, with the pooled prompt when both are on,
+since the released temporal layers carry no positional information; ``coordinate_channels`` appends each pixel's
+x and y as two input planes (CoordConv), since convolutions and the released attention cannot tell where in the
+frame they are. Both embeddings end in a zero-initialised layer, so a fresh video UNet still computes the
+per-frame image UNet.
 
 Inside the network activations are ``[(b f), c, h, w]``: every 2D layer treats frames as a batch of images and
 only the temporal layers fold frames back out. Temporal layers are residual with a zero-initialised last

@@ -137,9 +137,9 @@ def decode_video_file(
 def decode_mp4(data: bytes) -> np.ndarray:
     """mp4 bytes (e.g. a shard's ``mp4`` member) -> uint8 [f, h, w, 3], every frame as stored.
 
-    Decoded in this process with PyAV (FFmpeg's own libraries, one decoder thread): about 3 ms of CPU for a
-    training clip, where starting ffprobe and ffmpeg processes costs about 0.17 s, mostly loading FFmpeg's
-    libraries. The pixels are the same as ``decode_video_file``'s (which also resamples and scales)."""
+    Decoded in this process with PyAV (FFmpeg's own libraries, one decoder thread): starting ffprobe and ffmpeg
+    processes per clip would cost far more than decoding a small training clip. The pixels are the same as
+    ``decode_video_file``'s (which also resamples and scales)."""
     import av
 
     try:

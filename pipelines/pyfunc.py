@@ -13,7 +13,7 @@ optional; defaults come from the training config): ``steps``, ``guidance``, ``et
     frames_npy_base64   the exact frames as a base64-encoded .npy of uint8 [f, h, w, 3] (to measure; mp4 is lossy)
     num_frames, height, width, fps
 
-The logged model carries the TextToVideo checkpoint (``model/pipeline.py`` format) as an artifact and the
+The logged model carries the TextToVideo checkpoint (``model/text_to_video.py`` format) as an artifact and the
 project's ``model`` and ``pipelines`` packages as code, so it loads wherever the pinned dependencies exist.
 """
 

@@ -19,7 +19,7 @@ if [ ! -s "$token" ]; then
   echo "[ray-head] created an auth token in $token" >&2
 fi
 export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$token" RAY_USAGE_STATS_ENABLED=0
-# a worker per curation decode-task slot (tasks ask for 0.5 CPU; see curate.local_ray_system_config)
+# a worker per curation decode-task slot (tasks ask for 0.5 CPU; see pipelines/curation/job.py local_ray_system_config)
 export RAY_num_workers_soft_limit="${RAY_num_workers_soft_limit:-$(( 2 * $(nproc) ))}"
 # `python` in a job must be the project's interpreter
 export PATH="$venv/bin:$PATH"

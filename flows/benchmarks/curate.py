@@ -17,7 +17,7 @@ Curation benchmark (also ``t2v bench curate``). On a generated shapes corpus (``
    per video, like the bare side.
    Also printed, for reference: a decode-only ffmpeg pass (no encoding), and bare ffprobe on every input. The
    probe stage reads headers in-process with PyAV by default; with ``clips.probe=ffprobe`` it starts one ffprobe
-   per input (about 0.1 s of CPU each, mostly loading FFmpeg's libraries).
+   per input (its cost is mostly loading FFmpeg's libraries).
 2. caption-filter throughput: CLIP frames scored per second on one CPU thread (= per core) with
    ``clip_model`` (the tiny random-weight model unless you point ``clip_pretrained`` at real weights).
 """

@@ -54,8 +54,8 @@ class LearnBenchConfig:
     shape_scale: tuple[float, float] = (0.35, 0.45)
     # model and training
     model: str = "tiny"
-    # 16x16 clips: a 3.2x cheaper step than 32x32 on CPU, so many more steps fit in the budget; the detector still
-    # resolves colour and motion (shapes are about 4 px, travelling 10 px).
+    # 16x16 clips: a much cheaper step than 32x32 on CPU, so many more steps fit in the budget; the detector still
+    # resolves colour and motion at this size.
     model_overrides: dict[str, Any] = field(default_factory=lambda: {"height": 16, "width": 16})
     threads: int = 2  # torch threads of the (single) worker
     train: dict[str, Any] = field(
@@ -77,7 +77,7 @@ class LearnBenchConfig:
     steps_per_second: float = 0.0  # 0: measure it with a short calibration run first
     # sampling for evaluation
     sample_steps: int = 25
-    guidance: float = 7.0  # colour follows the prompt more with stronger guidance (4 -> 7: +0.06)
+    guidance: float = 7.0  # colour follows the prompt more with stronger guidance
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -132,7 +132,7 @@ def train_config(cfg: LearnBenchConfig, data: str, out: Path, ablation: str, ste
         "output": str(out),
         "model": cfg.model,
         "model_overrides": dict(cfg.model_overrides),
-        # The time limit ends the run and drives the LR decay (train_worker.lr_factor); the step count is the
+        # The time limit ends the run and drives the LR decay (training.worker.lr_factor); the step count is the
         # calibrated estimate with head-room, so a machine faster than the calibration still uses its minutes.
         "steps": int(steps * 1.5),
         "num_workers": 1,
@@ -158,7 +158,8 @@ def train_config(cfg: LearnBenchConfig, data: str, out: Path, ablation: str, ste
 
 
 def calibrate(cfg: LearnBenchConfig, data: str, work: Path) -> float:
-    """Steps per second of the plain loop (the Ray/DeepSpeed step costs within a few % of it; bench_train)."""
+    """Steps per second of the plain loop: an estimate for sizing the run (`t2v bench train` compares it with the
+    Ray/DeepSpeed step); the time limit ends the real run."""
     from flows.benchmarks.train import plain_loop
 
     tcfg = train_config(cfg, data, work / "calibrate", "full", steps=12)

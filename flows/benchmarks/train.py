@@ -4,9 +4,9 @@ Also ``python -m flows.benchmarks.train``. Measures the training machinery again
 process, and prints the figures:
 
 1. step time of Ray Train + DeepSpeed (one worker) against a plain single-process PyTorch loop with the same model,
-   batches, threads, optimizer and step (``train_worker.joint_step``), as a ratio of median step times after
-   ``--warmup`` steps (target <= 1.15). The contenders alternate, ``rounds`` Ray jobs each between two plain
-   loops, and the ratio is of their means: the machine's speed drifts over minutes when it is shared;
+   batches, threads, optimizer and step (``pipelines.training.worker.joint_step``), as a ratio of median step
+   times after ``warmup`` steps (target <= 1.15). The contenders alternate, ``rounds`` Ray jobs each between two
+   plain loops, and the ratio is of their means: the machine's speed drifts over minutes when it is shared;
 2. loader throughput (samples/s, ``TrainLoader`` alone) against the rate training consumes samples, and the share
    of step time training spent waiting for data (the loader must not be the bottleneck).
 

@@ -139,7 +139,7 @@ class ShardConfig:
 
 @dataclass
 class EncodeConfig:
-    """Optional pre-encoding (pipelines/stages/encode.py): latent moments + CLIP embeddings in the shards."""
+    """Optional pre-encoding (stages/encode.py): latent moments + CLIP embeddings in the shards."""
 
     mode: Literal["none", "latents+clip"] = "none"  # latents+clip: latent moments + CLIP text/image embeddings
     model: str = "tiny"  # model config (model.registry) whose encoders to use

@@ -105,9 +105,8 @@ def run(cfg: CurateConfig, input: str, output: str | os.PathLike, address: str |
 
 def local_ray_system_config(num_cpus: int | None, task_cpus: float) -> dict[str, Any]:
     """Ray settings for a local Ray: keep a worker process per decode-task slot. By default Ray keeps only as many
-    idle workers as CPUs and stops the rest after a second idle, so with task_cpus 0.5 every short pause
-    (between two runs, or while one input's tasks finish) stopped half the workers, and the next tasks paid for
-    new ones (about 1.5 s of CPU each, mostly imports). On a cluster, set the same in the cluster's config."""
+    idle workers as CPUs, so with task_cpus 0.5 a short pause would stop half the workers and the next tasks
+    would pay for new ones (mostly imports). On a cluster, set the same in the cluster's config."""
     cpus = num_cpus or os.cpu_count() or 1
     return {"num_workers_soft_limit": max(cpus, math.ceil(cpus / task_cpus))}
 
@@ -156,12 +155,10 @@ def build_dataset(rows: list[dict[str, Any]], cfg: CurateConfig):
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress
     # Decode tasks ask for task_cpus = 0.5 by default: two tasks per core, so while one task waits on Ray (its
-    # input block, handing its output over) the other keeps the core busy. With an ffmpeg process per video
-    # (clips.decoder=ffmpeg), 22% of the 2 cores sat idle at 1 CPU a task during a bench curate run, 4% at 0.5;
-    # with the in-process decoder, 0.5 is still a little faster than 1 (4.2-4.4 s against 4.5 s).
-    # Blocks: each task costs Ray and Ray Data a fixed overhead (about 0.1 s of CPU), so blocks are as large as
-    # still balances the load, about 4 tasks per task slot (decode work is uneven: a long video against an image),
-    # 1 to 16 inputs each, and never more than 20,000 blocks for the driver to track.
+    # input block, handing its output over) the other keeps the core busy.
+    # Blocks: each task costs Ray and Ray Data a fixed overhead, so blocks are as large as still balances the load,
+    # about 4 tasks per task slot (decode work is uneven: a long video against an image), 1 to 16 inputs each, and
+    # never more than 20,000 blocks for the driver to track.
     if cfg.inputs_per_task:
         n = cfg.inputs_per_task
     else:

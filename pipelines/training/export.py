@@ -2,12 +2,12 @@
 
     python -m pipelines.training.export --checkpoint runs/train/ray/train/step_00000400 --output runs/exported
 
-During training (``pipelines/train_worker.py``) every rank calls ``consolidated_state_dict(engine)``: under ZeRO-3
+During training (``worker.py``) every rank calls ``consolidated_state_dict(engine)``: under ZeRO-3
 the parameters are partitioned across ranks and gathering them is a collective, one module at a time, so
 all ranks must take part; under ZeRO 0-2 every rank already holds the full weights and rank 0 just copies them.
 ``write_models`` then writes, on rank 0:
 
-    <dir>/model.pt            TextToVideo checkpoint (model/pipeline.py format) of the raw weights
+    <dir>/model.pt            TextToVideo checkpoint (model/text_to_video.py format) of the raw weights
     <dir>/model_ema.pt        the same with the EMA weights (what generation should use)
     <dir>/diffusers/unet/     diffusers UNet3DConditionModel folder of the EMA weights (model/convert.py), when
                               the architecture has a diffusers equivalent (diffusers has no TF-T2V image MLP,

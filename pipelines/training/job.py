@@ -4,7 +4,7 @@ Also ``python -m pipelines.training.job ...`` (the Ray job entrypoint), same arg
 curated shards with Ray Train (``TorchTrainer``, N workers: gloo on CPU, NCCL on GPU) and DeepSpeed ZeRO 0-3, tracked in
 MLflow. Every optimizer step is joint, as TF-T2V trains: an image-text batch (content branch, 1 frame, temporal
 layers bypassed) and a video batch (motion branch: text-free and captioned clips) — see
-``pipelines/train_worker.py`` for the step itself.
+``pipelines/training/worker.py`` for the step itself.
 
 Outputs under ``output``:
 

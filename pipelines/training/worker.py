@@ -1,4 +1,4 @@
-"""The training loop one Ray Train worker runs (``train_loop_per_worker``); ``pipelines/train.py`` starts it.
+"""The training loop one Ray Train worker runs (``train_loop_per_worker``); ``job.py`` starts it.
 
 Read top to bottom, as nanoGPT's train.py: config, process group, model, DeepSpeed, data, resume, loop,
 checkpoint, export. The model is plain PyTorch (``model/``); DeepSpeed wraps the UNet here, at the edge.

@@ -12,7 +12,7 @@ every later stage, so every input reaches the driver and ends in the ledger: not
 the decode stage a row stands for one input; decode replaces it with one row per clip, and ``input_rows`` tells
 the driver how many rows of an input to wait for.
 
-Order of the pipeline (see ``pipelines/curate.py``)::
+Order of the pipeline (see ``pipelines/curation/job.py``)::
 
     probe -> quality.InputQuality -> decode -> quality.ClipQuality -> caption -> route [-> encode] -> write
 """

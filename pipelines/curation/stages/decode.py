@@ -13,9 +13,8 @@ Two decoders, the same clips (``clips.decoder``; a test holds them to it):
 
 - ``pyav`` (default): FFmpeg's libraries in this process, through PyAV. Demux and decode, the same filter chain
   as a filter graph, and a fresh libx264 encoder per clip, only for windows that became clips. No process per
-  video: starting ffmpeg costs about 0.07 s of CPU (mostly loading its libraries), about half of all the work
-  an ffmpeg command does for a 6 s 320x240 video, so on such videos this is about twice as fast. The time limit is
-  checked between packets.
+  video, so no ffmpeg start-up (mostly loading its libraries) per video, which dominates on short videos. The
+  time limit is checked between packets.
 - ``ffmpeg``: one ffmpeg process per video (the system's ffmpeg; ffmpeg-python builds the command). The frames
   are split into raw RGB on stdout for the planner and H.264 cut by the segment muxer into one mp4 per
   ``num_frames`` frames. A watchdog kills a process that runs past the time limit.

@@ -10,9 +10,9 @@ Fills ``media_type`` (video | image), ``container``, ``codec``, ``duration``, ``
                                                                          (PyAV's timeout ends as unreadable)
 
 Two ways to ask (``clips.probe``), the same answer: ``pyav`` (default) opens the container in this process with
-PyAV's libavformat and reads its header, about 2 ms; ``ffprobe`` starts an ffprobe process (ffmpeg-python's
-command), about 0.1 s of CPU each, mostly loading FFmpeg's libraries, which on short clips is a third of the
-decode stage's own ffmpeg work. Both fill an ffprobe-shaped dict that ``describe`` reads.
+PyAV's libavformat and reads its header; ``ffprobe`` starts an ffprobe process per input (ffmpeg-python's
+command), which costs far more, mostly loading FFmpeg's libraries. Both fill an ffprobe-shaped dict that
+``describe`` reads.
 
 Inputs that are not plain local files (``s3://``, ``gs://``, a member of a re-ingested tar) are read here into
 the row's ``data`` column, so the decode stage works the same for every origin.

@@ -202,8 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", default=None, help="where everything goes (default runs/demo)")
     settings.add_arguments(parser)
     args = parser.parse_args(argv)
+    dry_run, args.dry_run = args.dry_run, False
     cfg = settings.resolve(parser, DemoConfig, args, {"state_dir": args.state_dir})
-    if cfg is None:
+    if dry_run:  # the flow as this cycle runs it: the demo sets its input, state_dir and tracking URI
+        manifest = Path(cfg.state_dir).resolve() / "corpus-<k>" / "manifest.csv"
+        print(settings.dump({**settings.to_dict(cfg), "flow": settings.to_dict(flow_config(cfg, manifest))}), end="")
         return 0
     logs.setup()
     try:

@@ -1,6 +1,6 @@
 """Run a flow step as a Ray job on a cluster (``ray.job_submission``) and wait for it, showing its logs.
 
-    python -m flows.retrain run-once --set cluster.address=http://127.0.0.1:8265   # steps become Ray jobs
+    t2v flow run-once --set cluster.address=http://127.0.0.1:8265   # steps become Ray jobs
 
 A step's job is the project's own command line (``python -m flows.cli <command> ... --set key=value ...``)
 run with the project as the job's working directory, so the cluster runs exactly the code of this checkout.

@@ -32,7 +32,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from flows import jobs, registry
 from flows.evaluate import METRICS_FILE, EvalConfig
@@ -67,6 +67,11 @@ class RetrainConfig:
     retry_delay_s: float = 10.0
     cron: str = "0 3 * * *"  # schedule for `serve`
     deployment: str = "t2v-retrain"  # deployment name for `serve`
+
+    MOVED_SETTINGS: ClassVar[dict[str, str]] = {
+        "tracking_uri": "set mlflow.tracking_uri instead",
+        "experiment": "set mlflow.experiment instead",
+    }
 
     def __post_init__(self) -> None:
         check_choice("init", self.init, ["champion", "scratch"])

@@ -1,9 +1,9 @@
-"""t2v sample --checkpoint runs/demo/model.pt --prompt "a red circle moving left" --out sample.mp4 [--gif]
+"""t2v sample --checkpoint runs/train/model/model_ema.pt --prompt "a red circle moving left" --out sample.mp4 [--gif]
 
 Generate videos from a trained checkpoint (``TextToVideo`` format) and write them as playable H.264 mp4 files
 (and looping gifs with ``--gif``). Also runs as ``python -m flows.sample``.
 
-    t2v sample --checkpoint model.pt --prompt "a red circle moving left" --prompt "a blue square moving up" \
+    t2v sample --checkpoint model.pt --prompt "a red circle moving left" --prompt "a blue square moving up"
         --out out.mp4 --steps 50 --guidance 9 --seed 0 [--image first_frame.png] [--negative-prompt "..."]
 
 One prompt writes exactly ``--out``; several write ``<out stem>-<i>.mp4`` (one file per prompt, in order). Settings

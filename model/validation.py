@@ -42,6 +42,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
         raise ConfigError(f"{where or cls.__name__}: expected a mapping of settings, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
+    moved = getattr(cls, "MOVED_SETTINGS", {})  # old key -> where it went (for a class that renamed settings)
+    for key in unknown:
+        if key in moved:
+            raise ConfigError(f"{_join(where, key)} has moved: {moved[key]}")
     if unknown:
         raise ConfigError(
             f"unknown setting(s) {', '.join(_join(where, u) for u in unknown)}; "

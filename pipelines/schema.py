@@ -3,8 +3,8 @@
 Curation writes it, training and evaluation read it; both import this module and nothing else knows the
 member names. Layout of a curation output directory::
 
-    <out>/shards/<kind>/<kind>-000000.tar       WebDataset tar, one per ~``maxcount`` samples / ``maxsize`` bytes
-    <out>/shards/<kind>/<kind>-000000.parquet   index of that tar: one row per sample (key + metadata columns)
+    <out>/shards/<kind>/<kind>-<run>-000000.tar      WebDataset tar, one per ~``maxcount`` samples / ``maxsize`` bytes
+    <out>/shards/<kind>/<kind>-<run>-000000.parquet  index of that tar: one row per sample (key + metadata columns)
     <out>/ledger.parquet/                       parquet dataset (part files): one row per input, accepted | rejected,
                                                 stage, reason, keys (read with pipelines.curation.ledger.read_ledger)
     <out>/summary.json                          counts per stage / kind / rejection reason, throughput

@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override one setting, dotted for nested ones, value parsed as YAML (repeatable): --set train.steps=100",
+        help="override one setting, dotted for nested ones, value parsed as YAML (repeatable): --set section.key=value",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
@@ -134,8 +134,8 @@ def load(
 
 
 def dump(obj: Any) -> str:
-    """The resolved config as YAML, secrets redacted (what ``--dry-run`` prints and runs save)."""
-    return yaml.safe_dump(redact(to_dict(obj)), sort_keys=False)
+    """A resolved config (dataclass or plain dict) as YAML, secrets redacted (what ``--dry-run`` prints)."""
+    return yaml.safe_dump(redact(obj if isinstance(obj, dict) else to_dict(obj)), sort_keys=False)
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from pipelines import settings
 from pipelines.settings import check
@@ -49,6 +49,12 @@ class TrackingConfig:
     run_id: str | None = None  # log into this existing run (evaluation into the model's training run)
     tags: dict[str, Any] = field(default_factory=dict)
     system_metrics_s: float = 10.0  # system metrics sampling interval; 0 turns them off
+
+    MOVED_SETTINGS: ClassVar[dict[str, str]] = {
+        "log_model": "set log_model in the training settings (beside mlflow, not under it)",
+        "model_name": "set logged_model_name in the training settings (beside mlflow, not under it)",
+        "model_weights": "set logged_model_weights in the training settings (beside mlflow, not under it)",
+    }
 
     def __post_init__(self) -> None:
         check(bool(self.experiment), "mlflow.experiment is empty: name an MLflow experiment, e.g. t2v-train")

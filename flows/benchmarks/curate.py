@@ -301,7 +301,9 @@ caption filter ({c["model"]}{"" if c["pretrained"] else ", random weights"}): \
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="t2v bench curate", description=__doc__.split("\n\n")[1].strip())
+    parser = argparse.ArgumentParser(
+        prog="t2v bench curate", description="Curation decode path against bare ffmpeg doing the same work."
+    )
     settings.add_arguments(parser)
     cfg = settings.resolve(parser, CurateBenchConfig, parser.parse_args(argv))
     if cfg is not None:

@@ -236,7 +236,7 @@ def _seconds_per_step(tcfg, result: dict) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.benchmarks.learn", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="t2v bench learn", description=__doc__.split("\n\n")[0])
     settings.add_arguments(parser)
     parser.add_argument("--minutes", type=float, default=None, help="training minutes per run")
     parser.add_argument("--ablations", default=None, help="comma-separated: " + ",".join(ABLATIONS))

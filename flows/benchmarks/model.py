@@ -302,7 +302,7 @@ def run(cfg: ModelBenchConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.benchmarks.model", description="TF-T2V model benchmark")
+    parser = argparse.ArgumentParser(prog="t2v bench model", description="TF-T2V model benchmark")
     settings.add_arguments(parser)
     cfg = settings.resolve(parser, ModelBenchConfig, parser.parse_args(argv))
     if cfg is not None:

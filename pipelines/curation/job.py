@@ -483,7 +483,10 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="t2v curate", description=__doc__.split("\n\n")[1].strip())
+    parser = argparse.ArgumentParser(
+        prog="t2v curate",
+        description="Curate a video/image corpus into WebDataset shards with Ray Data (see the module docstring).",
+    )
     parser.add_argument("--input", help="manifest (.csv/.parquet/.jsonl), media directory, or WebDataset tars")
     parser.add_argument("--output", help="output directory (shards/, ledger.parquet, summary.json)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local Ray)")

@@ -32,10 +32,47 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_tests(argv: list[str]) -> int:
-    """``t2v test [pytest args]``: the whole suite (what CI runs)."""
-    cmd = [sys.executable, "-m", "pytest", str(ROOT / "tests"), *argv]
-    print("+", " ".join(cmd), flush=True)
-    return subprocess.call(cmd, cwd=ROOT)
+    """``t2v test [pytest args]``: what CI runs, in order: ``ruff check``, ``ruff format --check``, ``lint-imports``
+    (the layering contracts in pyproject.toml), then pytest on tests/ (unit tier, then integration; a path among
+    the arguments narrows it). The first step that fails ends the command with its exit code and says how to fix it.
+    """
+    bin_dir = Path(sys.executable).parent  # the tools of the venv this runs in
+
+    def shown(tool: str) -> str:
+        path = bin_dir / tool
+        return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+    steps = [
+        (
+            "ruff check",
+            [sys.executable, "-m", "ruff", "check", "."],
+            f"run `{shown('ruff')} check --fix .`, then fix by hand what it reports as left",
+        ),
+        ("ruff format", [sys.executable, "-m", "ruff", "format", "--check", "."], f"run `{shown('ruff')} format .`"),
+        (
+            # the script, not `python -m importlinter.cli`: that module has no __main__ and would check nothing
+            "lint-imports",
+            [str(bin_dir / "lint-imports"), "--no-logo"],
+            "an import crosses a layer ([tool.importlinter] in pyproject.toml): move the import or the code it needs",
+        ),
+        (
+            "pytest",
+            [sys.executable, "-m", "pytest", *argv],
+            "see the failures above; rerun one with `t2v test tests/<tier>/<file>.py::<test>`",
+        ),
+    ]
+    for name, cmd, fix in steps:
+        print("+", " ".join(cmd), flush=True)
+        try:
+            code = subprocess.call(cmd, cwd=ROOT)
+        except FileNotFoundError:
+            code, fix = 127, f"{cmd[0]} is missing: install the test extra (`pip install -e '.[test]'`)"
+        if code != 0:
+            if name == "pytest" and code == 5:
+                fix = "no tests were collected: check the paths and -k/-m arguments"
+            print(f"t2v test: {name} failed (exit {code}): {fix}", file=sys.stderr, flush=True)
+            return code
+    return 0
 
 
 def usage() -> str:

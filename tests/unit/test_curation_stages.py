@@ -256,40 +256,7 @@ def test_motion_filter_drops_static_and_extreme_clips(tmp_path, decoder):
 # bad inputs: each ends as a rejection with a reason, none raises
 
 
-def _png(width, height) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(shapes.render_image("blue", "square", width, height)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def make_bad_inputs(root) -> dict[str, tuple[str, str]]:
-    """Write the bad inputs; returns {file name: (stage, reason)} expected for each."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "empty.mp4").write_bytes(b"")
-    noise = np.random.default_rng(1).integers(0, 256, (24, 48, 48, 3), dtype=np.uint8)
-    full = media.encode_mp4(noise, 12)
-    (root / "truncated.mp4").write_bytes(full[: len(full) // 2])
-    (root / "text.mp4").write_text("this is not a video\n" * 20)
-    (root / "image.mp4").write_bytes(_png(48, 48))
-    media.write_mp4(shapes.render_video("red", "circle", "left", 48, 48, 3), root / "short.mp4", 12)
-    # a raw-video header declaring 12000 x 12000 frames (a decompression bomb) over a few bytes of data
-    (root / "huge.y4m").write_bytes(b"YUV4MPEG2 W12000 H12000 F24:1 Ip A1:1 C420jpeg\nFRAME\n" + b"\x00" * 1000)
-    return {
-        "empty.mp4": ("probe", "empty_file"),
-        "truncated.mp4": ("decode", "decode_error"),
-        "text.mp4": ("probe", "unreadable"),
-        "image.mp4": ("probe", "image_in_video_file"),
-        "short.mp4": ("quality", "too_short"),
-        "huge.y4m": ("quality", "too_large"),
-        "missing.mp4": ("probe", "missing_file"),
-    }
-
-
-def test_pyav_and_ffprobe_describe_media_alike(shapes_corpus, tmp_path):
+def test_pyav_and_ffprobe_describe_media_alike(shapes_corpus, make_bad_inputs, tmp_path):
     from pipelines.curation.stages.probe import describe, ffprobe, pyav_probe
 
     make_bad_inputs(tmp_path)
@@ -309,7 +276,7 @@ def test_pyav_and_ffprobe_describe_media_alike(shapes_corpus, tmp_path):
 
 
 @pytest.mark.parametrize("probe, decoder", [("pyav", "pyav"), ("ffprobe", "ffmpeg")])
-def test_bad_inputs_are_rejected_with_reasons(tmp_path, probe, decoder):
+def test_bad_inputs_are_rejected_with_reasons(tmp_path, make_bad_inputs, probe, decoder):
     expected = make_bad_inputs(tmp_path)
     rows = _decode(
         _cfg(f"clips.probe={probe}", f"clips.decoder={decoder}"), *[_input(tmp_path / name) for name in expected]
@@ -320,7 +287,7 @@ def test_bad_inputs_are_rejected_with_reasons(tmp_path, probe, decoder):
 
 
 @DECODERS
-def test_truncated_video_can_be_kept_when_asked(tmp_path, decoder):
+def test_truncated_video_can_be_kept_when_asked(tmp_path, make_bad_inputs, decoder):
     make_bad_inputs(tmp_path)
     [rejected] = _decode(_cfg(f"clips.decoder={decoder}"), _input(tmp_path / "truncated.mp4"))
     assert rejected["reason"] == "decode_error" and "truncated or corrupt" in rejected["detail"]

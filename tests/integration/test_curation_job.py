@@ -1,4 +1,4 @@
-"""The whole curation run on real Ray Data (one local Ray for this module), real ffmpeg and real tars:
+"""The whole curation run on real Ray Data (the session's local Ray), real ffmpeg and real tars:
 accounting on a corpus with bad inputs, read-back with webdataset and Ray Data, re-runs, resumption after a
 crash, incremental runs, the CLIP actor pool, re-ingesting shards, and the CLI."""
 
@@ -12,7 +12,6 @@ import sys
 
 import pytest
 import webdataset as wds
-from test_stages import make_bad_inputs  # the same bad files the stage tests use
 
 from pipelines import media, schema, settings
 from pipelines.curation import job as curate
@@ -33,21 +32,9 @@ def _cfg(*sets: str) -> curate.CurateConfig:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def corpus(shapes_corpus, tmp_path_factory):
-    """The shapes corpus plus every bad input of the issue, in one CSV manifest. Returns (manifest, expected)
-    where expected maps each manifest row's file name to (status, stage, reason) in the ledger."""
+def corpus(shapes_corpus, make_bad_inputs, tmp_path_factory):
+    """The shapes corpus plus every bad input (the stage tests' files), in one CSV manifest. Returns (manifest,
+    expected) where expected maps each manifest row's file name to (status, stage, reason) in the ledger."""
     root = tmp_path_factory.mktemp("bad")
     expected_bad = make_bad_inputs(root)
     lines = shapes_corpus.read_bytes().splitlines()
@@ -77,7 +64,7 @@ def corpus(shapes_corpus, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def full_run(ray_local, corpus, tmp_path_factory):
+def full_run(ray_session, corpus, tmp_path_factory):
     manifest, _, _ = corpus
     out = tmp_path_factory.mktemp("curated")
     summary = curate.run(_cfg(), str(manifest), str(out))
@@ -215,7 +202,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(full_run, corpus, tmp_
     assert _outcome(out) == _outcome(full_run[0], done)
 
 
-def test_incremental_runs_add_only_new_inputs(ray_local, shapes_corpus, full_run, tmp_path):
+def test_incremental_runs_add_only_new_inputs(ray_session, shapes_corpus, full_run, tmp_path):
     out = tmp_path / "incremental"
     first = curate.run(_cfg("inputs.max_inputs=5"), str(shapes_corpus), str(out))
     second = curate.run(_cfg(), str(shapes_corpus), str(out))
@@ -227,7 +214,7 @@ def test_incremental_runs_add_only_new_inputs(ray_local, shapes_corpus, full_run
     assert len(ledger) == second["inputs"] == second["totals"]["inputs"]
 
 
-def test_model_stages_run_as_actor_pools(ray_local, shapes_corpus, tmp_path):
+def test_model_stages_run_as_actor_pools(ray_session, shapes_corpus, tmp_path):
     # CLIP caption filter + pre-encoding in one run (two actor pools sharing the 2 test CPUs with the tasks).
     # The tiny OpenCLIP has random weights (no pretrained weights exist here): its scores are arbitrary but
     # deterministic; what is tested is that they are computed, stored, and that the threshold routes samples.

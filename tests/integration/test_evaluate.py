@@ -26,15 +26,6 @@ class _PooledVideoNet(torch.nn.Module):
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    from model.registry import get_config
-    from model.text_to_video import TextToVideo
-
-    torch.manual_seed(0)
-    return TextToVideo.build(get_config("tiny")).save(tmp_path_factory.mktemp("model") / "model.pt")
-
-
-@pytest.fixture(scope="module")
 def fvd_network(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("fvdnet") / "video_net.pt"
@@ -55,7 +46,9 @@ def _cfg(tmp_path, **kw) -> evaluate.EvalConfig:
     return settings.from_dict(evaluate.EvalConfig, {**base, **kw})
 
 
-def test_evaluate_shapes_prompts_with_fvd_logs_to_mlflow(tmp_path, tiny_checkpoint, fvd_network, shapes_corpus):
+def test_evaluate_shapes_prompts_with_fvd_logs_to_mlflow(
+    tmp_path, tiny_checkpoint, fvd_network, shapes_corpus, mlflow_uri
+):
     from mlflow import MlflowClient
 
     cfg = _cfg(
@@ -64,6 +57,7 @@ def test_evaluate_shapes_prompts_with_fvd_logs_to_mlflow(tmp_path, tiny_checkpoi
         fvd_network=str(fvd_network),
         fvd_reference=str(shapes_corpus),
         fvd_size=32,
+        mlflow={"tracking_uri": mlflow_uri},
     )
     result = evaluate.run(cfg)
     m = result["metrics"]
@@ -128,12 +122,12 @@ def test_prompt_file_cli_and_skipped_fvd(tmp_path, tiny_checkpoint, capsys):
     assert len(list((tmp_path / "out" / "samples").glob("*.mp4"))) == 1
 
 
-def test_evaluate_a_logged_model_by_uri(tmp_path, tiny_checkpoint):
+def test_evaluate_a_logged_model_by_uri(tmp_path, tiny_checkpoint, mlflow_uri):
     from mlflow import MlflowClient
 
     from pipelines import pyfunc
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_uri
     client = MlflowClient(uri)
     exp = client.create_experiment("t", artifact_location=(tmp_path / "artifacts").as_uri())
     run_id = client.create_run(exp).info.run_id

@@ -1,27 +1,24 @@
 """Training end to end on CPU: Ray Train with 2 workers and DeepSpeed ZeRO-2 / ZeRO-3 on a tiny model and tiny
-shards, resume, a worker killed mid-run, and the MLflow run read back from its SQLite store.
+shards, resume, a worker killed mid-run, and the MLflow run read back from its SQLite store; before those, ZeRO-0's
+gradient norm with DeepSpeed in the test process, and the model built from local pretrained files (no Ray, but
+several model builds: too slow for the unit tier).
 
-All runs share one Ray session (starting Ray is the slowest part) and use a shrunken tiny model at 16x16 with
-4 frames, so each run is a few training steps."""
+All runs use the session's Ray (starting Ray is the slowest part) and a shrunken tiny model at 16x16 with 4 frames
+(the ``small_model`` and ``train_config`` fixtures), so each run is a few training steps."""
 
 from __future__ import annotations
 
 import copy
 import json
 import math
-import os
-import socket
-from pathlib import Path
 
 import pytest
 import torch
-from test_loader import write_shards
 
 from pipelines import settings
 from pipelines.training import export
 from pipelines.training import job as train
 
-TEST_MODEL = {"unet.model_channels": 8, "unet.num_groups": 4, "num_frames": 4, "height": 16, "width": 16}
 BRANCH_METRICS = {
     "loss",
     "loss_image",
@@ -38,121 +35,13 @@ BRANCH_METRICS = {
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=bool(os.environ.get("T2V_TEST_RAY_LOGS")))
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def shards(shapes_corpus, tmp_path_factory):
-    return write_shards(shapes_corpus, tmp_path_factory.mktemp("train_shards"))
-
-
-def make_config(shards: Path, out: Path, store: str | None, **kw) -> train.TrainConfig:
-    base = dict(
-        data=[str(shards)],
-        output=str(out),
-        model="tiny",
-        model_overrides=TEST_MODEL,
-        steps=4,
-        num_workers=2,
-        image_batch_size=2,
-        video_batch_size=2,
-        warmup_steps=2,
-        lr=1e-3,
-        checkpoint_every=2,
-        keep_checkpoints=2,
-        sample_every=0,
-        log_every=1,
-        seed=0,
-        mlflow={
-            "enabled": store is not None,
-            "tracking_uri": store,
-            "experiment": "test-train",
-            "system_metrics_s": 1.0,
-        },
-    )
-    base.update(kw)
-    return settings.from_dict(train.TrainConfig, base)
-
-
 def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
-def test_schedule_config_and_conditioning_without_ray(shards, tmp_path):
-    import numpy as np
-
-    from pipelines import loader
-    from pipelines.training.worker import (
-        Conditioner,
-        branch_loss,
-        build_model,
-        deepspeed_config,
-        encoder_identity,
-        lr_factor,
-        param_groups,
-    )
-
-    cfg = make_config(shards, tmp_path, None, steps=100, warmup_steps=10, min_lr_ratio=0.1, spatial_lr_mult=0.5)
-    assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
-    assert lr_factor(99, cfg) == pytest.approx(0.1, abs=1e-3)  # cosine down to min_lr_ratio
-    # a time limit that runs out first drives the decay: half the minutes used at step 20 -> the cosine midpoint
-    assert lr_factor(20, cfg, time_used=0.5) == pytest.approx(0.55) and lr_factor(20, cfg, time_used=1.0) == 0.1
-    ds = deepspeed_config(cfg, world_size=2, branches=2)
-    assert ds["gradient_accumulation_steps"] == 2 and ds["zero_optimization"] == {"stage": 2}
-    assert ds["train_batch_size"] == 2 * 2 * 2 and ds["bf16"]["enabled"] is False
-    site = make_config(shards, tmp_path, None, deepspeed={"zero_optimization": {"contiguous_gradients": False}})
-    assert deepspeed_config(site, 2, 2)["zero_optimization"] == {"stage": 2, "contiguous_gradients": False}
-
-    model = build_model(cfg, torch.device("cpu"))
-    groups = param_groups(model.unet, cfg)
-    assert [(g["name"], g["lr"]) for g in groups] == [("temporal", 1e-3), ("spatial", 5e-4)]
-    assert sum(len(g["params"]) for g in groups) == len(list(model.unet.parameters()))
-
-    # pre-encoded items are used as they are: latents (identity first stage: the pixels) and text states
-    cond = Conditioner(model, cfg, torch.device("cpu"))
-    mean = np.random.default_rng(0).uniform(-1, 1, (3, 4, 16, 16)).astype(np.float32)
-    text = np.random.default_rng(1).normal(size=(77, 32)).astype(np.float32)
-    pre = loader.Item(
-        "k",
-        "video_text",
-        "a red circle moving left",
-        None,
-        np.zeros((16, 16, 3), np.uint8),
-        latent_mean=mean,
-        latent_std=np.zeros_like(mean),
-        text_emb=text,
-    )
-    free = loader.Item("f", "video", None, np.zeros((4, 16, 16, 3), np.uint8), np.zeros((16, 16, 3), np.uint8))
-    x0 = cond.latents([pre, free], torch.Generator().manual_seed(0))
-    assert x0.shape == (2, 3, 4, 16, 16)
-    torch.testing.assert_close(x0[0], torch.from_numpy(mean))
-    assert torch.all(x0[1] == -1)  # black frames -> -1 in pixel space
-    context = cond.text([pre, free])
-    torch.testing.assert_close(context[0], torch.from_numpy(text))
-    torch.testing.assert_close(context[1], cond.null[0])  # text-free: the null text
-    out = branch_loss(
-        model.unet,
-        model,
-        cond,
-        [pre, free],
-        "motion",
-        cfg,
-        torch.Generator().manual_seed(0),
-        torch.Generator().manual_seed(1),
-    )
-    assert out["loss"].requires_grad and out["coherence"] >= 0
-    # the identity the curation pre-encode stage writes for these encoders is what training expects
-    identity = encoder_identity(model)
-    assert identity["clip_model"] == "t2v-tiny-clip" and len(identity["weights_sha1"]) == 40
-
-
-def test_zero0_grad_norm_is_the_norm_of_the_accumulated_gradients(shards, tmp_path, monkeypatch):
+def test_zero0_grad_norm_is_the_norm_of_the_accumulated_gradients(
+    shards, train_config, free_port, tmp_path, monkeypatch
+):
     """ZeRO-0 in fp32 used to log grad_norm 0 (DeepSpeed drops the norm there; the ZeRO-2 run below checks the
     norm DeepSpeed reports). DeepSpeed runs in the test process, as one gloo rank, on a linear layer (once per
     process: DeepSpeed keeps its process groups)."""
@@ -161,9 +50,7 @@ def test_zero0_grad_norm_is_the_norm_of_the_accumulated_gradients(shards, tmp_pa
 
     from pipelines.training.worker import OptimizerStep, _skip_inference_shm_op, deepspeed_config
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     for name, value in {
         "RANK": "0",
         "LOCAL_RANK": "0",
@@ -173,7 +60,7 @@ def test_zero0_grad_norm_is_the_norm_of_the_accumulated_gradients(shards, tmp_pa
     }.items():
         monkeypatch.setenv(name, value)
     _skip_inference_shm_op()
-    cfg = make_config(shards, tmp_path, None, zero_stage=0, grad_clip=0.5)
+    cfg = train_config(shards, tmp_path, None, zero_stage=0, grad_clip=0.5)
     torch.manual_seed(0)
     net = torch.nn.Linear(4, 3)
     reference = copy.deepcopy(net)
@@ -195,7 +82,7 @@ def test_zero0_grad_norm_is_the_norm_of_the_accumulated_gradients(shards, tmp_pa
         dist.destroy_process_group()
 
 
-def test_initialisation_from_local_pretrained_files(shards, tmp_path):
+def test_initialisation_from_local_pretrained_files(shards, train_config, small_model, tmp_path):
     from model.checkpoint import save_unet_weights
     from model.registry import get_config
     from model.text_to_video import TextToVideo
@@ -204,28 +91,28 @@ def test_initialisation_from_local_pretrained_files(shards, tmp_path):
 
     # a ModelScope-style plain UNet state dict (no TF-T2V image MLP: that part starts fresh)
     torch.manual_seed(123)
-    released = UNet3D(get_config("tiny", {**TEST_MODEL, "unet.image_embed_dim": 0}).unet)
+    released = UNet3D(get_config("tiny", {**small_model, "unet.image_embed_dim": 0}).unet)
     path = save_unet_weights(released, tmp_path / "text2video_pytorch_model.pth")
-    model = build_model(make_config(shards, tmp_path, None, init_from=str(path)), torch.device("cpu"))
+    model = build_model(train_config(shards, tmp_path, None, init_from=str(path)), torch.device("cpu"))
     for name, value in released.state_dict().items():
         assert torch.equal(model.unet.state_dict()[name], value), name
     # a TextToVideo checkpoint brings its own architecture (here 3 frames instead of the config's 4)
-    ckpt = TextToVideo.build(get_config("tiny", {**TEST_MODEL, "num_frames": 3})).save(tmp_path / "m.pt", step=7)
-    model = build_model(make_config(shards, tmp_path, None, init_from=str(ckpt)), torch.device("cpu"))
+    ckpt = TextToVideo.build(get_config("tiny", {**small_model, "num_frames": 3})).save(tmp_path / "m.pt", step=7)
+    model = build_model(train_config(shards, tmp_path, None, init_from=str(ckpt)), torch.device("cpu"))
     assert model.config.num_frames == 3
     with pytest.raises(Exception, match="does not exist"):
-        build_model(make_config(shards, tmp_path, None, init_from=str(tmp_path / "missing.pth")), torch.device("cpu"))
+        build_model(train_config(shards, tmp_path, None, init_from=str(tmp_path / "missing.pth")), torch.device("cpu"))
 
 
-def test_zero2_run_resume_and_mlflow_contents(ray_session, shards, tmp_path):
+def test_zero2_run_resume_and_mlflow_contents(ray_session, shards, train_config, mlflow_uri, tmp_path):
     import mlflow
     from mlflow import MlflowClient
 
     from pipelines import pyfunc, tracking
 
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = mlflow_uri
     out = tmp_path / "run"
-    cfg = make_config(
+    cfg = train_config(
         shards,
         out,
         store,
@@ -279,7 +166,7 @@ def test_zero2_run_resume_and_mlflow_contents(ray_session, shards, tmp_path):
 
     # the same command with more steps resumes: same MLflow run, steps 5-6 only, schedule and data continue
     resumed = train.run(
-        make_config(
+        train_config(
             shards,
             out,
             store,
@@ -302,7 +189,7 @@ def test_zero2_run_resume_and_mlflow_contents(ray_session, shards, tmp_path):
     # ... and once finished, running it again does nothing
     assert (
         train.run(
-            make_config(
+            train_config(
                 shards,
                 out,
                 store,
@@ -320,16 +207,16 @@ def test_zero2_run_resume_and_mlflow_contents(ray_session, shards, tmp_path):
     )
     # resuming with settings that change what the checkpoint means is refused
     with pytest.raises(settings.ConfigError, match="num_workers"):
-        train.run(make_config(shards, out, store, zero_stage=2, steps=8, num_workers=1))
+        train.run(train_config(shards, out, store, zero_stage=2, steps=8, num_workers=1))
 
 
-def test_zero3_gathers_partitioned_weights_for_export(ray_session, shards, tmp_path):
+def test_zero3_gathers_partitioned_weights_for_export(ray_session, shards, train_config, small_model, tmp_path):
     from model.text_to_video import TextToVideo
 
     out = tmp_path / "run3"
     # temporal_heads=8 and none of the tiny extras (pooled text, frame embedding, coordinates) give the tiny UNet
     # a diffusers equivalent, so the diffusers export runs too
-    cfg = make_config(
+    cfg = train_config(
         shards,
         out,
         None,
@@ -337,7 +224,7 @@ def test_zero3_gathers_partitioned_weights_for_export(ray_session, shards, tmp_p
         steps=2,
         checkpoint_every=2,
         model_overrides={
-            **TEST_MODEL,
+            **small_model,
             "unet.temporal_heads": 8,
             "unet.pooled_text_embedding": False,
             "unet.frame_embedding": False,
@@ -359,14 +246,14 @@ def test_zero3_gathers_partitioned_weights_for_export(ray_session, shards, tmp_p
     assert list(UNet3DConditionModel.from_pretrained(result["diffusers"]).config.block_out_channels) == [8, 16, 32]
 
 
-def test_killed_worker_continues_from_the_last_checkpoint(ray_session, shards, tmp_path):
+def test_killed_worker_continues_from_the_last_checkpoint(ray_session, shards, train_config, mlflow_uri, tmp_path):
     from mlflow import MlflowClient
 
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = mlflow_uri
     out = tmp_path / "killed"
     # debug_fail_at_step makes the last rank os._exit(1) once after step 3 (a marker file stops it firing after the
     # restart): the same as the process being killed, but at a known step, so the test can check what follows.
-    cfg = make_config(
+    cfg = train_config(
         shards,
         out,
         store,
@@ -393,11 +280,11 @@ def test_killed_worker_continues_from_the_last_checkpoint(ray_session, shards, t
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bf16 + NCCL path)")
-def test_one_gpu_bf16_run(ray_session, shards, tmp_path):
+def test_one_gpu_bf16_run(ray_session, shards, train_config, tmp_path):
     from model.text_to_video import TextToVideo
 
     result = train.run(
-        make_config(
+        train_config(
             shards, tmp_path / "gpu", None, num_workers=1, use_gpu=True, zero_stage=2, steps=2, checkpoint_every=2
         )
     )

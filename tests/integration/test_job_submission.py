@@ -1,6 +1,6 @@
 """Ray job submission against a real local Ray head that the test starts (bound to 127.0.0.1, token auth on):
 a project entry point runs as a job with the project as working directory, re-runs re-attach, failures surface
-their logs, and unauthenticated clients are refused."""
+their logs, and unauthenticated clients are refused. tests/unit/test_job_arguments.py checks the job command lines."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,23 +17,16 @@ from pathlib import Path
 import pytest
 
 from flows import jobs
-from pipelines.settings import ConfigError
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
-def ray_head():
+def ray_head(free_port):
     """A private Ray head: own temp dir (so no other process's ray.init() finds it), own ports, own token."""
     # Short path: Ray's Unix sockets live under the temp dir and have a ~107 character limit.
     root = Path(tempfile.mkdtemp(prefix="t2vjobs", dir="/tmp"))
     token = root / "auth_token"
     token.write_text(secrets.token_hex(16))
-    port = _free_port()
+    port = free_port()
     venv_bin = str(Path(sys.executable).parent)
     env = dict(
         os.environ,
@@ -55,8 +47,8 @@ def ray_head():
         f"--dashboard-port={port}",
         "--include-dashboard=true",
         "--num-cpus=1",
-        f"--ray-client-server-port={_free_port()}",
-        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
         f"--temp-dir={root / 'ray'}",
         "--disable-usage-stats",
     ]
@@ -155,28 +147,6 @@ def test_job_server_listens_on_loopback_and_refuses_clients_without_the_token(ra
     assert jobs.auth_headers() == {}
     with pytest.raises(ConnectionError, match="cannot reach the Ray job server"):
         jobs.client(ray_head["address"])
-
-
-def test_secrets_never_go_on_a_job_command_line():
-    with pytest.raises(ConfigError, match="looks like a secret"):
-        jobs.set_arguments({"mlflow": {"password": "hunter2"}})
-    assert jobs.set_arguments({"mlflow": {"password": None}}) == ["--set", "mlflow.password=null"]
-
-
-def test_set_arguments_round_trip_through_the_config_loader():
-    from pipelines import settings
-    from pipelines.shapes import CorpusConfig
-
-    values = {"num_videos": 3, "shape_scale": [0.2, 0.3], "image_format": "png", "fps": 8.5}
-    args = jobs.set_arguments(values)
-    loaded = settings.load(CorpusConfig, None, args[1::2])
-    assert (loaded.num_videos, loaded.shape_scale, loaded.image_format, loaded.fps) == (3, (0.2, 0.3), "png", 8.5)
-    assert jobs.cli_entrypoint("curate", ["--input", "a b.csv"]) == "python -m flows.cli curate --input 'a b.csv'"
-
-
-def test_cluster_config_rejects_a_ray_client_address():
-    with pytest.raises(ConfigError, match="dashboard"):
-        jobs.ClusterConfig(address="ray://head:10001")
 
 
 @pytest.mark.slow

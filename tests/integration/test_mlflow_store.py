@@ -1,9 +1,7 @@
-"""MLflow tracking and the pyfunc generation model, read back from a real SQLite tracking store."""
+"""MLflow tracking and the pyfunc generation model, read back from a real SQLite tracking store
+(tests/unit/test_tracking.py checks what needs no store)."""
 
 from __future__ import annotations
-
-import inspect
-import os
 
 import numpy as np
 import pandas as pd
@@ -11,25 +9,11 @@ import pytest
 
 from pipelines import media, pyfunc, settings, tracking
 
-TINY = {"unet.model_channels": 8, "unet.num_groups": 4, "num_frames": 4, "height": 16, "width": 16}
 
-
-@pytest.fixture()
-def store(tmp_path):
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
-
-
-def test_null_tracker_has_every_tracker_method():
-    public = {n for n, v in inspect.getmembers(tracking.MlflowTracker, inspect.isfunction) if not n.startswith("_")}
-    missing = {n for n in public if not hasattr(tracking.NullTracker, n)}
-    assert not missing
-    tracking.NullTracker().log_metrics({"loss": 1.0}, step=1)  # and they do nothing
-
-
-def test_params_metrics_tags_and_artifacts_read_back(store, tmp_path):
+def test_params_metrics_tags_and_artifacts_read_back(mlflow_uri, tmp_path):
     from mlflow import MlflowClient
 
-    t = tracking.MlflowTracker(store, "exp-a", run_name="r1", tags={"team": "video", "api_token": "s3cret"})
+    t = tracking.MlflowTracker(mlflow_uri, "exp-a", run_name="r1", tags={"team": "video", "api_token": "s3cret"})
     t.log_params({"train": {"lr": 1e-4, "mlflow": {"password": "hunter2"}}, "steps": 10})
     t.log_params({"steps": 20, "new_key": "x"})  # a resumed run with a changed value
     for step in (1, 2, 3):
@@ -41,7 +25,7 @@ def test_params_metrics_tags_and_artifacts_read_back(store, tmp_path):
     t.log_text("some text", "notes/n.txt")
     t.finish()
 
-    client = MlflowClient(store)
+    client = MlflowClient(mlflow_uri)
     run = client.get_run(t.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["train.lr"] == "0.0001"
@@ -58,7 +42,7 @@ def test_params_metrics_tags_and_artifacts_read_back(store, tmp_path):
     assert {"files", "folder", "notes"} <= names
     assert client.list_artifacts(t.run_id, "folder")[0].path == "folder/a.txt"
 
-    again = tracking.MlflowTracker(store, "exp-a", run_id=t.run_id)  # continue the same run (resume)
+    again = tracking.MlflowTracker(mlflow_uri, "exp-a", run_id=t.run_id)  # continue the same run (resume)
     assert client.get_run(t.run_id).info.status == "RUNNING"
     again.log_metrics({"loss": 0.25}, 4)
     again.finish("KILLED")
@@ -66,42 +50,20 @@ def test_params_metrics_tags_and_artifacts_read_back(store, tmp_path):
     assert len(client.get_metric_history(t.run_id, "loss")) == 4
 
 
-def test_datasets_are_logged_as_run_inputs(store):
+def test_datasets_are_logged_as_run_inputs(mlflow_uri):
     from mlflow import MlflowClient
 
-    t = tracking.MlflowTracker(store, "exp-b")
+    t = tracking.MlflowTracker(mlflow_uri, "exp-b")
     df = pd.DataFrame({"key": ["a", "b"], "kind": ["image", "image"]})
     t.log_dataset(df, name="curated/image", source="/data/curated/shards/image", digest="abc123")
     t.finish()
-    inputs = MlflowClient(store).get_run(t.run_id).inputs.dataset_inputs
+    inputs = MlflowClient(mlflow_uri).get_run(t.run_id).inputs.dataset_inputs
     assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("curated/image", "abc123")]
     assert '"num_rows": 2' in inputs[0].dataset.profile
     assert inputs[0].tags[0].value == "training"
 
 
-def test_tracking_uri_defaults_and_checks(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(tmp_path)
-    assert tracking.default_tracking_uri() == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
-    assert tracking.default_tracking_uri() == "http://tracking:5000"
-    assert tracking.resolve_tracking_uri("sqlite:///rel/m.db") == f"sqlite:///{tmp_path / 'rel' / 'm.db'}"
-    assert (tmp_path / "rel").is_dir()
-    with pytest.raises(settings.ConfigError, match="sqlite"):
-        tracking.resolve_tracking_uri("some/folder")
-
-
-def test_tracking_uri_set_restores_the_callers_setting(monkeypatch):
-    import mlflow
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/caller.db")
-    with tracking.tracking_uri_set("sqlite:////tmp/other.db"):
-        assert mlflow.get_tracking_uri() == "sqlite:////tmp/other.db"
-    assert mlflow.get_tracking_uri() == "sqlite:////tmp/caller.db"
-    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:////tmp/caller.db"
-
-
-def test_pyfunc_generation_model_prompt_in_video_out(store, tmp_path):
+def test_pyfunc_generation_model_prompt_in_video_out(mlflow_uri, small_model, tmp_path):
     import mlflow
     import torch
 
@@ -109,12 +71,12 @@ def test_pyfunc_generation_model_prompt_in_video_out(store, tmp_path):
     from model.text_to_video import TextToVideo
 
     torch.manual_seed(0)
-    ckpt = TextToVideo.build(get_config("tiny", TINY)).save(tmp_path / "model.pt", step=3)
-    t = tracking.MlflowTracker(store, "exp-c")
-    uri = pyfunc.log_generation_model(ckpt, run_id=t.run_id, tracking_uri=store, defaults={"steps": 2, "fps": 4.0})
+    ckpt = TextToVideo.build(get_config("tiny", small_model)).save(tmp_path / "model.pt", step=3)
+    t = tracking.MlflowTracker(mlflow_uri, "exp-c")
+    uri = pyfunc.log_generation_model(ckpt, run_id=t.run_id, tracking_uri=mlflow_uri, defaults={"steps": 2, "fps": 4.0})
     t.finish()
     assert uri.startswith("models:/")
-    with tracking.tracking_uri_set(store):
+    with tracking.tracking_uri_set(mlflow_uri):
         model = mlflow.pyfunc.load_model(uri)
         assert model.metadata.get_params_schema().to_dict()[0]["name"] == "steps"
         out = model.predict(pd.DataFrame({"prompt": ["a red circle moving left", "a blue square"]}), params={"seed": 1})

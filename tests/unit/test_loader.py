@@ -3,7 +3,6 @@ resumed exactly, and bad samples are skipped. No Ray here."""
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import io
 import tarfile
@@ -13,59 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import webdataset as wds
 
-from pipelines import loader, media, schema
-
-
-def write_shards(manifest: Path, out: Path, per_shard: int = 3, pre_encode: dict | None = None) -> Path:
-    """A curation-output-like directory from a shapes corpus manifest: shards/<kind>/*.tar (+ .parquet index),
-    one sample per manifest row (test fixture standing in for ``t2v curate``, which needs a Ray Data run)."""
-    rows = list(csv.DictReader(open(manifest, encoding="utf-8")))
-    by_kind: dict[str, list] = {k: [] for k in schema.KINDS}
-    for row in rows:
-        kind = "image" if row["kind"] == "image" else ("video_text" if row["caption"] else "video")
-        data = Path(row["path"]).read_bytes()
-        if kind == "image":
-            image = media.decode_image(data)
-            data, (h, w), n, fps = media.encode_jpg(image), image.shape[:2], 1, 0.0
-        else:
-            frames = media.decode_video_file(row["path"])
-            (n, h, w), fps = frames.shape[:3], 12.0
-        meta = schema.SampleMeta(
-            source=row["path"],
-            kind=kind,
-            num_frames=n,
-            fps=fps,
-            width=w,
-            height=h,
-            caption=row["caption"] or None,
-            labels={k: row[k] for k in ("colour", "shape", "direction")},
-        )
-        arrays, encoders = None, None
-        if pre_encode is not None and kind != "image":
-            frames = media.decode_mp4(data)
-            pixels = frames.transpose(3, 0, 1, 2).astype(np.float32) / 127.5 - 1  # [3, f, h, w]
-            arrays = {"latent_mean": pixels.astype(np.float16), "latent_std": np.zeros_like(pixels, np.float16)}
-            encoders = pre_encode
-        by_kind[kind].append(schema.encode_sample(schema.sample_key(row["path"]), meta, data, arrays, encoders))
-    for kind, samples in by_kind.items():
-        if not samples:
-            continue
-        schema.shard_dir(out, kind).mkdir(parents=True, exist_ok=True)
-        with wds.ShardWriter(schema.shard_pattern(out, kind), maxcount=per_shard, verbose=0) as sink:
-            for s in samples:
-                sink.write(s)
-        tars = sorted(schema.shard_dir(out, kind).glob("*.tar"))
-        for i, tar in enumerate(tars):
-            keys = [s["__key__"] for s in samples[i * per_shard : (i + 1) * per_shard]]
-            pq.write_table(pa.table({"key": keys, "kind": [kind] * len(keys)}), schema.index_path(tar))
-    return out
-
-
-@pytest.fixture(scope="module")
-def shards(shapes_corpus, tmp_path_factory):
-    return write_shards(shapes_corpus, tmp_path_factory.mktemp("shards"))
+from pipelines import loader, schema
 
 
 def _keys(stream, n):
@@ -148,7 +96,7 @@ def test_frames_are_spread_over_the_clip_or_strided():
     assert loader.frame_indices(3, 4, 2, rng).max() == 2  # short clip: last frame repeats
 
 
-def test_pre_encoded_latents_are_used_when_the_encoders_match(shapes_corpus, tmp_path):
+def test_pre_encoded_latents_are_used_when_the_encoders_match(shapes_corpus, write_shards, tmp_path):
     identity = {"first_stage": "identity", "clip_model": "t2v-tiny-clip"}
     out = write_shards(shapes_corpus, tmp_path / "enc", pre_encode=identity)
     spec = loader.LoaderSpec(

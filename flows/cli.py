@@ -78,7 +78,7 @@ def run_tests(argv: list[str]) -> int:
 def usage() -> str:
     lines = ["usage: t2v <command> [args]  (t2v <command> --help for its options)", "", "commands:"]
     lines += [f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines.append(f"  {'test':<9} run the test suite (arguments go to pytest)")
+    lines.append(f"  {'test':<9} lint (ruff, import-linter) and run the test suite (arguments go to pytest)")
     return "\n".join(lines)
 
 

@@ -41,7 +41,7 @@ from flows.metrics import HIGHER_IS_BETTER
 from pipelines import logs, settings
 from pipelines.curation.config import CurateConfig
 from pipelines.settings import ConfigError, check, check_choice
-from pipelines.tracking import TrackingConfig, resolve_tracking_uri
+from pipelines.tracking import TrackingConfig, ensure_experiment, resolve_tracking_uri
 from pipelines.training.config import TrainConfig
 
 STEPS = ("curate", "champion", "train", "evaluate", "register", "promote")
@@ -413,7 +413,7 @@ def run_cycle(cfg: RetrainConfig, task=None) -> dict[str, Any]:
     """One cycle of the steps above. ``task`` wraps each step (Prefect tasks in the flow; plain calls otherwise)."""
     call = task or (lambda name, fn, *args: fn(*args))
     validate(cfg)
-    ensure_experiment(cfg.resolved_tracking_uri(), cfg.mlflow.experiment, cfg.state)
+    ensure_experiment(cfg.resolved_tracking_uri(), cfg.mlflow.experiment)
     cycle = open_cycle(cfg)
     ray_was_up = _ray_initialized()
     try:
@@ -463,18 +463,6 @@ def _steps(cfg: RetrainConfig, cycle: Path, call) -> dict[str, Any]:
     )
     _write(cycle / DONE_FILE, summary)
     return summary
-
-
-def ensure_experiment(tracking_uri: str, name: str, state: Path) -> None:
-    """With a local SQLite store, keep artifacts next to the state (MLflow would use ./mlruns of the cwd)."""
-    if not tracking_uri.startswith("sqlite:"):
-        return
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    if client.get_experiment_by_name(name) is None:
-        db = Path(tracking_uri.removeprefix("sqlite:///"))
-        client.create_experiment(name, artifact_location=(db.parent / "mlartifacts").resolve().as_uri())
 
 
 def _prefect_flow():

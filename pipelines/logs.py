@@ -50,6 +50,23 @@ class _TagFormatter(logging.Formatter):
         return text
 
 
+class _CurrentStream(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` / ``sys.stderr`` is at the time of each record, so a caller that swaps
+    them (pytest's capture, a notebook) never leaves the handler holding a closed stream."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self._name = name
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return getattr(sys, self._name)
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property decides
+        pass
+
+
 class _Below(logging.Filter):
     def __init__(self, level: int):
         super().__init__()
@@ -77,9 +94,9 @@ def setup(level: int | str | None = None, rank: int = 0) -> None:
     for handler in [h for h in root.handlers if getattr(h, _MARK, False)]:
         root.removeHandler(handler)
     formatter = _TagFormatter()
-    out = logging.StreamHandler(sys.stdout)
+    out = _CurrentStream("stdout")
     out.addFilter(_Below(logging.WARNING))
-    err = logging.StreamHandler(sys.stderr)
+    err = _CurrentStream("stderr")
     err.setLevel(logging.WARNING)
     for handler in (out, err):
         handler.setFormatter(formatter)

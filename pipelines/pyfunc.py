@@ -20,8 +20,11 @@ project's ``model`` and ``pipelines`` packages as code, so it loads wherever the
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +183,21 @@ def requirements() -> list[str]:
     return out
 
 
+@contextlib.contextmanager
+def _experiment_env(experiment_id: str) -> Iterator[None]:
+    """Model.log files the logged model under MLflow's current experiment (the default one, whose artifacts go to
+    ./mlruns, unless one is set): point it at the run's experiment for the call."""
+    before = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+        else:
+            os.environ["MLFLOW_EXPERIMENT_ID"] = before
+
+
 def log_generation_model(
     checkpoint: str | Path,
     *,
@@ -204,7 +222,8 @@ def log_generation_model(
         artifacts = {"checkpoint": str(checkpoint), "defaults": str(defaults_path)}
         if config_file is not None:
             artifacts["train_config"] = str(config_file)
-        with tracking_uri_set(tracking_uri):
+        experiment_id = mlflow.MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
+        with tracking_uri_set(tracking_uri), _experiment_env(experiment_id):
             # Model.log (unlike mlflow.pyfunc.log_model) takes the run id, so no fluent run has to be active
             info = Model.log(
                 artifact_path=None,

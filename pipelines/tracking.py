@@ -83,6 +83,30 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri
 
 
+def artifact_location(tracking_uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite database (MLflow's default is ./mlruns of
+    whatever directory the process runs in); the server's default for any other store."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+
+
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    """The id of experiment ``name``, created (artifacts per ``artifact_location``) if it does not exist."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location(tracking_uri))
+    except Exception:  # another process created it between our two calls
+        return client.get_experiment_by_name(name).experiment_id
+
+
 @contextlib.contextmanager
 def tracking_uri_set(uri: str) -> Iterator[None]:
     """Temporarily point MLflow's global tracking URI at ``uri`` (for the few MLflow calls that read it, such as
@@ -190,15 +214,7 @@ class MlflowTracker:
             self._start_system_metrics(system_metrics_s)
 
     def _experiment_id(self, name: str) -> str:
-        exp = self.client.get_experiment_by_name(name)
-        if exp is not None:
-            if exp.lifecycle_stage == "deleted":
-                self.client.restore_experiment(exp.experiment_id)
-            return exp.experiment_id
-        try:
-            return self.client.create_experiment(name)
-        except Exception:  # another process created it between our two calls
-            return self.client.get_experiment_by_name(name).experiment_id
+        return ensure_experiment(self.tracking_uri, name)
 
     def _start_system_metrics(self, interval_s: float) -> None:
         try:

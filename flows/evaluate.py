@@ -197,7 +197,6 @@ def generate_videos(model, prompts: list[str], cfg: EvalConfig) -> tuple[list[np
         )
         videos += list(out)
         index += [i for i, _ in batch]
-        log.info("generated %d/%d videos (%.0fs)", len(videos), len(jobs), time.monotonic() - start)
         log.info(f"generated {len(videos)}/{len(jobs)} videos ({time.monotonic() - start:.0f}s)")
     return videos, index
 

@@ -311,6 +311,19 @@ class MlflowTracker:
             self._monitor = None
 
 
+def metric_history(tracking_uri: str, run_id: str, keys: list[str]) -> dict[str, tuple[list[int], list[float]]]:
+    """``{key: (steps, values)}`` of each metric in ``keys`` that the run logged, in step order."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    history = {}
+    for key in keys:
+        points = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+        if points:
+            history[key] = ([m.step for m in points], [m.value for m in points])
+    return history
+
+
 def _param_text(key: str, value: Any) -> str:
     text = "" if value is None else str(value)
     if len(text) > MAX_PARAM_CHARS:

@@ -1,0 +1,74 @@
+"""Comparing experiments in MLflow, against real stores: evaluation during training as step metrics of the run and the
+facts a fair comparison needs on every training run."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from pipelines import tracking
+from pipelines.training import job as train
+from pipelines.training.periodic_eval import PeriodicEvalConfig, PeriodicEvaluator
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def exporter(small_model):
+    """What the evaluator uses of training's Exporter: gathered EMA weights and a model to load them into."""
+    from model.registry import get_config
+    from model.text_to_video import TextToVideo
+
+    torch.manual_seed(0)
+    model = TextToVideo.build(get_config("tiny", small_model))
+    return SimpleNamespace(model=model, gather=lambda ema: model.unet.state_dict())
+
+
+def test_evaluation_logs_step_metrics_and_a_contact_sheet(exporter, mlflow_uri):
+    tracker = tracking.MlflowTracker(mlflow_uri, "test-periodic")
+    cfg = PeriodicEvalConfig(every_steps=2, num_prompts=3, sample_steps=2, sheet_videos=2, max_share=1.0)
+    evaluator = PeriodicEvaluator(cfg, rank=0, world_size=1, tracker=tracker)
+    evaluator.start()
+    assert not evaluator.due(1, last=False)
+    assert evaluator.due(2, last=False)
+    seconds = evaluator.run(exporter, 2)
+    assert evaluator.due(3, last=True)  # the final step is always scored
+    evaluator.run(exporter, 3)
+
+    run = tracker.client.get_run(tracker.run_id)
+    expected = {"colour_accuracy", "direction_accuracy", "shapes_accuracy", "clipsim", "frame_consistency"}
+    expected |= {"time_s", "share", "train_minutes"}
+    assert {f"val/{k}" for k in expected} <= set(run.data.metrics)
+    steps = [m.step for m in tracker.client.get_metric_history(tracker.run_id, "val/colour_accuracy")]
+    assert steps == [2, 3]
+    assert 0 <= run.data.metrics["val/colour_accuracy"] <= 1
+    assert seconds > 0 and run.data.metrics["val/time_s"] > 0
+    sheets = [a.path for a in tracker.client.list_artifacts(tracker.run_id, "val/contact_sheet")]
+    assert sheets == ["val/contact_sheet/step_000002.png", "val/contact_sheet/step_000003.png"]
+
+
+def test_training_logs_evaluation_curves_and_comparison_facts(ray_session, shards, train_config, mlflow_uri, tmp_path):
+    """Two workers (the evaluation decision is rank 0's, the others follow), an evaluation every 2 of 4 steps."""
+    from mlflow import MlflowClient
+
+    periodic = {"every_steps": 2, "num_prompts": 2, "sample_steps": 1, "sheet_videos": 2, "max_share": 1.0}
+    cfg = train_config(shards, tmp_path / "out", mlflow_uri, periodic_eval=periodic, log_model=False)
+    result = train.run(cfg)
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(result["run_id"])
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/shapes_accuracy")]
+    assert steps == [2, 4]
+    assert {"val/clipsim", "val/frame_consistency", "val/time_s", "val/train_minutes"} <= set(run.data.metrics)
+    sheets = [a.path for a in client.list_artifacts(run.info.run_id, "val/contact_sheet")]
+    assert sheets == ["val/contact_sheet/step_000002.png", "val/contact_sheet/step_000004.png"]
+
+    tags = run.data.tags
+    assert len(tags["mlflow.source.git.commit"]) == 40
+    assert tags["t2v.model_config"] == "tiny" and tags["t2v.workers"] == "2"
+    assert tags["t2v.device"].startswith("CPU") and tags["t2v.device_count"] == "2"
+    assert len(tags["t2v.data_digest"]) == 16 and "video_text" in tags["t2v.data_digests"]
+    assert float(tags["t2v.throughput_samples_per_s"]) > 0 and float(tags["t2v.tflops_per_device"]) > 0
+    assert "t2v.mfu" not in tags  # no peak is known for a CPU
+    assert run.data.metrics["throughput_samples_per_s"] > 0

@@ -237,10 +237,10 @@ def render(runs: list, settings_: dict[str, list], table: dict[str, dict[str, An
     for tag in ("t2v.throughput_samples_per_s", "t2v.mfu"):
         if any(tag in r.data.tags for r in runs):
             facts.append([tag, *(r.data.tags.get(tag, "-") for r in runs)])
-    return "\n\n".join(_markdown(t) for t in (facts, rows, metric_rows))
+    return "\n\n".join(markdown_table(t) for t in (facts, rows, metric_rows))
 
 
-def _markdown(rows: list[list[str]]) -> str:
+def markdown_table(rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
     lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")

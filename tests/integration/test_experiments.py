@@ -72,3 +72,43 @@ def test_training_logs_evaluation_curves_and_comparison_facts(ray_session, shard
     assert float(tags["t2v.throughput_samples_per_s"]) > 0 and float(tags["t2v.tflops_per_device"]) > 0
     assert "t2v.mfu" not in tags  # no peak is known for a CPU
     assert run.data.metrics["throughput_samples_per_s"] > 0
+
+
+def test_sweep_is_a_parent_run_with_a_child_per_variant(ray_session, shards, small_model, mlflow_uri, tmp_path, capsys):
+    """Two variants of 2 steps on one worker; each child has its evaluation curve, the parent the comparison."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from flows import sweep
+
+    sets = {
+        "model": "tiny",
+        "model_overrides": small_model,
+        "steps": 2,
+        "num_workers": 1,
+        "image_batch_size": 2,
+        "video_batch_size": 2,
+        "warmup_steps": 1,
+        "checkpoint_every": 2,
+        "log_model": False,
+        "periodic_eval": {"every_steps": 1, "num_prompts": 2, "sample_steps": 1, "sheet_videos": 1, "max_share": 1.0},
+        "mlflow": {"tracking_uri": mlflow_uri, "experiment": "sweep-test", "system_metrics_s": 0},
+    }
+    argv = ["--data", str(shards), "--output", str(tmp_path / "sweep"), "--set", "lr=[1.0e-3,3.0e-3]"]
+    argv += [a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    assert sweep.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| train.lr" in printed and "val/shapes_accuracy" in printed
+
+    client = MlflowClient(mlflow_uri)
+    parent_id = json.loads((tmp_path / "sweep" / sweep.PARENT_FILE).read_text())["run_id"]
+    parent = client.get_run(parent_id)
+    assert parent.data.tags["t2v.kind"] == "parent" and parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert sorted(c.info.run_name for c in children) == ["lr=0.001", "lr=0.003"]
+    for child in children:
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val/colour_accuracy")] == [1, 2]
+    names = {a.path for a in client.list_artifacts(parent_id, "comparison")}
+    assert {"comparison/comparison.md", "comparison/val_colour_accuracy-step.png"} <= names
+    assert {"comparison/val_colour_accuracy-minutes.png"} <= names

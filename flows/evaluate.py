@@ -238,6 +238,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
 def log_to_mlflow(cfg: EvalConfig, result: dict[str, Any], out: Path) -> str:
     """Metrics as ``eval/<name>``, settings as ``eval.*`` params (secrets redacted), samples and metrics.json as
     artifacts under ``eval/``; into ``mlflow.run_id`` when given, else a new run."""
+    from pipelines import run_facts
     from pipelines.tracking import MlflowTracker
 
     tracker = MlflowTracker(
@@ -245,7 +246,7 @@ def log_to_mlflow(cfg: EvalConfig, result: dict[str, Any], out: Path) -> str:
         cfg.mlflow.experiment,
         run_id=cfg.mlflow.run_id,
         run_name="evaluate",
-        tags=None if cfg.mlflow.run_id else {"t2v.kind": "evaluation"},
+        tags=None if cfg.mlflow.run_id else {"t2v.kind": "evaluation", **run_facts.code_version()},
     )
     try:
         tracker.log_params({"eval": settings.to_dict(cfg)})

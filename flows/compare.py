@@ -140,7 +140,7 @@ def differing_settings(runs: list) -> dict[str, list[str | None]]:
     keys = sorted({k for r in runs for k in r.data.params})
     out = {}
     for key in keys:
-        if key in NOT_SETTINGS or key.startswith("changed_param."):
+        if key in NOT_SETTINGS or key.startswith(("changed_param.", "train.mlflow.tags.")):
             continue
         values = [r.data.params.get(key) for r in runs]
         if len(set(values)) > 1:

@@ -100,6 +100,7 @@ def train_config(cfg: LearnBenchConfig, data: str, out: Path, ablation: str, see
         output=str(out),
         seed=seed,
         time_limit_minutes=cfg.minutes,
+        log_model=False,  # the figures come from the curves; no serving model is needed
         periodic_eval={
             **base["periodic_eval"],
             "every_minutes": cfg.minutes / cfg.evaluations,

@@ -1,5 +1,5 @@
-"""Comparing experiments in MLflow, against real stores: evaluation during training as step metrics of the run and the
-facts a fair comparison needs on every training run."""
+"""Comparing experiments in MLflow, against real stores: evaluation during training as step metrics of the run, the
+facts a fair comparison needs on every training run, and ``t2v sweep`` as a parent run with a child per variant."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from pipelines import tracking
-from pipelines.training import job as train
 from pipelines.training.periodic_eval import PeriodicEvalConfig, PeriodicEvaluator
 
 pytestmark = pytest.mark.slow
@@ -72,33 +71,10 @@ def test_evaluation_logs_step_metrics_and_a_contact_sheet(exporter, shapes_corpu
     assert sheets == ["val/contact_sheet/step_000002.png", "val/contact_sheet/step_000003.png"]
 
 
-def test_training_logs_evaluation_curves_and_comparison_facts(ray_session, shards, train_config, mlflow_uri, tmp_path):
-    """Two workers (the evaluation decision is rank 0's, the others follow), an evaluation every 2 of 4 steps."""
-    from mlflow import MlflowClient
-
-    periodic = {"every_steps": 2, "num_prompts": 2, "sample_steps": 1, "sheet_videos": 2, "max_share": 1.0}
-    cfg = train_config(shards, tmp_path / "out", mlflow_uri, periodic_eval=periodic, log_model=False)
-    result = train.run(cfg)
-    client = MlflowClient(mlflow_uri)
-    run = client.get_run(result["run_id"])
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/shapes_accuracy")]
-    assert steps == [2, 4]
-    assert {"val/clipsim", "val/frame_consistency", "val/time_s", "val/train_minutes"} <= set(run.data.metrics)
-    sheets = [a.path for a in client.list_artifacts(run.info.run_id, "val/contact_sheet")]
-    assert sheets == ["val/contact_sheet/step_000002.png", "val/contact_sheet/step_000004.png"]
-
-    tags = run.data.tags
-    assert len(tags["mlflow.source.git.commit"]) == 40
-    assert tags["t2v.model_config"] == "tiny" and tags["t2v.workers"] == "2"
-    assert tags["t2v.device"].startswith("CPU") and tags["t2v.device_count"] == "2"
-    assert len(tags["t2v.data_digest"]) == 16 and "video_text" in tags["t2v.data_digests"]
-    assert float(tags["t2v.throughput_samples_per_s"]) > 0 and float(tags["t2v.tflops_per_device"]) > 0
-    assert "t2v.mfu" not in tags  # no peak is known for a CPU
-    assert run.data.metrics["throughput_samples_per_s"] > 0
-
-
 def test_sweep_is_a_parent_run_with_a_child_per_variant(ray_session, shards, small_model, mlflow_uri, tmp_path, capsys):
-    """Two variants of 2 steps on one worker; each child has its evaluation curve, the parent the comparison."""
+    """A sweep over the worker count (1 and 2: with 2, rank 0 decides when to evaluate and the other rank follows),
+    2 steps each, evaluated every step: each child has its evaluation curve and the facts a comparison needs, the
+    parent the comparison."""
     import json
 
     from mlflow import MlflowClient
@@ -109,29 +85,41 @@ def test_sweep_is_a_parent_run_with_a_child_per_variant(ray_session, shards, sma
         "model": "tiny",
         "model_overrides": small_model,
         "steps": 2,
-        "num_workers": 1,
         "image_batch_size": 2,
         "video_batch_size": 2,
         "warmup_steps": 1,
         "checkpoint_every": 2,
         "log_model": False,
-        "periodic_eval": {"every_steps": 1, "num_prompts": 2, "sample_steps": 1, "sheet_videos": 1, "max_share": 1.0},
+        "periodic_eval": {"every_steps": 1, "num_prompts": 2, "sample_steps": 1, "sheet_videos": 2, "max_share": 1.0},
         "mlflow": {"tracking_uri": mlflow_uri, "experiment": "sweep-test", "system_metrics_s": 0},
     }
-    argv = ["--data", str(shards), "--output", str(tmp_path / "sweep"), "--set", "lr=[1.0e-3,3.0e-3]"]
+    argv = ["--data", str(shards), "--output", str(tmp_path / "sweep"), "--set", "num_workers=[1,2]"]
     argv += [a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}")]
     assert sweep.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "| train.lr" in printed and "val/shapes_accuracy" in printed
+    assert "| train.num_workers" in printed and "val/shapes_accuracy" in printed
 
     client = MlflowClient(mlflow_uri)
     parent_id = json.loads((tmp_path / "sweep" / sweep.PARENT_FILE).read_text())["run_id"]
     parent = client.get_run(parent_id)
     assert parent.data.tags["t2v.kind"] == "parent" and parent.info.status == "FINISHED"
-    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
-    assert sorted(c.info.run_name for c in children) == ["lr=0.001", "lr=0.003"]
-    for child in children:
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "val/colour_accuracy")] == [1, 2]
     names = {a.path for a in client.list_artifacts(parent_id, "comparison")}
     assert {"comparison/comparison.md", "comparison/val_colour_accuracy-step.png"} <= names
-    assert {"comparison/val_colour_accuracy-minutes.png"} <= names
+    assert "comparison/val_colour_accuracy-minutes.png" in names
+
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert sorted(c.info.run_name for c in children) == ["num_workers=1", "num_workers=2"]
+    for child in children:
+        run_id = child.info.run_id
+        assert [m.step for m in client.get_metric_history(run_id, "val/shapes_accuracy")] == [1, 2]
+        assert {"val/clipsim", "val/frame_consistency", "val/time_s", "val/train_minutes"} <= set(child.data.metrics)
+        sheets = [a.path for a in client.list_artifacts(run_id, "val/contact_sheet")]
+        assert sheets == ["val/contact_sheet/step_000001.png", "val/contact_sheet/step_000002.png"]
+
+    tags = next(c for c in children if c.info.run_name == "num_workers=2").data.tags
+    assert len(tags["mlflow.source.git.commit"]) == 40
+    assert tags["t2v.model_config"] == "tiny" and tags["t2v.workers"] == "2"
+    assert tags["t2v.device"].startswith("CPU") and tags["t2v.device_count"] == "2"
+    assert len(tags["t2v.data_digest"]) == 16 and "video_text" in tags["t2v.data_digests"]
+    assert float(tags["t2v.throughput_samples_per_s"]) > 0 and float(tags["t2v.tflops_per_device"]) > 0
+    assert "t2v.mfu" not in tags  # no peak is known for a CPU

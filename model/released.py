@@ -227,7 +227,40 @@ def inflate_image_unet(unet: UNet3D, spatial: Mapping[str, Tensor]) -> LoadRepor
     return report
 
 
+def init_unet_from(unet: UNet3D, path: str | os.PathLike) -> LoadReport:
+    """Start ``unet`` from a local UNet file or folder (what ``t2v train --set init_from=`` takes besides a
+    model.pt): a ModelScope / TF-T2V file (a ModelScope file leaves the image MLP at its initialisation, extra
+    concat channels start at zero), a diffusers UNet3DConditionModel folder, or an SD image UNet (diffusers
+    UNet2DConditionModel folder or LDM checkpoint), which is inflated."""
+    from model.checkpoint import NEW_IN_TFT2V
+
+    p = Path(path)
+    if p.is_dir():
+        kind = (
+            json.loads((p / "config.json").read_text(encoding="utf-8")).get("_class_name")
+            if (p / "config.json").is_file()
+            else None
+        )
+        if kind == "UNet3DConditionModel":
+            from diffusers import UNet3DConditionModel
+
+            from model.convert import diffusers_to_modelscope
+
+            state = diffusers_to_modelscope(UNet3DConditionModel.from_pretrained(str(p)).state_dict(), unet.cfg)
+            return load_unet_weights(unet, state, allow_missing=NEW_IN_TFT2V, pad_input_channels=True)
+        return inflate_image_unet(unet, read_image_unet(p, unet.cfg))
+    try:
+        return load_unet_weights(unet, p, allow_missing=NEW_IN_TFT2V, pad_input_channels=True)
+    except CheckpointError as video_error:
+        try:
+            spatial = read_image_unet(p, unet.cfg)
+        except CheckpointError:
+            raise video_error from None
+        return inflate_image_unet(unet, spatial)
+
+
 __all__ = [
+    "init_unet_from",
     "RELEASED_CONFIGS",
     "layout_names",
     "load_released",

@@ -98,6 +98,7 @@ class TrainConfig:
     log_model: bool = True  # log the final model to the run as an MLflow pyfunc generation model
     logged_model_name: str = "model"  # its name in the run
     logged_model_weights: Literal["ema", "raw"] = "ema"  # which exported weights it serves
+    export_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # exported checkpoints: the fp32 master weights by default
     debug_fail_at_step: int = 0  # tests: the last rank exits once at this step (fault-tolerance check)
 
     def __post_init__(self) -> None:
@@ -159,6 +160,7 @@ class TrainConfig:
         )
         check_choice("logged_model_weights", self.logged_model_weights, ["ema", "raw"])
         check_choice("image_frame", self.image_frame, ["middle", "first"])
+        check_choice("export_dtype", self.export_dtype, ["fp32", "bf16", "fp16"])
         check_choice("condition_sampling", self.condition_sampling, ["per_batch", "per_sample"])
         check_choice("dropped_text", self.dropped_text, ["negative_prompt", "zeros"])
         check(

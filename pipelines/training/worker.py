@@ -290,6 +290,14 @@ class Ema:
                 for t, b in zip(self._live(), backup):
                     t.copy_(b)
 
+    def full_state(self) -> dict[str, Tensor]:
+        """The EMA as a full fp32 state dict (ZeRO 0-2, on the holder: rank 0); buffers as the module holds them."""
+        names = [name for name, _ in self.engine.module.named_parameters()]
+        state = {name: t.detach().cpu().clone() for name, t in zip(names, self.tensors)}
+        for name, buffer in self.engine.module.named_buffers():
+            state.setdefault(name, buffer.detach().float().cpu().clone())
+        return {k: state[k] for k in self.engine.module.state_dict() if k in state}
+
     def state(self) -> dict:
         return {"updates": self.updates, "tensors": self.tensors}
 
@@ -580,11 +588,14 @@ class Exporter:
             self.model = TextToVideo(model.config, unet, model.text_encoder, model.image_encoder, model.first_stage)
 
     def gather(self, ema: bool) -> dict[str, Tensor] | None:
-        """Full weights on rank 0 (collective under ZeRO-3: every rank calls this)."""
+        """Full weights on rank 0 (collective under ZeRO: every rank calls this): the fp32 master weights, or the
+        EMA (kept in fp32; whole on rank 0 under ZeRO 0-2, per partition under ZeRO-3)."""
         if ema:
+            if not self.ema.partitioned:
+                return self.ema.full_state() if self.rank == 0 else None
             with self.ema.swapped_in():
                 return export.consolidated_state_dict(self.engine)
-        return export.consolidated_state_dict(self.engine)
+        return export.master_state_dict(self.engine)
 
     def samples(self, step: int) -> None:
         state = self.gather(ema=True)
@@ -619,7 +630,7 @@ class Exporter:
         raw = self.gather(ema=False)
         ema = self.gather(ema=True)
         if self.rank == 0:
-            files = export.write_models(self.model, raw, ema, self.out / EXPORT_DIR, step)
+            files = export.write_models(self.model, raw, ema, self.out / EXPORT_DIR, step, dtype=self.cfg.export_dtype)
             (self.out / EXPORT_DIR / "final_metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
             log.info("exported %s", files)
 

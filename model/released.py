@@ -255,8 +255,22 @@ def init_unet_from(unet: UNet3D, path: str | os.PathLike) -> LoadReport:
         try:
             spatial = read_image_unet(p, unet.cfg)
         except CheckpointError:
+            fits = _layouts_of_file(p)
+            if fits:
+                raise CheckpointError(
+                    f"{p} has the layout of config {' / '.join(repr(n) for n in fits)}: train with model={fits[0]} "
+                    f"(or start a config of that layout from it)\n{video_error}"
+                ) from None
             raise video_error from None
         return inflate_image_unet(unet, spatial)
+
+
+def _layouts_of_file(path: Path) -> list[str]:
+    try:
+        state, _ = read_state_dict(path)
+    except CheckpointError:
+        return []
+    return layout_names(state)
 
 
 __all__ = [

@@ -419,3 +419,33 @@ def test_released_sampler_equals_vgens_ddim_loop():
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
     assert [t for t, _ in ddim_pairs(schedule, 50, "leading")][:3] == [981, 961, 941]
     assert ddim_pairs(schedule, 50, "leading")[-1] == (1, 0)
+
+
+def test_generate_uses_the_models_sampling_settings():
+    # A model whose config names VGen-style sampling settings samples exactly as explicit arguments would.
+    from model.text_to_video import TextToVideo
+
+    small = {"num_frames": 2, "height": 16, "width": 16}
+    released_like = {
+        **small,
+        "sampling.negative_prompt": "blurry, static",
+        "sampling.positive_prompt": ", cinematic",
+        "sampling.timestep_spacing": "leading",
+        "sampling.steps": 3,
+        "sampling.guidance": 4.0,
+    }
+    torch.manual_seed(0)
+    plain = TextToVideo.build(get_config("tiny", small))
+    configured = TextToVideo(
+        get_config("tiny", released_like), plain.unet, plain.text_encoder, plain.image_encoder, plain.first_stage
+    )
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in plain.unet.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)  # the fresh UNet predicts 0 whatever it is given
+    got = configured.generate(["a red circle"])
+    explicit = plain.generate(
+        ["a red circle, cinematic"], steps=3, guidance=4.0, negative_prompt="blurry, static", spacing="leading"
+    )
+    assert (got == explicit).all()
+    assert not (got == plain.generate(["a red circle"], steps=3, guidance=4.0)).all()

@@ -257,7 +257,7 @@ class Item:
     kind: str
     caption: str | None  # None for text-free clips
     frames: np.ndarray | None  # uint8 [f, h, w, 3]; None when pre-encoded latents replace it
-    cond_frame: np.ndarray | None  # uint8 [h, w, 3]: the middle frame (CLIP image condition)
+    cond_frame: np.ndarray | None  # uint8 [h, w, 3]: the middle (or first) frame, the CLIP image condition
     latent_mean: np.ndarray | None = None  # float32 [c, f, h', w'] pre-encoded posterior mean (unscaled)
     latent_std: np.ndarray | None = None
     text_emb: np.ndarray | None = None  # float32 [n, d]
@@ -309,8 +309,10 @@ class Decoder:
         expected_encoders: dict | None = None,
         seed: int = 0,
         cache_mb: float = 0.0,
+        image_frame: str = "middle",
     ):
         self.num_frames, self.height, self.width = num_frames, height, width
+        self.image_frame = image_frame  # which clip frame is the CLIP image condition: middle or first
         self.frame_stride = frame_stride
         self.latent_hw = latent_hw
         self.expected_encoders = expected_encoders or {}
@@ -354,7 +356,7 @@ class Decoder:
         idx = frame_indices(len(clip), frames_per_item, self.frame_stride, rng)
         if item.latent_mean is None:
             item.frames = clip[idx]
-        item.cond_frame = clip[idx[len(idx) // 2]]  # the middle frame
+        item.cond_frame = clip[idx[0] if self.image_frame == "first" else idx[len(idx) // 2]]
         return item
 
     def _count(self, name: str) -> int:
@@ -433,6 +435,7 @@ class LoaderSpec:
     prefetch: int = 4  # step batches decoded ahead in a background thread
     decode_workers: int = 2  # samples decoded in parallel (threads; PyAV decodes without the GIL)
     cache_mb: float = 0.0
+    image_frame: str = "middle"  # the clip frame whose CLIP embedding conditions it (VGen's TF-T2V: first)
 
 
 @dataclasses.dataclass
@@ -482,6 +485,7 @@ class TrainLoader:
             spec.expected_encoders,
             spec.seed + 7919 * rank,
             spec.cache_mb,
+            spec.image_frame,
         )
         self._pool = ThreadPoolExecutor(max(1, spec.decode_workers), thread_name_prefix="decode")
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, spec.prefetch))

@@ -289,12 +289,14 @@ class MlflowTracker:
         from mlflow.entities import DatasetInput, InputTag
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-        with warnings.catch_warnings():  # schema-inference hints about integer columns and ambiguous sources
-            warnings.simplefilter("ignore", UserWarning)
-            dataset = mlflow.data.from_pandas(df, source=source, name=name, digest=digest)
+        # The schema is inferred lazily (in _to_mlflow_entity too); its hint about integer columns concerns model
+        # inputs at inference time, not a record of what a run read.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer", category=UserWarning)
+            warnings.filterwarnings("ignore", message=".*source.*", category=UserWarning)
+            entity = mlflow.data.from_pandas(df, source=source, name=name, digest=digest)._to_mlflow_entity()
         self.client.log_inputs(
-            self.run_id,
-            datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])],
+            self.run_id, datasets=[DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])]
         )
 
     def finish(self, status: str = "FINISHED") -> None:

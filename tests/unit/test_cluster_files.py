@@ -30,6 +30,7 @@ def test_every_cluster_file_is_covered_by_a_check():
         | set((CLUSTERS / "configs").glob("*.yaml"))
         | {
             CLUSTERS / "README.md",
+            CLUSTERS / "RELEASED_WEIGHTS.md",
             CLUSTERS / "constraints.txt",
             CLUSTERS / "image" / "Dockerfile",
             CLUSTERS / "local" / "t2v",
@@ -177,3 +178,22 @@ def test_kuberay_flow_config_loads():
     train = train_config(flow, Path("/data/flow/cycles/0001"), None)
     assert train.zero_stage == 2 and train.num_workers == 8 and train.steps == 5000
     assert train.mlflow.tracking_uri == flow.cluster.tracking_uri and train.data == ["/data/flow/curated"]
+
+
+def test_released_weights_doc_names_what_exists():
+    import re
+
+    from flows.import_weights import SOURCES
+    from model.registry import MODEL_CONFIGS
+    from pipelines.training.config import TrainConfig
+
+    doc = (CLUSTERS / "RELEASED_WEIGHTS.md").read_text()
+    assert set(re.findall(r"--from (\S+) ", doc)) <= set(SOURCES)
+    assert set(re.findall(r"--model (\S+) ", doc)) <= set(MODEL_CONFIGS)
+    assert {"modelscope-1.7b", "tf-t2v"} <= set(re.findall(r"`([a-z0-9.-]+)`", doc))
+    fields = set(TrainConfig.__dataclass_fields__)
+    assert {"condition_sampling", "p_all_zero", "p_all_keep", "image_frame", "export_dtype"} <= fields
+    for name in re.findall(r"`([a-z_]+): ", doc):  # `key: value` settings it names are training settings
+        assert name in fields, name
+    for path in re.findall(r"clusters/deepspeed/[\w.-]+\.yaml", doc):
+        assert (CLUSTERS.parent / path).is_file(), path

@@ -7,6 +7,8 @@ t2v train --config my.yaml
 t2v import --from tf-t2v tft2v.pth --out runs/imported/tf-t2v
 t2v sample --checkpoint ckpt.pt --prompt "a red circle moving left" --out out.mp4
 t2v evaluate ... | t2v flow ... | t2v bench curate|model|train|learn | t2v test
+t2v sweep --data runs/curated --set lr=[1e-3,3e-3]
+t2v compare RUN_ID RUN_ID | --experiment NAME | --parent RUN_ID
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("flows.sample", "generate a video from a prompt with a checkpoint"),
     "evaluate": ("flows.evaluate", "evaluate a model on a prompt set and log to MLflow"),
     "flow": ("flows.retrain", "run or serve the scheduled re-training flow"),
+    "sweep": ("flows.sweep", "train one variant per value of swept settings, grouped as MLflow parent/child runs"),
+    "compare": ("flows.compare", "compare MLflow runs: differing settings, final and best metrics, plots"),
     "bench": ("flows.benchmarks", "run a benchmark (curate | model | train | learn) and print its figures"),
 }
 

@@ -20,7 +20,6 @@ training run of the model, as the re-training flow does) or into a new run of ``
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import hashlib
 import json
@@ -28,7 +27,6 @@ import logging
 import re
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +40,6 @@ log = logging.getLogger("t2v.evaluate")
 
 METRICS_FILE = "metrics.json"
 CONTACT_SHEET = "contact_sheet.png"
-VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".gif")
 
 
 @dataclasses.dataclass
@@ -101,68 +98,14 @@ class EvalConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Prompt sets and reference videos
+# Prompt sets
 
 
 def load_prompts(cfg: EvalConfig) -> tuple[list[str], list[tuple[str, str]] | None]:
     """Prompts and, for the shapes set, their (colour, direction) labels."""
-    if cfg.prompts == "shapes":
-        from pipelines.shapes import heldout_prompts
+    from pipelines.metrics import prompt_set
 
-        rows = heldout_prompts(cfg.num_prompts or None)
-        return [r[0] for r in rows], [(r[1], r[3]) for r in rows]
-    path = Path(cfg.prompts)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"prompt file {str(path)!r} not found: give a text file with one prompt per line "
-            "(e.g. MSR-VTT test captions) or prompts=shapes"
-        )
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    prompts = [p for p in prompts if p and not p.startswith("#")]
-    if not prompts:
-        raise ValueError(f"prompt file {path} has no prompts (one per line; lines starting with # are ignored)")
-    return (prompts[: cfg.num_prompts] if cfg.num_prompts else prompts), None
-
-
-def reference_videos(source: str, limit: int) -> list[Path]:
-    """Real video files for FVD from a manifest.csv (rows with kind=video), a folder, or a text file of paths."""
-    path = Path(source)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
-    elif path.suffix == ".csv" and path.is_file():
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        files = [
-            Path(r["path"]) if Path(r["path"]).is_absolute() else path.parent / r["path"]
-            for r in rows
-            if r.get("kind", "video") == "video"
-        ]
-    elif path.is_file():
-        files = [Path(line.strip()) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:
-        raise FileNotFoundError(
-            f"fvd_reference {source!r} not found: give a manifest.csv, a folder of videos or a "
-            "text file with one video path per line"
-        )
-    if len(files) < 2:
-        raise ValueError(f"fvd_reference {source!r} has {len(files)} videos; FVD needs at least 2 (more is better)")
-    return files[:limit]
-
-
-def read_reference(files: list[Path], num_frames: int, height: int, width: int, fps: float) -> np.ndarray:
-    """Decode real videos to the generated videos' size and frame count: uint8 [n, f, h, w, 3].
-
-    Videos shorter than ``num_frames`` repeat their last frame, so every clip has the same length.
-    """
-    from pipelines import media
-
-    videos = []
-    for path in files:
-        frames = media.decode_video_file(path, width=width, height=height, fps=fps, max_frames=num_frames)
-        if len(frames) < num_frames:
-            frames = np.concatenate([frames, np.repeat(frames[-1:], num_frames - len(frames), axis=0)])
-        videos.append(frames)
-    return np.stack(videos)
+    return prompt_set(cfg.prompts, cfg.num_prompts)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -205,24 +148,15 @@ def generate_videos(model, prompts: list[str], cfg: EvalConfig) -> tuple[list[np
 
 
 def clip_scores(cfg: EvalConfig, videos: list[np.ndarray], prompts: list[str]) -> dict[str, float]:
-    from flows.metrics import ClipScorer, clip_metrics
-    from model.encoders import PROJECT_CLIP_CONFIGS, load_openclip
+    from pipelines.metrics import clip_metrics, load_clip_scorer
 
-    if cfg.clip_pretrained is None and cfg.clip_model not in PROJECT_CLIP_CONFIGS:
-        warnings.warn(
-            f"CLIPSIM and frame consistency use a randomly initialised {cfg.clip_model}: the figures "
-            "only compare models evaluated the same way. Pass clip_pretrained=PATH (a local open_clip "
-            "checkpoint) for meaningful values.",
-            stacklevel=2,
-        )
-    clip, _, tokenizer = load_openclip(cfg.clip_model, cfg.clip_pretrained, seed=cfg.clip_seed, device=cfg.device)
-    size = getattr(clip.visual, "image_size", 224)  # open_clip keeps (h, w)
-    size = int(size[0] if isinstance(size, (tuple, list)) else size)
-    return clip_metrics(ClipScorer(clip, tokenizer, size), videos, prompts)
+    return clip_metrics(
+        load_clip_scorer(cfg.clip_model, cfg.clip_pretrained, cfg.clip_seed, cfg.device), videos, prompts
+    )
 
 
 def fvd_score(cfg: EvalConfig, videos: list[np.ndarray], fps: float) -> float:
-    from flows.metrics import VideoFeatureNet, fvd_from_features
+    from pipelines.metrics import VideoFeatureNet, fvd_from_features, read_reference, reference_videos
 
     net = VideoFeatureNet(
         cfg.fvd_network,
@@ -291,7 +225,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     skipped: dict[str, str] = {}
     metrics.update(clip_scores(cfg, videos, [prompts[i] for i in index]))
     if labels is not None:
-        from flows.metrics import shapes_metrics
+        from pipelines.metrics import shapes_metrics
 
         metrics.update(shapes_metrics(videos, [labels[i] for i in index]))
     if cfg.fvd_network and cfg.fvd_reference:
@@ -320,6 +254,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
 def log_to_mlflow(cfg: EvalConfig, result: dict[str, Any], out: Path) -> str:
     """Metrics as ``eval/<name>``, settings as ``eval.*`` params (secrets redacted), samples and metrics.json as
     artifacts under ``eval/``; into ``mlflow.run_id`` when given, else a new run."""
+    from pipelines import run_facts
     from pipelines.tracking import MlflowTracker
 
     tracker = MlflowTracker(
@@ -327,7 +262,7 @@ def log_to_mlflow(cfg: EvalConfig, result: dict[str, Any], out: Path) -> str:
         cfg.mlflow.experiment,
         run_id=cfg.mlflow.run_id,
         run_name="evaluate",
-        tags=None if cfg.mlflow.run_id else {"t2v.kind": "evaluation"},
+        tags=None if cfg.mlflow.run_id else {"t2v.kind": "evaluation", **run_facts.code_version()},
     )
     try:
         tracker.log_params({"eval": settings.to_dict(cfg)})

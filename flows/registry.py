@@ -147,7 +147,7 @@ def decide(
     champion_version: str | None = None,
 ) -> Decision:
     """Promote when there is no champion, or the challenger beats it on ``metric`` by more than ``min_delta``."""
-    from flows.metrics import higher_is_better, is_better
+    from pipelines.metrics import higher_is_better, is_better
 
     if metric not in challenger:
         raise ValueError(

@@ -37,9 +37,9 @@ from typing import Any, ClassVar, Literal
 from flows import jobs, registry
 from flows.evaluate import METRICS_FILE, EvalConfig
 from flows.jobs import ClusterConfig
-from flows.metrics import HIGHER_IS_BETTER
 from pipelines import logs, settings
 from pipelines.curation.config import CurateConfig
+from pipelines.metrics import HIGHER_IS_BETTER
 from pipelines.settings import ConfigError, check, check_choice
 from pipelines.tracking import TrackingConfig, ensure_experiment, resolve_tracking_uri
 from pipelines.training.config import TrainConfig
@@ -54,7 +54,7 @@ class RetrainConfig:
     state_dir: str = "runs/flow"  # curated data, cycles and their step records
     model_name: str = "t2v"  # registered model name
     init: Literal["champion", "scratch"] = "champion"  # what training starts from
-    metric: str = "shapes_accuracy"  # promotion metric (flows.metrics.HIGHER_IS_BETTER says which way is better)
+    metric: str = "shapes_accuracy"  # promotion metric (pipelines.metrics.HIGHER_IS_BETTER says which way is better)
     min_delta: float = 0.0  # the challenger must beat the champion by more than this
     on_no_new_data: Literal["skip", "train"] = "skip"  # a cycle with nothing new: end early, or train anyway
     curate: CurateConfig = dataclasses.field(default_factory=CurateConfig)

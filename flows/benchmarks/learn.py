@@ -1,93 +1,81 @@
-"""python -m flows.benchmarks.learn [--minutes 30] [--ablations full,no_coherence,no_text_free] [--samples 64]
+"""python -m flows.benchmarks.learn [--minutes 30] [--ablations full,no_coherence,no_text_free] [--seeds 0,1,2]
 
-Does training really learn? Generates the synthetic shapes corpus, curates it (``t2v curate``), trains the tiny
-model on CPU with the real training job (Ray Train + DeepSpeed, one worker) for a time budget, and scores EMA
-snapshots taken along the way: for held-out prompts (colour/shape/direction combinations never seen as captions,
-``shapes.heldout_prompts``) it generates videos and measures them with the shapes detector (dominant colour,
-centroid trajectory). Chance is 0.25 for both colour and direction. Target on a 2-core machine within 30 minutes of
-training: colour >= 0.9, direction >= 0.7 on at least 64 samples.
+Does training really learn, and how soon? Generates the shapes corpus and curates it (``t2v curate``) with the main
+job's recipe (``flows.demo``: ``DEMO_CORPUS``, ``DEMO_FLOW["curate"]``, ``DEMO_FLOW["train"]``, so the benchmark
+follows whatever the demo trains with), then trains each ablation once per seed with the real training job (Ray
+Train + DeepSpeed) for a time budget, evaluating during training (``periodic_eval``): videos for held-out prompts
+(colour/shape/direction combinations never seen as captions) read by the shapes detector. Chance is 0.25 for both
+colour and direction. Target on a 2-core machine within 30 minutes of training: colour >= 0.9, direction >= 0.7.
 
-Ablations (TF-T2V's): ``no_coherence`` trains without the temporal coherence loss (coherence_weight 0),
-``no_text_free`` without the text-free videos (the video batch takes only captioned clips). Each ablation gets the
-same time budget. Prints the learning curve (minutes, step, colour and direction accuracy) of every run and writes
-it to ``<output>/bench_learn-<minutes>min.json``. The corpus and curated shards are made once per output directory
-and reused, so shorter ablation runs can follow a long one:
+Ablations (TF-T2V's): ``no_coherence`` trains without the temporal coherence loss, ``no_text_free`` without the
+text-free videos. In MLflow (``<output>/mlflow.db``, experiment ``bench-learn``) the benchmark is one parent run with
+a child run per ablation and seed, each with its ``val/*`` curves; the parent holds the comparison table and plots
+(``t2v compare --parent``). Prints, per ablation, the median over seeds of the minutes and steps until colour >= 0.9
+and until direction >= 0.7, beside the figures at the end of the budget, and writes them to
+``<output>/bench_learn-<minutes>min.json``. The corpus and curated shards are made once per output directory.
 
     t2v bench learn --minutes 30
-    t2v bench learn --minutes 10 --ablations full,no_coherence,no_text_free
+    t2v bench learn --minutes 10 --ablations full,no_coherence
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from flows.demo import DEMO_CORPUS, DEMO_FLOW
 from pipelines import logs, settings
+from pipelines.curation.config import CurateConfig
 from pipelines.settings import check
+from pipelines.shapes import CorpusConfig
+from pipelines.training.config import TrainConfig
 
-ABLATIONS = {
+ABLATIONS: dict[str, dict[str, Any]] = {
     "full": {},
     "no_coherence": {"model_overrides": {"diffusion.coherence_weight": 0.0}},
     "no_text_free": {"text_free_fraction": 0.0},
 }
+EXPERIMENT = "bench-learn"
+
+
+def _demo_train() -> TrainConfig:
+    """The demo's training recipe, with the bench's time budget (not its step count) ending each run."""
+    return settings.from_dict(TrainConfig, settings.merge(DEMO_FLOW["train"], {"steps": 10**6}))
 
 
 @dataclass
 class LearnBenchConfig:
     output: str = "runs/bench_learn"
-    minutes: float = 30.0  # training time budget per run (start-up excluded)
+    minutes: float = 30.0  # training time budget per run (start-up and evaluations excluded)
     ablations: list[str] = field(default_factory=lambda: ["full"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # figures are medians over these
     samples: int = 64  # generated videos per evaluation (held-out prompts, cycled)
-    evaluations: int = 6  # EMA snapshots scored along the way
-    # corpus (pipelines/shapes.py) and curation
-    num_videos: int = 480
-    num_images: int = 480
-    text_free_share: float = 0.25  # of the corpus videos
-    # shapes a third of the frame across: at 16x16 that is 5-7 px, enough for the detector to see colour and motion
-    shape_scale: tuple[float, float] = (0.35, 0.45)
-    # model and training
-    model: str = "tiny"
-    # 16x16 clips: a much cheaper step than 32x32 on CPU, so many more steps fit in the budget; the detector still
-    # resolves colour and motion at this size.
-    model_overrides: dict[str, Any] = field(default_factory=lambda: {"height": 16, "width": 16})
-    threads: int = 2  # torch threads of the (single) worker
-    train: dict[str, Any] = field(
-        default_factory=lambda: {
-            "image_batch_size": 8,
-            "video_batch_size": 8,
-            "text_free_fraction": 0.25,
-            "lr": 2e-3,
-            "warmup_steps": 50,
-            "ema_decay": 0.995,
-            "cfg_dropout": 0.1,
-            "image_condition_prob": 0.25,
-            "video_image_condition_prob": 0.25,
-            "zero_stage": 0,
-            "decode_cache_mb": 256.0,
-            "checkpoint_every": 500,
-        }
-    )
-    steps_per_second: float = 0.0  # 0: measure it with a short calibration run first
-    # sampling for evaluation
-    sample_steps: int = 25
-    guidance: float = 7.0  # colour follows the prompt more with stronger guidance
-    seed: int = 0
+    evaluations: int = 10  # evaluations spread over the budget
+    eval_share: float = 0.3  # evaluations may take at most this share of the wall time
+    colour_target: float = 0.9
+    direction_target: float = 0.7
+    corpus: CorpusConfig = field(default_factory=lambda: CorpusConfig(**DEMO_CORPUS))
+    curate: CurateConfig = field(default_factory=lambda: settings.from_dict(CurateConfig, DEMO_FLOW["curate"]))
+    train: TrainConfig = field(default_factory=_demo_train)  # data, output, seed, time limit: set per run
 
     def __post_init__(self) -> None:
         check(self.minutes > 0, "minutes must be > 0")
+        check(bool(self.ablations), f"ablations is empty: choose from {list(ABLATIONS)}")
         for name in self.ablations:
             check(name in ABLATIONS, f"ablation {name!r} is not one of {list(ABLATIONS)}")
+        check(bool(self.seeds), "seeds is empty: give at least one, e.g. [0, 1, 2]")
         check(self.samples >= 1 and self.evaluations >= 1, "samples and evaluations must be >= 1")
+        check(0 < self.eval_share <= 1, "eval_share must be within (0, 1]")
 
 
-def prepare_data(cfg: LearnBenchConfig, work: Path, size: int) -> str:
+def prepare_data(cfg: LearnBenchConfig, work: Path) -> str:
     """Corpus -> curated shards (reused when the output directory already has them)."""
     from pipelines import schema, shapes
     from pipelines.curation import job as curate
@@ -95,151 +83,177 @@ def prepare_data(cfg: LearnBenchConfig, work: Path, size: int) -> str:
     curated = work / "curated"
     if schema.shard_urls(curated, "video_text"):
         return str(curated)
-    manifest = shapes.generate(
-        shapes.CorpusConfig(
-            num_videos=cfg.num_videos,
-            num_images=cfg.num_images,
-            text_free_fraction=cfg.text_free_share,
-            shape_scale=tuple(cfg.shape_scale),
-            seed=cfg.seed,
-        ),
-        work / "corpus",
-    )
-    # Pre-encoded shards (the clips as arrays and the CLIP text/image embeddings, stamped with the encoders'
-    # identity): training then spends its time on the UNet instead of decoding mp4s and running CLIP every step.
-    ccfg = settings.from_dict(
-        curate.CurateConfig,
-        {
-            "clips": {"width": size, "height": size, "num_frames": 8, "fps": 4.0},  # 8 frames over the 2 s clip
-            "caption": {"filter": "text"},
-            "encode": {
-                "mode": "latents+clip",
-                "model": cfg.model,
-                "model_overrides": dict(cfg.model_overrides),
-                "batch_size": 64,
-            },
-        },
-    )
-    curate.run(ccfg, str(manifest), str(curated))
+    manifest = shapes.generate(cfg.corpus, work / "corpus", progress=False)
+    curate.run(cfg.curate, str(manifest), str(curated))
     return str(curated)
 
 
-def train_config(cfg: LearnBenchConfig, data: str, out: Path, ablation: str, steps: int):
-    from pipelines.training.config import TrainConfig
-
-    base: dict[str, Any] = {
-        "data": [data],
-        "output": str(out),
-        "model": cfg.model,
-        "model_overrides": dict(cfg.model_overrides),
-        # The time limit ends the run and drives the LR decay (training.worker.lr_factor); the step count is the
-        # calibrated estimate with head-room, so a machine faster than the calibration still uses its minutes.
-        "steps": int(steps * 1.5),
-        "num_workers": 1,
-        "cpus_per_worker": cfg.threads,
-        "seed": cfg.seed,
-        "time_limit_minutes": cfg.minutes,
-        "snapshot_every": max(1, steps // cfg.evaluations),
-        "sample_every": 0,
-        "print_every": max(1, steps // 30),
-        "sample_guidance": cfg.guidance,
-        "mlflow": {
-            "tracking_uri": f"sqlite:///{Path(cfg.output).resolve() / 'mlflow.db'}",
-            "experiment": "bench-learn",
-            "run_name": f"{ablation}-{cfg.minutes:g}min",
-            "system_metrics_s": 30.0,
-        },
-        **cfg.train,
-    }
+def train_config(cfg: LearnBenchConfig, data: str, out: Path, ablation: str, seed: int) -> TrainConfig:
+    """One run: the recipe, the ablation's change, the seed, the time budget and evaluation during training."""
+    base = settings.to_dict(cfg.train)
     extra = ABLATIONS[ablation]
-    base["model_overrides"].update(extra.get("model_overrides", {}))
+    base["model_overrides"] = {**base["model_overrides"], **extra.get("model_overrides", {})}
     base.update({k: v for k, v in extra.items() if k != "model_overrides"})
+    evaluate = DEMO_FLOW["evaluate"]
+    base.update(
+        data=[data],
+        output=str(out),
+        seed=seed,
+        time_limit_minutes=cfg.minutes,
+        log_model=False,  # the figures come from the curves; no serving model is needed
+        periodic_eval={
+            **base["periodic_eval"],
+            "every_minutes": cfg.minutes / cfg.evaluations,
+            "num_prompts": cfg.samples,
+            "sample_steps": evaluate["steps"],
+            "guidance": evaluate["guidance"],
+            "clip_model": evaluate["clip_model"],
+            "max_share": cfg.eval_share,
+            "final": True,
+        },
+        mlflow={
+            **base["mlflow"],
+            "tracking_uri": f"sqlite:///{Path(cfg.output).resolve() / 'mlflow.db'}",
+            "experiment": EXPERIMENT,
+        },
+    )
     return settings.from_dict(TrainConfig, base)
 
 
-def calibrate(cfg: LearnBenchConfig, data: str, work: Path) -> float:
-    """Steps per second of the plain loop: an estimate for sizing the run (`t2v bench train` compares it with the
-    Ray/DeepSpeed step); the time limit ends the real run."""
-    from flows.benchmarks.train import plain_loop
-
-    tcfg = train_config(cfg, data, work / "calibrate", "full", steps=12)
-    times, _ = plain_loop(tcfg, 12)
-    return 1.0 / float(np.median(times[4:]))
+# ---------------------------------------------------------------------------------------------------------------
+# Figures
 
 
-def evaluate(checkpoint: str | Path, cfg: LearnBenchConfig) -> dict[str, float]:
-    """Colour and direction accuracy of videos generated for held-out prompts, measured by the shapes detector."""
-    from model.text_to_video import TextToVideo
-    from pipelines import shapes
+def reached(curve: dict[str, list[float]], target: float) -> tuple[float, int] | None:
+    """(training minutes, step) of the first evaluation at or above ``target``; None if never."""
+    for minutes, step, value in zip(curve["minutes"], curve["step"], curve["value"]):
+        if value >= target:
+            return minutes, int(step)
+    return None
 
-    model = TextToVideo.from_checkpoint(checkpoint)
-    prompts = shapes.heldout_prompts(cfg.samples)
-    colour_ok = direction_ok = 0
-    for start in range(0, len(prompts), 32):
-        chunk = prompts[start : start + 32]
-        videos = model.generate(
-            [p for p, *_ in chunk], steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed + start
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def figures(client, runs_by_ablation: dict[str, list], cfg: LearnBenchConfig) -> dict[str, dict[str, Any]]:
+    """Per ablation, medians over seeds: the end-of-budget figures and the time and steps to each target (a seed
+    that never reached it counts as never; the median is then given only when most seeds reached it)."""
+    from flows.compare import curve
+
+    out: dict[str, dict[str, Any]] = {}
+    for ablation, runs in runs_by_ablation.items():
+        row: dict[str, Any] = {"seeds": len(runs)}
+        for name, key, target in (
+            ("colour", "val/colour_accuracy", cfg.colour_target),
+            ("direction", "val/direction_accuracy", cfg.direction_target),
+        ):
+            curves = [curve(client, r, key) for r in runs]
+            curves = [c for c in curves if c["value"]]
+            row[f"{name}_end"] = _median([c["value"][-1] for c in curves])
+            hits = [reached(c, target) for c in curves]
+            got = [h for h in hits if h is not None]
+            row[f"{name}_reached"] = f"{len(got)}/{len(runs)}"
+            majority = len(got) * 2 > len(runs)
+            inf = float("inf")
+            minutes = sorted(h[0] for h in got) + [inf] * (len(runs) - len(got))
+            steps = sorted(h[1] for h in got) + [inf] * (len(runs) - len(got))
+            row[f"{name}_minutes"] = statistics.median(minutes) if majority else None
+            row[f"{name}_steps"] = statistics.median(steps) if majority else None
+        ends = [c["step"][-1] for c in (curve(client, r, "val/colour_accuracy") for r in runs) if c["step"]]
+        row["steps_end"] = _median(ends)
+        out[ablation] = row
+    return out
+
+
+def render(rows: dict[str, dict[str, Any]], cfg: LearnBenchConfig) -> str:
+    from flows.compare import markdown_table
+
+    def f(value: Any, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    header = [
+        "ablation",
+        f"colour at {cfg.minutes:g} min",
+        f"direction at {cfg.minutes:g} min",
+        "steps",
+        f"colour >= {cfg.colour_target:g}: min / step (seeds)",
+        f"direction >= {cfg.direction_target:g}: min / step (seeds)",
+    ]
+    table = [header]
+    for ablation, r in rows.items():
+        table.append(
+            [
+                ablation,
+                f(r["colour_end"], ".2f"),
+                f(r["direction_end"], ".2f"),
+                f(r["steps_end"], ".0f"),
+                f"{f(r['colour_minutes'], '.1f')} / {f(r['colour_steps'], '.0f')} ({r['colour_reached']})",
+                f"{f(r['direction_minutes'], '.1f')} / {f(r['direction_steps'], '.0f')} ({r['direction_reached']})",
+            ]
         )
-        for (_, colour, _, direction), video in zip(chunk, videos):
-            found = shapes.detect(video)
-            colour_ok += found.colour == colour
-            direction_ok += found.direction == direction
-    return {"colour": colour_ok / len(prompts), "direction": direction_ok / len(prompts), "step": model.step}
+    intro = f"held-out prompts: {cfg.samples} videos per evaluation, chance 0.25; medians over seeds {cfg.seeds}"
+    return intro + "\n" + markdown_table(table)
 
 
-def run_ablation(cfg: LearnBenchConfig, data: str, ablation: str, steps: int) -> dict[str, Any]:
-    import ray
+# ---------------------------------------------------------------------------------------------------------------
 
-    from pipelines.training import job as train
 
-    out = Path(cfg.output).resolve() / f"{ablation}-{cfg.minutes:g}min"  # budgets do not share an output
-    tcfg = train_config(cfg, data, out, ablation, steps)
-    started = not ray.is_initialized()
-    if started:
-        # with the dashboard on 127.0.0.1, as `t2v train` starts Ray: Ray Train's placement-group cleaner polls its
-        # State API and, without it, logs a warning every second of the run
-        ray.init(num_cpus=cfg.threads, dashboard_host="127.0.0.1")
-    try:
-        result = train.run(tcfg)
-    finally:
-        if started:
-            ray.shutdown()
-    seconds_per_step = _seconds_per_step(tcfg, result)
-    curve = []
-    snapshots = sorted((out / "model" / "snapshots").glob("model_ema_*.pt"))
-    for snap in snapshots + [Path(result["ema_checkpoint"])]:
-        scores = evaluate(snap, cfg)
-        scores["minutes"] = round(scores["step"] * seconds_per_step / 60, 1)
-        if not curve or curve[-1]["step"] != scores["step"]:
-            curve.append(scores)
-            print(
-                f"[bench_learn] {ablation:13s} {scores['minutes']:5.1f} min  step {scores['step']:5d}  "
-                f"colour {scores['colour']:.2f}  direction {scores['direction']:.2f}",
-                flush=True,
-            )
-    return {
-        "ablation": ablation,
-        "steps": result["steps"],
-        "seconds_per_step": seconds_per_step,
-        "curve": curve,
-        "final": curve[-1],
-        "run_id": result["run_id"],
+def run(cfg: LearnBenchConfig) -> dict[str, Any]:
+    from flows import sweep
+    from pipelines import tracking
+
+    out = Path(cfg.output).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    data = prepare_data(cfg, out)
+    print(f"[bench_learn] data ready in {time.time() - t0:.0f}s: {data}", flush=True)
+    uri = tracking.resolve_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    parent = sweep.open_parent(
+        out / f"parent-{cfg.minutes:g}min",
+        uri,
+        EXPERIMENT,
+        f"bench learn {cfg.minutes:g} min",
+        {"bench": {k: v for k, v in settings.to_dict(cfg).items() if k not in ("train", "curate", "corpus")}},
+        {"t2v.bench": "learn"},
+    )
+    children = []
+    for ablation in cfg.ablations:
+        for seed in cfg.seeds:
+            name = f"{ablation}-seed{seed}"
+            tcfg = train_config(cfg, data, out / f"{ablation}-{cfg.minutes:g}min-seed{seed}", ablation, seed)
+            children.append((name, sweep.child_config(tcfg, parent.run_id, name, Path(tcfg.output))))
+    metrics = ["val/colour_accuracy", "val/direction_accuracy", "val/shapes_accuracy"]
+    results = sweep.run_children(parent, children, metrics)
+    client = parent.client
+    by_ablation: dict[str, list] = {}
+    for r in results:
+        by_ablation.setdefault(r["variant"].rsplit("-seed", 1)[0], []).append(client.get_run(r["run_id"]))
+    rows = figures(client, by_ablation, cfg)
+    text = render(rows, cfg)
+    report = {"config": settings.to_dict(cfg), "chance": 0.25, "parent_run_id": parent.run_id, "ablations": rows}
+    path = out / f"bench_learn-{cfg.minutes:g}min.json"
+    path.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "bench_learn.md").write_text(text + "\n", encoding="utf-8")
+        (Path(d) / path.name).write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+        parent.log_artifact(d, "bench")
+    parent_metrics = {
+        f"{ablation}/{k}": v for ablation, r in rows.items() for k, v in r.items() if isinstance(v, (int, float))
     }
-
-
-def _seconds_per_step(tcfg, result: dict) -> float:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tcfg.mlflow.tracking_uri)
-    times = [m.value for m in client.get_metric_history(result["run_id"], "step_time_s")]
-    return float(np.mean(times)) if times else float("nan")
+    parent.log_metrics(parent_metrics, 0)
+    print()
+    print(text)
+    print(f"\nparent run {parent.run_id}: t2v compare --parent {parent.run_id} --tracking-uri {uri}")
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="t2v bench learn", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="t2v bench learn", description=__doc__.split("\n\n")[1])
     settings.add_arguments(parser)
     parser.add_argument("--minutes", type=float, default=None, help="training minutes per run")
     parser.add_argument("--ablations", default=None, help="comma-separated: " + ",".join(ABLATIONS))
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--samples", type=int, default=None, help="generated videos per evaluation")
     parser.add_argument("--output", default=None, help="output directory")
     args = parser.parse_args(argv)
@@ -250,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         {
             "minutes": args.minutes,
             "ablations": args.ablations.split(",") if args.ablations else None,
+            "seeds": [int(s) for s in args.seeds.split(",")] if args.seeds else None,
             "samples": args.samples,
             "output": args.output,
         },
@@ -257,31 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 0
     logs.setup()
-    import torch
-
-    from model.registry import get_config
-
-    out = Path(cfg.output).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    size = get_config(cfg.model, cfg.model_overrides).height
-    t0 = time.time()
-    data = prepare_data(cfg, out, size)
-    print(f"[bench_learn] data ready in {time.time() - t0:.0f}s: {data}", flush=True)
-    torch.set_num_threads(cfg.threads)
-    rate = cfg.steps_per_second or calibrate(cfg, data, out)
-    steps = max(10, int(cfg.minutes * 60 * rate))
-    print(f"[bench_learn] {rate:.2f} steps/s -> about {steps} steps in {cfg.minutes} min per run", flush=True)
-    results = [run_ablation(cfg, data, name, steps) for name in cfg.ablations]
-    report = {"config": settings.to_dict(cfg), "chance": 0.25, "runs": results}
-    (out / f"bench_learn-{cfg.minutes:g}min.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    print()
-    print(f"held-out prompts: {cfg.samples} samples, chance 0.25; target colour >= 0.9, direction >= 0.7")
-    for r in results:
-        f = r["final"]
-        print(
-            f"  {r['ablation']:13s} step {f['step']:5d} ({f['minutes']:.1f} min)  colour {f['colour']:.2f}  "
-            f"direction {f['direction']:.2f}"
-        )
+    run(cfg)
     return 0
 
 

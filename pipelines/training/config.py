@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pipelines.settings import check, check_choice
 from pipelines.tracking import TrackingConfig
+from pipelines.training.periodic_eval import PeriodicEvalConfig
 
 CONFIG_FILE = "train_config.yaml"
 RESULT_FILE = "result.json"
@@ -77,6 +78,7 @@ class TrainConfig:
     zero_stage: int = 2
     offload_optimizer: bool = False  # ZeRO optimizer state and step on the CPU (DeepSpeedCPUAdam)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    device_peak_tflops: float = 0.0  # one device's peak, for MFU; 0: known GPUs' bf16 peak, none on CPU
     deepspeed: dict[str, Any] = field(default_factory=dict)  # merged over the generated DeepSpeed config
     address: str | None = None  # Ray cluster address; None: $RAY_ADDRESS or a local Ray
     # checkpoints, faults
@@ -90,6 +92,7 @@ class TrainConfig:
     sample_steps: int = 25
     sample_guidance: float = 9.0
     sample_fps: float = 8.0
+    periodic_eval: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)  # val/* metrics during training
     log_every: int = 1  # MLflow metrics every N steps
     print_every: int = 0  # progress line every N steps; 0: about 20 lines per run
     time_limit_minutes: float = 0.0  # stop (checkpoint + export) after this long, LR decayed; 0: no limit
@@ -159,6 +162,7 @@ class TrainConfig:
             "sample_every > 0 needs sample_prompts (a list of prompts), or set sample_every=0",
         )
         check_choice("logged_model_weights", self.logged_model_weights, ["ema", "raw"])
+        check(self.device_peak_tflops >= 0, "device_peak_tflops must be >= 0 (0: known GPUs' bf16 peak)")
         check_choice("image_frame", self.image_frame, ["middle", "first"])
         check_choice("export_dtype", self.export_dtype, ["fp32", "bf16", "fp16"])
         check_choice("condition_sampling", self.condition_sampling, ["per_batch", "per_sample"])

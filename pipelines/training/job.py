@@ -163,7 +163,15 @@ def _start_tracking(cfg: TrainConfig, out: Path, shard_sets) -> tuple[Any, str |
     uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
     run_file = out / RUN_FILE
     previous = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else {}
-    tags = {"t2v.output": str(out), "t2v.model": cfg.model, **cfg.mlflow.tags}
+    from pipelines import run_facts
+
+    tags = {
+        "t2v.output": str(out),
+        "t2v.model": cfg.model,
+        "t2v.model_config": resolve_model_config_name(cfg),
+        **run_facts.code_version(),
+        **cfg.mlflow.tags,
+    }
     run_id = previous.get("run_id") if previous.get("tracking_uri") == uri else None
     try:
         tracker = tracking.MlflowTracker(
@@ -180,6 +188,12 @@ def _start_tracking(cfg: TrainConfig, out: Path, shard_sets) -> tuple[Any, str |
     tracker.log_params({"train": settings.to_dict(cfg), "model_config": _model_config_dict(cfg)})
     tracker.log_artifact(out / CONFIG_FILE, "config")
     return tracker, tracker.run_id, uri
+
+
+def resolve_model_config_name(cfg: TrainConfig) -> str:
+    from pipelines.training.worker import resolve_model_config
+
+    return resolve_model_config(cfg).name
 
 
 def _model_config_dict(cfg: TrainConfig) -> dict:
@@ -203,8 +217,16 @@ def _log_lineage(tracker, shard_sets) -> None:
         summary = Path(root) / schema.SUMMARY_FILE
         if summary.is_file():
             tracker.log_artifact(summary, f"data/{i}_{Path(root).name}")
+    from pipelines import run_facts
+
+    digests = {s.name: s.digest() for s in shard_sets}
     tracker.set_tags(
-        {"t2v.data": ",".join(roots), "t2v.data_samples": json.dumps({s.name: s.num_samples for s in shard_sets})}
+        {
+            "t2v.data": ",".join(roots),
+            "t2v.data_samples": json.dumps({s.name: s.num_samples for s in shard_sets}),
+            "t2v.data_digest": run_facts.data_digest(digests),
+            "t2v.data_digests": json.dumps(digests),
+        }
     )
 
 

@@ -36,9 +36,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipelines import loader, logs, schema, settings
+from pipelines import loader, logs, run_facts, schema, settings
 from pipelines.training import export
 from pipelines.training.config import EXPORT_DIR, RAY_DIR, RAY_RUN_NAME, TrainConfig
+from pipelines.training.periodic_eval import PeriodicEvaluator
 
 log = logging.getLogger("t2v.train")
 
@@ -745,7 +746,10 @@ def train_loop_per_worker(config: dict) -> None:
                 }
             }
         )
+        tracker.set_tags(run_facts.hardware_tags(device, world_size, cfg.cpus_per_worker))
     exporter = Exporter(model, engine, ema, rank, cfg, out, tracker)
+    evaluator = PeriodicEvaluator(cfg.periodic_eval, rank, world_size, tracker)
+    throughput = run_facts.Throughput()
     print_every = cfg.print_every or max(1, cfg.steps // 20)
     log.info(
         "%d worker(s), ZeRO-%d, start-up %.1fs; steps %d..%d",
@@ -760,6 +764,7 @@ def train_loop_per_worker(config: dict) -> None:
     metrics: dict[str, float] = {}
     position = loader_state
     clock.start()
+    evaluator.start()
     first_step = step
     samples_per_step = (cfg.image_batch_size + cfg.video_batch_size) * world_size
     try:
@@ -769,7 +774,8 @@ def train_loop_per_worker(config: dict) -> None:
             batch = next(data)
             t_data = time.perf_counter() - t0
             # engine.step() is a no-op until the last branch (the gradient accumulation boundary)
-            losses = joint_step(engine, model, cond, batch, cfg, step, rank, engine.backward, optimizer_step)
+            with throughput.counting(rank == 0 and step == first_step + 1):
+                losses = joint_step(engine, model, cond, batch, cfg, step, rank, engine.backward, optimizer_step)
             ema.update()
             position = batch.position
             step_time = time.perf_counter() - t0
@@ -803,6 +809,7 @@ def train_loop_per_worker(config: dict) -> None:
             if not cfg.video_batch_size:
                 for k in ("loss_video", "diffusion_loss_video", "coherence_loss"):
                     metrics.pop(k)
+            throughput.record(step_time, metrics["samples_per_s"])
             if step % cfg.log_every == 0 or step == cfg.steps:
                 tracker.log_metrics(metrics, step)
             if step % print_every == 0 or step == 1 or step == cfg.steps:
@@ -826,6 +833,8 @@ def train_loop_per_worker(config: dict) -> None:
                 exporter.snapshot(step)
             _debug_fail(cfg, step, rank, world_size, out)
             last = step == cfg.steps or stop > 0
+            if evaluator.due(step, last):
+                clock.t0 += evaluator.run(exporter, step)  # evaluations do not use up the time limit
             if step % cfg.checkpoint_every == 0 or last:
                 save_checkpoint(engine, ema, step, position, rank, world_size, cfg, model, metrics)
             if stop > 0:
@@ -841,5 +850,7 @@ def train_loop_per_worker(config: dict) -> None:
     exporter.final(step, metrics)
     log.info("exported the model in %.1fs", time.perf_counter() - t_export)
     if rank == 0:
-        tracker.log_metrics({"train_time_s": time.perf_counter() - t_start}, step)
+        summary = throughput.summary(run_facts.peak_flops(device, cfg.bf16, cfg.device_peak_tflops))
+        tracker.log_metrics({"train_time_s": time.perf_counter() - t_start, **summary}, step)
+        tracker.set_tags(run_facts.summary_tags(summary))
         tracker.pause()  # the driver marks the run finished once the model is logged

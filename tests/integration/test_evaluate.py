@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flows import evaluate
-from pipelines import settings
+from pipelines import metrics, settings
 from pipelines.settings import ConfigError
 
 
@@ -151,6 +151,6 @@ def test_bad_inputs_say_what_to_do(tmp_path, tiny_checkpoint, capsys):
     lonely = tmp_path / "one.csv"
     lonely.write_text("path,kind\nx.mp4,video\n")
     with pytest.raises(ValueError, match="at least 2"):
-        evaluate.reference_videos(str(lonely), 10)
+        metrics.reference_videos(str(lonely), 10)
     assert evaluate.main(["--checkpoint", "m.pt", "--set", "steps=3", "--dry-run"]) == 0
     assert "steps: 3" in capsys.readouterr().out

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from flows import metrics
+from pipelines import metrics
 
 
 def _spd(rng: np.random.Generator, d: int) -> np.ndarray:

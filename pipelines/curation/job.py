@@ -34,7 +34,7 @@ from pipelines import logs, schema, settings
 from pipelines.curation import inputs as inputs_mod
 from pipelines.curation.config import CONFIG_FILE, SHAPING, CurateConfig
 from pipelines.curation.ledger import Ledger, input_result, read_ledger, remove_uncommitted, summarize
-from pipelines.curation.stages import OK, REJECTED, STAGES, to_table
+from pipelines.curation.stages import OK, REJECTED, STAGES, TRANSIENT, to_table
 from pipelines.settings import ConfigError
 
 log = logging.getLogger("t2v.curate")
@@ -91,8 +91,7 @@ def run(cfg: CurateConfig, input: str, output: str | os.PathLike, address: str |
                 _warn_about_models(cfg)
                 ray_start_s = init_ray(address, cfg.num_cpus, cfg.task_cpus)
                 pipeline_started = time.time()
-                for batch in build_dataset(live, cfg).iter_batches(batch_size=None, batch_format="pyarrow"):
-                    driver.receive(batch.to_pylist())
+                _run_pipeline(live, cfg, driver)
         except BaseException:
             driver.sink.abort()  # no commit: the next run removes these tars and redoes their inputs
             raise
@@ -142,15 +141,58 @@ def _gpus_available() -> bool:
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 
-def build_dataset(rows: list[dict[str, Any]], cfg: CurateConfig):
-    """The Ray Data pipeline over input rows (all stages; see the module docstring). Nothing runs until iterated."""
+def _run_pipeline(live: list[dict[str, Any]], cfg: CurateConfig, driver: _Driver) -> None:
+    """Every live input through the pipeline into the driver. Inputs whose tasks' workers died past
+    ``task_retries`` are run alone (``isolate.run_alone``): poison inputs end rejected, the others as usual."""
     import ray
 
-    from pipelines.curation.stages.caption import CaptionFilter, model_enabled
+    from pipelines.curation import isolate
+
+    ctx = ray.data.DataContext.get_current()
+    errored_before = ctx.max_errored_blocks
+    # a block whose task failed past its retries is dropped, not the run: its inputs are found missing below
+    ctx.max_errored_blocks = -1
+    try:
+        for batch in build_dataset(live, cfg).iter_batches(batch_size=None, batch_format="pyarrow"):
+            driver.receive(batch.to_pylist())
+        missing = driver.missing(live)
+        if missing:
+            tables = isolate.run_alone(missing, cpu_stages(cfg), cfg, driver.receive)
+            if tables:
+                for batch in _tail(ray.data.from_arrow(tables), cfg).iter_batches(
+                    batch_size=None, batch_format="pyarrow"
+                ):
+                    driver.receive(batch.to_pylist())
+            for row in driver.missing(missing):  # lost after the CPU stages: a model stage's worker died
+                driver.receive([isolate._rejected(row, isolate.WORKER_CRASH, "a model stage's worker died on it")])
+    finally:
+        ctx.max_errored_blocks = errored_before
+
+
+def cpu_stages(cfg: CurateConfig) -> list:
+    """The stages that run as tasks before the model stages: probe, input quality, decode, clip quality."""
+    from pipelines.curation.stages.caption import model_enabled
     from pipelines.curation.stages.decode import ClipDecoder
     from pipelines.curation.stages.probe import Probe
     from pipelines.curation.stages.quality import ClipQuality, InputQuality
-    from pipelines.curation.stages.route import Route
+
+    return [
+        Probe(cfg),
+        InputQuality(cfg),
+        ClipDecoder(cfg, keep_keyframes=model_enabled(cfg.caption)),
+        ClipQuality(cfg),
+    ]
+
+
+def _task_args(cfg: CurateConfig) -> dict[str, Any]:
+    # bounded retries when a worker dies (Ray Data retries for ever by default); exceptions are never retried:
+    # the stages turn them into rejections themselves
+    return {"num_cpus": cfg.task_cpus, "max_retries": cfg.task_retries, "retry_exceptions": False}
+
+
+def build_dataset(rows: list[dict[str, Any]], cfg: CurateConfig):
+    """The Ray Data pipeline over input rows (all stages; see the module docstring). Nothing runs until iterated."""
+    import ray
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress
@@ -167,10 +209,18 @@ def build_dataset(rows: list[dict[str, Any]], cfg: CurateConfig):
     n = max(n, math.ceil(len(rows) / 20_000))
     blocks = [to_table(rows[i : i + n]) for i in range(0, len(rows), n)]
     ds = ray.data.from_arrow(blocks)
-    clip_model = model_enabled(cfg.caption)
     # CPU stages run as tasks; Ray fuses consecutive ones into a single task per block.
-    for stage in (Probe(cfg), InputQuality(cfg), ClipDecoder(cfg, keep_keyframes=clip_model), ClipQuality(cfg)):
-        ds = ds.map_batches(stage, batch_size=None, batch_format="pyarrow", num_cpus=cfg.task_cpus)
+    for stage in cpu_stages(cfg):
+        ds = ds.map_batches(stage, batch_size=None, batch_format="pyarrow", **_task_args(cfg))
+    return _tail(ds, cfg)
+
+
+def _tail(ds, cfg: CurateConfig):
+    """The stages after the CPU stages: caption filter, route, optional pre-encoding."""
+    from pipelines.curation.stages.caption import CaptionFilter, model_enabled
+    from pipelines.curation.stages.route import Route
+
+    clip_model = model_enabled(cfg.caption)
     use_gpu = cfg.caption.device != "cpu" and _gpus_available()
     _check_cpu_budget(
         cfg, clip_model, use_gpu, cfg.encode.mode != "none" and not (cfg.encode.device != "cpu" and _gpus_available())
@@ -191,8 +241,8 @@ def build_dataset(rows: list[dict[str, Any]], cfg: CurateConfig):
             **pool_args,
         )
     else:
-        ds = ds.map_batches(CaptionFilter(cfg), batch_size=None, batch_format="pyarrow", num_cpus=cfg.task_cpus)
-    ds = ds.map_batches(Route(cfg), batch_size=None, batch_format="pyarrow", num_cpus=cfg.task_cpus)
+        ds = ds.map_batches(CaptionFilter(cfg), batch_size=None, batch_format="pyarrow", **_task_args(cfg))
+    ds = ds.map_batches(Route(cfg), batch_size=None, batch_format="pyarrow", **_task_args(cfg))
     if cfg.encode.mode != "none":
         from pipelines.curation.stages.encode import PreEncoder
 
@@ -240,6 +290,8 @@ class _Driver:
         self.results: list[dict[str, Any]] = []  # ledger rows of this run
         self.clip_reasons: collections.Counter = collections.Counter()
         self.stage_rejections: collections.Counter = collections.Counter()
+        self.transient: collections.Counter = collections.Counter()  # inputs left for the next run, by reason
+        self.finished: set[tuple[str, int]] = set()  # inputs the pipeline handed back whole
         self.clips_made = 0
         self.commits = 0
         self.written_inputs = 0
@@ -266,7 +318,22 @@ class _Driver:
                 sum(self.sink.samples.values()),
             )
 
+    def missing(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Those of ``rows`` (input rows) that came back from no task, or not whole: their tasks failed. Rows of
+        them received so far were never written, and are dropped."""
+        lost = [r for r in rows if (r["source"], r["occurrence"]) not in self.finished]
+        for r in lost:
+            self.partial.pop((r["source"], r["occurrence"]), None)
+        return lost
+
     def _complete(self, rows: list[dict[str, Any]]) -> None:
+        self.finished.add((rows[0]["source"], rows[0]["occurrence"]))
+        if not any(r["status"] == OK for r in rows) and any(r["status"] == TRANSIENT for r in rows):
+            # not the input's fault: no ledger row, so the next run tries it again
+            worst = next(r for r in rows if r["status"] == TRANSIENT)
+            self.transient[f"{worst['stage']}:{worst['reason']}"] += 1
+            log.warning("transient fault on %s, left for the next run: %s", worst["source"], worst["detail"])
+            return
         shard_of = {}
         for row in rows:
             is_clip = row["num_frames"] > 0  # made by decode (input-level rows have no frames yet)
@@ -316,6 +383,9 @@ def _summary(driver: _Driver, input: str, out: Path, listed, todo, removed, star
         "processed": len(results),
         "accepted": accepted,
         "rejected": len(results) - accepted,
+        # transient faults (full temp disk, I/O, network): not in the ledger, retried by the next run
+        "transient": sum(driver.transient.values()),
+        "transient_by_reason": dict(sorted(driver.transient.items())),
         "samples": {k: samples.get(k, 0) for k in schema.KINDS},
         "rejected_by_reason": dict(sorted(by_reason.items())),
         "stages": {s: {"rejected": driver.stage_rejections.get(s, 0)} for s in STAGES},
@@ -461,6 +531,10 @@ def format_summary(s: dict[str, Any]) -> str:
     ]
     for reason, n in s["rejected_by_reason"].items():
         lines.append(f"    {reason:<30} {n:>6}")
+    if s["transient"]:
+        lines.append(f"  transient       {s['transient']:>8}   (not the inputs' fault; the next run retries them)")
+        for reason, n in s["transient_by_reason"].items():
+            lines.append(f"    {reason:<30} {n:>6}")
     if s["clips"]["rejected_by_reason"]:
         lines.append("  clips dropped (of accepted inputs and others)")
         for reason, n in s["clips"]["rejected_by_reason"].items():

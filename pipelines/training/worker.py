@@ -233,6 +233,7 @@ def loader_spec(cfg: TrainConfig, model) -> loader.LoaderSpec:
         shuffle_block=cfg.shuffle_block,
         prefetch=cfg.prefetch,
         decode_workers=cfg.decode_workers,
+        max_bad_fraction=cfg.max_bad_fraction,
         cache_mb=cfg.decode_cache_mb,
     )
 
@@ -745,7 +746,7 @@ def train_loop_per_worker(config: dict) -> None:
                 for k in ("loss_video", "diffusion_loss_video", "coherence_loss"):
                     metrics.pop(k)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                tracker.log_metrics(metrics, step)
+                tracker.log_metrics({**metrics, **data.health.metrics()}, step)
             if step % print_every == 0 or step == 1 or step == cfg.steps:
                 log.info(
                     "step %d/%d loss %.4f (image %.4f video %.4f coherence %.4f) lr %.2e %.1f samples/s "

@@ -166,6 +166,15 @@ def validate(cfg: RetrainConfig) -> None:
         cfg.train.mlflow.enabled and cfg.train.log_model,
         "the flow registers the model training logs to MLflow: keep train.mlflow.enabled and train.log_model true",
     )
+    # the config becomes Prefect parameters and Ray job command lines, both stored and shown: no credentials
+    found = settings.credentials_in(settings.to_dict(cfg))
+    check(
+        not found,
+        f"{', '.join(found)}: the flow's config is stored by Prefect and shown on Ray job command lines, so it "
+        "cannot carry credentials. Give them as environment variables instead (MLFLOW_TRACKING_USERNAME and "
+        "MLFLOW_TRACKING_PASSWORD for an MLflow server, AWS_* or GOOGLE_* for object stores; on a cluster via "
+        "cluster.env_vars or its secret store)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -234,7 +243,13 @@ def job_id(cfg: RetrainConfig, cycle: Path, step: str) -> str:
 
 
 def job_env(cfg: RetrainConfig) -> dict[str, str]:
-    return {"MLFLOW_TRACKING_URI": cfg.step_tracking_uri()}
+    # MLflow's own credential variables travel as environment (never on the job's command line)
+    passed = {
+        k: os.environ[k]
+        for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+        if os.environ.get(k)
+    }
+    return {"MLFLOW_TRACKING_URI": cfg.step_tracking_uri(), **passed}
 
 
 def _once(cycle: Path, step: str, fn) -> dict[str, Any]:

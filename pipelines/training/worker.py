@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from pipelines import loader, logs, schema, settings
+from pipelines.tracking_buffer import BufferedTracker
 from pipelines.training import export
 from pipelines.training.config import EXPORT_DIR, RAY_DIR, RAY_RUN_NAME, TrainConfig
 
@@ -670,11 +671,15 @@ def train_loop_per_worker(config: dict) -> None:
     # -- tracking (rank 0 only) ----------------------------------------------------------------------------------
     tracker: Any = tracking.NullTracker()
     if rank == 0 and config.get("run_id"):
-        tracker = tracking.MlflowTracker(
-            config["tracking_uri"],
-            cfg.mlflow.experiment,
+        # an outage of the tracking store never stops training: calls are buffered and retried in the background
+        tracker = BufferedTracker(
+            lambda: tracking.MlflowTracker(
+                config["tracking_uri"],
+                cfg.mlflow.experiment,
+                run_id=config["run_id"],
+                system_metrics_s=cfg.mlflow.system_metrics_s,
+            ),
             run_id=config["run_id"],
-            system_metrics_s=cfg.mlflow.system_metrics_s,
         )
         counts = model.unet.parameter_counts()
         tracker.log_params(

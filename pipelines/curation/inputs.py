@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from pipelines import schema
 from pipelines.curation.stages import REJECTED, new_row
 from pipelines.curation.stages.probe import MEDIA_EXTENSIONS, extension, filesystem, is_local
+from pipelines.curation.stages.probe import local_path as local_path_of
 from pipelines.settings import ConfigError
 
 if TYPE_CHECKING:
@@ -215,17 +216,47 @@ def _manifest_records(spec: str, fmt: str) -> Iterable[dict[str, Any] | Exceptio
     # surrogateescape keeps undecodable bytes addressable, so one bad caption does not sink the whole manifest
     text = data.decode("utf-8", "surrogateescape").removeprefix("\ufeff")
     if fmt == "csv":
-        yield from csv.DictReader(io.StringIO(text, newline=""))
+        yield from _csv_records(text)
         return
     for n, line in enumerate(text.splitlines()):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield ValueError(f"line {n + 1} is not JSON: {e}")
+        except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested past Python's stack
+            yield ValueError(f"line {n + 1} is not usable JSON: {type(e).__name__}: {str(e)[:200]}")
             continue
         yield record if isinstance(record, dict) else ValueError(f"line {n + 1} is not a JSON object")
+
+
+MAX_CELL_CHARS = 4 << 20  # a CSV cell longer than this is a bad row (the csv module's default limit is 128 KiB)
+
+
+def _csv_records(text: str) -> Iterable[dict[str, Any] | Exception]:
+    """CSV rows as dicts; a row the csv module cannot parse (a cell over MAX_CELL_CHARS, a NUL byte) becomes an
+    Exception in its place, and reading goes on with the next row."""
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_CELL_CHARS))
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header: list[str] | None = None
+    n = 0
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            if header is None:
+                raise ConfigError(f"the manifest's header row cannot be read as CSV: {e}") from None
+            yield ValueError(f"line {reader.line_num} cannot be read as CSV: {e}")
+            n += 1
+            continue
+        if header is None:
+            header = cells
+            continue
+        if not cells:
+            continue
+        n += 1
+        yield dict(zip(header, cells + [None] * (len(header) - len(cells))))
 
 
 def read_manifest(spec: str, cfg: InputConfig) -> Iterable[dict[str, Any]]:
@@ -283,9 +314,51 @@ def read_manifest(spec: str, cfg: InputConfig) -> Iterable[dict[str, Any]]:
 # directories of media files
 
 
+def _walk_local(top: str) -> list[str]:
+    """Files under a local directory, following links to directories but never one twice (no link loop can
+    make the listing endless) and each real file once (under the first path that reaches it), hidden entries
+    left out."""
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files: set[tuple[int, int]] = set()
+    out: list[str] = []
+    stack = [os.path.abspath(top)]
+    while stack:
+        d = stack.pop()
+        try:
+            st = os.stat(d)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            log.warning("cannot list %s: %s", d, e)
+            continue
+        subdirs = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir():  # follows links; the (device, inode) check above ends loops
+                    subdirs.append(entry.path)
+                elif entry.is_file():
+                    fst = entry.stat()
+                    if (fst.st_dev, fst.st_ino) not in seen_files:
+                        seen_files.add((fst.st_dev, fst.st_ino))
+                        out.append(entry.path)
+            except OSError:  # a dangling link, or one into a loop the OS refuses (ELOOP)
+                continue
+        stack.extend(reversed(subdirs))
+    return sorted(out)
+
+
 def _walk(spec: str) -> list[str]:
     from pyarrow import fs
 
+    if is_local(spec):
+        return _walk_local(local_path_of(spec))
     fsys, path = filesystem(spec)
     infos = fsys.get_file_info(fs.FileSelector(path, recursive=True))
     return sorted(
@@ -320,8 +393,8 @@ def read_directory(spec: str) -> Iterable[dict[str, Any]]:
                     text = side.pop("caption", side.pop("text", None))
                     caption, error = _caption_from(text)
                     labels = {k: _plain(v) for k, v in side.items()}
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                error = f"sidecar {posixpath.basename(stem)}.json is not valid JSON: {e}"
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+                error = f"sidecar {posixpath.basename(stem)}.json is not usable JSON: {type(e).__name__}"
         if stem + ".txt" in present:
             with fsys.open_input_stream(stem + ".txt") as f:
                 caption, error = decode_text(f.read())
@@ -442,5 +515,5 @@ def read_tars(urls: list[str]) -> Iterable[dict[str, Any]]:
 def _read_json(f, member: tarfile.TarInfo) -> Any:
     try:
         return json.loads(f.read_at(member.size, member.offset_data))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return None

@@ -38,8 +38,9 @@ from flows import jobs, registry
 from flows.evaluate import METRICS_FILE, EvalConfig
 from flows.jobs import ClusterConfig
 from flows.metrics import HIGHER_IS_BETTER
-from pipelines import logs, settings
+from pipelines import durable, logs, settings
 from pipelines.curation.config import CurateConfig
+from pipelines.lease import Lease
 from pipelines.settings import ConfigError, check, check_choice
 from pipelines.tracking import TrackingConfig, ensure_experiment, resolve_tracking_uri
 from pipelines.training.config import TrainConfig
@@ -190,9 +191,7 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)  # a reader never sees half a record: a step is done or it is not
+    durable.write_text(path, json.dumps(data, indent=2, default=str))  # a step is done or it is not, also after a crash
 
 
 def cycles(state: Path) -> list[Path]:
@@ -480,6 +479,9 @@ def _steps(cfg: RetrainConfig, cycle: Path, call) -> dict[str, Any]:
     return summary
 
 
+FLOW_LEASE = ".flow.lease"
+
+
 def _prefect_flow():
     from prefect import flow, task
     from prefect.cache_policies import NO_CACHE
@@ -494,7 +496,9 @@ def _prefect_flow():
             t = task(fn, name=name, cache_policy=NO_CACHE, retries=cfg.retries, retry_delay_seconds=cfg.retry_delay_s)
             return t(*args)
 
-        return run_cycle(cfg, as_task)
+        # one cycle at a time per state directory, from any host (the records under it are the flow's state)
+        with Lease(Path(cfg.state) / FLOW_LEASE, what="re-training flow run"):
+            return run_cycle(cfg, as_task)
 
     return retrain
 
@@ -534,6 +538,7 @@ def deployment(cfg: RetrainConfig):
         name=cfg.deployment,
         cron=cfg.cron,
         parameters={"config": settings.to_dict(cfg)},
+        concurrency_limit=1,  # a scheduled run that comes while one is running waits for it
         description=f"t2v re-training of {cfg.model_name} on {cfg.input}",
     )
 

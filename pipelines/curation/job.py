@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
 import logging
 import math
 import os
-import socket
 import sys
 import time
 import uuid
@@ -30,16 +28,24 @@ from typing import Any
 
 import yaml
 
-from pipelines import logs, schema, settings
+from pipelines import durable, logs, schema, settings
 from pipelines.curation import inputs as inputs_mod
 from pipelines.curation.config import CONFIG_FILE, SHAPING, CurateConfig
-from pipelines.curation.ledger import Ledger, input_result, read_ledger, remove_uncommitted, summarize
+from pipelines.curation.ledger import (
+    Ledger,
+    input_result,
+    quarantine_unreadable,
+    read_ledger,
+    remove_uncommitted,
+    summarize,
+)
 from pipelines.curation.stages import OK, REJECTED, STAGES, TRANSIENT, to_table
+from pipelines.lease import Lease
 from pipelines.settings import ConfigError
 
 log = logging.getLogger("t2v.curate")
 
-LOCK_FILE = ".curate.lock"
+LEASE_FILE = ".curate.lease"  # one run per output at a time, from any host (pipelines/lease.py)
 # Test hook: raise SimulatedCrash after this many inputs were written but before their commit (what a kill
 # between two commits leaves behind). Only tests set it.
 CRASH_ENV = "T2V_CURATE_CRASH_AFTER"
@@ -64,8 +70,9 @@ def run(cfg: CurateConfig, input: str, output: str | os.PathLike, address: str |
     out.mkdir(parents=True, exist_ok=True)
     if cfg.encode.mode != "none":
         _check_encode(cfg)
-    with _lock(out):
+    with Lease(out / LEASE_FILE, what="curate run") as lease:
         _check_compatible(cfg, out)
+        quarantine_unreadable(out)
         ledger = Ledger(out)
         removed = remove_uncommitted(out, ledger.shards)
         listed = inputs_mod.resolve(input, cfg.inputs)
@@ -81,6 +88,7 @@ def run(cfg: CurateConfig, input: str, output: str | os.PathLike, address: str |
             run_id,
         )
         driver = _Driver(out, run_id, ledger, cfg, total=len(todo))
+        driver.lease = lease
         live = [r for r in todo if r["status"] == OK]
         ray_start_s = 0.0
         pipeline_started = time.time()
@@ -296,6 +304,7 @@ class _Driver:
         self.commits = 0
         self.written_inputs = 0
         self.crash_after = int(os.environ[CRASH_ENV]) if os.environ.get(CRASH_ENV) else None
+        self.lease = None
         self.last_log = time.time()
         self.started = time.time()
 
@@ -354,6 +363,8 @@ class _Driver:
             self.commit()
 
     def commit(self) -> None:
+        if self.lease is not None:
+            self.lease.check()  # a run whose lease was taken over must not commit into the output any more
         self.sink.commit()
         self.ledger.append(self.uncommitted, self.run_id, self.commits)
         self.commits += 1
@@ -412,44 +423,6 @@ def _summary(driver: _Driver, input: str, out: Path, listed, todo, removed, star
 # Output-directory guards
 
 
-@contextlib.contextmanager
-def _lock(out: Path):
-    """One curate run per output directory at a time (a second one would race on shards and ledger)."""
-    path = out / LOCK_FILE
-    if path.exists():
-        try:
-            held = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            held = {}
-        if (
-            held.get("host") == socket.gethostname()
-            and _alive(int(held.get("pid", -1)))
-            and held.get("pid") != os.getpid()
-        ):
-            raise ConfigError(
-                f"another curate run (pid {held['pid']}) is writing to {out}; wait for it to finish "
-                f"(or delete {path} if that process is gone)"
-            )
-    path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            path.unlink()
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _get(d: dict, dotted: str) -> Any:
     for part in dotted.split("."):
         d = d.get(part, {}) if isinstance(d, dict) else {}
@@ -471,7 +444,7 @@ def _check_compatible(cfg: CurateConfig, out: Path) -> None:
                 "--output, or the same settings"
             )
     else:
-        path.write_text(settings.dump(cfg), encoding="utf-8")
+        durable.write_text(path, settings.dump(cfg))
 
 
 def _check_encode(cfg: CurateConfig) -> None:
@@ -512,9 +485,7 @@ def _warn_about_models(cfg: CurateConfig) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
+    durable.write_text(path, json.dumps(data, indent=2, sort_keys=False))
 
 
 # ---------------------------------------------------------------------------------------------------------------

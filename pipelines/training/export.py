@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipelines import logs, settings
+from pipelines import durable, logs, settings
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def write_models(
         if reason:
             files["diffusers_skipped"] = reason
             log.warning("no diffusers export: %s", reason)
-    (out / "export.json").write_text(json.dumps({"step": step, **files}, indent=2), encoding="utf-8")
+    durable.write_text(out / "export.json", json.dumps({"step": step, **files}, indent=2))
     return files
 
 

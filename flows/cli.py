@@ -5,7 +5,7 @@ t2v corpus --output runs/corpus
 t2v curate --input runs/corpus/manifest.csv --output runs/curated
 t2v train --config my.yaml
 t2v sample --checkpoint ckpt.pt --prompt "a red circle moving left" --out out.mp4
-t2v evaluate ... | t2v flow ... | t2v bench curate|model|train|learn | t2v test
+t2v evaluate ... | t2v flow ... | t2v bench curate|model|train|learn|scale | t2v test
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("flows.sample", "generate a video from a prompt with a checkpoint"),
     "evaluate": ("flows.evaluate", "evaluate a model on a prompt set and log to MLflow"),
     "flow": ("flows.retrain", "run or serve the scheduled re-training flow"),
-    "bench": ("flows.benchmarks", "run a benchmark (curate | model | train | learn) and print its figures"),
+    "bench": ("flows.benchmarks", "run a benchmark (curate | model | train | learn | scale) and print its figures"),
 }
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -295,7 +295,10 @@ class _Driver:
         self.sink = ShardSink(out, run_id, cfg.shards.maxcount, cfg.shards.maxsize)
         self.partial: dict[tuple[str, int], list[dict[str, Any]]] = {}
         self.uncommitted: list[dict[str, Any]] = []
-        self.results: list[dict[str, Any]] = []  # ledger rows of this run
+        # counts of this run's ledger rows (the rows themselves go to the ledger: memory must not grow with inputs)
+        self.processed = self.accepted = 0
+        self.rejected_by_reason: collections.Counter = collections.Counter()
+        self.samples_by_kind: collections.Counter = collections.Counter()
         self.clip_reasons: collections.Counter = collections.Counter()
         self.stage_rejections: collections.Counter = collections.Counter()
         self.transient: collections.Counter = collections.Counter()  # inputs left for the next run, by reason
@@ -318,10 +321,10 @@ class _Driver:
                 self._complete(group)
         if self.cfg.progress and time.time() - self.last_log > 10:
             self.last_log = time.time()
-            rate = len(self.results) / max(1e-9, time.time() - self.started)
+            rate = self.processed / max(1e-9, time.time() - self.started)
             log.info(
                 "curate: %d/%d inputs done (%.1f/s), %d samples written",
-                len(self.results),
+                self.processed,
                 self.total,
                 rate,
                 sum(self.sink.samples.values()),
@@ -355,7 +358,11 @@ class _Driver:
                     self.clip_reasons[f"{row['stage']}:{row['reason']}"] += 1
         result = input_result(rows, shard_of)
         self.uncommitted.append(result)
-        self.results.append(result)
+        self.processed += 1
+        self.accepted += result["status"] == "accepted"
+        if result["status"] == REJECTED:
+            self.rejected_by_reason[f"{result['stage']}:{result['reason']}"] += 1
+        self.samples_by_kind.update(result["kinds"])
         self.written_inputs += 1
         if self.crash_after is not None and self.written_inputs >= self.crash_after:
             raise SimulatedCrash(f"{CRASH_ENV}={self.crash_after}: stopping as if killed before a commit")
@@ -379,10 +386,7 @@ class _Driver:
 
 
 def _summary(driver: _Driver, input: str, out: Path, listed, todo, removed, started, ray_start_s, pipeline_s):
-    results = driver.results
-    by_reason = collections.Counter(f"{r['stage']}:{r['reason']}" for r in results if r["status"] == REJECTED)
-    samples = collections.Counter(k for r in results for k in r["kinds"])
-    accepted = sum(r["status"] == "accepted" for r in results)
+    by_reason, samples, accepted = driver.rejected_by_reason, driver.samples_by_kind, driver.accepted
     wall = time.time() - started
     written = sum(samples.values())
     return {
@@ -391,9 +395,9 @@ def _summary(driver: _Driver, input: str, out: Path, listed, todo, removed, star
         "output": str(out),
         "inputs": len(listed),
         "skipped_done": len(listed) - len(todo),
-        "processed": len(results),
+        "processed": driver.processed,
         "accepted": accepted,
-        "rejected": len(results) - accepted,
+        "rejected": driver.processed - accepted,
         # transient faults (full temp disk, I/O, network): not in the ledger, retried by the next run
         "transient": sum(driver.transient.values()),
         "transient_by_reason": dict(sorted(driver.transient.items())),
@@ -409,7 +413,7 @@ def _summary(driver: _Driver, input: str, out: Path, listed, todo, removed, star
             "wall_s": round(wall, 3),
             "ray_start_s": round(ray_start_s, 3),
             "pipeline_s": round(pipeline_s, 3),
-            "inputs_per_s": round(len(results) / max(pipeline_s, 1e-9), 3),
+            "inputs_per_s": round(driver.processed / max(pipeline_s, 1e-9), 3),
             "samples_per_s": round(written / max(pipeline_s, 1e-9), 3),
             "mb_written": round(driver.sink.bytes_written / 1e6, 3),
         },

@@ -169,6 +169,8 @@ def validate(cfg: RetrainConfig) -> None:
     )
     # the config becomes Prefect parameters and Ray job command lines, both stored and shown: no credentials
     found = settings.credentials_in(settings.to_dict(cfg))
+    if settings.credentials_in(cfg.step_tracking_uri()):
+        found.append("the tracking URI (MLFLOW_TRACKING_URI)")
     check(
         not found,
         f"{', '.join(found)}: the flow's config is stored by Prefect and shown on Ray job command lines, so it "

@@ -60,10 +60,13 @@ def test_job_command_lines_refuse_credentials_in_values():
     assert jobs.set_arguments({"mlflow": {"tracking_uri": "http://mlflow:5000"}})
 
 
-def test_the_flow_refuses_a_config_with_credentials_before_prefect_sees_it():
+def test_the_flow_refuses_a_config_with_credentials_before_prefect_sees_it(monkeypatch):
     cfg = retrain.load_config(None, ["input=runs/in.csv", "mlflow.tracking_uri=http://u:secret@mlflow:5000"])
     with pytest.raises(ConfigError, match="MLFLOW_TRACKING_PASSWORD"):
         retrain.validate(cfg)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://u:secret@mlflow:5000")  # the same, from the environment
+    with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI"):
+        retrain.validate(retrain.load_config(None, ["input=runs/in.csv"]))
 
 
 def test_log_lines_never_show_credentials(capsys):

@@ -26,6 +26,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import yaml
 
 from pipelines import durable, logs, schema, settings
@@ -75,27 +77,34 @@ def run(cfg: CurateConfig, input: str, output: str | os.PathLike, address: str |
         quarantine_unreadable(out)
         ledger = Ledger(out)
         removed = remove_uncommitted(out, ledger.shards)
-        listed = inputs_mod.resolve(input, cfg.inputs)
-        todo = [r for r in listed if (r["source"], r["occurrence"]) not in ledger.done]
+        # inputs stay Arrow tables in the driver (a row dict holds ~2 KB: a million of them would not fit)
+        chunks = inputs_mod.resolve_tables(input, cfg.inputs)
+        listed = sum(t.num_rows for t in chunks)
+        todo_chunks = [t.filter(pa.array(_not_done(t, ledger.done), pa.bool_())) for t in chunks]
+        del chunks
+        todo = sum(t.num_rows for t in todo_chunks)
         run_id = time.strftime("r%Y%m%dT%H%M%S", time.gmtime()) + uuid.uuid4().hex[:6]
         log.info(
             "curate %s -> %s: %d inputs listed, %d already done, %d to do (run %s)",
             input,
             out,
-            len(listed),
-            len(listed) - len(todo),
-            len(todo),
+            listed,
+            listed - todo,
+            todo,
             run_id,
         )
-        driver = _Driver(out, run_id, ledger, cfg, total=len(todo))
+        driver = _Driver(out, run_id, ledger, cfg, total=todo)
         driver.lease = lease
-        live = [r for r in todo if r["status"] == OK]
+        ok = [pc.equal(t.column("status"), OK) for t in todo_chunks]
+        live = pa.concat_tables([t.filter(m) for t, m in zip(todo_chunks, ok)])
         ray_start_s = 0.0
         pipeline_started = time.time()
         try:
             # rejected while listing (duplicates, unusable manifest rows): already final
-            driver.receive([r for r in todo if r["status"] != OK])
-            if live:
+            for t, m in zip(todo_chunks, ok):
+                driver.receive(t.filter(pc.invert(m)).to_pylist())
+            del todo_chunks
+            if live.num_rows:
                 _warn_about_models(cfg)
                 ray_start_s = init_ray(address, cfg.num_cpus, cfg.task_cpus)
                 pipeline_started = time.time()
@@ -149,7 +158,13 @@ def _gpus_available() -> bool:
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 
-def _run_pipeline(live: list[dict[str, Any]], cfg: CurateConfig, driver: _Driver) -> None:
+def _not_done(table: pa.Table, done: set[tuple[str, int]]) -> list[bool]:
+    return [
+        (s, o) not in done for s, o in zip(table.column("source").to_pylist(), table.column("occurrence").to_pylist())
+    ]
+
+
+def _run_pipeline(live: pa.Table, cfg: CurateConfig, driver: _Driver) -> None:
     """Every live input through the pipeline into the driver. Inputs whose tasks' workers died past
     ``task_retries`` are run alone (``isolate.run_alone``): poison inputs end rejected, the others as usual."""
     import ray
@@ -198,7 +213,7 @@ def _task_args(cfg: CurateConfig) -> dict[str, Any]:
     return {"num_cpus": cfg.task_cpus, "max_retries": cfg.task_retries, "retry_exceptions": False}
 
 
-def build_dataset(rows: list[dict[str, Any]], cfg: CurateConfig):
+def build_dataset(rows: list[dict[str, Any]] | pa.Table, cfg: CurateConfig):
     """The Ray Data pipeline over input rows (all stages; see the module docstring). Nothing runs until iterated."""
     import ray
 
@@ -215,7 +230,10 @@ def build_dataset(rows: list[dict[str, Any]], cfg: CurateConfig):
         slots = max(1.0, ray.cluster_resources().get("CPU", 1) / cfg.task_cpus)
         n = min(16, max(1, math.ceil(len(rows) / (4 * slots))))
     n = max(n, math.ceil(len(rows) / 20_000))
-    blocks = [to_table(rows[i : i + n]) for i in range(0, len(rows), n)]
+    if isinstance(rows, pa.Table):
+        blocks = [rows.slice(i, n) for i in range(0, rows.num_rows, n)]
+    else:
+        blocks = [to_table(rows[i : i + n]) for i in range(0, len(rows), n)]
     ds = ray.data.from_arrow(blocks)
     # CPU stages run as tasks; Ray fuses consecutive ones into a single task per block.
     for stage in cpu_stages(cfg):
@@ -330,9 +348,11 @@ class _Driver:
                 sum(self.sink.samples.values()),
             )
 
-    def missing(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def missing(self, rows: list[dict[str, Any]] | pa.Table) -> list[dict[str, Any]]:
         """Those of ``rows`` (input rows) that came back from no task, or not whole: their tasks failed. Rows of
         them received so far were never written, and are dropped."""
+        if isinstance(rows, pa.Table):
+            rows = rows.filter(pa.array(_not_done(rows, self.finished), pa.bool_())).to_pylist()
         lost = [r for r in rows if (r["source"], r["occurrence"]) not in self.finished]
         for r in lost:
             self.partial.pop((r["source"], r["occurrence"]), None)
@@ -393,8 +413,8 @@ def _summary(driver: _Driver, input: str, out: Path, listed, todo, removed, star
         "run": driver.run_id,
         "input": input,
         "output": str(out),
-        "inputs": len(listed),
-        "skipped_done": len(listed) - len(todo),
+        "inputs": listed,
+        "skipped_done": listed - todo,
         "processed": driver.processed,
         "accepted": accepted,
         "rejected": driver.processed - accepted,

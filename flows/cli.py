@@ -4,6 +4,7 @@ t2v demo                       # the main job: re-training flow on embedded defa
 t2v corpus --output runs/corpus
 t2v curate --input runs/corpus/manifest.csv --output runs/curated
 t2v train --config my.yaml
+t2v import --from tf-t2v tft2v.pth --out runs/imported/tf-t2v
 t2v sample --checkpoint ckpt.pt --prompt "a red circle moving left" --out out.mp4
 t2v evaluate ... | t2v flow ... | t2v bench curate|model|train|learn|scale | t2v test
 """
@@ -22,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "corpus": ("pipelines.shapes", "generate the synthetic 'shapes' video/image corpus"),
     "curate": ("pipelines.curation.job", "decode, filter, route and shard a corpus with Ray Data"),
     "train": ("pipelines.training.job", "train the TF-T2V UNet with Ray Train + DeepSpeed"),
+    "import": ("flows.import_weights", "turn released ModelScopeT2V / TF-T2V / SD 2.x weights into a checkpoint"),
     "sample": ("flows.sample", "generate a video from a prompt with a checkpoint"),
     "evaluate": ("flows.evaluate", "evaluate a model on a prompt set and log to MLflow"),
     "flow": ("flows.retrain", "run or serve the scheduled re-training flow"),

@@ -41,6 +41,7 @@ from pipelines.tracking import TrackingConfig
 log = logging.getLogger("t2v.evaluate")
 
 METRICS_FILE = "metrics.json"
+CONTACT_SHEET = "contact_sheet.png"
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".gif")
 
 
@@ -66,6 +67,7 @@ class EvalConfig:
     fvd_kwargs: dict = dataclasses.field(default_factory=dict)  # extra forward() arguments of the network
     max_reference: int = 256  # real videos read for FVD
     num_samples: int = 4  # generated videos written as mp4 + gif
+    sheet_rows: int = 12  # prompts shown in contact_sheet.png (first video of each, frames across)
     output: str = "runs/eval"
     device: str = "cpu"
     mlflow: TrackingConfig = dataclasses.field(default_factory=lambda: TrackingConfig(experiment="t2v-eval"))
@@ -81,6 +83,7 @@ class EvalConfig:
         check(self.batch_size >= 1, "batch_size must be >= 1")
         check(self.guidance >= 0, "guidance must be >= 0 (1 = no guidance)")
         check(self.num_samples >= 0, "num_samples must be >= 0")
+        check(self.sheet_rows >= 1, "sheet_rows must be >= 1 (prompts shown in the contact sheet)")
         check(self.max_reference >= 2, "max_reference must be >= 2 videos (FVD fits a Gaussian)")
         check(self.fvd_value_range[0] < self.fvd_value_range[1], "fvd_value_range must be (low, high) with low < high")
         check(bool(self.prompts), "prompts is empty: use 'shapes' or the path of a text file, one prompt per line")
@@ -90,7 +93,7 @@ class EvalConfig:
         """A short hash of the settings that change the figures (not where the model or outputs are): two models
         evaluated with the same signature can be compared."""
         data = settings.to_dict(self)
-        for key in ("checkpoint", "model_uri", "output", "num_samples", "device", "mlflow"):
+        for key in ("checkpoint", "model_uri", "output", "num_samples", "sheet_rows", "device", "mlflow"):
             data.pop(key, None)
         if self.prompts != "shapes" and Path(self.prompts).is_file():  # same file name, other prompts: not comparable
             data["prompts_sha256"] = hashlib.sha256(Path(self.prompts).read_bytes()).hexdigest()
@@ -197,7 +200,6 @@ def generate_videos(model, prompts: list[str], cfg: EvalConfig) -> tuple[list[np
         )
         videos += list(out)
         index += [i for i, _ in batch]
-        log.info("generated %d/%d videos (%.0fs)", len(videos), len(jobs), time.monotonic() - start)
         log.info(f"generated {len(videos)}/{len(jobs)} videos ({time.monotonic() - start:.0f}s)")
     return videos, index
 
@@ -253,6 +255,17 @@ def write_samples(
     return paths
 
 
+def contact_sheet(videos: list[np.ndarray], prompts: list[str], index: list[int], path: Path, rows: int) -> Path:
+    """The first video of each prompt (up to ``rows``), one row each with its prompt, frames across."""
+    from pipelines import pictures
+
+    first: dict[int, np.ndarray] = {}
+    for video, i in zip(videos, index):
+        first.setdefault(i, video)
+    chosen = sorted(first)[:rows]
+    return pictures.contact_sheet([first[i] for i in chosen], [prompts[i] for i in chosen], path)
+
+
 def run(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate; returns ``{"metrics": {...}, "skipped": {...}, "samples": [...], "signature": ..., ...}``."""
     import torch
@@ -287,10 +300,12 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         skipped["fvd"] = "no fvd_network (TorchScript file) and fvd_reference (real videos) given"
 
     samples = write_samples(videos, prompts, index, out / "samples", fps, cfg.num_samples)
+    sheet = contact_sheet(videos, prompts, index, out / CONTACT_SHEET, cfg.sheet_rows)
     result = {
         "metrics": metrics,
         "skipped": skipped,
         "samples": samples,
+        "contact_sheet": str(sheet),
         "signature": cfg.signature(),
         "num_videos": len(videos),
         "model": cfg.checkpoint or cfg.model_uri,
@@ -319,7 +334,7 @@ def log_to_mlflow(cfg: EvalConfig, result: dict[str, Any], out: Path) -> str:
         tracker.log_metrics({f"eval/{k}": v for k, v in result["metrics"].items()}, step=int(result["model_step"]))
         tracker.set_tags({"eval.signature": result["signature"]})
         (out / METRICS_FILE).write_text(json.dumps(result, indent=2), encoding="utf-8")
-        for name in (METRICS_FILE, "eval.yaml"):
+        for name in (METRICS_FILE, "eval.yaml", CONTACT_SHEET):
             tracker.log_artifact(out / name, "eval")
         if (out / "samples").is_dir():
             tracker.log_artifact(out / "samples", "eval/samples")

@@ -492,6 +492,7 @@ def _prefect_flow():
     def retrain(config: dict) -> dict:
         """Curate new data, train, evaluate, register @challenger, promote to @champion if better."""
         cfg = settings.from_dict(RetrainConfig, config)
+        logs.setup()  # Prefect configured logging on import and at flow start: the project's lines again
 
         def as_task(name, fn, *args):
             # Results are the step records on disk; Prefect's own caching stays off so a re-run asks the records.

@@ -1,10 +1,16 @@
 """t2v sample --checkpoint runs/train/model/model_ema.pt --prompt "a red circle moving left" --out sample.mp4 [--gif]
 
-Generate videos from a trained checkpoint (``TextToVideo`` format) and write them as playable H.264 mp4 files
+Generate videos from a trained or imported checkpoint (``TextToVideo`` format), or straight from a released
+ModelScopeT2V / TF-T2V UNet file with ``--model`` naming its config, and write them as playable H.264 mp4 files
 (and looping gifs with ``--gif``). Also runs as ``python -m flows.sample``.
 
     t2v sample --checkpoint model.pt --prompt "a red circle moving left" --prompt "a blue square moving up"
         --out out.mp4 --steps 50 --guidance 9 --seed 0 [--image first_frame.png] [--negative-prompt "..."]
+    t2v sample --checkpoint tft2v_t2v_non_ema_512000.pth --model tf-t2v --prompt "a corgi running on the beach"
+        --set model_overrides.encoders.vae_path=... --set model_overrides.encoders.clip_pretrained=...
+
+Steps, guidance, eta, negative prompt and timestep spacing default to the model's ``sampling`` settings (the
+released sampler for the released configs).
 
 One prompt writes exactly ``--out``; several write ``<out stem>-<i>.mp4`` (one file per prompt, in order). Settings
 can also come from ``--config file.yaml`` and ``--set key=value``; explicit flags win. ``--dry-run`` prints the
@@ -18,6 +24,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pipelines import logs, settings
 from pipelines.settings import check
@@ -27,15 +34,18 @@ log = logging.getLogger("t2v.sample")
 
 @dataclass
 class SampleConfig:
-    checkpoint: str = ""  # model.pt written by training or TextToVideo.save
+    checkpoint: str = ""  # model.pt written by training, t2v import or TextToVideo.save; or a released UNet file
+    model: str | None = None  # registry config of a released UNet file (modelscope-1.7b, tf-t2v); None: model.pt
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # with model: e.g. {"encoders": {"vae_path": ..}}
     prompts: list[str] = field(default_factory=list)
     out: str = "sample.mp4"
     gif: bool = False  # also write a looping gif beside each mp4
-    steps: int = 50  # DDIM steps
-    guidance: float = 9.0  # classifier-free guidance scale (1 = no guidance)
-    eta: float = 0.0  # DDIM stochasticity (0 = deterministic ODE)
+    steps: int | None = None  # DDIM steps (None: the model's sampling.steps, 50)
+    guidance: float | None = None  # classifier-free guidance scale (1 = no guidance; None: the model's, 9)
+    eta: float | None = None  # DDIM stochasticity (0 = deterministic ODE; None: the model's)
     seed: int = 0
-    negative_prompt: str = ""  # the unconditional side of guidance
+    negative_prompt: str | None = None  # the unconditional side of guidance (None: the model's)
+    timestep_spacing: str | None = None  # trailing | leading (None: the model's)
     image: str | None = None  # optional conditioning image file (CLIP image embedding)
     fps: float | None = None  # output frame rate; default: the model's fps
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -47,9 +57,20 @@ class SampleConfig:
             'no prompt given: pass --prompt "a red circle moving left" (repeatable)',
         )
         check(self.out.lower().endswith(".mp4"), f"out={self.out!r}: must end in .mp4, e.g. --out sample.mp4")
-        check(self.steps >= 1, f"steps={self.steps}: must be >= 1 (50 is the usual)")
-        check(self.guidance >= 0, f"guidance={self.guidance}: must be >= 0 (1 = no guidance, 9 is the usual)")
-        check(self.eta >= 0, f"eta={self.eta}: must be >= 0")
+        check(self.steps is None or self.steps >= 1, f"steps={self.steps}: must be >= 1 (50 is the usual)")
+        check(
+            self.guidance is None or self.guidance >= 0,
+            f"guidance={self.guidance}: must be >= 0 (1 = no guidance, 9 is the usual)",
+        )
+        check(self.eta is None or self.eta >= 0, f"eta={self.eta}: must be >= 0")
+        check(
+            self.timestep_spacing in (None, "trailing", "leading"),
+            f"timestep_spacing={self.timestep_spacing!r}: use trailing or leading",
+        )
+        check(
+            not (self.model_overrides and not self.model),
+            "model_overrides apply to a released UNet file: also pass --model modelscope-1.7b|tf-t2v",
+        )
         check(self.fps is None or self.fps > 0, f"fps={self.fps}: must be > 0")
         check(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
@@ -75,9 +96,18 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def load_model(cfg: SampleConfig, device: str):
+    """The TextToVideo to sample: a model.pt, or a released UNet file under the registry config ``cfg.model``."""
+    from model.registry import get_config
+    from model.text_to_video import TextToVideo, from_released
+
+    if cfg.model is None:
+        return TextToVideo.from_checkpoint(cfg.checkpoint, device=device)
+    return from_released(cfg.checkpoint, get_config(cfg.model, cfg.model_overrides or None), device)
+
+
 def run(cfg: SampleConfig) -> list[Path]:
     """Generate and write the videos; returns the mp4 paths (gifs sit beside them with .gif)."""
-    from model.text_to_video import TextToVideo
     from pipelines import media
 
     device = resolve_device(cfg.device)
@@ -87,7 +117,7 @@ def run(cfg: SampleConfig) -> list[Path]:
         if not path.is_file():
             raise FileNotFoundError(f"image {cfg.image!r} does not exist: pass an existing png/jpg with --image")
         image = media.decode_image(path.read_bytes())  # uint8 [h, w, 3]
-    model = TextToVideo.from_checkpoint(cfg.checkpoint, device=device)
+    model = load_model(cfg, device)
     log.info(
         "loaded %s (model %r, step %s, %d frames %dx%d) on %s",
         cfg.checkpoint,
@@ -107,6 +137,7 @@ def run(cfg: SampleConfig) -> list[Path]:
         seed=cfg.seed,
         negative_prompt=cfg.negative_prompt,
         progress=True,
+        spacing=cfg.timestep_spacing,
     )  # uint8 [b, f, h, w, 3]
     fps = cfg.fps or model.config.fps
     paths = output_paths(cfg.out, len(cfg.prompts))
@@ -124,15 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="t2v sample", description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--checkpoint", help="model.pt written by training (result.json 'checkpoint')")
+    parser.add_argument("--checkpoint", help="model.pt (training, t2v import) or a released UNet file with --model")
+    parser.add_argument("--model", help="registry config of a released UNet file: modelscope-1.7b or tf-t2v")
     parser.add_argument("--prompt", action="append", dest="prompts", help="text prompt (repeatable)")
     parser.add_argument("--out", help="output mp4 path (default sample.mp4)")
     parser.add_argument("--gif", action="store_true", default=None, help="also write a looping gif")
-    parser.add_argument("--steps", type=int, help="DDIM steps (default 50)")
-    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 9)")
-    parser.add_argument("--eta", type=float, help="DDIM eta (default 0)")
+    parser.add_argument("--steps", type=int, help="DDIM steps (default: the model's, 50)")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's, 9)")
+    parser.add_argument("--eta", type=float, help="DDIM eta (default: the model's, 0)")
     parser.add_argument("--seed", type=int, help="random seed (default 0)")
-    parser.add_argument("--negative-prompt", dest="negative_prompt", help="unconditional prompt (default empty)")
+    parser.add_argument("--negative-prompt", dest="negative_prompt", help="unconditional prompt (default: the model's)")
     parser.add_argument("--image", help="conditioning image file (png/jpg)")
     parser.add_argument("--fps", type=float, help="output frame rate (default: the model's)")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
@@ -142,7 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = settings.resolve(parser, SampleConfig, args, flags)
     if cfg is not None:
         logs.setup()
-        run(cfg)
+        try:
+            run(cfg)
+        except (FileNotFoundError, ValueError) as e:  # unreadable or unfitting checkpoint, bad image
+            print(f"t2v sample: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -65,10 +65,27 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], int | N
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:  # pickle errors, truncated files, non-tensor objects
-            raise CheckpointError(
-                f"cannot read checkpoint {str(p)!r} with torch.load(weights_only=True): {e}"
-            ) from None
+            raise CheckpointError(load_failure(p, e)) from None
     return unwrap_state_dict(obj, where=str(p))
+
+
+def load_failure(path: str | os.PathLike, error: Exception) -> str:
+    """What to tell a user whose file ``torch.load(weights_only=True)`` could not read."""
+    text = str(error)
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    where = f"cannot read checkpoint {str(path)!r} with torch.load(weights_only=True)"
+    if "Unsupported global" in text:
+        found = [line.strip() for line in text.splitlines() if "Unsupported global" in line]
+        return (
+            f"{where}: it holds pickled Python objects that a weights-only load refuses to run "
+            f"({found[0].split(' was not')[0]}); only tensors and plain containers load. Re-save just the "
+            "state dict (torch.save(model.state_dict(), path)) on a machine that trusts the file"
+        )
+    if "central directory" in text or "zip archive" in text or isinstance(error, EOFError):
+        return f"{where}: the file is truncated or damaged ({first.split('. ')[0]}); copy it again"
+    if "Unsupported operand" in text or "invalid load key" in text:
+        return f"{where}: the file is not a PyTorch checkpoint (pass a .pth/.pt/.ckpt written by torch.save)"
+    return f"{where}: not a PyTorch checkpoint ({first})"
 
 
 def unwrap_state_dict(obj: Any, where: str = "checkpoint") -> tuple[dict[str, Tensor], int | None]:

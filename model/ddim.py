@@ -6,21 +6,71 @@ noise (independent or VideoFusion), 50 DDIM steps, eta 0, guidance 9.0 with the 
 unconditional input. Everything random is drawn from one CPU ``torch.Generator`` seeded by the caller, so a seed
 gives the same video on every run and device.
 
-Timesteps are spaced "trailing" (Lin et al. 2024, arXiv 2305.08891, sec. 3.3): the first step is at t = T - 1, where
-zero terminal SNR makes x_T pure noise, matching how sampling starts. An eps model cannot be evaluated there (its
-x0 estimate divides by sqrt(a_T) = 0), so for eps prediction any step with a_t = 0 moves to the last t with a_t > 0.
+Timesteps are spaced "trailing" by default (Lin et al. 2024, arXiv 2305.08891, sec. 3.3): the first step is at
+t = T - 1, where zero terminal SNR makes x_T pure noise, matching how sampling starts. An eps model cannot be
+evaluated there (its x0 estimate divides by sqrt(a_T) = 0), so for eps prediction any step with a_t = 0 moves to the
+last t with a_t > 0. "leading" is the spacing the released ModelScopeT2V / TF-T2V samplers (VGen's
+``ddim_sample_loop``) use: t = 1 + k * (T // steps) descending from 981 (T = 1000, 50 steps), each step going to
+t - T // steps and the last one to t = 0 (a_0, not a clean x0); a released network samples as published with it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from model.diffusion import DiffusionConfig, Schedule, gather, initial_noise, predict_x0_eps
+from model.validation import check, check_choice
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
+SPACINGS = ("trailing", "leading")
+
+# The negative prompt and prompt suffix of VGen's TF-T2V text-to-video sampling (configs/tft2v_t2v_infer.yaml and
+# the default negative_prompt of its utils/config.py).
+TFT2V_NEGATIVE_PROMPT = (
+    "Distorted, discontinuous, Ugly, blurry, low resolution, motionless, static, disfigured, disconnected limbs, "
+    "Ugly faces, incomplete arms"
+)
+TFT2V_POSITIVE_PROMPT = ", cinematic, High Contrast, highly detailed, no blur, 4k render"
+
+
+@dataclass
+class SamplingConfig:
+    """How a model is sampled unless the caller says otherwise (``t2v sample`` flags win)."""
+
+    steps: int = 50  # DDIM steps
+    guidance: float = 9.0  # classifier-free guidance scale (1 = none)
+    eta: float = 0.0  # DDIM stochasticity
+    negative_prompt: str = ""  # the unconditional side of guidance ("" is the null text)
+    positive_prompt: str = ""  # appended to every prompt (VGen's TF-T2V appends a quality suffix)
+    timestep_spacing: Literal["trailing", "leading"] = "trailing"  # leading: the released samplers
+
+    def __post_init__(self) -> None:
+        check(
+            isinstance(self.steps, int) and self.steps >= 1, f"sampling.steps={self.steps!r}: must be an integer >= 1"
+        )
+        check(self.guidance >= 0, f"sampling.guidance={self.guidance}: must be >= 0 (1 = no guidance)")
+        check(self.eta >= 0, f"sampling.eta={self.eta}: must be >= 0")
+        check_choice("sampling.timestep_spacing", self.timestep_spacing, list(SPACINGS))
+
+
+def ddim_pairs(schedule: Schedule, steps: int, spacing: str = "trailing") -> list[tuple[int, int]]:
+    """(t, t_prev) of each DDIM step, t descending; t_prev = -1 means "to a clean x0" (a = 1)."""
+    T = schedule.num_timesteps
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps={steps}: must be between 1 and num_timesteps={T}")
+    if spacing == "leading":  # VGen: steps = (1 + arange(0, T, T // n)).clamp(0, T - 1).flip(0); prev = t - stride
+        stride = T // steps
+        ts = sorted({min(1 + k, T - 1) for k in range(0, T, stride)}, reverse=True)
+        return [(t, max(t - stride, 0)) for t in ts]
+    if spacing != "trailing":
+        raise ValueError(f"timestep spacing {spacing!r}: choose one of {', '.join(SPACINGS)}")
+    ts = ddim_timesteps(schedule, steps)
+    return [(t, ts[i + 1] if i + 1 < len(ts) else -1) for i, t in enumerate(ts)]
 
 
 def ddim_timesteps(schedule: Schedule, steps: int) -> list[int]:
@@ -75,17 +125,17 @@ def ddim_sample(
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    spacing: str = "trailing",
 ) -> Tensor:
     """Run DDIM from noise x_T [b, c, f, h, w] to an x0 estimate [b, c, f, h, w]."""
-    ts = ddim_timesteps(schedule, steps)
+    pairs = ddim_pairs(schedule, steps, spacing)
     x = x_T
-    iterator = range(len(ts))
+    iterator = pairs
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(iterator, desc="ddim", unit="step")
-    for i in iterator:
-        t, t_prev = ts[i], (ts[i + 1] if i + 1 < len(ts) else -1)
+        iterator = tqdm(pairs, desc="ddim", unit="step")
+    for t, t_prev in iterator:
         tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         x = ddim_step(model_fn(x, tt), x, t, t_prev, schedule, eta, generator)
     return x
@@ -103,7 +153,7 @@ def guided(unet: Callable[..., Tensor], cond: dict, uncond: dict | None = None, 
         return lambda x, t: unet(x, t, **_expand(cond, x.shape[0]))
 
     keys = sorted(set(cond) | set(uncond))
-    # A condition given on one side and None on the other cannot share a batch: None means "zero tokens" to the
+    # A condition given on one side and None on the other cannot share a batch: None means "no tokens" to the
     # UNet, which is not the same as a zero input tensor. Then the two passes run separately.
     batchable = all((cond.get(k) is None) == (uncond.get(k) is None) for k in keys)
 
@@ -151,9 +201,11 @@ def sample(
     dtype: torch.dtype = torch.float32,
     schedule: Schedule | None = None,
     progress: bool = False,
+    spacing: str = "trailing",
 ) -> Tensor:
     """The full sampling recipe -> latents [b, c, f, h, w] (decode them with the first stage)."""
     schedule = schedule or Schedule.from_config(cfg)
     generator = make_generator(seed)
     x_T = initial_noise(shape, cfg, generator, device="cpu").to(device=device, dtype=dtype)  # [b, c, f, h, w]
-    return ddim_sample(guided(unet, cond, uncond, guidance), x_T, schedule, steps, eta, generator, progress)
+    model_fn = guided(unet, cond, uncond, guidance)
+    return ddim_sample(model_fn, x_T, schedule, steps, eta, generator, progress, spacing)

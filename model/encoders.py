@@ -18,11 +18,13 @@ randomly but deterministically from ``seed``, so a checkpoint that stores those 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -121,6 +123,24 @@ def clip_dims(model_name: str) -> tuple[int, int]:
     return int(cfg["text_cfg"]["width"]), int(cfg["embed_dim"])
 
 
+class _DropRandomWeightsWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Model initialized randomly" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_random_weights_warning(active: bool) -> Iterator[None]:
+    """open_clip warns through the root logger that it drew random weights; when that was asked for, the
+    message above already said so with what to do, and the repeat is dropped."""
+    root, drop = logging.getLogger(), _DropRandomWeightsWarning()
+    if active:
+        root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 def load_openclip(
     model_name: str,
     pretrained: str | None = None,
@@ -150,12 +170,12 @@ def load_openclip(
             f"CLIP {model_name!r} has random weights (seed {seed}); text and image conditions carry no "
             "pretrained meaning. Pass a local checkpoint file with --set encoders.clip_pretrained=PATH"
         )
-        if model_name in PROJECT_CLIP_CONFIGS:
-            log.info(message)
+        if model_name in PROJECT_CLIP_CONFIGS:  # built for tests and the demo, never with pretrained weights
+            log.debug(message)
         else:
             warnings.warn(message, stacklevel=2)
     # Fork the RNG so random init is reproducible from `seed` and leaves the caller's RNG untouched.
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _without_random_weights_warning(pretrained is None):
         torch.manual_seed(seed)
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name,

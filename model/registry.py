@@ -2,7 +2,8 @@
 
     cfg = get_config("tiny")                                        # what tests and the CPU demo use
     cfg = get_config("small", {"unet.model_channels": 192, "num_frames": 8})
-    cfg = get_config("modelscope-1.7b")                             # the released ModelScopeT2V sizes
+    cfg = get_config("modelscope-1.7b")                             # ModelScopeT2V's released UNet, exactly
+    cfg = get_config("tf-t2v")                                      # TF-T2V's released UNet, exactly
 
 ``MODEL_CONFIGS`` maps names to configs (treat them as read-only: ``get_config`` returns a fresh, validated
 copy with overrides applied). Overrides are a nested dict (``{"unet": {"model_channels": 192}}``) or dotted keys
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model import validation
+from model.ddim import TFT2V_NEGATIVE_PROMPT, TFT2V_POSITIVE_PROMPT, SamplingConfig
 from model.diffusion import DiffusionConfig
 from model.encoders import PROJECT_CLIP_CONFIGS, EncoderConfig
 from model.unet import UNetConfig
@@ -64,6 +66,7 @@ class ModelConfig:
     unet: UNetConfig = field(default_factory=_tiny_unet)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     encoders: EncoderConfig = field(default_factory=_tiny_encoders)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     num_frames: int = 8
     height: int = 32  # pixels
     width: int = 32
@@ -152,33 +155,64 @@ def _small() -> ModelConfig:
     )
 
 
+def _modelscope_unet(**changes) -> UNetConfig:
+    # The ModelScopeT2V UNet (VGen's UNetSD_T2VBase / ModelScope's UNetSD): 320 wide, levels x1 x2 x4 x4, two
+    # ResBlocks per level, 8 x 64 temporal heads after the input conv, GroupNorm 32.
+    fields = dict(
+        in_channels=4,
+        out_channels=4,
+        model_channels=320,
+        channel_mult=(1, 2, 4, 4),
+        num_res_blocks=2,
+        attention_levels=(0, 1, 2),
+        head_dim=64,
+        context_dim=1024,
+        image_embed_dim=0,
+        temporal_heads=8,
+        temporal_head_dim=64,
+        dropout=0.1,
+        gradient_checkpointing=True,
+    )
+    return UNetConfig(**{**fields, **changes})
+
+
 def _modelscope() -> ModelConfig:
-    # ModelScopeT2V's released UNet (1.41B parameters, 0.55B temporal) plus TF-T2V's image-condition MLP (5M).
-    # Start it from text2video_pytorch_model.pth with load_unet_weights(..., allow_missing=NEW_IN_TFT2V), or set
-    # unet.image_embed_dim=0 for the exact released network. The released weights were trained for eps
-    # prediction without zero terminal SNR: sample them as released with
-    # {"diffusion.prediction": "eps", "diffusion.zero_terminal_snr": False}; the defaults are TF-T2V's.
+    # ModelScopeT2V's released text2video_pytorch_model.pth, key for key (1.41B parameters, 0.55B temporal):
+    # attention at levels 0-2 (attn_scales 1, 1/2, 1/4), no image condition. Trained for eps prediction on the SD
+    # linear schedule without zero terminal SNR or offset noise; sampled with VGen's DDIM spacing, 50 steps,
+    # guidance 9 against the null text.
     return ModelConfig(
         name="modelscope-1.7b",
-        unet=UNetConfig(
-            in_channels=4,
-            out_channels=4,
-            model_channels=320,
-            channel_mult=(1, 2, 4, 4),
-            num_res_blocks=2,
-            attention_levels=(0, 1, 2),
-            head_dim=64,
-            context_dim=1024,
-            image_embed_dim=1024,
-            temporal_heads=8,
-            temporal_head_dim=64,
-            dropout=0.1,
-            gradient_checkpointing=True,
-        ),
+        unet=_modelscope_unet(),
+        diffusion=DiffusionConfig(prediction="eps", zero_terminal_snr=False, offset_noise=0.0),
         encoders=EncoderConfig(first_stage="sd_vae", clip_model="ViT-H-14"),
+        sampling=SamplingConfig(timestep_spacing="leading"),
         num_frames=16,
         height=256,
         width=256,
+        fps=8,
+    )
+
+
+def _tft2v() -> ModelConfig:
+    # TF-T2V's released UNet (VGen UNetSD_TFT2V as configs/tft2v_t2v_infer.yaml builds it), key for key: attention
+    # at levels 1-3 (the class default attn_scales 1/2, 1/4, 1/8), an input conv over 4 latent + 8 concat
+    # channels (the VideoComposer condition slots, zeros for text-to-video) and the image-condition MLP (CLIP image
+    # embedding -> 4 context tokens). v-prediction, zero terminal SNR, offset noise 0.1 on the SD linear schedule;
+    # sampled with VGen's DDIM spacing, 50 steps, guidance 9, VGen's negative prompt and prompt suffix.
+    return ModelConfig(
+        name="tf-t2v",
+        unet=_modelscope_unet(attention_levels=(1, 2, 3), extra_in_channels=8, image_embed_dim=1024),
+        diffusion=DiffusionConfig(prediction="v", zero_terminal_snr=True, offset_noise=0.1),
+        encoders=EncoderConfig(first_stage="sd_vae", clip_model="ViT-H-14"),
+        sampling=SamplingConfig(
+            timestep_spacing="leading",
+            negative_prompt=TFT2V_NEGATIVE_PROMPT,
+            positive_prompt=TFT2V_POSITIVE_PROMPT,
+        ),
+        num_frames=16,
+        height=256,
+        width=448,
         fps=8,
     )
 
@@ -187,6 +221,7 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
     "tiny": _tiny(),
     "small": _small(),
     "modelscope-1.7b": _modelscope(),
+    "tf-t2v": _tft2v(),
 }
 
 

@@ -149,23 +149,32 @@ class TextToVideo:
         prompts: list[str],
         *,
         image=None,
-        steps: int = 50,
-        guidance: float = 9.0,
-        eta: float = 0.0,
+        steps: int | None = None,
+        guidance: float | None = None,
+        eta: float | None = None,
         seed: int = 0,
-        negative_prompt: str = "",
+        negative_prompt: str | None = None,
         progress: bool = False,
+        spacing: str | None = None,
     ) -> np.ndarray:
         """Prompts (and optionally a conditioning image) -> videos uint8 [b, f, h, w, 3].
 
-        ``image``: uint8 [h, w, 3] for all prompts or [b, h, w, 3], given to the UNet as its CLIP image embedding.
-        Guidance contrasts the prompt (+ image) with ``negative_prompt`` (no image). Same seed -> same videos.
+        ``image``: uint8 [h, w, 3] for all prompts or [b, h, w, 3], given to the UNet as its CLIP image embedding;
+        without one the UNet gets no image tokens. Guidance contrasts the prompt (+ image) with ``negative_prompt``
+        (no image). Settings left None come from ``config.sampling`` (the released sampler for the released
+        configs, whose ``positive_prompt`` is appended to every prompt). Same seed -> same videos.
         """
         if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be a non-empty list of strings, e.g. ['a red circle moving left']")
+        defaults = self.config.sampling
+        steps = defaults.steps if steps is None else steps
+        guidance = defaults.guidance if guidance is None else guidance
+        eta = defaults.eta if eta is None else eta
+        negative_prompt = defaults.negative_prompt if negative_prompt is None else negative_prompt
+        spacing = defaults.timestep_spacing if spacing is None else spacing
         b = len(prompts)
         dtype = next(self.unet.parameters()).dtype
-        cond = {"context": self.encode_text(prompts).to(dtype)}  # [b, n, width]
+        cond = {"context": self.encode_text([p + defaults.positive_prompt for p in prompts]).to(dtype)}  # [b, n, w]
         uncond = {"context": self.text_encoder.null(1, negative_prompt).to(dtype)}  # [1, n, width]
         if image is not None:
             if not self.config.unet.image_embed_dim:
@@ -191,6 +200,7 @@ class TextToVideo:
                 dtype=dtype,
                 schedule=self.schedule,
                 progress=progress,
+                spacing=spacing,
             )
         finally:
             self.unet.train(was_training)
@@ -222,10 +232,13 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         return ckpt
     if isinstance(ckpt, dict) and ckpt.get("format"):
         raise ValueError(f"{path} has format {ckpt['format']!r}; this version reads {FORMAT!r}")
-    if isinstance(ckpt, dict) and any(str(k).startswith(("input_blocks.", "model.diffusion_model.")) for k in ckpt):
+    if isinstance(ckpt, dict) and (
+        "state_dict" in ckpt or any(str(k).startswith(("input_blocks.", "model.diffusion_model.")) for k in ckpt)
+    ):
         raise ValueError(
-            f"{path} is a bare ModelScope/TF-T2V UNet state dict, not a t2v-platform checkpoint: "
-            "import it with model/checkpoint.py into a TextToVideo, then save that"
+            f"{path} is a released ModelScope/TF-T2V UNet file, not a t2v-platform checkpoint: import it with "
+            "`t2v import --from modelscope|tf-t2v PATH --out DIR`, or sample it directly with "
+            "`t2v sample --checkpoint PATH --model modelscope-1.7b|tf-t2v`"
         )
     raise ValueError(
         f"{path} is not a t2v-platform checkpoint (no 'format': {FORMAT!r} entry); pass a model.pt "
@@ -272,6 +285,20 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def from_released(path: str | os.PathLike, config: ModelConfig, device: str | torch.device = "cpu") -> TextToVideo:
+    """A TextToVideo around a released UNet file (strictly loaded, see ``model/released.py``) and the encoders
+    ``config`` names; ``step`` is the file's training step when it stores one."""
+    from model.released import load_released
+    from model.unet import build_unet
+
+    unet = build_unet(config.unet)
+    report = load_released(unet, path, config.name)
+    text, image = build_clip_encoders(config.encoders, device)
+    model = TextToVideo(config, unet.to(device), text, image, FirstStage.from_config(config.encoders, device))
+    model.step = report.step or 0
+    return model
 
 
 def _cpu(state: dict[str, Tensor]) -> dict[str, Tensor]:

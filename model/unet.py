@@ -55,7 +55,7 @@ class UNetConfig:
     context_dim: int = 1024  # text token width (OpenCLIP ViT-H/14: 1024)
     num_text_tokens: int = 77  # zero tokens used when forward() gets context=None
     image_embed_dim: int = 1024  # pooled CLIP image embedding width; 0 disables the image condition
-    num_image_tokens: int = 4  # TF-T2V: image embedding -> 4 tokens appended to the text tokens
+    num_image_tokens: int = 4  # TF-T2V: image embedding -> 4 tokens appended to the text tokens (none without one)
     temporal_heads: int = 8  # heads of the temporal transformer after the input conv (8 x 64)
     temporal_head_dim: int = 64  # per-level temporal transformers: width // temporal_head_dim heads
     temporal_attention_after_input: bool = True  # the temporal transformer right after the input conv
@@ -140,7 +140,8 @@ class UNetConfig:
 
     @property
     def num_context_tokens(self) -> int:
-        """Tokens the cross-attention sees when given ``num_text_tokens`` text tokens (77 + 4 = 81 in TF-T2V)."""
+        """Tokens the cross-attention sees given ``num_text_tokens`` text tokens and an image (77 + 4 = 81 in
+        TF-T2V); without an image only the text tokens, as the released network is called."""
         return self.num_text_tokens + (self.num_image_tokens if self.image_embed_dim else 0)
 
 
@@ -524,10 +525,14 @@ class UNet3D(nn.Module):
         context: Tensor | None = None,
         image_embedding: Tensor | None = None,
         concat: Tensor | None = None,
+        image_keep: Tensor | None = None,
     ) -> Tensor:
         """x [b, in, f, h, w]; timesteps [b] (or a scalar for all); context [b, n, context_dim] text tokens or None
-        (zeros); image_embedding [b, image_embed_dim] or None (zero tokens); concat [b, extra_in, f, h, w] or None
-        (zeros). Returns [b, out, f, h, w]. With f == 1 every temporal layer is skipped (image mode)."""
+        (zeros); image_embedding [b, image_embed_dim] or None (no image tokens at all, as the released TF-T2V
+        network is called for text-to-video); image_keep [b] 0/1 multiplies each sample's image tokens (training's
+        per-sample image dropout: a dropped sample sees zero tokens, as VGen's ``misc_dropout`` leaves it);
+        concat [b, extra_in, f, h, w] or None (zeros). Returns [b, out, f, h, w]. With f == 1 every temporal layer
+        is skipped (image mode)."""
         b, _, f, h, w = self._check_x(x)
         t = self._check_timesteps(timesteps, b, x.device)
         inputs = [x]
@@ -542,7 +547,7 @@ class UNet3D(nn.Module):
             )
         x = torch.cat(inputs, dim=1) if len(inputs) > 1 else x  # [b, in (+ 2) (+ extra), f, h, w]
         n_text = context.shape[1] if context is not None else self.cfg.num_text_tokens
-        context = self._build_context(context, image_embedding, b, x)  # [b, n, context_dim]
+        context = self._build_context(context, image_embedding, image_keep, b, x)  # [b, n, context_dim]
 
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(self.time_embed[0].weight.dtype))
         pooled = context[:, :n_text].mean(dim=1)  # [b, context_dim] the text tokens only
@@ -617,7 +622,9 @@ class UNet3D(nn.Module):
             )
         return concat.to(x.dtype)
 
-    def _build_context(self, context: Tensor | None, image_embedding: Tensor | None, b: int, x: Tensor) -> Tensor:
+    def _build_context(
+        self, context: Tensor | None, image_embedding: Tensor | None, image_keep: Tensor | None, b: int, x: Tensor
+    ) -> Tensor:
         cfg = self.cfg
         if context is None:
             context = x.new_zeros(b, cfg.num_text_tokens, cfg.context_dim)
@@ -635,15 +642,20 @@ class UNet3D(nn.Module):
                 )
             return context
         if image_embedding is None:
-            tokens = x.new_zeros(b, cfg.num_image_tokens, cfg.context_dim)
-        else:
-            if tuple(image_embedding.shape) != (b, cfg.image_embed_dim):
-                raise ValueError(
-                    f"UNet3D: image_embedding must be [b={b}, image_embed_dim={cfg.image_embed_dim}], "
-                    f"got {list(image_embedding.shape)}"
-                )
-            tokens = self.pre_image_condition(image_embedding.to(x.dtype))
-            tokens = tokens.view(b, cfg.num_image_tokens, cfg.context_dim)  # [b, 4, context_dim]
+            if image_keep is not None:
+                raise ValueError("UNet3D: image_keep without image_embedding; pass both or neither")
+            return context  # no image tokens: what the released network sees for text-to-video
+        if tuple(image_embedding.shape) != (b, cfg.image_embed_dim):
+            raise ValueError(
+                f"UNet3D: image_embedding must be [b={b}, image_embed_dim={cfg.image_embed_dim}], "
+                f"got {list(image_embedding.shape)}"
+            )
+        tokens = self.pre_image_condition(image_embedding.to(x.dtype))
+        tokens = tokens.view(b, cfg.num_image_tokens, cfg.context_dim)  # [b, 4, context_dim]
+        if image_keep is not None:
+            if tuple(image_keep.shape) != (b,):
+                raise ValueError(f"UNet3D: image_keep must be [b={b}] (1 keeps, 0 drops), got {list(image_keep.shape)}")
+            tokens = tokens * image_keep.to(tokens)[:, None, None]
         return torch.cat([context, tokens], dim=1)  # text tokens first, then image tokens
 
 

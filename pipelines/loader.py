@@ -340,7 +340,7 @@ class Item:
     kind: str
     caption: str | None  # None for text-free clips
     frames: np.ndarray | None  # uint8 [f, h, w, 3]; None when pre-encoded latents replace it
-    cond_frame: np.ndarray | None  # uint8 [h, w, 3]: the middle frame (CLIP image condition)
+    cond_frame: np.ndarray | None  # uint8 [h, w, 3]: the middle (or first) frame, the CLIP image condition
     latent_mean: np.ndarray | None = None  # float32 [c, f, h', w'] pre-encoded posterior mean (unscaled)
     latent_std: np.ndarray | None = None
     text_emb: np.ndarray | None = None  # float32 [n, d]
@@ -392,9 +392,11 @@ class Decoder:
         expected_encoders: dict | None = None,
         seed: int = 0,
         cache_mb: float = 0.0,
+        image_frame: str = "middle",
         health: DataHealth | None = None,
     ):
         self.num_frames, self.height, self.width = num_frames, height, width
+        self.image_frame = image_frame  # which clip frame is the CLIP image condition: middle or first
         self.health = health or DataHealth(1, 1.0)
         self.frame_stride = frame_stride
         self.latent_hw = latent_hw
@@ -441,7 +443,7 @@ class Decoder:
         idx = frame_indices(len(clip), frames_per_item, self.frame_stride, rng)
         if item.latent_mean is None:
             item.frames = clip[idx]
-        item.cond_frame = clip[idx[len(idx) // 2]]  # the middle frame
+        item.cond_frame = clip[idx[0] if self.image_frame == "first" else idx[len(idx) // 2]]
         return item
 
     def _count(self, name: str) -> int:
@@ -521,6 +523,7 @@ class LoaderSpec:
     decode_workers: int = 2  # samples decoded in parallel (threads; PyAV decodes without the GIL)
     cache_mb: float = 0.0
     max_bad_fraction: float = 0.05  # stop when more than this share of samples or shards is unusable
+    image_frame: str = "middle"  # the clip frame whose CLIP embedding conditions it (VGen's TF-T2V: first)
 
 
 @dataclasses.dataclass
@@ -573,6 +576,7 @@ class TrainLoader:
             spec.expected_encoders,
             spec.seed + 7919 * rank,
             spec.cache_mb,
+            spec.image_frame,
             self.health,
         )
         self._pool = ThreadPoolExecutor(max(1, spec.decode_workers), thread_name_prefix="decode")

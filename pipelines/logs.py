@@ -38,7 +38,14 @@ QUIET_LIBRARIES = (
     "asyncio",
     "diffusers",
     "numexpr",
+    "distutils",  # DeepSpeed's op builders log each compiler command they try
 )
+# Libraries that configure their own loggers when imported (after setup) read their level from these.
+LIBRARY_LEVEL_VARIABLES = ("MLFLOW_LOGGING_LEVEL", "RAY_DATA_LOG_LEVEL", "PREFECT_LOGGING_LEVEL")
+
+# Libraries that log through the root logger rather than their own: their routine lines are recognised by the
+# file that logged them.
+ROOT_LOGGING_LIBRARIES = ("open_clip",)
 
 _MARK = "_t2v_handler"
 
@@ -79,6 +86,17 @@ class _Below(logging.Filter):
         return record.levelno < self.level
 
 
+class _QuietRootCallers(logging.Filter):
+    """INFO lines that a library in ROOT_LOGGING_LIBRARIES wrote through the root logger are dropped."""
+
+    _parts = tuple(f"{os.sep}{name}{os.sep}" for name in ROOT_LOGGING_LIBRARIES)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING or record.name != "root":
+            return True
+        return not any(part in record.pathname for part in self._parts)
+
+
 class _RankZero(logging.Filter):
     """Other ranks keep their warnings and errors; their INFO lines would repeat rank 0's."""
 
@@ -90,12 +108,16 @@ class _RankZero(logging.Filter):
         return self.rank == 0 or record.levelno >= logging.WARNING
 
 
+def _writes_to_console(handler: logging.Handler) -> bool:
+    return isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) in (sys.stdout, sys.stderr)
+
+
 def setup(level: int | str | None = None, rank: int = 0) -> None:
     """Configure the root logger (idempotent). ``level`` defaults to ``$T2V_LOG_LEVEL`` or INFO."""
     level = level or os.environ.get("T2V_LOG_LEVEL", "INFO")
     root = logging.getLogger()
-    for handler in [h for h in root.handlers if getattr(h, _MARK, False)]:
-        root.removeHandler(handler)
+    for handler in [h for h in root.handlers if getattr(h, _MARK, False) or _writes_to_console(h)]:
+        root.removeHandler(handler)  # ours from an earlier call, or a library's (Prefect installs one at import)
     formatter = _TagFormatter()
     out = _CurrentStream("stdout")
     out.addFilter(_Below(logging.WARNING))
@@ -104,8 +126,11 @@ def setup(level: int | str | None = None, rank: int = 0) -> None:
     for handler in (out, err):
         handler.setFormatter(formatter)
         handler.addFilter(_RankZero(rank))
+        handler.addFilter(_QuietRootCallers())
         setattr(handler, _MARK, True)
         root.addHandler(handler)
     root.setLevel(level)
+    for variable in LIBRARY_LEVEL_VARIABLES:
+        os.environ.setdefault(variable, "WARNING")
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))

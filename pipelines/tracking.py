@@ -289,12 +289,14 @@ class MlflowTracker:
         from mlflow.entities import DatasetInput, InputTag
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-        with warnings.catch_warnings():  # schema-inference hints about integer columns and ambiguous sources
-            warnings.simplefilter("ignore", UserWarning)
-            dataset = mlflow.data.from_pandas(df, source=source, name=name, digest=digest)
+        # The schema is inferred lazily (in _to_mlflow_entity too); its hint about integer columns concerns model
+        # inputs at inference time, not a record of what a run read.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer", category=UserWarning)
+            warnings.filterwarnings("ignore", message=".*source.*", category=UserWarning)
+            entity = mlflow.data.from_pandas(df, source=source, name=name, digest=digest)._to_mlflow_entity()
         self.client.log_inputs(
-            self.run_id,
-            datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])],
+            self.run_id, datasets=[DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])]
         )
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -309,6 +311,19 @@ class MlflowTracker:
         if self._monitor is not None:
             self._monitor.finish()
             self._monitor = None
+
+
+def metric_history(tracking_uri: str, run_id: str, keys: list[str]) -> dict[str, tuple[list[int], list[float]]]:
+    """``{key: (steps, values)}`` of each metric in ``keys`` that the run logged, in step order."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    history = {}
+    for key in keys:
+        points = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+        if points:
+            history[key] = ([m.step for m in points], [m.value for m in points])
+    return history
 
 
 def _param_text(key: str, value: Any) -> str:

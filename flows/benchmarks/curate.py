@@ -1,6 +1,6 @@
-"""python -m flows.benchmarks.curate [--set videos=100 --set cpus=2 --set repeats=2] [--dry-run]
+"""t2v bench curate [--set videos=100 --set cpus=2 --set repeats=2] [--dry-run]
 
-Curation benchmark (also ``t2v bench curate``). On a generated shapes corpus (``videos`` videos of
+Curation benchmark (also ``python -m flows.benchmarks.curate``). On a generated shapes corpus (``videos`` videos of
 ``src_width x src_height`` at ``src_fps``), prints:
 
 1. the wall time of the curation decode path (probe, decode, clip, motion, shard writing; caption filter off:

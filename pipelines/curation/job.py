@@ -146,8 +146,12 @@ def init_ray(address: str | None, num_cpus: int | None, task_cpus: float) -> flo
     else:
         # With the dashboard (on 127.0.0.1 only), which serves the State API: Ray Train's placement-group cleaner
         # polls it every second and, without it, logs a warning each time for the whole of a training run.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray's default, said explicitly: no notice about it
         ray.init(
-            num_cpus=num_cpus, dashboard_host="127.0.0.1", _system_config=local_ray_system_config(num_cpus, task_cpus)
+            num_cpus=num_cpus,
+            dashboard_host="127.0.0.1",
+            logging_level=logging.WARNING,
+            _system_config=local_ray_system_config(num_cpus, task_cpus),
         )
     return time.time() - t
 

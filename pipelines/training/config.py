@@ -52,7 +52,17 @@ class TrainConfig:
     cfg_dropout: float = 0.1  # per sample: text -> negative-prompt embedding
     negative_prompt: str = ""  # also the unconditional input of sampling
     image_condition_prob: float = 0.5  # content branch: share of image batches conditioned on the image
-    video_image_condition_prob: float = 0.5  # motion branch: share of video batches given the middle-frame image
+    video_image_condition_prob: float = 0.5  # motion branch: share of video batches (clips) given the clip's image
+    image_frame: Literal["middle", "first"] = "middle"  # the clip frame that is the image condition (TF-T2V: first)
+    # per_batch: one condition choice for a whole branch batch; per_sample: the TF-T2V recipe, each sample chooses
+    # (content: text or image; motion: image with video_image_condition_prob) and its conditions drop as VGen's
+    # UNet drops them: p_all_zero of the samples lose every condition, p_all_keep keep all, and each condition of
+    # the others drops with condition_dropout. A dropped text becomes dropped_text, a dropped image zero tokens.
+    condition_sampling: Literal["per_batch", "per_sample"] = "per_batch"
+    condition_dropout: float = 0.5  # VGen misc_dropout (its t2v_train.yaml: 0.4)
+    p_all_zero: float = 0.1
+    p_all_keep: float = 0.1
+    dropped_text: Literal["negative_prompt", "zeros"] = "negative_prompt"  # zeros: as VGen multiplies y by 0
     # data
     frame_stride: int = 0  # 0: clip frames spread over the whole clip; k: every k-th frame
     shuffle_block: int = 256
@@ -89,6 +99,7 @@ class TrainConfig:
     log_model: bool = True  # log the final model to the run as an MLflow pyfunc generation model
     logged_model_name: str = "model"  # its name in the run
     logged_model_weights: Literal["ema", "raw"] = "ema"  # which exported weights it serves
+    export_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # exported checkpoints: the fp32 master weights by default
     debug_fail_at_step: int = 0  # tests: the last rank exits once at this step (fault-tolerance check)
 
     def __post_init__(self) -> None:
@@ -106,6 +117,9 @@ class TrainConfig:
             "image_condition_prob",
             "video_image_condition_prob",
             "min_lr_ratio",
+            "condition_dropout",
+            "p_all_zero",
+            "p_all_keep",
         ):
             value = getattr(self, name)
             check(0.0 <= value <= 1.0, f"{name}={value}: must be within [0, 1]")
@@ -147,6 +161,14 @@ class TrainConfig:
             "sample_every > 0 needs sample_prompts (a list of prompts), or set sample_every=0",
         )
         check_choice("logged_model_weights", self.logged_model_weights, ["ema", "raw"])
+        check_choice("image_frame", self.image_frame, ["middle", "first"])
+        check_choice("export_dtype", self.export_dtype, ["fp32", "bf16", "fp16"])
+        check_choice("condition_sampling", self.condition_sampling, ["per_batch", "per_sample"])
+        check_choice("dropped_text", self.dropped_text, ["negative_prompt", "zeros"])
+        check(
+            self.p_all_zero + self.p_all_keep <= 1.0,
+            f"p_all_zero + p_all_keep = {self.p_all_zero + self.p_all_keep}: must be <= 1 (shares of one batch)",
+        )
         check(self.time_limit_minutes >= 0, "time_limit_minutes must be >= 0 (0: no limit)")
 
     @property

@@ -7,7 +7,8 @@ the parameters are partitioned across ranks and gathering them is a collective, 
 all ranks must take part; under ZeRO 0-2 every rank already holds the full weights and rank 0 just copies them.
 ``write_models`` then writes, on rank 0:
 
-    <dir>/model.pt            TextToVideo checkpoint (model/text_to_video.py format) of the raw weights
+    <dir>/model.pt            TextToVideo checkpoint (model/text_to_video.py format) of the raw weights: the
+                              optimizer's fp32 master weights (``master_state_dict``), not a bf16 engine's copy
     <dir>/model_ema.pt        the same with the EMA weights (what generation should use)
     <dir>/diffusers/unet/     diffusers UNet3DConditionModel folder of the EMA weights (model/convert.py), when
                               the architecture has a diffusers equivalent (diffusers has no TF-T2V image MLP,
@@ -44,8 +45,31 @@ def worker_state_file(rank: int) -> str:
     return f"worker_rank{rank}.pt"
 
 
+def master_state_dict(engine) -> dict[str, Tensor] | None:
+    """The optimizer's fp32 master weights as a full UNet state dict on CPU on rank 0 (None on other ranks).
+
+    A bf16 engine runs a rounded copy of the weights; the optimizer updates fp32 masters (partitioned across ranks
+    under ZeRO 1-3), and those are the trained weights to export. Collective whenever the masters are partitioned:
+    every rank calls this. Without a separate master (fp32 ZeRO-0) the module's weights are the masters."""
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    state: dict[str, Tensor] = {}
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p)  # every rank: assembling a partitioned master is a collective
+        if rank0:
+            state[name] = (p.detach() if full is None else full).float().cpu().clone()
+    if not rank0:
+        return None
+    for name, buffer in engine.module.named_buffers():
+        state.setdefault(name, buffer.detach().float().cpu().clone())
+    return {k: state[k] for k in engine.module.state_dict() if k in state}
+
+
 def consolidated_state_dict(engine) -> dict[str, Tensor] | None:
-    """The full UNet state dict on CPU on rank 0 (None on other ranks). Collective under ZeRO-3."""
+    """The full UNet state dict on CPU on rank 0 (None on other ranks), as the module holds it (the rounded copy in
+    a bf16 engine: what the EMA swap and samples read). Collective under ZeRO-3."""
     import torch.distributed as dist
 
     if engine.zero_optimization_partition_weights():  # ZeRO-3
@@ -69,15 +93,23 @@ def export_diffusers(unet, out_dir: Path) -> str | None:
 
 
 def write_models(
-    model, raw: dict[str, Tensor], ema: dict[str, Tensor] | None, out_dir: str | Path, step: int, diffusers: bool = True
+    model,
+    raw: dict[str, Tensor],
+    ema: dict[str, Tensor] | None,
+    out_dir: str | Path,
+    step: int,
+    diffusers: bool = True,
+    dtype: str = "fp32",
 ) -> dict[str, Any]:
     """Write model.pt (raw), model_ema.pt (EMA, if given) and the diffusers folder; returns their paths.
 
-    ``model`` is a TextToVideo whose UNet is overwritten (it carries the config and encoders to save with them).
+    ``model`` is a TextToVideo whose UNet is overwritten (it carries the config and encoders to save with them);
+    the checkpoints hold the weights in ``dtype`` (fp32: the master weights unrounded).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Any] = {}
+    model.unet.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
     model.unet.load_state_dict(raw)
     files["checkpoint"] = str(model.save(out / "model.pt", step=step, ema=False))
     if ema is not None:

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipelines import durable, logs, settings
+from pipelines import durable, logs, settings, tracking
 from pipelines.settings import ConfigError
 from pipelines.training.config import (
     CONFIG_FILE,
@@ -53,7 +53,7 @@ log = logging.getLogger("t2v.train")
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train (or resume) per ``cfg``; returns the result dict also written to ``<output>/result.json``."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipelines import loader
@@ -73,7 +73,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     tracker, run_id, tracking_uri = _start_tracking(cfg, out, shard_sets)
     started_ray = False
     if not ray.is_initialized():
-        ray.init(address=cfg.address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray's default for a local Ray, said explicitly: no notice
+        ray.init(
+            address=cfg.address or os.environ.get("RAY_ADDRESS"), log_to_driver=True, logging_level=logging.WARNING
+        )
         started_ray = True
     t0 = time.time()
     status = "FAILED"
@@ -90,9 +93,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 storage_path=str(out / RAY_DIR),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                 failure_config=FailureConfig(max_failures=cfg.max_failures),
-                # Ray Train's print patch sends each print to its logger and, because MLflow wraps stdout in
-                # the worker, to stdout as well: every progress line reached the console twice
-                worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+                worker_runtime_env={"env_vars": _worker_env(cfg)},
+                # its worker-group start-up lines say nothing a user acts on; warnings and errors still show
+                logging_config=LoggingConfig(log_level="WARNING"),
             ),
         )
         fit = trainer.fit()
@@ -105,6 +108,15 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         tracker.finish(status)
         if started_ray:
             ray.shutdown()
+
+
+def _worker_env(cfg: TrainConfig) -> dict[str, str]:
+    # Ray Train's print patch sends each print to its logger and, because MLflow wraps stdout in the worker, to
+    # stdout as well: every progress line reached the console twice
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    if not cfg.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed otherwise probes for a GPU and warns that it found none
+    return env
 
 
 def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
@@ -146,8 +158,6 @@ def _check_resume(cfg: TrainConfig, out: Path) -> None:
 
 def _start_tracking(cfg: TrainConfig, out: Path, shard_sets) -> tuple[Any, str | None, str | None]:
     """The driver's tracker: creates (or reopens, on resume) the run and logs config and data lineage once."""
-    from pipelines import tracking
-
     if not cfg.mlflow.enabled:
         return tracking.NullTracker(), None, None
     uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
@@ -223,9 +233,11 @@ def _finish(
             },
             config_file=out / CONFIG_FILE,
         )
+    loss_curve = _plot_losses(tracker, tracking_uri, run_id, out) if run_id is not None else None
     result = {
         "run_id": run_id,
         "model_uri": model_uri,
+        "loss_curve": str(loss_curve) if loss_curve else None,
         "tracking_uri": settings.redact_uri(tracking_uri) if tracking_uri else None,
         "checkpoint": exported["checkpoint"],
         "ema_checkpoint": exported.get("ema_checkpoint"),
@@ -246,6 +258,28 @@ def _finish(
         f", logged as {model_uri}" if model_uri else "",
     )
     return result
+
+
+LOSS_CURVES = ("loss", "loss_image", "loss_video")
+
+
+def _plot_losses(tracker, tracking_uri: str, run_id: str, out: Path, window: int = 25) -> Path | None:
+    """The run's losses (moving average over ``window`` steps) as ``plots/loss.png``, also logged to the run."""
+    import numpy as np
+
+    from pipelines import pictures
+
+    history = tracking.metric_history(tracking_uri, run_id, list(LOSS_CURVES))
+    if not history:
+        return None
+    series = {}
+    for key, (steps, values) in history.items():
+        k = min(window, len(values))
+        smooth = np.convolve(values, np.ones(k) / k, mode="valid")
+        series[key] = (steps[k - 1 :], smooth.tolist())
+    path = pictures.line_plot(series, out / "plots" / "loss.png", f"training loss ({window}-step average)", "step")
+    tracker.log_artifact(path, "plots")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------------------

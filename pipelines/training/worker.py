@@ -75,7 +75,7 @@ def resolve_model_config(cfg: TrainConfig):
 
 def build_model(cfg: TrainConfig, device: torch.device):
     """TextToVideo with random (seeded, identical on every rank) or ``init_from`` weights."""
-    from model.checkpoint import NEW_IN_TFT2V, load_unet_weights
+    from model.released import init_unet_from
     from model.text_to_video import TextToVideo
 
     torch.manual_seed(cfg.seed)
@@ -84,16 +84,8 @@ def build_model(cfg: TrainConfig, device: torch.device):
     else:
         model = TextToVideo.build(resolve_model_config(cfg))
         if cfg.init_from:
-            source: Any = cfg.init_from
-            if Path(cfg.init_from).is_dir():  # a diffusers UNet3DConditionModel folder
-                from diffusers import UNet3DConditionModel
-
-                from model.convert import diffusers_to_modelscope
-
-                diffusers_unet = UNet3DConditionModel.from_pretrained(cfg.init_from)
-                source = diffusers_to_modelscope(diffusers_unet.state_dict(), model.unet.cfg)
-            # ModelScope weights have no TF-T2V image MLP: it starts fresh. Extra concat channels start at zero.
-            report = load_unet_weights(model.unet, source, allow_missing=NEW_IN_TFT2V, pad_input_channels=True)
+            # A released file, a diffusers folder or an SD image UNet (inflated); what it lacks keeps its init.
+            report = init_unet_from(model.unet, cfg.init_from)
             log.info("initialised the UNet from %s (new: %s)", cfg.init_from, report.missing_allowed[:4])
     return model.to(device)
 
@@ -236,6 +228,7 @@ def loader_spec(cfg: TrainConfig, model) -> loader.LoaderSpec:
         decode_workers=cfg.decode_workers,
         max_bad_fraction=cfg.max_bad_fraction,
         cache_mb=cfg.decode_cache_mb,
+        image_frame=cfg.image_frame,
     )
 
 
@@ -298,6 +291,14 @@ class Ema:
             with torch.no_grad():
                 for t, b in zip(self._live(), backup):
                     t.copy_(b)
+
+    def full_state(self) -> dict[str, Tensor]:
+        """The EMA as a full fp32 state dict (ZeRO 0-2, on the holder: rank 0); buffers as the module holds them."""
+        names = [name for name, _ in self.engine.module.named_parameters()]
+        state = {name: t.detach().cpu().clone() for name, t in zip(names, self.tensors)}
+        for name, buffer in self.engine.module.named_buffers():
+            state.setdefault(name, buffer.detach().float().cpu().clone())
+        return {k: state[k] for k in self.engine.module.state_dict() if k in state}
 
     def state(self) -> dict:
         return {"updates": self.updates, "tensors": self.tensors}
@@ -373,6 +374,56 @@ class Conditioner:
         return torch.where(drop.to(context.device)[:, None, None], self.negative.to(context.dtype), context)
 
 
+def condition_dropout(
+    b: int, p: float, p_all_zero: float, p_all_keep: float, conditions: int, gen: torch.Generator
+) -> Tensor:
+    """VGen's per-sample condition dropout (UNetSD_TFT2V ``misc_dropout``, a DropPath with all-zero and all-keep
+    samples) -> keep [conditions, b] bool.
+
+    Binomial(b, p_all_zero) samples, drawn without replacement, lose every condition and the next
+    Binomial(b, p_all_keep) keep all; for each condition in turn Binomial(b, p) of the remaining samples (at most all
+    of them) lose that condition."""
+    zero = torch.zeros(b, dtype=torch.bool)
+    keep = torch.zeros(b, dtype=torch.bool)
+    n_zero = int((torch.rand(b, generator=gen) < p_all_zero).sum())
+    n_keep = int((torch.rand(b, generator=gen) < p_all_keep).sum())
+    order = torch.randperm(b, generator=gen)
+    zero[order[:n_zero]] = True
+    keep[order[n_zero : n_zero + n_keep]] = True
+    out = torch.ones(conditions, b, dtype=torch.bool)
+    eligible = torch.where(~zero & ~keep)[0]
+    for c in range(conditions):
+        n = int((torch.rand(b, generator=gen) < p).sum())
+        out[c, eligible[torch.randperm(len(eligible), generator=gen)[:n]]] = False
+    out[:, zero] = False
+    return out
+
+
+def per_sample_conditions(
+    cond: Conditioner, items: list[loader.Item], branch: str, cfg: TrainConfig, gen: torch.Generator
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The TF-T2V recipe's conditions of one branch batch, chosen per sample -> (context [b, n, d], image
+    embedding [b, e] or None, image_keep [b] or None).
+
+    content: each sample is conditioned on its image (image_condition_prob; its text is then the null text) or
+    on its caption (zero image tokens); motion: each clip has its caption (null text when text-free) and, with
+    video_image_condition_prob, its image. Then ``condition_dropout`` drops text and image per sample."""
+    b = len(items)
+    prob = cfg.image_condition_prob if branch == "content" else cfg.video_image_condition_prob
+    has_image = cond.model.config.unet.image_embed_dim > 0 and prob > 0
+    use_image = (torch.rand(b, generator=gen) < prob) & has_image  # [b]
+    context = cond.text(items)  # [b, n, d]
+    if branch == "content":
+        context = torch.where(use_image.to(context.device)[:, None, None], cond.null.to(context), context)
+    keep_text, keep_image = condition_dropout(b, cfg.condition_dropout, cfg.p_all_zero, cfg.p_all_keep, 2, gen)
+    dropped = cond.negative.to(context) if cfg.dropped_text == "negative_prompt" else torch.zeros_like(context[:1])
+    context = torch.where(keep_text.to(context.device)[:, None, None], context, dropped)
+    if not has_image:
+        return context, None, None
+    image_keep = (use_image & keep_image).float().to(context.device)  # [b]
+    return context, cond.image(items), image_keep
+
+
 def _coin(p: float, gen: torch.Generator) -> bool:
     return bool(torch.rand((), generator=gen) < p)
 
@@ -395,22 +446,27 @@ def branch_loss(
     x0 = cond.latents(items, gen)  # [b, c, f, h', w']
     b = x0.shape[0]
     has_image_cond = model.config.unet.image_embed_dim > 0
-    if branch == "content":
-        use_image = has_image_cond and _coin(cfg.image_condition_prob, shared)
-        context = cond.null.expand(b, -1, -1) if use_image else cond.text(items)  # [b, n, d]
+    image_keep = None
+    if cfg.condition_sampling == "per_sample":
+        context, image, image_keep = per_sample_conditions(cond, items, branch, cfg, gen)
     else:
-        use_image = has_image_cond and _coin(cfg.video_image_condition_prob, shared)
-        context = cond.text(items)  # null text for text-free clips
-    context = cond.cfg_dropout(context, gen)
-    image = cond.image(items) if use_image else None
+        if branch == "content":
+            use_image = has_image_cond and _coin(cfg.image_condition_prob, shared)
+            context = cond.null.expand(b, -1, -1) if use_image else cond.text(items)  # [b, n, d]
+        else:
+            use_image = has_image_cond and _coin(cfg.video_image_condition_prob, shared)
+            context = cond.text(items)  # null text for text-free clips
+        context = cond.cfg_dropout(context, gen)
+        image = cond.image(items) if use_image else None
     t = sample_timesteps(b, model.schedule.num_timesteps, gen, x0.device, model.config.diffusion.timestep_shift)
     dtype = next(model.unet.parameters()).dtype
 
     def unet_fn(x, t, context=None, image_embedding=None, concat=None):
         # bf16 engines take bf16 inputs; the loss is computed in fp32 by training_losses.
         cast = lambda v: v.to(dtype) if v is not None else None  # noqa: E731
+        extra = {} if image_keep is None else {"image_keep": image_keep}
         return net(
-            cast(x), t, context=cast(context), image_embedding=cast(image_embedding), concat=cast(concat)
+            cast(x), t, context=cast(context), image_embedding=cast(image_embedding), concat=cast(concat), **extra
         ).float()
 
     return training_losses(
@@ -534,11 +590,14 @@ class Exporter:
             self.model = TextToVideo(model.config, unet, model.text_encoder, model.image_encoder, model.first_stage)
 
     def gather(self, ema: bool) -> dict[str, Tensor] | None:
-        """Full weights on rank 0 (collective under ZeRO-3: every rank calls this)."""
+        """Full weights on rank 0 (collective under ZeRO: every rank calls this): the fp32 master weights, or the
+        EMA (kept in fp32; whole on rank 0 under ZeRO 0-2, per partition under ZeRO-3)."""
         if ema:
+            if not self.ema.partitioned:
+                return self.ema.full_state() if self.rank == 0 else None
             with self.ema.swapped_in():
                 return export.consolidated_state_dict(self.engine)
-        return export.consolidated_state_dict(self.engine)
+        return export.master_state_dict(self.engine)
 
     def samples(self, step: int) -> None:
         state = self.gather(ema=True)
@@ -573,7 +632,7 @@ class Exporter:
         raw = self.gather(ema=False)
         ema = self.gather(ema=True)
         if self.rank == 0:
-            files = export.write_models(self.model, raw, ema, self.out / EXPORT_DIR, step)
+            files = export.write_models(self.model, raw, ema, self.out / EXPORT_DIR, step, dtype=self.cfg.export_dtype)
             (self.out / EXPORT_DIR / "final_metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
             log.info("exported %s", files)
 

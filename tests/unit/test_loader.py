@@ -163,3 +163,24 @@ def test_bad_data_settings_say_what_to_do(shards, tmp_path):
     stream = loader.KindStream("video", tiny[0].urls[:1], [1], rank=1, world_size=2, seed=0)
     with pytest.raises(loader.DataError, match="fewer workers"):
         next(iter(stream))
+
+
+def test_image_condition_frame_is_the_middle_or_first_frame(shards):
+    # One raw video sample as the shard reader hands it to the decoder: {"__key__", "<ext>": bytes}.
+    tar_path = next(p for kind in ("video_text", "video") for p in sorted(schema.shard_dir(shards, kind).glob("*.tar")))
+    raw: dict = {}
+    with tarfile.open(tar_path) as tar:
+        for m in tar.getmembers():
+            key, _, ext = m.name.partition(".")
+            if raw and raw["__key__"] != key:
+                break
+            raw["__key__"] = key
+            raw[ext] = tar.extractfile(m).read()
+    items = {
+        frame: loader.Decoder(4, 16, 16, image_frame=frame)(raw) for frame in ("middle", "first")
+    }  # 4 frames of the clip
+    for frame, item in items.items():
+        assert item is not None and item.frames.shape == (4, 16, 16, 3)
+        expected = item.frames[0] if frame == "first" else item.frames[2]
+        np.testing.assert_array_equal(item.cond_frame, expected)
+    assert not np.array_equal(items["middle"].cond_frame, items["first"].cond_frame)  # the shapes move

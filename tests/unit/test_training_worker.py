@@ -4,6 +4,8 @@ Ray Train and DeepSpeed."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -74,3 +76,93 @@ def test_schedule_config_and_conditioning_without_ray(shards, train_config, tmp_
     # the identity the curation pre-encode stage writes for these encoders is what training expects
     identity = encoder_identity(model)
     assert identity["clip_model"] == "t2v-tiny-clip" and len(identity["weights_sha1"]) == 40
+
+
+def test_vgen_condition_dropout_shares():
+    from pipelines.training.worker import condition_dropout
+
+    g = torch.Generator().manual_seed(0)
+    keep = condition_dropout(4000, 0.5, 0.1, 0.1, 2, g)  # [2 conditions, b]
+    # 10% of the samples lose both, 10% keep both; each condition then drops Binomial(b, 0.5) samples, all from
+    # the other 80%, so 0.5 / 0.8 of those lose it (VGen draws the count over the whole batch)
+    share = 0.5 / 0.8
+    assert abs((~keep[0]).float().mean() - (0.1 + 0.5)) < 0.03  # text dropped
+    assert abs((~keep).all(0).float().mean() - (0.1 + 0.8 * share**2)) < 0.03  # both dropped
+    assert abs(keep.all(0).float().mean() - (0.1 + 0.8 * (1 - share) ** 2)) < 0.03  # both kept
+    assert torch.equal(condition_dropout(50, 1.0, 0.0, 1.0, 2, g), torch.ones(2, 50, dtype=torch.bool))
+    assert not condition_dropout(50, 0.0, 1.0, 0.0, 2, g).any()
+    assert condition_dropout(50, 0.0, 0.0, 0.0, 2, g).all()
+
+
+@functools.cache
+def _tiny_model():
+    from model.registry import get_config
+    from model.text_to_video import TextToVideo
+
+    torch.manual_seed(0)
+    return TextToVideo.build(get_config("tiny", {"num_frames": 2, "height": 16, "width": 16}))
+
+
+def _recipe_setup(**changes):
+    import numpy as np
+
+    from pipelines import loader
+    from pipelines.training.config import TrainConfig
+    from pipelines.training.worker import Conditioner
+
+    model = _tiny_model()
+    cfg = TrainConfig(data=[], condition_sampling="per_sample", negative_prompt="blurry", **changes)
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(16):
+        caption = None if i % 4 == 3 else f"clip {i}"  # every fourth clip is text-free
+        frames = np.zeros((2, 16, 16, 3), np.uint8)
+        item = loader.Item(f"k{i}", "video" if caption is None else "video_text", caption, frames, frames[0])
+        item.text_emb = rng.normal(size=(77, 32)).astype(np.float32) if caption else None
+        item.image_emb = rng.normal(size=32).astype(np.float32)
+        items.append(item)
+    return model, cfg, Conditioner(model, cfg, torch.device("cpu")), items
+
+
+def test_per_sample_recipe_content_branch_chooses_text_or_image_per_sample():
+    from pipelines.training.worker import per_sample_conditions
+
+    model, cfg, cond, items = _recipe_setup(image_condition_prob=0.5, condition_dropout=0.0, p_all_zero=0.0)
+    context, image, keep = per_sample_conditions(cond, items, "content", cfg, torch.Generator().manual_seed(1))
+    captions = cond.text(items)
+    for i, it in enumerate(items):
+        torch.testing.assert_close(image[i], torch.from_numpy(it.image_emb))
+        if keep[i] == 1:  # conditioned on its image: the null text
+            torch.testing.assert_close(context[i], cond.null[0])
+        else:  # conditioned on its caption: zero image tokens
+            torch.testing.assert_close(context[i], captions[i])
+    assert 0 < keep.sum() < len(items)  # both kinds in one batch
+
+
+def test_per_sample_recipe_motion_branch_gives_every_clip_its_image_and_drops_conditions():
+    from pipelines.training.worker import branch_loss, per_sample_conditions
+
+    # the paper's recipe: every clip gets its image; no dropout -> every caption (null text when text-free) kept
+    model, cfg, cond, items = _recipe_setup(video_image_condition_prob=1.0, condition_dropout=0.0, p_all_zero=0.0)
+    context, image, keep = per_sample_conditions(cond, items, "motion", cfg, torch.Generator().manual_seed(1))
+    assert keep.tolist() == [1.0] * len(items)
+    torch.testing.assert_close(context, cond.text(items))
+    # all-zero samples lose both: the negative prompt (or zeros, as VGen) and zero image tokens
+    for dropped_text, expected in (("negative_prompt", cond.negative[0]), ("zeros", torch.zeros(77, 32))):
+        model, cfg, cond, items = _recipe_setup(p_all_zero=1.0, p_all_keep=0.0, dropped_text=dropped_text)
+        context, image, keep = per_sample_conditions(cond, items, "motion", cfg, torch.Generator().manual_seed(2))
+        assert keep.sum() == 0 and all(torch.equal(c, expected) for c in context)
+    # the UNet receives those per-sample image masks
+    model, cfg, cond, items = _recipe_setup(video_image_condition_prob=1.0, condition_dropout=0.5, p_all_zero=0.1)
+    seen = {}
+
+    def net(*args, **kwargs):
+        seen.update(kwargs)
+        return model.unet(*args, **kwargs)
+
+    g = torch.Generator().manual_seed(3)
+    expected_keep = per_sample_conditions(cond, items[:8], "motion", cfg, torch.Generator().manual_seed(3))[2]
+    out = branch_loss(net, model, cond, items[:8], "motion", cfg, g, torch.Generator())
+    assert out["loss"].requires_grad
+    assert seen["image_embedding"].shape == (8, 32) and torch.equal(seen["image_keep"], expected_keep)
+    assert 0 < expected_keep.sum() < 8

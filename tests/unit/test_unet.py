@@ -83,10 +83,18 @@ def test_none_conditions_mean_zeros():
     zeros_text = torch.zeros(B, TINY.num_text_tokens, TINY.context_dim)
     with torch.no_grad():
         implicit = unet(x, t)
-        # no text -> zero text tokens; no image -> zero image tokens (not the MLP of a zero embedding)
+        # no text -> zero text tokens; no image -> no image tokens (as VGen calls the released TF-T2V network),
+        # which is neither the MLP of a zero embedding nor four zero tokens (a dropped image in training)
         explicit_text = unet(x, t, context=zeros_text, concat=torch.zeros(B, 2, F, H, W))
         assert torch.equal(implicit, explicit_text)
         assert not torch.allclose(implicit, unet(x, t, zeros_text, torch.zeros(B, TINY.image_embed_dim)))
+        text, image = inputs()[2:]
+        dropped = unet(x, t, text, image, image_keep=torch.zeros(B))
+        assert not torch.allclose(unet(x, t, text), dropped)
+        # image_keep acts per sample: sample 0 keeps its image, sample 1 sees zero image tokens
+        mixed = unet(x, t, text, image, image_keep=torch.tensor([1.0, 0.0]))
+        torch.testing.assert_close(mixed[0], unet(x, t, text, image)[0])
+        torch.testing.assert_close(mixed[1], dropped[1])
 
 
 def test_image_mode_bypasses_temporal_layers():
@@ -168,8 +176,8 @@ def test_modelscope_key_names_and_shapes():
         "output_blocks.5.3.conv.weight": (1280, 1280, 3, 3),  # upsample after spatial + temporal transformer
         "output_blocks.11.2.proj_in.weight": (320, 320, 1),
         "out.2.weight": (4, 320, 3, 3),
-        "pre_image_condition.2.weight": (4096, 1024),  # TF-T2V: 4 image tokens of 1024
     }
+    assert not any(k.startswith("pre_image_condition.") for k in state)  # the released ModelScope UNet has none
     for key, shape in expected.items():
         assert key in state, key
         assert tuple(state[key].shape) == shape, key

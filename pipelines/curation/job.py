@@ -47,6 +47,9 @@ from pipelines.settings import ConfigError
 
 log = logging.getLogger("t2v.curate")
 
+# Ray and Ray Data keep 80-110 KB of bookkeeping per block in the driver (t2v bench scale): 4,000 blocks hold its
+# memory for a million inputs near an estimated 1.7 GB, at 250 inputs per task.
+MAX_BLOCKS = 4_000
 LEASE_FILE = ".curate.lease"  # one run per output at a time, from any host (pipelines/lease.py)
 # Test hook: raise SimulatedCrash after this many inputs were written but before their commit (what a kill
 # between two commits leaves behind). Only tests set it.
@@ -227,13 +230,13 @@ def build_dataset(rows: list[dict[str, Any]] | pa.Table, cfg: CurateConfig):
     # input block, handing its output over) the other keeps the core busy.
     # Blocks: each task costs Ray and Ray Data a fixed overhead, so blocks are as large as still balances the load,
     # about 4 tasks per task slot (decode work is uneven: a long video against an image), 1 to 16 inputs each, and
-    # never more than 20,000 blocks for the driver to track.
+    # never more than MAX_BLOCKS blocks for the driver to track.
     if cfg.inputs_per_task:
         n = cfg.inputs_per_task
     else:
         slots = max(1.0, ray.cluster_resources().get("CPU", 1) / cfg.task_cpus)
         n = min(16, max(1, math.ceil(len(rows) / (4 * slots))))
-    n = max(n, math.ceil(len(rows) / 20_000))
+    n = max(n, math.ceil(len(rows) / MAX_BLOCKS))
     if isinstance(rows, pa.Table):
         blocks = [rows.slice(i, n) for i in range(0, rows.num_rows, n)]
     else:

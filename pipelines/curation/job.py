@@ -134,6 +134,10 @@ def init_ray(address: str | None, num_cpus: int | None, task_cpus: float) -> flo
     """Connect to Ray unless already connected; returns the seconds it took. ``address`` (or RAY_ADDRESS) joins
     a cluster; otherwise a local Ray starts (``local_ray_system_config``)."""
     t = time.time()
+    if not address and not os.environ.get("RAY_ADDRESS"):
+        # Ray's default, said explicitly (no notice about it); before the import, which reads it: set after, the
+        # local Ray's servers would ask for a token this driver does not send
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray  # (importing Ray is part of its start-up cost: several seconds)
 
     if ray.is_initialized():
@@ -149,7 +153,6 @@ def init_ray(address: str | None, num_cpus: int | None, task_cpus: float) -> flo
     else:
         # With the dashboard (on 127.0.0.1 only), which serves the State API: Ray Train's placement-group cleaner
         # polls it every second and, without it, logs a warning each time for the whole of a training run.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray's default, said explicitly: no notice about it
         ray.init(
             num_cpus=num_cpus,
             dashboard_host="127.0.0.1",

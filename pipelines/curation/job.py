@@ -47,8 +47,8 @@ from pipelines.settings import ConfigError
 
 log = logging.getLogger("t2v.curate")
 
-# Ray and Ray Data keep 80-110 KB of bookkeeping per block in the driver (t2v bench scale): 4,000 blocks hold its
-# memory for a million inputs near an estimated 1.7 GB, at 250 inputs per task.
+# Ray and Ray Data keep 80-110 KB of bookkeeping per block in the driver (t2v bench scale): at most 4,000 blocks
+# bound that part near 400 MB (a million inputs: 250 per task).
 MAX_BLOCKS = 4_000
 LEASE_FILE = ".curate.lease"  # one run per output at a time, from any host (pipelines/lease.py)
 # Test hook: raise SimulatedCrash after this many inputs were written but before their commit (what a kill

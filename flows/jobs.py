@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from pipelines.settings import ConfigError, check, is_secret_key
+from pipelines.settings import ConfigError, check, credentials_in, is_secret_key
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,10 +94,13 @@ def set_arguments(config: dict[str, Any], prefix: str = "") -> list[str]:
     out: list[str] = []
     for key, value in config.items():
         name = f"{prefix}{key}"
-        if is_secret_key(str(key)) and value not in (None, "") and not isinstance(value, dict):
+        if (is_secret_key(str(key)) and value not in (None, "") and not isinstance(value, dict)) or (
+            not isinstance(value, dict) and credentials_in(value)
+        ):
             raise ConfigError(
-                f"{name} looks like a secret; a Ray job's command line is logged, so it cannot carry "
-                "it. Set it as an environment variable on the cluster (cluster.env_vars) instead"
+                f"{name} looks like a secret or carries credentials (a password or token in a URI, a signed "
+                "query); a Ray job's command line is logged, so it cannot carry it. Set it as an environment "
+                "variable on the cluster (cluster.env_vars; MLFLOW_TRACKING_USERNAME/PASSWORD for MLflow) instead"
             )
         if isinstance(value, dict) and value:
             out += set_arguments(value, name + ".")

@@ -37,8 +37,9 @@ from typing import Any, ClassVar, Literal
 from flows import jobs, registry
 from flows.evaluate import METRICS_FILE, EvalConfig
 from flows.jobs import ClusterConfig
-from pipelines import logs, settings
+from pipelines import durable, logs, settings
 from pipelines.curation.config import CurateConfig
+from pipelines.lease import Lease
 from pipelines.metrics import HIGHER_IS_BETTER
 from pipelines.settings import ConfigError, check, check_choice
 from pipelines.tracking import TrackingConfig, ensure_experiment, resolve_tracking_uri
@@ -166,6 +167,17 @@ def validate(cfg: RetrainConfig) -> None:
         cfg.train.mlflow.enabled and cfg.train.log_model,
         "the flow registers the model training logs to MLflow: keep train.mlflow.enabled and train.log_model true",
     )
+    # the config becomes Prefect parameters and Ray job command lines, both stored and shown: no credentials
+    found = settings.credentials_in(settings.to_dict(cfg))
+    if settings.credentials_in(cfg.step_tracking_uri()):
+        found.append("the tracking URI (MLFLOW_TRACKING_URI)")
+    check(
+        not found,
+        f"{', '.join(found)}: the flow's config is stored by Prefect and shown on Ray job command lines, so it "
+        "cannot carry credentials. Give them as environment variables instead (MLFLOW_TRACKING_USERNAME and "
+        "MLFLOW_TRACKING_PASSWORD for an MLflow server, AWS_* or GOOGLE_* for object stores; on a cluster via "
+        "cluster.env_vars or its secret store)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -181,9 +193,7 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)  # a reader never sees half a record: a step is done or it is not
+    durable.write_text(path, json.dumps(data, indent=2, default=str))  # a step is done or it is not, also after a crash
 
 
 def cycles(state: Path) -> list[Path]:
@@ -234,7 +244,13 @@ def job_id(cfg: RetrainConfig, cycle: Path, step: str) -> str:
 
 
 def job_env(cfg: RetrainConfig) -> dict[str, str]:
-    return {"MLFLOW_TRACKING_URI": cfg.step_tracking_uri()}
+    # MLflow's own credential variables travel as environment (never on the job's command line)
+    passed = {
+        k: os.environ[k]
+        for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+        if os.environ.get(k)
+    }
+    return {"MLFLOW_TRACKING_URI": cfg.step_tracking_uri(), **passed}
 
 
 def _once(cycle: Path, step: str, fn) -> dict[str, Any]:
@@ -465,6 +481,9 @@ def _steps(cfg: RetrainConfig, cycle: Path, call) -> dict[str, Any]:
     return summary
 
 
+FLOW_LEASE = ".flow.lease"
+
+
 def _prefect_flow():
     from prefect import flow, task
     from prefect.cache_policies import NO_CACHE
@@ -480,7 +499,9 @@ def _prefect_flow():
             t = task(fn, name=name, cache_policy=NO_CACHE, retries=cfg.retries, retry_delay_seconds=cfg.retry_delay_s)
             return t(*args)
 
-        return run_cycle(cfg, as_task)
+        # one cycle at a time per state directory, from any host (the records under it are the flow's state)
+        with Lease(Path(cfg.state) / FLOW_LEASE, what="re-training flow run"):
+            return run_cycle(cfg, as_task)
 
     return retrain
 
@@ -520,6 +541,7 @@ def deployment(cfg: RetrainConfig):
         name=cfg.deployment,
         cron=cfg.cron,
         parameters={"config": settings.to_dict(cfg)},
+        concurrency_limit=1,  # a scheduled run that comes while one is running waits for it
         description=f"t2v re-training of {cfg.model_name} on {cfg.input}",
     )
 

@@ -168,6 +168,11 @@ def save_unet_weights(
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
     torch.save(state if step is None else {"state_dict": state, "step": int(step)}, tmp)
+    fd = os.open(tmp, os.O_RDONLY)  # on disk before the rename, so a power cut cannot leave an empty file
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, p)  # a crash mid-write never leaves a truncated checkpoint under the final name
     return p
 

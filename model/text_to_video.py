@@ -272,8 +272,19 @@ def write_checkpoint(
     }
     tmp = path.with_name(path.name + ".tmp")
     torch.save(ckpt, tmp)
+    _fsync(tmp)
     os.replace(tmp, path)
+    _fsync(path.parent)  # the rename itself on disk
     return path
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a folder's entries) to disk, so a power cut cannot leave a renamed but empty file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def from_released(path: str | os.PathLike, config: ModelConfig, device: str | torch.device = "cpu") -> TextToVideo:

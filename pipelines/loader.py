@@ -11,10 +11,12 @@ stages; what holds after each:
     plan_epoch   this rank's shards of epoch e in a seeded order, and which of their samples are this rank's
                  (whole shards per rank when there are at least as many shards as ranks, else every
                  world_size-th sample of each shard) -> ranks read disjoint samples that cover the epoch
-    read_shard   the raw samples (member name -> bytes) of one tar; a corrupt member is logged and skipped
+    read_shard   the raw samples (member name -> bytes) of one tar; a corrupt member is logged and skipped; a
+                 shard that is gone (deleted, unreachable) is logged and counted (``DataHealth``)
     shuffle      this rank's samples of the shard, permuted in blocks of ``shuffle_block`` by a seeded RNG
     decode       ``Item``: frames uint8 [f, h, w, 3] at the model size (or pre-encoded latents), caption,
-                 conditioning frame; undecodable media is logged, counted and skipped
+                 conditioning frame; any sample that cannot be used (undecodable media, a json field of the
+                 wrong type, a missing member) is logged, counted and skipped
     batch        ``StepBatch``: one image batch and one video batch (text-free and captioned clips mixed
                  ``text_free_fraction`` : rest) plus the position of every stream after its last item
 
@@ -23,6 +25,10 @@ used), and replaying the seeded plan and shuffle reproduces the same order, so a
 samples the interrupted one would have seen next (only raw bytes of the current shard are re-read, not
 decoded). That holds while the shard set and the number of workers stay the same; when either changed the
 stream restarts at the beginning of the saved epoch (a warning says so).
+
+Bad data is counted, never silent: ``DataHealth`` counts skipped samples and missing shards (the training
+loop logs them as metrics) and stops training with ``DataError`` once more than ``max_bad_fraction`` of the
+samples read, or of the shards, were unusable.
 
 Streams never end (epochs repeat), so ranks with uneven shares can never leave a collective waiting: the
 training loop stops every rank at the same step count.
@@ -53,6 +59,53 @@ log = logging.getLogger(__name__)
 
 class DataError(ValueError):
     """The training data cannot be used as configured; the message says what to change."""
+
+
+class DataHealth:
+    """Counts what the loader could not use (skipped samples, missing shards) and stops training, with a
+    ``DataError`` naming the counts, once more than ``max_fraction`` of the samples read, or of the shards, were
+    unusable. Thread-safe (decode threads share it)."""
+
+    MIN_SAMPLES = 20  # judge the sample fraction only after this many, so one early bad sample is not a verdict
+
+    def __init__(self, total_shards: int, max_fraction: float):
+        self.total_shards, self.max_fraction = max(1, total_shards), max_fraction
+        self.samples = self.skipped = 0
+        self.missing: set[str] = set()
+        self._lock = threading.Lock()
+
+    def sample(self, ok: bool) -> None:
+        with self._lock:
+            self.samples += 1
+            self.skipped += not ok
+            n, bad = self.samples, self.skipped
+        if n >= self.MIN_SAMPLES and bad / n > self.max_fraction:
+            raise DataError(
+                f"{bad} of the {n} samples read could not be used (more than max_bad_fraction="
+                f"{self.max_fraction:g}); the warnings above name them. Re-curate the data, or raise "
+                "max_bad_fraction to train on what is usable"
+            )
+
+    def shard_missing(self, url: str, error: BaseException) -> None:
+        with self._lock:
+            first = url not in self.missing
+            self.missing.add(url)
+            n = len(self.missing)
+        if first:
+            log.warning("shard %s cannot be read, its samples are left out: %s", url, error)
+        if n / self.total_shards > self.max_fraction:
+            raise DataError(
+                f"{n} of {self.total_shards} shards cannot be read (more than max_bad_fraction="
+                f"{self.max_fraction:g}), e.g. {url}: {error}. Restore them, or curate the data again"
+            )
+
+    def metrics(self) -> dict[str, float]:
+        with self._lock:
+            return {
+                "data_skipped_samples": float(self.skipped),
+                "data_missing_shards": float(len(self.missing)),
+                "data_skipped_fraction": self.skipped / max(1, self.samples),
+            }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -108,10 +161,15 @@ def find_shard_sets(data: list[str]) -> list[ShardSet]:
                 f"data directory {root!r} does not exist; pass a curation output directory "
                 "(it holds shards/<kind>/*.tar)"
             )
+        named = _ledger_shards(root)
         for kind in schema.KINDS:
-            urls = schema.shard_urls(root, kind)
+            # every shard the output says it has (an index, or a ledger row), whether or not its tar is still
+            # there: a tar that is gone is counted as missing when read, never silently left out
+            d = schema.shard_dir(Path(root).resolve(), kind)
+            indexed = {str(p.with_suffix(".tar")) for p in d.glob("*.parquet")} if d.is_dir() else set()
+            urls = sorted(indexed | {u for u in named if Path(u).parent == d})
             if urls:
-                counts = [pq.ParquetFile(schema.index_path(u)).metadata.num_rows for u in urls]
+                counts = [pq.ParquetFile(schema.index_path(u)).metadata.num_rows if u in indexed else 0 for u in urls]
                 sets.append(ShardSet(str(Path(root).resolve()), kind, urls, counts))
     if not sets:
         raise DataError(
@@ -119,6 +177,22 @@ def find_shard_sets(data: list[str]) -> list[ShardSet]:
             ".parquet index (written by t2v curate)"
         )
     return sets
+
+
+def _ledger_shards(root: str) -> set[str]:
+    """Shard tars a curation output's ledger names (absolute paths); empty when it has no ledger."""
+    import pyarrow.parquet as pq
+
+    parts = sorted((Path(root) / schema.LEDGER_FILE).glob("part-*.parquet"))
+    out: set[str] = set()
+    for part in parts:
+        try:
+            column = pq.read_table(part, columns=["shards"]).column("shards").to_pylist()
+        except Exception as e:  # an unreadable part is curation's to repair; the indexes still list the shards
+            log.warning("cannot read ledger part %s: %s", part, e)
+            continue
+        out.update(str(Path(root).resolve() / s) for lst in column for s in (lst or []))
+    return out
 
 
 def urls_by_kind(sets: list[ShardSet]) -> dict[str, tuple[list[str], list[int]]]:
@@ -194,8 +268,10 @@ class KindStream:
         seed: int,
         shuffle_block: int = 256,
         position: Position | None = None,
+        health: DataHealth | None = None,
     ):
         self.kind, self.urls, self.counts = kind, urls, counts
+        self.health = health or DataHealth(len(urls), 1.0)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_block = shuffle_block
         self.stream_id = schema.KINDS.index(kind)
@@ -216,6 +292,12 @@ class KindStream:
         wanted = None if keep is None else set(keep)
         rng = np.random.default_rng([self.seed, self.stream_id, epoch, shard])
         block: list[dict] = []
+        try:
+            with open(url, "rb"):  # (webdataset would log a missing tar and go on, silently short of data)
+                pass
+        except OSError as e:
+            self.health.shard_missing(url, e)
+            return
         for j, raw in enumerate(read_shard(url)):
             if wanted is not None and j not in wanted:
                 continue
@@ -238,8 +320,9 @@ class KindStream:
                     produced += 1
                     yield raw, Position(epoch, s, k + 1, self.fingerprint)
             if produced == 0 and shard == 0 and offset == 0:
+                gone = f" ({len(self.health.missing)} shard(s) cannot be read)" if self.health.missing else ""
                 raise DataError(
-                    f"worker {self.rank} of {self.world_size} got no {self.kind} samples: the "
+                    f"worker {self.rank} of {self.world_size} got no {self.kind} samples{gone}: the "
                     f"{self.kind} shards hold {sum(self.counts)} samples; add data or use fewer workers"
                 )
             epoch, shard, offset = epoch + 1, 0, 0
@@ -310,9 +393,11 @@ class Decoder:
         seed: int = 0,
         cache_mb: float = 0.0,
         image_frame: str = "middle",
+        health: DataHealth | None = None,
     ):
         self.num_frames, self.height, self.width = num_frames, height, width
         self.image_frame = image_frame  # which clip frame is the CLIP image condition: middle or first
+        self.health = health or DataHealth(1, 1.0)
         self.frame_stride = frame_stride
         self.latent_hw = latent_hw
         self.expected_encoders = expected_encoders or {}
@@ -326,11 +411,13 @@ class Decoder:
     def __call__(self, raw: dict, epoch: int = 0) -> Item | None:
         """None (logged and counted) when the sample cannot be used."""
         try:
-            return self._decode(raw, epoch)
-        except (media.MediaError, KeyError, ValueError) as e:
+            item = self._decode(raw, epoch)
+        except Exception as e:  # any malformed sample (bad media, json of the wrong shape): skipped, counted
             self._count("skipped")
-            log.warning("skipping sample %s: %s", raw.get("__key__"), e)
-            return None
+            log.warning("skipping sample %s: %s: %s", raw.get("__key__"), type(e).__name__, e)
+            item = None
+        self.health.sample(item is not None)
+        return item
 
     def _decode(self, raw: dict, epoch: int) -> Item:
         sample = schema.decode_sample(raw)
@@ -435,6 +522,7 @@ class LoaderSpec:
     prefetch: int = 4  # step batches decoded ahead in a background thread
     decode_workers: int = 2  # samples decoded in parallel (threads; PyAV decodes without the GIL)
     cache_mb: float = 0.0
+    max_bad_fraction: float = 0.05  # stop when more than this share of samples or shards is unusable
     image_frame: str = "middle"  # the clip frame whose CLIP embedding conditions it (VGen's TF-T2V: first)
 
 
@@ -464,6 +552,8 @@ class TrainLoader:
         by_kind = urls_by_kind(self.sets)
         state = state or {}
         self.composition = self._composition(by_kind)
+        used = {k for k, n in self.composition.items() if n > 0}
+        self.health = DataHealth(sum(len(by_kind[k][0]) for k in used if k in by_kind), spec.max_bad_fraction)
         self.streams = {
             kind: KindStream(
                 kind,
@@ -473,8 +563,9 @@ class TrainLoader:
                 spec.seed,
                 spec.shuffle_block,
                 Position(**state[kind]) if kind in state else None,
+                self.health,
             )
-            for kind in {k for k, n in self.composition.items() if n > 0}
+            for kind in used
         }
         self.decoder = Decoder(
             spec.num_frames,
@@ -486,6 +577,7 @@ class TrainLoader:
             spec.seed + 7919 * rank,
             spec.cache_mb,
             spec.image_frame,
+            self.health,
         )
         self._pool = ThreadPoolExecutor(max(1, spec.decode_workers), thread_name_prefix="decode")
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, spec.prefetch))

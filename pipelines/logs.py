@@ -6,7 +6,8 @@
 
 The tag is the last part of the logger's name (``t2v.curate`` -> ``[curate]``, ``pipelines.loader`` ->
 ``[loader]``). Third-party libraries log at WARNING and above only; their INFO lines (Ray's start-up, open_clip's
-model loading, MLflow's store migrations) say nothing a user can act on. Errors are never filtered.
+model loading, MLflow's store migrations) say nothing a user can act on. Errors are never filtered. Credentials
+in URIs (user info, signed query parameters) are redacted from every line.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+
+from pipelines.settings import redact_uri
 
 # Loggers of libraries whose INFO output is routine; WARNING and above still show.
 QUIET_LIBRARIES = (
@@ -54,7 +57,7 @@ class _TagFormatter(logging.Formatter):
         text = f"[{tag}] {level}{record.getMessage()}"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
-        return text
+        return redact_uri(text)  # a URI with a password or a signed query never reaches a log line
 
 
 class _CurrentStream(logging.StreamHandler):

@@ -8,7 +8,7 @@ member names. Layout of a curation output directory::
     <out>/ledger.parquet/                       parquet dataset (part files): one row per input, accepted | rejected,
                                                 stage, reason, keys (read with pipelines.curation.ledger.read_ledger)
     <out>/summary.json                          counts per stage / kind / rejection reason, throughput
-    <out>/curate_config.yaml, .curate.lock      the resolved curation config; a lock against concurrent runs
+    <out>/curate_config.yaml, .curate.lease     the resolved curation config; the lease of the run writing it
 
 Shard file names carry the curation run id (``<kind>-<run>-000000.tar``), so an incremental run adds shards
 without touching earlier ones.

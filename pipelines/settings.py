@@ -37,7 +37,17 @@ SECRET_MARKERS = (
     "access_key",
     "credential",
     "private_key",
+    "privatekey",
+    "accesskey",
+    "connection_string",
+    "connectionstring",
+    "conn_str",
+    "signature",
+    "cookie",
 )
+# Whole words of a key that are secrets on their own (as substrings they would catch "author", "dsnless"...):
+# dsn (database / Sentry URLs with passwords), auth (headers), sig and key (signed and API-key URL parameters).
+SECRET_WORDS = frozenset({"dsn", "auth", "sig", "key", "sas", "pwd", "pass"})
 REDACTED = "***redacted***"
 
 __all__ = [
@@ -57,6 +67,7 @@ __all__ = [
     "redact",
     "redact_uri",
     "is_secret_key",
+    "credentials_in",
 ]
 
 
@@ -152,7 +163,7 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def is_secret_key(key: str) -> bool:
     k = key.lower().replace("-", "_")
-    return any(m in k for m in SECRET_MARKERS)
+    return any(m in k for m in SECRET_MARKERS) or bool(SECRET_WORDS & set(re.split(r"[^a-z0-9]+", k)))
 
 
 def redact(data: Any) -> Any:
@@ -167,8 +178,34 @@ def redact(data: Any) -> Any:
 
 
 def redact_uri(text: str) -> str:
-    """``scheme://user:pass@host`` -> ``scheme://***redacted***@host`` (tracking URIs can carry passwords)."""
-    return re.sub(r"(\w+://)[^/@\s:]+:[^/@\s]+@", r"\1" + REDACTED + "@", text)
+    """Credentials in URIs removed: user info (``scheme://user:pass@host``, ``scheme://token@host``) and the values
+    of secret-looking query parameters (signed URLs: ``X-Amz-Signature``, ``X-Amz-Credential``, ``sig``,
+    ``token``, ``key``...)."""
+    text = re.sub(r"(\b[a-zA-Z][\w+.-]*://)[^/?#@\s]+@", r"\1" + REDACTED + "@", text)
+
+    def param(m: re.Match) -> str:
+        return f"{m[1]}{m[2]}={REDACTED}" if is_secret_key(m[2]) and m[3] else m[0]
+
+    return re.sub(r"([?&;])([^=&#;\s]+)=([^&#;\s]*)", param, text) if "=" in text else text
+
+
+def credentials_in(data: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of ``data`` whose values are credentials: a value under a secret-looking key, or a string that
+    carries them (a URI with user info or a signed query). Empty when ``data`` is safe to show as it is."""
+    if isinstance(data, dict):
+        out = []
+        for k, v in data.items():
+            name = f"{prefix}{k}"
+            if is_secret_key(str(k)) and v not in (None, "") and not isinstance(v, dict):
+                out.append(name)
+            else:
+                out += credentials_in(v, name + ".")
+        return out
+    if isinstance(data, (list, tuple)):
+        return [k for i, v in enumerate(data) for k in credentials_in(v, f"{prefix}{i}.")]
+    if isinstance(data, str) and redact_uri(data) != data:
+        return [prefix.rstrip(".")]
+    return []
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -23,9 +23,11 @@ class InputConfig:
     label_columns: list[str] | None = None  # manifest columns kept as labels (None: all the others)
     media_root: str | None = None  # relative manifest paths resolve here (default: manifest folder)
     max_inputs: int | None = None  # curate only the first N inputs (a trial run)
+    max_bytes: int = 8_000_000_000  # inputs larger than this are rejected (too_big) before a byte is read
 
     def __post_init__(self) -> None:
         check(bool(self.path_column), "inputs.path_column is empty: name the manifest column holding media paths")
+        check(self.max_bytes >= 1, f"inputs.max_bytes={self.max_bytes}: must be >= 1 (bytes)")
         check(self.max_inputs is None or self.max_inputs >= 1, "inputs.max_inputs must be >= 1 (or null for all)")
 
 
@@ -175,11 +177,25 @@ class CurateConfig:
     inputs_per_task: int | None = None  # inputs per decode task (None: see build_dataset)
     task_cpus: float = 0.5  # CPUs a decode task asks Ray for (see build_dataset)
     progress: bool = True  # Ray Data progress bars and periodic log lines
+    # Poison inputs and transient faults (pipelines/RELIABILITY.md):
+    task_retries: int = 2  # a task whose worker died is run again this often, then its inputs are run alone
+    transient_retries: int = 2  # an input that met a transient fault (full disk, I/O, network) is tried again
+    input_limit_s: float | None = None  # hard limit per input, worker ended past it (None: 2 x clips.timeout_s + 60)
 
     def __post_init__(self) -> None:
         check(self.num_cpus is None or self.num_cpus >= 1, "num_cpus must be >= 1 (or null for all)")
+        check(0 <= self.task_retries <= 10, f"task_retries={self.task_retries}: must be within 0..10")
+        check(0 <= self.transient_retries <= 10, f"transient_retries={self.transient_retries}: must be within 0..10")
+        check(
+            self.input_limit_s is None or self.input_limit_s > 0,
+            f"input_limit_s={self.input_limit_s}: must be > 0 seconds (or null for 2 x clips.timeout_s + 60)",
+        )
         check(self.inputs_per_task is None or self.inputs_per_task >= 1, "inputs_per_task must be >= 1 (or null)")
         check(0 < self.task_cpus <= 64, "task_cpus must be in (0, 64]")
+
+    @property
+    def hard_limit_s(self) -> float:
+        return self.input_limit_s if self.input_limit_s is not None else 2 * self.clips.timeout_s + 60
 
 
 # Settings that shape the samples: every run into one output must agree on them, or training would read a mix.

@@ -33,9 +33,12 @@ import tarfile
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
+
 from pipelines import schema
-from pipelines.curation.stages import REJECTED, new_row
+from pipelines.curation.stages import REJECTED, new_row, to_table
 from pipelines.curation.stages.probe import MEDIA_EXTENSIONS, extension, filesystem, is_local
+from pipelines.curation.stages.probe import local_path as local_path_of
 from pipelines.settings import ConfigError
 
 if TYPE_CHECKING:
@@ -49,11 +52,26 @@ _MEDIA_ORDER = ("mp4", "webm", "mkv", "mov", "avi", "m4v", "gif", "jpg", "jpeg",
 
 def resolve(spec: str, cfg: InputConfig) -> list[dict[str, Any]]:
     """``--input`` -> input rows (see the module docstring), duplicates marked, in a deterministic order."""
-    rows = list(_list(spec, cfg))
-    mark_duplicates(rows)
-    if cfg.max_inputs is not None:
-        rows = rows[: cfg.max_inputs]
-    return rows
+    return [r for t in resolve_tables(spec, cfg) for r in t.to_pylist()]
+
+
+def resolve_tables(spec: str, cfg: InputConfig, chunk: int = 10_000) -> list[pa.Table]:
+    """The same rows as ``resolve``, as Arrow tables of ``chunk`` rows: a row dict holds ~2 KB, its Arrow row a
+    fifth of that, so the driver's memory for a million inputs stays far below what the dicts would take."""
+    tables: list[pa.Table] = []
+    pending: list[dict[str, Any]] = []
+    marker = _DuplicateMarker()
+    for n, row in enumerate(_list(spec, cfg)):
+        if cfg.max_inputs is not None and n >= cfg.max_inputs:
+            break
+        marker.mark(row, n)
+        pending.append(row)
+        if len(pending) == chunk:
+            tables.append(to_table(pending))
+            pending = []
+    if pending or not tables:
+        tables.append(to_table(pending))
+    return tables
 
 
 def describe(spec: str) -> str:
@@ -93,22 +111,32 @@ def _list(spec: str, cfg: InputConfig) -> Iterable[dict[str, Any]]:
 def mark_duplicates(rows: list[dict[str, Any]]) -> None:
     """The n-th repeat of a source gets ``occurrence`` n and is rejected (stage input, reason duplicate): one
     source makes one set of samples, whatever the manifest says."""
-    first: dict[str, int] = {}
-    seen: collections.Counter = collections.Counter()
+    marker = _DuplicateMarker()
     for i, row in enumerate(rows):
+        marker.mark(row, i)
+
+
+class _DuplicateMarker:
+    """Marks repeats row by row (see ``mark_duplicates``), remembering only where each source came first."""
+
+    def __init__(self) -> None:
+        self.first: dict[str, int] = {}
+        self.seen: collections.Counter = collections.Counter()
+
+    def mark(self, row: dict[str, Any], i: int) -> None:
         if row["status"] == REJECTED and row["reason"] == "bad_manifest_row":
-            continue
+            return
         src = row["source"]
-        row["occurrence"] = seen[src]
-        seen[src] += 1
+        row["occurrence"] = self.seen[src]
+        self.seen[src] += 1
         if row["occurrence"] == 0:
-            first[src] = i
+            self.first[src] = i
         else:
             row.update(
                 status=REJECTED,
                 stage="input",
                 reason="duplicate",
-                detail=f"same source as input #{first[src]} ({row['given']}); one source makes one set of samples",
+                detail=f"same source as input #{self.first[src]} ({row['given']}); one source makes one set of samples",
             )
 
 
@@ -215,17 +243,47 @@ def _manifest_records(spec: str, fmt: str) -> Iterable[dict[str, Any] | Exceptio
     # surrogateescape keeps undecodable bytes addressable, so one bad caption does not sink the whole manifest
     text = data.decode("utf-8", "surrogateescape").removeprefix("\ufeff")
     if fmt == "csv":
-        yield from csv.DictReader(io.StringIO(text, newline=""))
+        yield from _csv_records(text)
         return
     for n, line in enumerate(text.splitlines()):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield ValueError(f"line {n + 1} is not JSON: {e}")
+        except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested past Python's stack
+            yield ValueError(f"line {n + 1} is not usable JSON: {type(e).__name__}: {str(e)[:200]}")
             continue
         yield record if isinstance(record, dict) else ValueError(f"line {n + 1} is not a JSON object")
+
+
+MAX_CELL_CHARS = 4 << 20  # a CSV cell longer than this is a bad row (the csv module's default limit is 128 KiB)
+
+
+def _csv_records(text: str) -> Iterable[dict[str, Any] | Exception]:
+    """CSV rows as dicts; a row the csv module cannot parse (a cell over MAX_CELL_CHARS, a NUL byte) becomes an
+    Exception in its place, and reading goes on with the next row."""
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_CELL_CHARS))
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header: list[str] | None = None
+    n = 0
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            if header is None:
+                raise ConfigError(f"the manifest's header row cannot be read as CSV: {e}") from None
+            yield ValueError(f"line {reader.line_num} cannot be read as CSV: {e}")
+            n += 1
+            continue
+        if header is None:
+            header = cells
+            continue
+        if not cells:
+            continue
+        n += 1
+        yield dict(zip(header, cells + [None] * (len(header) - len(cells))))
 
 
 def read_manifest(spec: str, cfg: InputConfig) -> Iterable[dict[str, Any]]:
@@ -283,9 +341,51 @@ def read_manifest(spec: str, cfg: InputConfig) -> Iterable[dict[str, Any]]:
 # directories of media files
 
 
+def _walk_local(top: str) -> list[str]:
+    """Files under a local directory, following links to directories but never one twice (no link loop can
+    make the listing endless) and each real file once (under the first path that reaches it), hidden entries
+    left out."""
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files: set[tuple[int, int]] = set()
+    out: list[str] = []
+    stack = [os.path.abspath(top)]
+    while stack:
+        d = stack.pop()
+        try:
+            st = os.stat(d)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            log.warning("cannot list %s: %s", d, e)
+            continue
+        subdirs = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir():  # follows links; the (device, inode) check above ends loops
+                    subdirs.append(entry.path)
+                elif entry.is_file():
+                    fst = entry.stat()
+                    if (fst.st_dev, fst.st_ino) not in seen_files:
+                        seen_files.add((fst.st_dev, fst.st_ino))
+                        out.append(entry.path)
+            except OSError:  # a dangling link, or one into a loop the OS refuses (ELOOP)
+                continue
+        stack.extend(reversed(subdirs))
+    return sorted(out)
+
+
 def _walk(spec: str) -> list[str]:
     from pyarrow import fs
 
+    if is_local(spec):
+        return _walk_local(local_path_of(spec))
     fsys, path = filesystem(spec)
     infos = fsys.get_file_info(fs.FileSelector(path, recursive=True))
     return sorted(
@@ -320,8 +420,8 @@ def read_directory(spec: str) -> Iterable[dict[str, Any]]:
                     text = side.pop("caption", side.pop("text", None))
                     caption, error = _caption_from(text)
                     labels = {k: _plain(v) for k, v in side.items()}
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                error = f"sidecar {posixpath.basename(stem)}.json is not valid JSON: {e}"
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+                error = f"sidecar {posixpath.basename(stem)}.json is not usable JSON: {type(e).__name__}"
         if stem + ".txt" in present:
             with fsys.open_input_stream(stem + ".txt") as f:
                 caption, error = decode_text(f.read())
@@ -442,5 +542,5 @@ def read_tars(urls: list[str]) -> Iterable[dict[str, Any]]:
 def _read_json(f, member: tarfile.TarInfo) -> Any:
     try:
         return json.loads(f.read_at(member.size, member.offset_data))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return None

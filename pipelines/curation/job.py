@@ -16,30 +16,41 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
 import logging
 import math
 import os
-import socket
 import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import yaml
 
-from pipelines import logs, schema, settings
+from pipelines import durable, logs, schema, settings
 from pipelines.curation import inputs as inputs_mod
 from pipelines.curation.config import CONFIG_FILE, SHAPING, CurateConfig
-from pipelines.curation.ledger import Ledger, input_result, read_ledger, remove_uncommitted, summarize
-from pipelines.curation.stages import OK, REJECTED, STAGES, to_table
+from pipelines.curation.ledger import (
+    Ledger,
+    input_result,
+    quarantine_unreadable,
+    read_ledger,
+    remove_uncommitted,
+    summarize,
+)
+from pipelines.curation.stages import OK, REJECTED, STAGES, TRANSIENT, to_table
+from pipelines.lease import Lease
 from pipelines.settings import ConfigError
 
 log = logging.getLogger("t2v.curate")
 
-LOCK_FILE = ".curate.lock"
+# Ray and Ray Data keep 80-110 KB of bookkeeping per block in the driver (t2v bench scale): at most 4,000 blocks
+# bound that part near 400 MB (a million inputs: 250 per task).
+MAX_BLOCKS = 4_000
+LEASE_FILE = ".curate.lease"  # one run per output at a time, from any host (pipelines/lease.py)
 # Test hook: raise SimulatedCrash after this many inputs were written but before their commit (what a kill
 # between two commits leaves behind). Only tests set it.
 CRASH_ENV = "T2V_CURATE_CRASH_AFTER"
@@ -64,35 +75,43 @@ def run(cfg: CurateConfig, input: str, output: str | os.PathLike, address: str |
     out.mkdir(parents=True, exist_ok=True)
     if cfg.encode.mode != "none":
         _check_encode(cfg)
-    with _lock(out):
+    with Lease(out / LEASE_FILE, what="curate run") as lease:
         _check_compatible(cfg, out)
+        quarantine_unreadable(out)
         ledger = Ledger(out)
         removed = remove_uncommitted(out, ledger.shards)
-        listed = inputs_mod.resolve(input, cfg.inputs)
-        todo = [r for r in listed if (r["source"], r["occurrence"]) not in ledger.done]
+        # inputs stay Arrow tables in the driver (a row dict holds ~2 KB: a million of them would not fit)
+        chunks = inputs_mod.resolve_tables(input, cfg.inputs)
+        listed = sum(t.num_rows for t in chunks)
+        todo_chunks = [t.filter(pa.array(_not_done(t, ledger.done), pa.bool_())) for t in chunks]
+        del chunks
+        todo = sum(t.num_rows for t in todo_chunks)
         run_id = time.strftime("r%Y%m%dT%H%M%S", time.gmtime()) + uuid.uuid4().hex[:6]
         log.info(
             "curate %s -> %s: %d inputs listed, %d already done, %d to do (run %s)",
             input,
             out,
-            len(listed),
-            len(listed) - len(todo),
-            len(todo),
+            listed,
+            listed - todo,
+            todo,
             run_id,
         )
-        driver = _Driver(out, run_id, ledger, cfg, total=len(todo))
-        live = [r for r in todo if r["status"] == OK]
+        driver = _Driver(out, run_id, ledger, cfg, total=todo)
+        driver.lease = lease
+        ok = [pc.equal(t.column("status"), OK) for t in todo_chunks]
+        live = pa.concat_tables([t.filter(m) for t, m in zip(todo_chunks, ok)])
         ray_start_s = 0.0
         pipeline_started = time.time()
         try:
             # rejected while listing (duplicates, unusable manifest rows): already final
-            driver.receive([r for r in todo if r["status"] != OK])
-            if live:
+            for t, m in zip(todo_chunks, ok):
+                driver.receive(t.filter(pc.invert(m)).to_pylist())
+            del todo_chunks
+            if live.num_rows:
                 _warn_about_models(cfg)
                 ray_start_s = init_ray(address, cfg.num_cpus, cfg.task_cpus)
                 pipeline_started = time.time()
-                for batch in build_dataset(live, cfg).iter_batches(batch_size=None, batch_format="pyarrow"):
-                    driver.receive(batch.to_pylist())
+                _run_pipeline(live, cfg, driver)
         except BaseException:
             driver.sink.abort()  # no commit: the next run removes these tars and redoes their inputs
             raise
@@ -115,6 +134,10 @@ def init_ray(address: str | None, num_cpus: int | None, task_cpus: float) -> flo
     """Connect to Ray unless already connected; returns the seconds it took. ``address`` (or RAY_ADDRESS) joins
     a cluster; otherwise a local Ray starts (``local_ray_system_config``)."""
     t = time.time()
+    if not address and not os.environ.get("RAY_ADDRESS") and "ray" not in sys.modules:
+        # Ray's default, said explicitly (no notice about it); before the import, which reads it: set after, the
+        # local Ray's servers would ask for a token this driver does not send
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray  # (importing Ray is part of its start-up cost: several seconds)
 
     if ray.is_initialized():
@@ -130,7 +153,6 @@ def init_ray(address: str | None, num_cpus: int | None, task_cpus: float) -> flo
     else:
         # With the dashboard (on 127.0.0.1 only), which serves the State API: Ray Train's placement-group cleaner
         # polls it every second and, without it, logs a warning each time for the whole of a training run.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray's default, said explicitly: no notice about it
         ray.init(
             num_cpus=num_cpus,
             dashboard_host="127.0.0.1",
@@ -146,15 +168,64 @@ def _gpus_available() -> bool:
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 
-def build_dataset(rows: list[dict[str, Any]], cfg: CurateConfig):
-    """The Ray Data pipeline over input rows (all stages; see the module docstring). Nothing runs until iterated."""
+def _not_done(table: pa.Table, done: set[tuple[str, int]]) -> list[bool]:
+    return [
+        (s, o) not in done for s, o in zip(table.column("source").to_pylist(), table.column("occurrence").to_pylist())
+    ]
+
+
+def _run_pipeline(live: pa.Table, cfg: CurateConfig, driver: _Driver) -> None:
+    """Every live input through the pipeline into the driver. Inputs whose tasks' workers died past
+    ``task_retries`` are run alone (``isolate.run_alone``): poison inputs end rejected, the others as usual."""
     import ray
 
-    from pipelines.curation.stages.caption import CaptionFilter, model_enabled
+    from pipelines.curation import isolate
+
+    ctx = ray.data.DataContext.get_current()
+    errored_before = ctx.max_errored_blocks
+    # a block whose task failed past its retries is dropped, not the run: its inputs are found missing below
+    ctx.max_errored_blocks = -1
+    try:
+        for batch in build_dataset(live, cfg).iter_batches(batch_size=None, batch_format="pyarrow"):
+            driver.receive(batch.to_pylist())
+        missing = driver.missing(live)
+        if missing:
+            tables = isolate.run_alone(missing, cpu_stages(cfg), cfg, driver.receive)
+            if tables:
+                for batch in _tail(ray.data.from_arrow(tables), cfg).iter_batches(
+                    batch_size=None, batch_format="pyarrow"
+                ):
+                    driver.receive(batch.to_pylist())
+            for row in driver.missing(missing):  # lost after the CPU stages: a model stage's worker died
+                driver.receive([isolate._rejected(row, isolate.WORKER_CRASH, "a model stage's worker died on it")])
+    finally:
+        ctx.max_errored_blocks = errored_before
+
+
+def cpu_stages(cfg: CurateConfig) -> list:
+    """The stages that run as tasks before the model stages: probe, input quality, decode, clip quality."""
+    from pipelines.curation.stages.caption import model_enabled
     from pipelines.curation.stages.decode import ClipDecoder
     from pipelines.curation.stages.probe import Probe
     from pipelines.curation.stages.quality import ClipQuality, InputQuality
-    from pipelines.curation.stages.route import Route
+
+    return [
+        Probe(cfg),
+        InputQuality(cfg),
+        ClipDecoder(cfg, keep_keyframes=model_enabled(cfg.caption)),
+        ClipQuality(cfg),
+    ]
+
+
+def _task_args(cfg: CurateConfig) -> dict[str, Any]:
+    # bounded retries when a worker dies (Ray Data retries for ever by default); exceptions are never retried:
+    # the stages turn them into rejections themselves
+    return {"num_cpus": cfg.task_cpus, "max_retries": cfg.task_retries, "retry_exceptions": False}
+
+
+def build_dataset(rows: list[dict[str, Any]] | pa.Table, cfg: CurateConfig):
+    """The Ray Data pipeline over input rows (all stages; see the module docstring). Nothing runs until iterated."""
+    import ray
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress
@@ -162,19 +233,30 @@ def build_dataset(rows: list[dict[str, Any]], cfg: CurateConfig):
     # input block, handing its output over) the other keeps the core busy.
     # Blocks: each task costs Ray and Ray Data a fixed overhead, so blocks are as large as still balances the load,
     # about 4 tasks per task slot (decode work is uneven: a long video against an image), 1 to 16 inputs each, and
-    # never more than 20,000 blocks for the driver to track.
+    # never more than MAX_BLOCKS blocks for the driver to track.
     if cfg.inputs_per_task:
         n = cfg.inputs_per_task
     else:
         slots = max(1.0, ray.cluster_resources().get("CPU", 1) / cfg.task_cpus)
         n = min(16, max(1, math.ceil(len(rows) / (4 * slots))))
-    n = max(n, math.ceil(len(rows) / 20_000))
-    blocks = [to_table(rows[i : i + n]) for i in range(0, len(rows), n)]
+    n = max(n, math.ceil(len(rows) / MAX_BLOCKS))
+    if isinstance(rows, pa.Table):
+        blocks = [rows.slice(i, n) for i in range(0, rows.num_rows, n)]
+    else:
+        blocks = [to_table(rows[i : i + n]) for i in range(0, len(rows), n)]
     ds = ray.data.from_arrow(blocks)
-    clip_model = model_enabled(cfg.caption)
     # CPU stages run as tasks; Ray fuses consecutive ones into a single task per block.
-    for stage in (Probe(cfg), InputQuality(cfg), ClipDecoder(cfg, keep_keyframes=clip_model), ClipQuality(cfg)):
-        ds = ds.map_batches(stage, batch_size=None, batch_format="pyarrow", num_cpus=cfg.task_cpus)
+    for stage in cpu_stages(cfg):
+        ds = ds.map_batches(stage, batch_size=None, batch_format="pyarrow", **_task_args(cfg))
+    return _tail(ds, cfg)
+
+
+def _tail(ds, cfg: CurateConfig):
+    """The stages after the CPU stages: caption filter, route, optional pre-encoding."""
+    from pipelines.curation.stages.caption import CaptionFilter, model_enabled
+    from pipelines.curation.stages.route import Route
+
+    clip_model = model_enabled(cfg.caption)
     use_gpu = cfg.caption.device != "cpu" and _gpus_available()
     _check_cpu_budget(
         cfg, clip_model, use_gpu, cfg.encode.mode != "none" and not (cfg.encode.device != "cpu" and _gpus_available())
@@ -195,8 +277,8 @@ def build_dataset(rows: list[dict[str, Any]], cfg: CurateConfig):
             **pool_args,
         )
     else:
-        ds = ds.map_batches(CaptionFilter(cfg), batch_size=None, batch_format="pyarrow", num_cpus=cfg.task_cpus)
-    ds = ds.map_batches(Route(cfg), batch_size=None, batch_format="pyarrow", num_cpus=cfg.task_cpus)
+        ds = ds.map_batches(CaptionFilter(cfg), batch_size=None, batch_format="pyarrow", **_task_args(cfg))
+    ds = ds.map_batches(Route(cfg), batch_size=None, batch_format="pyarrow", **_task_args(cfg))
     if cfg.encode.mode != "none":
         from pipelines.curation.stages.encode import PreEncoder
 
@@ -241,13 +323,19 @@ class _Driver:
         self.sink = ShardSink(out, run_id, cfg.shards.maxcount, cfg.shards.maxsize)
         self.partial: dict[tuple[str, int], list[dict[str, Any]]] = {}
         self.uncommitted: list[dict[str, Any]] = []
-        self.results: list[dict[str, Any]] = []  # ledger rows of this run
+        # counts of this run's ledger rows (the rows themselves go to the ledger: memory must not grow with inputs)
+        self.processed = self.accepted = 0
+        self.rejected_by_reason: collections.Counter = collections.Counter()
+        self.samples_by_kind: collections.Counter = collections.Counter()
         self.clip_reasons: collections.Counter = collections.Counter()
         self.stage_rejections: collections.Counter = collections.Counter()
+        self.transient: collections.Counter = collections.Counter()  # inputs left for the next run, by reason
+        self.finished: set[tuple[str, int]] = set()  # inputs the pipeline handed back whole
         self.clips_made = 0
         self.commits = 0
         self.written_inputs = 0
         self.crash_after = int(os.environ[CRASH_ENV]) if os.environ.get(CRASH_ENV) else None
+        self.lease = None
         self.last_log = time.time()
         self.started = time.time()
 
@@ -261,16 +349,33 @@ class _Driver:
                 self._complete(group)
         if self.cfg.progress and time.time() - self.last_log > 10:
             self.last_log = time.time()
-            rate = len(self.results) / max(1e-9, time.time() - self.started)
+            rate = self.processed / max(1e-9, time.time() - self.started)
             log.info(
                 "curate: %d/%d inputs done (%.1f/s), %d samples written",
-                len(self.results),
+                self.processed,
                 self.total,
                 rate,
                 sum(self.sink.samples.values()),
             )
 
+    def missing(self, rows: list[dict[str, Any]] | pa.Table) -> list[dict[str, Any]]:
+        """Those of ``rows`` (input rows) that came back from no task, or not whole: their tasks failed. Rows of
+        them received so far were never written, and are dropped."""
+        if isinstance(rows, pa.Table):
+            rows = rows.filter(pa.array(_not_done(rows, self.finished), pa.bool_())).to_pylist()
+        lost = [r for r in rows if (r["source"], r["occurrence"]) not in self.finished]
+        for r in lost:
+            self.partial.pop((r["source"], r["occurrence"]), None)
+        return lost
+
     def _complete(self, rows: list[dict[str, Any]]) -> None:
+        self.finished.add((rows[0]["source"], rows[0]["occurrence"]))
+        if not any(r["status"] == OK for r in rows) and any(r["status"] == TRANSIENT for r in rows):
+            # not the input's fault: no ledger row, so the next run tries it again
+            worst = next(r for r in rows if r["status"] == TRANSIENT)
+            self.transient[f"{worst['stage']}:{worst['reason']}"] += 1
+            log.warning("transient fault on %s, left for the next run: %s", worst["source"], worst["detail"])
+            return
         shard_of = {}
         for row in rows:
             is_clip = row["num_frames"] > 0  # made by decode (input-level rows have no frames yet)
@@ -283,7 +388,11 @@ class _Driver:
                     self.clip_reasons[f"{row['stage']}:{row['reason']}"] += 1
         result = input_result(rows, shard_of)
         self.uncommitted.append(result)
-        self.results.append(result)
+        self.processed += 1
+        self.accepted += result["status"] == "accepted"
+        if result["status"] == REJECTED:
+            self.rejected_by_reason[f"{result['stage']}:{result['reason']}"] += 1
+        self.samples_by_kind.update(result["kinds"])
         self.written_inputs += 1
         if self.crash_after is not None and self.written_inputs >= self.crash_after:
             raise SimulatedCrash(f"{CRASH_ENV}={self.crash_after}: stopping as if killed before a commit")
@@ -291,6 +400,8 @@ class _Driver:
             self.commit()
 
     def commit(self) -> None:
+        if self.lease is not None:
+            self.lease.check()  # a run whose lease was taken over must not commit into the output any more
         self.sink.commit()
         self.ledger.append(self.uncommitted, self.run_id, self.commits)
         self.commits += 1
@@ -305,21 +416,21 @@ class _Driver:
 
 
 def _summary(driver: _Driver, input: str, out: Path, listed, todo, removed, started, ray_start_s, pipeline_s):
-    results = driver.results
-    by_reason = collections.Counter(f"{r['stage']}:{r['reason']}" for r in results if r["status"] == REJECTED)
-    samples = collections.Counter(k for r in results for k in r["kinds"])
-    accepted = sum(r["status"] == "accepted" for r in results)
+    by_reason, samples, accepted = driver.rejected_by_reason, driver.samples_by_kind, driver.accepted
     wall = time.time() - started
     written = sum(samples.values())
     return {
         "run": driver.run_id,
         "input": input,
         "output": str(out),
-        "inputs": len(listed),
-        "skipped_done": len(listed) - len(todo),
-        "processed": len(results),
+        "inputs": listed,
+        "skipped_done": listed - todo,
+        "processed": driver.processed,
         "accepted": accepted,
-        "rejected": len(results) - accepted,
+        "rejected": driver.processed - accepted,
+        # transient faults (full temp disk, I/O, network): not in the ledger, retried by the next run
+        "transient": sum(driver.transient.values()),
+        "transient_by_reason": dict(sorted(driver.transient.items())),
         "samples": {k: samples.get(k, 0) for k in schema.KINDS},
         "rejected_by_reason": dict(sorted(by_reason.items())),
         "stages": {s: {"rejected": driver.stage_rejections.get(s, 0)} for s in STAGES},
@@ -332,7 +443,7 @@ def _summary(driver: _Driver, input: str, out: Path, listed, todo, removed, star
             "wall_s": round(wall, 3),
             "ray_start_s": round(ray_start_s, 3),
             "pipeline_s": round(pipeline_s, 3),
-            "inputs_per_s": round(len(results) / max(pipeline_s, 1e-9), 3),
+            "inputs_per_s": round(driver.processed / max(pipeline_s, 1e-9), 3),
             "samples_per_s": round(written / max(pipeline_s, 1e-9), 3),
             "mb_written": round(driver.sink.bytes_written / 1e6, 3),
         },
@@ -344,44 +455,6 @@ def _summary(driver: _Driver, input: str, out: Path, listed, todo, removed, star
 
 # ---------------------------------------------------------------------------------------------------------------
 # Output-directory guards
-
-
-@contextlib.contextmanager
-def _lock(out: Path):
-    """One curate run per output directory at a time (a second one would race on shards and ledger)."""
-    path = out / LOCK_FILE
-    if path.exists():
-        try:
-            held = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            held = {}
-        if (
-            held.get("host") == socket.gethostname()
-            and _alive(int(held.get("pid", -1)))
-            and held.get("pid") != os.getpid()
-        ):
-            raise ConfigError(
-                f"another curate run (pid {held['pid']}) is writing to {out}; wait for it to finish "
-                f"(or delete {path} if that process is gone)"
-            )
-    path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            path.unlink()
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _get(d: dict, dotted: str) -> Any:
@@ -405,7 +478,7 @@ def _check_compatible(cfg: CurateConfig, out: Path) -> None:
                 "--output, or the same settings"
             )
     else:
-        path.write_text(settings.dump(cfg), encoding="utf-8")
+        durable.write_text(path, settings.dump(cfg))
 
 
 def _check_encode(cfg: CurateConfig) -> None:
@@ -446,9 +519,7 @@ def _warn_about_models(cfg: CurateConfig) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
+    durable.write_text(path, json.dumps(data, indent=2, sort_keys=False))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -465,6 +536,10 @@ def format_summary(s: dict[str, Any]) -> str:
     ]
     for reason, n in s["rejected_by_reason"].items():
         lines.append(f"    {reason:<30} {n:>6}")
+    if s["transient"]:
+        lines.append(f"  transient       {s['transient']:>8}   (not the inputs' fault; the next run retries them)")
+        for reason, n in s["transient_by_reason"].items():
+            lines.append(f"    {reason:<30} {n:>6}")
     if s["clips"]["rejected_by_reason"]:
         lines.append("  clips dropped (of accepted inputs and others)")
         for reason, n in s["clips"]["rejected_by_reason"].items():

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import time
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import schema
+from pipelines import durable, schema
 from pipelines.curation.stages import OK
 
 log = logging.getLogger(__name__)
@@ -67,13 +66,44 @@ def ledger_dir(output: str | os.PathLike) -> Path:
     return Path(output) / schema.LEDGER_FILE
 
 
-def read_ledger(output: str | os.PathLike) -> pa.Table:
-    """Every committed ledger row of a curation output (an empty table if there are none yet)."""
+QUARANTINE_DIR = ".quarantine"  # hidden: parquet readers of the ledger directory skip it
+
+
+def _read_parts(output: str | os.PathLike) -> tuple[list[pa.Table], list[tuple[Path, str]]]:
+    """(tables of the readable parts, [(unreadable part, why)])."""
     d = ledger_dir(output)
-    parts = sorted(d.glob("part-*.parquet")) if d.is_dir() else []
-    if not parts:
-        return LEDGER_SCHEMA.empty_table()
-    return pa.concat_tables([pq.read_table(p, schema=LEDGER_SCHEMA) for p in parts])
+    tables, bad = [], []
+    for p in sorted(d.glob("part-*.parquet")) if d.is_dir() else []:
+        try:
+            tables.append(pq.read_table(p, schema=LEDGER_SCHEMA))
+        except Exception as e:  # empty, truncated or foreign: pyarrow raises several types
+            bad.append((p, f"{type(e).__name__}: {e}"))
+    return tables, bad
+
+
+def read_ledger(output: str | os.PathLike) -> pa.Table:
+    """Every committed ledger row of a curation output (an empty table if there are none yet). An unreadable
+    part is left out with a warning (the next run quarantines it and redoes its inputs)."""
+    tables, bad = _read_parts(output)
+    for p, why in bad:
+        log.warning("ledger part %s cannot be read (%s); it is left out", p, why)
+    return pa.concat_tables(tables) if tables else LEDGER_SCHEMA.empty_table()
+
+
+def quarantine_unreadable(output: str | os.PathLike) -> list[str]:
+    """Move unreadable ledger parts into ``ledger.parquet/.quarantine/``: their inputs then count as not done and
+    are redone, and their shards, which no readable row names any more, are removed as uncommitted. One bad
+    part never makes the whole output unreadable. Returns the quarantined parts' names."""
+    _, bad = _read_parts(output)
+    moved = []
+    for p, why in bad:
+        q = p.parent / QUARANTINE_DIR
+        q.mkdir(exist_ok=True)
+        os.replace(p, q / p.name)
+        durable.fsync_dir(p.parent)
+        log.warning("ledger part %s cannot be read (%s): moved to %s; its inputs will be redone", p.name, why, q)
+        moved.append(p.name)
+    return moved
 
 
 def input_result(rows: list[dict[str, Any]], shard_of: dict[str, str]) -> dict[str, Any]:
@@ -135,9 +165,8 @@ class Ledger:
         full = [dict(r, run=run, commit=commit, finished_at=now) for r in rows]
         self.dir.mkdir(parents=True, exist_ok=True)
         part = self.dir / f"part-{run}-{commit:06d}.parquet"
-        tmp = self.dir / f".{part.name}.{uuid.uuid4().hex[:8]}.tmp"
-        pq.write_table(pa.Table.from_pylist(full, schema=LEDGER_SCHEMA), tmp)
-        os.replace(tmp, part)
+        with durable.atomic_path(part) as tmp:
+            pq.write_table(pa.Table.from_pylist(full, schema=LEDGER_SCHEMA), tmp)
         self.done.update((r["source"], r["occurrence"]) for r in rows)
         self.shards.update(s for r in rows for s in r["shards"])
         self.keys.update(new_keys)

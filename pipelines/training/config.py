@@ -85,6 +85,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     max_failures: int = 3  # worker-group restarts from the last checkpoint before giving up
+    max_bad_fraction: float = 0.05  # stop when more than this share of samples read (or of shards) is unusable
     snapshot_every: int = 0  # also export model_ema.pt to model/snapshots/ every N steps (0: off)
     # samples and logging
     sample_every: int = 500  # sample videos for sample_prompts every N steps (0: off)
@@ -153,6 +154,7 @@ class TrainConfig:
         check(self.checkpoint_every >= 1, "checkpoint_every must be >= 1 step")
         check(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1 (resume needs the latest checkpoint)")
         check(self.max_failures >= 0, "max_failures must be >= 0")
+        check(0 <= self.max_bad_fraction <= 1, f"max_bad_fraction={self.max_bad_fraction}: must be within 0..1")
         for name in ("snapshot_every", "sample_every", "print_every", "debug_fail_at_step"):
             check(getattr(self, name) >= 0, f"{name} must be >= 0 (0 turns it off)")
         check(self.log_every >= 1, "log_every must be >= 1")

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipelines import logs, settings
+from pipelines import durable, logs, settings
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def write_models(
         if reason:
             files["diffusers_skipped"] = reason
             log.warning("no diffusers export: %s", reason)
-    (out / "export.json").write_text(json.dumps({"step": step, **files}, indent=2), encoding="utf-8")
+    durable.write_text(out / "export.json", json.dumps({"step": step, **files}, indent=2))
     return files
 
 
@@ -140,7 +140,7 @@ def state_from_checkpoint(ckpt_dir: str | Path) -> tuple[dict[str, Tensor], dict
         )
     info = json.loads(info_path.read_text(encoding="utf-8"))
     if info["zero_stage"] == 0:
-        model_states = torch.load(d / DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        model_states = _load_deepspeed_states(d / DS_TAG / "mp_rank_00_model_states.pt")
         raw = {k: v.float() for k, v in model_states["module"].items()}
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -154,6 +154,23 @@ def state_from_checkpoint(ckpt_dir: str | Path) -> tuple[dict[str, Tensor], dict
             ema = {name: t.reshape(raw[name].shape).float() for name, t in zip(info["param_names"], tensors)}
             ema.update({k: v for k, v in raw.items() if k not in ema})  # buffers: as trained
     return raw, ema, info
+
+
+def _load_deepspeed_states(path: Path) -> dict:
+    """DeepSpeed's model-states file: weights-only when it holds nothing else; DeepSpeed's format may pickle
+    Python objects (an LR schedule's function), and then only a file a trusted run wrote may be loaded."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        log.warning(
+            "%s holds pickled Python objects (DeepSpeed's checkpoint format; %s): loading it runs code from the "
+            "file, so export only checkpoints your own runs wrote (pipelines/RELIABILITY.md, trusted files)",
+            path,
+            str(e).splitlines()[0][:200],
+        )
+        return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def export_checkpoint(ckpt_dir: str | Path, output: str | Path, diffusers: bool = True) -> dict[str, Any]:

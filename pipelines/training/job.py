@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipelines import logs, settings, tracking
+from pipelines import durable, logs, settings, tracking
 from pipelines.settings import ConfigError
 from pipelines.training.config import (
     CONFIG_FILE,
@@ -52,6 +52,9 @@ log = logging.getLogger("t2v.train")
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train (or resume) per ``cfg``; returns the result dict also written to ``<output>/result.json``."""
+    if not cfg.address and not os.environ.get("RAY_ADDRESS") and "ray" not in sys.modules:
+        # Ray's default for a local Ray, said explicitly (no notice about it); read when Ray is imported
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -68,12 +71,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     shard_sets = loader.find_shard_sets(cfg.data)  # fail early, before Ray starts, on missing data
     _check_resume(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(settings.dump(cfg), encoding="utf-8")
+    durable.write_text(out / CONFIG_FILE, settings.dump(cfg))
 
     tracker, run_id, tracking_uri = _start_tracking(cfg, out, shard_sets)
     started_ray = False
     if not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray's default for a local Ray, said explicitly: no notice
         ray.init(
             address=cfg.address or os.environ.get("RAY_ADDRESS"), log_to_driver=True, logging_level=logging.WARNING
         )
@@ -183,7 +185,7 @@ def _start_tracking(cfg: TrainConfig, out: Path, shard_sets) -> tuple[Any, str |
         log.warning("cannot continue MLflow run %s (%s); starting a new run", run_id, e)
         tracker = tracking.MlflowTracker(uri, cfg.mlflow.experiment, run_name=cfg.mlflow.run_name, tags=tags)
     if tracker.run_id != run_id:
-        run_file.write_text(json.dumps({"run_id": tracker.run_id, "tracking_uri": uri}), encoding="utf-8")
+        durable.write_text(run_file, json.dumps({"run_id": tracker.run_id, "tracking_uri": uri}))
         _log_lineage(tracker, shard_sets)
     tracker.log_params({"train": settings.to_dict(cfg), "model_config": _model_config_dict(cfg)})
     tracker.log_artifact(out / CONFIG_FILE, "config")
@@ -270,7 +272,7 @@ def _finish(
         "output": str(out),
         "seconds": round(seconds, 1),
     }
-    (out / RESULT_FILE).write_text(json.dumps(result, indent=2), encoding="utf-8")
+    durable.write_text(out / RESULT_FILE, json.dumps(result, indent=2))
     tracker.log_artifact(out / RESULT_FILE, "result")
     log.info(
         "done: %d steps, final loss %s, model %s%s",

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from pipelines import loader, logs, run_facts, schema, settings
+from pipelines.tracking_buffer import BufferedTracker
 from pipelines.training import export
 from pipelines.training.config import EXPORT_DIR, RAY_DIR, RAY_RUN_NAME, TrainConfig
 from pipelines.training.periodic_eval import PeriodicEvaluator
@@ -226,6 +227,7 @@ def loader_spec(cfg: TrainConfig, model) -> loader.LoaderSpec:
         shuffle_block=cfg.shuffle_block,
         prefetch=cfg.prefetch,
         decode_workers=cfg.decode_workers,
+        max_bad_fraction=cfg.max_bad_fraction,
         cache_mb=cfg.decode_cache_mb,
         image_frame=cfg.image_frame,
     )
@@ -729,11 +731,15 @@ def train_loop_per_worker(config: dict) -> None:
     # -- tracking (rank 0 only) ----------------------------------------------------------------------------------
     tracker: Any = tracking.NullTracker()
     if rank == 0 and config.get("run_id"):
-        tracker = tracking.MlflowTracker(
-            config["tracking_uri"],
-            cfg.mlflow.experiment,
+        # an outage of the tracking store never stops training: calls are buffered and retried in the background
+        tracker = BufferedTracker(
+            lambda: tracking.MlflowTracker(
+                config["tracking_uri"],
+                cfg.mlflow.experiment,
+                run_id=config["run_id"],
+                system_metrics_s=cfg.mlflow.system_metrics_s,
+            ),
             run_id=config["run_id"],
-            system_metrics_s=cfg.mlflow.system_metrics_s,
         )
         counts = model.unet.parameter_counts()
         tracker.log_params(
@@ -811,7 +817,7 @@ def train_loop_per_worker(config: dict) -> None:
                     metrics.pop(k)
             throughput.record(step_time, metrics["samples_per_s"])
             if step % cfg.log_every == 0 or step == cfg.steps:
-                tracker.log_metrics(metrics, step)
+                tracker.log_metrics({**metrics, **data.health.metrics()}, step)
             if step % print_every == 0 or step == 1 or step == cfg.steps:
                 log.info(
                     "step %d/%d loss %.4f (image %.4f video %.4f coherence %.4f) lr %.2e %.1f samples/s "

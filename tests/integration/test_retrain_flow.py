@@ -135,6 +135,7 @@ def test_schedule_serves_the_flow_with_its_config(tiny_flow_settings, shapes_cor
     dep = retrain.deployment(cfg)
     assert dep.name == "t2v-retrain" and dep.schedules[0].schedule.cron == "*/30 * * * *"
     assert settings.from_dict(retrain.RetrainConfig, dep.parameters["config"]) == cfg
+    assert dep.concurrency_limit == 1  # a scheduled run waits for the one still running
     assert retrain.main(["serve", "--input", str(shapes_corpus), "--cron", "0 4 * * 1", "--dry-run"]) == 0
     assert "cron: 0 4 * * 1" in capsys.readouterr().out
     with pytest.raises(Exception, match="five cron fields"):

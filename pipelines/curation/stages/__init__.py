@@ -6,11 +6,13 @@ Every stage is a callable class: ``__init__`` takes the stage's settings (and lo
 without Ray. A batch is a ``pyarrow.Table`` (what Ray Data hands over with ``batch_format="pyarrow"``), a dict of
 columns, or a list of row dicts.
 
-Rows all have the columns of ``ROW_SCHEMA``. A row is either ``status == "ok"`` (still in the running) or
-``"rejected"`` with the ``stage`` and ``reason`` that rejected it. Rejected rows are passed through untouched by
-every later stage, so every input reaches the driver and ends in the ledger: nothing is dropped silently. Until
-the decode stage a row stands for one input; decode replaces it with one row per clip, and ``input_rows`` tells
-the driver how many rows of an input to wait for.
+Rows all have the columns of ``ROW_SCHEMA``. A row is either ``status == "ok"`` (still in the running),
+``"rejected"`` with the ``stage`` and ``reason`` that rejected it, or ``"transient"``: a fault that is not the
+input's (a full temp disk, an I/O error, an unreachable object store) outlasted the stage's retries; the driver
+keeps such inputs out of the ledger, so the next run tries them again. Rejected and transient rows are passed
+through untouched by every later stage, so every input reaches the driver (and, unless transient, the ledger):
+nothing is dropped silently. Until the decode stage a row stands for one input; decode replaces it with one row
+per clip, and ``input_rows`` tells the driver how many rows of an input to wait for.
 
 Order of the pipeline (see ``pipelines/curation/job.py``)::
 
@@ -19,8 +21,14 @@ Order of the pipeline (see ``pipelines/curation/job.py``)::
 
 from __future__ import annotations
 
+import errno
+import faulthandler
 import json
+import logging
 import math
+import os
+import signal
+import time
 import traceback
 from collections.abc import Iterable
 from typing import Any
@@ -28,8 +36,42 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+log = logging.getLogger(__name__)
+
 OK = "ok"
 REJECTED = "rejected"
+TRANSIENT = "transient"  # not the input's fault: never final, retried by the next run
+
+# OS errors that say the machine or the network had a problem, not the input (ENOSPC: a full temp disk).
+TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, n)
+    for n in (
+        "ENOSPC",
+        "EIO",
+        "EAGAIN",
+        "EINTR",
+        "ENOMEM",
+        "EDQUOT",
+        "ETIMEDOUT",
+        "ECONNRESET",
+        "ECONNREFUSED",
+        "ECONNABORTED",
+        "EHOSTUNREACH",
+        "ENETUNREACH",
+        "ENETDOWN",
+        "EPIPE",
+        "ESTALE",
+        "EMFILE",
+        "ENFILE",
+    )
+    if hasattr(errno, n)
+)
+
+# Test hooks (only tests set them; read where the stage object is built, i.e. in the driver, and shipped to the
+# workers with it): a comma-separated list of file names whose processing SIGKILLs the worker process, or
+# hangs it (a stuck C call that no in-process time check sees).
+KILL_ENV = "T2V_TEST_KILL_INPUTS"
+HANG_ENV = "T2V_TEST_HANG_INPUTS"
 
 # Stage names as they appear in the ledger and the summary, in pipeline order.
 STAGES = ("input", "probe", "quality", "decode", "caption", "route", "encode", "write")
@@ -154,6 +196,25 @@ def to_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
 
+class TransientFault(Exception):
+    """A fault of the machine or the network while processing an input (``reason`` names it); the stage retries
+    the input, then passes it on as ``transient``."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def is_transient(error: BaseException) -> bool:
+    """An OSError whose errno says the machine or the network failed (see ``TRANSIENT_ERRNOS``)."""
+    return isinstance(error, OSError) and error.errno in TRANSIENT_ERRNOS
+
+
+def transient(row: dict[str, Any], stage: str, reason: str, detail: str = "") -> dict[str, Any]:
+    """Mark ``row`` as failed by a transient fault (kept out of the ledger: the next run retries it)."""
+    return dict(reject(row, stage, reason, detail), status=TRANSIENT)
+
+
 def reject(row: dict[str, Any], stage: str, reason: str, detail: str = "") -> dict[str, Any]:
     """Mark ``row`` rejected (media dropped: a rejected row carries only what the ledger needs)."""
     row = dict(row)
@@ -179,6 +240,18 @@ class Stage:
     """
 
     name = "stage"
+    transient_retries = 2  # tries after the first when a TransientFault is raised (stages set it from the config)
+    transient_backoff_s = 1.0  # first pause; doubles each time
+    hard_limit_s: float | None = None  # per input: past it the worker process exits (stages that run FFmpeg)
+    test_kill: frozenset = frozenset()  # see KILL_ENV / HANG_ENV
+    test_hang: frozenset = frozenset()
+
+    def setup_guards(self, transient_retries: int, hard_limit_s: float | None) -> None:
+        """Retries for transient faults, the per-input hard time limit, and the test hooks (read here, in the
+        driver that builds the stage)."""
+        self.transient_retries, self.hard_limit_s = transient_retries, hard_limit_s
+        self.test_kill = frozenset(filter(None, os.environ.get(KILL_ENV, "").split(",")))
+        self.test_hang = frozenset(filter(None, os.environ.get(HANG_ENV, "").split(",")))
 
     def __call__(self, batch: Any) -> pa.Table:
         rows = to_rows(batch)
@@ -191,14 +264,56 @@ class Stage:
     def process_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for row in rows:
-            try:
-                out.extend(self.process(row))
-            except Exception as e:  # one bad input must never take the run down
-                out.append(internal_error(row, self.name, e))
+            with hard_limit(self.hard_limit_s, row["source"]):
+                out.extend(self._process_retrying(row))
         return out
+
+    def _process_retrying(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        name = os.path.basename(str(row["source"]))
+        if name in self.test_kill:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if name in self.test_hang:
+            while True:
+                time.sleep(3600)
+        for attempt in range(self.transient_retries + 1):
+            try:
+                return list(self.process(row))
+            except TransientFault as e:
+                fault = e
+            except MemoryError:  # an allocation this input asked for failed; the worker lives on
+                return [reject(row, self.name, "out_of_memory", "the input needed more memory than was left")]
+            except Exception as e:  # one bad input must never take the run down
+                if not is_transient(e):
+                    return [internal_error(row, self.name, e)]
+                fault = TransientFault(errno.errorcode.get(e.errno, "os_error").lower(), f"{type(e).__name__}: {e}")
+            if attempt < self.transient_retries:
+                pause = self.transient_backoff_s * 2**attempt
+                log.warning("%s: %s on %s; trying again in %.0f s", self.name, fault, row["source"], pause)
+                time.sleep(pause)
+        return [transient(row, self.name, fault.reason, str(fault))]
 
     def process(self, row: dict[str, Any]) -> Iterable[dict[str, Any]]:
         raise NotImplementedError
+
+
+class hard_limit:
+    """Ends the worker process if one input takes longer than ``seconds``: the last resort against a call that
+    hangs inside FFmpeg, where no time check of ours runs. faulthandler's watchdog is a C thread that needs no GIL,
+    so it fires even while the hung call holds it; it writes the stack to stderr (the worker's log) and exits.
+    The driver sees a crashed task, retries it a bounded number of times, then runs the input alone and rejects
+    it (see ``pipelines/curation/isolate.py``)."""
+
+    def __init__(self, seconds: float | None, source: str):
+        self.seconds, self.source = seconds, source
+
+    def __enter__(self) -> hard_limit:
+        if self.seconds:
+            faulthandler.dump_traceback_later(self.seconds, exit=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.seconds:
+            faulthandler.cancel_dump_traceback_later()
 
 
 def internal_error(row: dict[str, Any], stage: str, error: BaseException) -> dict[str, Any]:

@@ -26,7 +26,8 @@ Images: decoded with PIL, resized to cover, centre-cropped, re-encoded as JPEG.
 
 Rejections: ``no_clip`` (no complete window without a cut), ``decode_error`` (FFmpeg reported errors, e.g. a
 truncated file; ``quality.on_decode_error=keep`` keeps the clips that decoded), ``encode_error``,
-``decode_timeout``.
+``decode_timeout``, ``too_long`` (more frames than ``quality.max_duration_s x clips.fps``). A full temp disk
+while encoding is a transient fault (retried, never final).
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ import ffmpeg
 import numpy as np
 
 from pipelines import schema
-from pipelines.curation.stages import Stage, add_extra, reject
-from pipelines.curation.stages.probe import media_path
+from pipelines.curation.stages import Stage, TransientFault, add_extra, is_transient, reject
+from pipelines.curation.stages.probe import FFMPEG_INPUT_OPTIONS, media_path
 
 if TYPE_CHECKING:
     from pipelines.curation.config import CurateConfig
@@ -324,7 +325,7 @@ def _open_video(path: str):
     import av
 
     try:
-        container = av.open(path)
+        container = av.open(path, container_options=dict(FFMPEG_INPUT_OPTIONS, pattern_type="none"))
     except (av.FFmpegError, OSError) as e:  # e.g. the file changed since the probe
         raise DecodeFailed("decode_error", f"FFmpeg cannot open it: {e}") from None
     with container:
@@ -357,6 +358,18 @@ class ClipDecoder(Stage):
         self.decoder = c.decoder
         self.on_decode_error = cfg.quality.on_decode_error
         self.keyframes_which = list(cfg.caption.frames) if keep_keyframes else []
+        # a frame cap, so a file that lies about (or has no) duration cannot decode for ever
+        self.max_frames = math.ceil(cfg.quality.max_duration_s * c.fps) + c.num_frames
+        self.setup_guards(cfg.transient_retries, cfg.hard_limit_s)
+
+    def _check_limits(self, planner: ClipPlanner, deadline: float) -> None:
+        if planner.seen > self.max_frames:
+            raise DecodeFailed(
+                "too_long",
+                f"more than {self.max_frames} frames at {self.fps:g} fps: longer than quality.max_duration_s",
+            )
+        if time.monotonic() > deadline:
+            raise DecodeFailed("decode_timeout", f"decoding took longer than clips.timeout_s={self.timeout:.0f} s")
 
     # -- images ------------------------------------------------------------------------------------------------
 
@@ -458,6 +471,7 @@ class ClipDecoder(Stage):
                 except (av.BlockingIOError, av.EOFError):
                     return
                 window.append(frame)
+                self._check_limits(planner, deadline)
                 thumbs.append(
                     reformatter.reformat(frame, raw_w, raw_h, "rgb24", interpolation=Interpolation.POINT).to_ndarray()
                 )
@@ -492,10 +506,7 @@ class ClipDecoder(Stage):
                     take(graph)
                 if planner.done:
                     break
-                if time.monotonic() > deadline:
-                    raise DecodeFailed(
-                        "decode_timeout", f"decoding took longer than clips.timeout_s={self.timeout:.0f} s"
-                    )
+                self._check_limits(planner, deadline)
             if graph is not None and not planner.done and not (errors and self.on_decode_error == "reject"):
                 graph.push(None)  # end of stream: the fps filter emits its last frames
                 take(graph)
@@ -523,7 +534,9 @@ class ClipDecoder(Stage):
                     out.mux(stream.encode(frame))
                 out.mux(stream.encode(None))
             clip.data = path.read_bytes()
-        except av.FFmpegError as e:
+        except (av.FFmpegError, OSError) as e:
+            if is_transient(e):  # e.g. ENOSPC: the temp disk is full, the clip is fine
+                raise TransientFault("temp_disk", f"cannot write clip {clip.index}: {e}") from None
             raise DecodeFailed("encode_error", f"FFmpeg could not encode clip {clip.index}: {e}") from None
         if self.keyframes_which:
             clip.keyframes = schema.npy_bytes(
@@ -573,6 +586,9 @@ class ClipDecoder(Stage):
                     continue  # draining what ffmpeg flushes after the interrupt
                 whole = len(buf) // frame_bytes  # (a partial frame at the very end is dropped)
                 frames = np.frombuffer(buf, np.uint8, count=whole * frame_bytes).reshape(whole, raw_h, raw_w, 3)
+                if planner.seen > self.max_frames:
+                    proc.kill()
+                    self._check_limits(planner, math.inf)
                 for clip in planner.push_frames(frames):
                     if self.keyframes_which:
                         idx = keyframe_indices(self.num_frames, self.keyframes_which)

@@ -6,8 +6,16 @@ Fills ``media_type`` (video | image), ``container``, ``codec``, ``duration``, ``
     missing_file   the path/URI does not exist          empty_file      zero bytes
     unreadable     the probe cannot parse it             not_media       no video/image stream (e.g. a text file)
     bad_dimensions the probe reports no usable size      image_in_video_file  a still image behind a video name
-    fetch_error    a remote read failed                  probe_timeout   ffprobe took longer than clips.timeout_s
-                                                                         (PyAV's timeout ends as unreadable)
+    fetch_error    a remote read was refused (permission) probe_timeout  ffprobe took longer than clips.timeout_s
+    too_big        larger than inputs.max_bytes, seen before a byte is read  (PyAV's timeout ends as unreadable)
+
+A remote read that fails for any other reason (network, an unreachable object store, throttling) and a full
+temp disk are transient faults: retried, and if they persist the input is left out of the ledger for the next run.
+
+FFmpeg opens only what this stage hands it: a local file, through a link with a plain name (``input.<ext>``, so
+no ``%d`` image pattern, protocol prefix or leading dash in a file name means anything to FFmpeg), with the
+``file`` protocol only and the demuxers in ``FORMAT_WHITELIST`` only (no playlists, concat lists or image
+sequences: none of them can make FFmpeg read a file that no manifest names).
 
 Two ways to ask (``clips.probe``), the same answer: ``pyav`` (default) opens the container in this process with
 PyAV's libavformat and reads its header; ``ffprobe`` starts an ffprobe process per input (ffmpeg-python's
@@ -24,13 +32,14 @@ import contextlib
 import json
 import math
 import os
+import re
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.curation.stages import Stage, reject
+from pipelines.curation.stages import Stage, TransientFault, reject
 
 if TYPE_CHECKING:
     from pipelines.curation.config import CurateConfig
@@ -40,6 +49,16 @@ VIDEO_EXTENSIONS = frozenset(
 )
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff"})
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | IMAGE_EXTENSIONS
+
+# FFmpeg demuxers curation opens (matched against any of a demuxer's names, e.g. "mov,mp4,m4a,3gp,3g2,mj2").
+# Left out on purpose: hls/dash (playlists that name other files or URLs), concat, image sequences beyond the
+# one file (image2 is kept for single images, with pattern_type=none), tty (any text), and raw formats.
+FORMAT_WHITELIST = (
+    "mov,mp4,matroska,webm,avi,mpeg,mpegts,mpegvideo,flv,asf,gif,yuv4mpegpipe,ogg,h264,hevc,m4v,image2,"
+    "png_pipe,jpeg_pipe,webp_pipe,bmp_pipe,tiff_pipe,gif_pipe,jpegls_pipe"
+)
+# what every FFmpeg open gets (PyAV container options, or ffmpeg/ffprobe input flags)
+FFMPEG_INPUT_OPTIONS = {"protocol_whitelist": "file", "format_whitelist": FORMAT_WHITELIST}
 
 
 def extension(name: str) -> str:
@@ -81,20 +100,30 @@ def is_plain_local_file(row: dict[str, Any]) -> bool:
 
 @contextlib.contextmanager
 def media_path(row: dict[str, Any]) -> Iterator[str]:
-    """A local path ffmpeg can open: the file itself, or a temporary copy of the fetched ``data`` bytes."""
-    if row.get("data") is None:
-        yield local_path(row["uri"])
-        return
-    suffix = "." + (extension(row["source"]) or "bin")
-    with tempfile.NamedTemporaryFile(suffix=suffix, prefix="t2v-curate-") as tmp:
-        tmp.write(row["data"])
-        tmp.flush()
-        yield tmp.name
+    """A local path FFmpeg can open, with a plain name (``<tmp>/input.<ext>``): a link to the file itself, or a
+    temporary copy of the fetched ``data`` bytes. A full temp disk is a TransientFault."""
+    suffix = "." + (re.sub(r"[^a-z0-9]", "", extension(row["source"]))[:8] or "bin")
+    try:
+        tmp = tempfile.TemporaryDirectory(prefix="t2v-curate-")
+    except OSError as e:
+        raise TransientFault("temp_dir", f"cannot create a temporary directory: {e}") from None
+    with tmp as d:
+        path = os.path.join(d, "input" + suffix)
+        try:
+            if row.get("data") is None:
+                os.symlink(os.path.abspath(local_path(row["uri"])), path)
+            else:
+                with open(path, "wb") as f:
+                    f.write(row["data"])
+        except OSError as e:
+            raise TransientFault("temp_dir", f"cannot write to the temporary directory: {e}") from None
+        yield path
 
 
 def ffprobe(path: str, timeout: float) -> dict:
     """ffprobe's JSON (streams + format). Raises RuntimeError(reason) with ffprobe's last words."""
-    cmd = ["ffprobe", "-v", "error", "-show_format", "-show_streams", "-of", "json", path]
+    whitelist = [a for k, v in FFMPEG_INPUT_OPTIONS.items() for a in (f"-{k}", v)]
+    cmd = ["ffprobe", "-v", "error", *whitelist, "-show_format", "-show_streams", "-of", "json", path]
     proc = subprocess.run(cmd, capture_output=True, timeout=timeout)
     if proc.returncode != 0:
         lines = proc.stderr.decode("utf-8", "replace").strip().splitlines()
@@ -108,7 +137,9 @@ def pyav_probe(path: str, timeout: float) -> dict:
     import av
 
     try:
-        with av.open(path, timeout=timeout) as container:
+        with av.open(
+            path, timeout=timeout, container_options=dict(FFMPEG_INPUT_OPTIONS, pattern_type="none")
+        ) as container:
             streams = []
             for s in container.streams.video:
                 ctx = s.codec_context
@@ -198,6 +229,13 @@ class Probe(Stage):
         self.probe = pyav_probe if cfg.clips.probe == "pyav" else ffprobe
         self.tool = cfg.clips.probe
         self.content_mismatch = cfg.quality.content_mismatch
+        self.max_bytes = cfg.inputs.max_bytes
+        self.setup_guards(cfg.transient_retries, cfg.hard_limit_s)
+
+    def _too_big(self, row: dict[str, Any], size: int) -> dict[str, Any] | None:
+        if size <= self.max_bytes:
+            return None
+        return reject(row, self.name, "too_big", f"{size:,} bytes > inputs.max_bytes={self.max_bytes:,}")
 
     def process(self, row: dict[str, Any]):
         row = dict(row)
@@ -207,20 +245,36 @@ class Probe(Stage):
             if not path.is_file():
                 yield reject(row, self.name, "missing_file", f"{path} does not exist (or is not a file)")
                 return
-            if path.stat().st_size == 0:
+            size = path.stat().st_size
+            if size == 0:
                 yield reject(row, self.name, "empty_file", f"{path} is empty (0 bytes)")
                 return
+            if big := self._too_big(row, size):
+                yield big
+                return
         else:
+            if row["offset"] >= 0 and (big := self._too_big(row, row["length"])):
+                yield big
+                return
             try:
                 if row["offset"] < 0:
                     fsys, p = filesystem(uri)
                     from pyarrow import fs
 
-                    if fsys.get_file_info(p).type != fs.FileType.File:
+                    info = fsys.get_file_info(p)
+                    if info.type != fs.FileType.File:
                         yield reject(row, self.name, "missing_file", f"{uri} does not exist")
                         return
+                    if big := self._too_big(row, info.size or 0):
+                        yield big
+                        return
                 row["data"] = read_bytes(uri, row["offset"], row["length"])
-            except Exception as e:  # network / permission / fs errors all end the same way
+            except PermissionError as e:  # the store answered, and said no: the input's problem, not the network's
+                yield reject(row, self.name, "fetch_error", f"cannot read {uri}: {type(e).__name__}: {e}")
+                return
+            except OSError as e:  # network, throttling, an unreachable store: try again, later
+                raise TransientFault("fetch_failed", f"cannot read {uri}: {type(e).__name__}: {e}") from None
+            except Exception as e:  # e.g. a URI no filesystem understands
                 yield reject(row, self.name, "fetch_error", f"cannot read {uri}: {type(e).__name__}: {e}")
                 return
             if not row["data"]:

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from pipelines import schema
+from pipelines import durable, schema
 from pipelines.curation.stages import loads
 
 ARRAY_COLUMNS = ("latent_mean", "latent_std", "text_emb", "image_emb")
@@ -180,10 +180,9 @@ class ShardSink:
         for writer in self.writers.values():
             writer.close()
             for tar, rows in writer.index_rows.items():
-                index = schema.index_path(tar)
-                tmp = index.with_name("." + index.name + ".tmp")
-                pq.write_table(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA), tmp)
-                os.replace(tmp, index)  # atomic: a reader never sees half an index
+                durable.fsync_file(tar)  # the samples on disk before the index and the ledger say they exist
+                with durable.atomic_path(schema.index_path(tar)) as tmp:  # a reader never sees half an index
+                    pq.write_table(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA), tmp)
                 finished.append(tar.relative_to(self.root).as_posix())
             writer.index_rows = {}
         return finished

@@ -38,7 +38,7 @@ QUIET_LIBRARIES = (
     "asyncio",
     "diffusers",
     "numexpr",
-    "distutils",  # DeepSpeed's op builders log each compiler command they try
+    "compilers",  # setuptools' distutils logs each compiler command DeepSpeed's op builders try
 )
 # Libraries that configure their own loggers when imported (after setup) read their level from these.
 LIBRARY_LEVEL_VARIABLES = ("MLFLOW_LOGGING_LEVEL", "RAY_DATA_LOG_LEVEL", "PREFECT_LOGGING_LEVEL")

@@ -23,6 +23,7 @@ import os
 import sys
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +218,11 @@ def cpu_stages(cfg: CurateConfig) -> list:
     ]
 
 
+# max_retries and retry_exceptions have no named map_batches parameter in the pinned Ray; passed as remote args
+# they work and Ray warns about a removal in a later version, which this project's pin does not reach.
+warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", module=__name__)
+
+
 def _task_args(cfg: CurateConfig) -> dict[str, Any]:
     # bounded retries when a worker dies (Ray Data retries for ever by default); exceptions are never retried:
     # the stages turn them into rejections themselves
@@ -229,6 +235,7 @@ def build_dataset(rows: list[dict[str, Any]] | pa.Table, cfg: CurateConfig):
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress
+    ctx.enable_progress_bar_name_truncation = False  # the stage names are the progress line; Ray warns if it cuts
     # Decode tasks ask for task_cpus = 0.5 by default: two tasks per core, so while one task waits on Ray (its
     # input block, handing its output over) the other keeps the core busy.
     # Blocks: each task costs Ray and Ray Data a fixed overhead, so blocks are as large as still balances the load,

@@ -43,9 +43,9 @@ QUIET_LIBRARIES = (
 # Libraries that configure their own loggers when imported (after setup) read their level from these.
 LIBRARY_LEVEL_VARIABLES = ("MLFLOW_LOGGING_LEVEL", "RAY_DATA_LOG_LEVEL", "PREFECT_LOGGING_LEVEL")
 
-# Libraries that log through the root logger rather than their own: their routine lines are recognised by the
-# file that logged them.
-ROOT_LOGGING_LIBRARIES = ("open_clip",)
+# Libraries with loggers that the levels above do not reach (open_clip logs through the root logger, parts of Ray
+# Train through loggers named by file path): their routine lines are recognised by the file that logged them.
+FILE_QUIET_LIBRARIES = ("open_clip", "ray")
 
 _MARK = "_t2v_handler"
 
@@ -86,15 +86,13 @@ class _Below(logging.Filter):
         return record.levelno < self.level
 
 
-class _QuietRootCallers(logging.Filter):
-    """INFO lines that a library in ROOT_LOGGING_LIBRARIES wrote through the root logger are dropped."""
+class _QuietLibraryFiles(logging.Filter):
+    """INFO lines logged from the files of a library in FILE_QUIET_LIBRARIES are dropped."""
 
-    _parts = tuple(f"{os.sep}{name}{os.sep}" for name in ROOT_LOGGING_LIBRARIES)
+    _parts = tuple(f"{os.sep}{name}{os.sep}" for name in FILE_QUIET_LIBRARIES)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.WARNING or record.name != "root":
-            return True
-        return not any(part in record.pathname for part in self._parts)
+        return record.levelno >= logging.WARNING or not any(part in record.pathname for part in self._parts)
 
 
 class _RankZero(logging.Filter):
@@ -126,7 +124,7 @@ def setup(level: int | str | None = None, rank: int = 0) -> None:
     for handler in (out, err):
         handler.setFormatter(formatter)
         handler.addFilter(_RankZero(rank))
-        handler.addFilter(_QuietRootCallers())
+        handler.addFilter(_QuietLibraryFiles())
         setattr(handler, _MARK, True)
         root.addHandler(handler)
     root.setLevel(level)

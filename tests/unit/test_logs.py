@@ -21,13 +21,15 @@ def test_project_lines_are_tagged_and_library_noise_is_dropped(capsys):
     logging.getLogger("t2v.demo").info("cycle 0 done")
     root.handle(_record("root", logging.INFO, f"{os.sep}site{os.sep}open_clip{os.sep}factory.py", "Loaded config"))
     root.handle(_record("root", logging.WARNING, f"{os.sep}site{os.sep}open_clip{os.sep}factory.py", "odd weights"))
-    logging.getLogger("distutils.compilers.C.base").info("gcc -c test.c")
+    logging.getLogger("compilers.C.base").info("gcc -c test.c")  # setuptools' distutils, as DeepSpeed builds ops
+    ray_file = f"{os.sep}site{os.sep}ray{os.sep}train{os.sep}context.py"
+    root.handle(_record(ray_file, logging.INFO, ray_file, "Reporting training result 1"))  # a logger named by path
     logging.getLogger("mlflow.store").info("Creating initial MLflow database tables")
     logging.getLogger("mlflow.store").warning("store is slow")
     out, err = capsys.readouterr()
     assert out == "[demo] cycle 0 done\n"
     assert "[root] warning: odd weights" in err and "[store] warning: store is slow" in err
-    assert "Loaded config" not in out + err and "gcc" not in out + err
+    assert "Loaded config" not in out + err and "gcc" not in out + err and "Reporting" not in out + err
 
 
 def test_libraries_configuring_their_own_loggers_later_read_warning_from_the_environment(monkeypatch):

@@ -1,4 +1,4 @@
-"""python -m flows.benchmarks.learn [--minutes 30] [--ablations full,no_coherence,no_text_free] [--seeds 0,1,2]
+"""t2v bench learn [--minutes 30] [--ablations full,no_coherence,no_text_free] [--seeds 0,1,2]
 
 Does training really learn, and how soon? Generates the shapes corpus and curates it (``t2v curate``) with the main
 job's recipe (``flows.demo``: ``DEMO_CORPUS``, ``DEMO_FLOW["curate"]``, ``DEMO_FLOW["train"]``, so the benchmark

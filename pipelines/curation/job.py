@@ -218,11 +218,6 @@ def cpu_stages(cfg: CurateConfig) -> list:
     ]
 
 
-# max_retries and retry_exceptions have no named map_batches parameter in the pinned Ray; passed as remote args
-# they work and Ray warns about a removal in a later version, which this project's pin does not reach.
-warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", module=__name__)
-
-
 def _task_args(cfg: CurateConfig) -> dict[str, Any]:
     # bounded retries when a worker dies (Ray Data retries for ever by default); exceptions are never retried:
     # the stages turn them into rejections themselves
@@ -233,6 +228,10 @@ def build_dataset(rows: list[dict[str, Any]] | pa.Table, cfg: CurateConfig):
     """The Ray Data pipeline over input rows (all stages; see the module docstring). Nothing runs until iterated."""
     import ray
 
+    # max_retries and retry_exceptions have no named map_batches parameter in the pinned Ray; passed as remote args
+    # they work, and Ray warns of a removal in a version the pin does not reach. (Added after Ray's import, which
+    # puts its own filter for these warnings first.)
+    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", module=__name__)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress
     ctx.enable_progress_bar_name_truncation = False  # the stage names are the progress line; Ray warns if it cuts

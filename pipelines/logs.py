@@ -130,5 +130,6 @@ def setup(level: int | str | None = None, rank: int = 0) -> None:
     root.setLevel(level)
     for variable in LIBRARY_LEVEL_VARIABLES:
         os.environ.setdefault(variable, "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per model load, to stderr
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))

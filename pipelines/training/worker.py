@@ -66,11 +66,15 @@ def resolve_model_config(cfg: TrainConfig):
     if _is_t2v_checkpoint(cfg.init_from):
         from model.text_to_video import read_checkpoint
 
-        if cfg.model_overrides:
+        stored = settings.from_dict(ModelConfig, read_checkpoint(cfg.init_from)["config"])
+        if cfg.model_overrides and settings.to_dict(get_config(cfg.model, cfg.model_overrides)) != settings.to_dict(
+            stored
+        ):
             log.warning(
-                "init_from is a TextToVideo checkpoint: its stored model config is used and model_overrides are ignored"
+                "init_from is a TextToVideo checkpoint: its stored model config is used and model_overrides, which "
+                "differ from it, are ignored"
             )
-        return settings.from_dict(ModelConfig, read_checkpoint(cfg.init_from)["config"])
+        return stored
     return get_config(cfg.model, cfg.model_overrides or None)
 
 

@@ -42,12 +42,14 @@ SECRET_MARKERS = (
     "connection_string",
     "connectionstring",
     "conn_str",
-    "signature",
     "cookie",
 )
 # Whole words of a key that are secrets on their own (as substrings they would catch "author", "dsnless"...):
-# dsn (database / Sentry URLs with passwords), auth (headers), sig and key (signed and API-key URL parameters).
-SECRET_WORDS = frozenset({"dsn", "auth", "sig", "key", "sas", "pwd", "pass"})
+# dsn (database / Sentry URLs with passwords), auth (headers).
+SECRET_WORDS = frozenset({"dsn", "auth", "pwd", "pass"})
+# ... and in a URL's query, where signed and API-key URLs carry them (X-Amz-Signature, sig, key, sas). Not for
+# settings keys: "new_key" or "eval.signature" (an evaluation-settings hash) are no secrets.
+QUERY_SECRET_WORDS = SECRET_WORDS | {"sig", "signature", "key", "sas"}
 REDACTED = "***redacted***"
 
 __all__ = [
@@ -161,9 +163,9 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def is_secret_key(key: str) -> bool:
+def is_secret_key(key: str, words: frozenset[str] = SECRET_WORDS) -> bool:
     k = key.lower().replace("-", "_")
-    return any(m in k for m in SECRET_MARKERS) or bool(SECRET_WORDS & set(re.split(r"[^a-z0-9]+", k)))
+    return any(m in k for m in SECRET_MARKERS) or bool(words & set(re.split(r"[^a-z0-9]+", k)))
 
 
 def redact(data: Any) -> Any:
@@ -184,7 +186,7 @@ def redact_uri(text: str) -> str:
     text = re.sub(r"(\b[a-zA-Z][\w+.-]*://)[^/?#@\s]+@", r"\1" + REDACTED + "@", text)
 
     def param(m: re.Match) -> str:
-        return f"{m[1]}{m[2]}={REDACTED}" if is_secret_key(m[2]) and m[3] else m[0]
+        return f"{m[1]}{m[2]}={REDACTED}" if is_secret_key(m[2], QUERY_SECRET_WORDS) and m[3] else m[0]
 
     return re.sub(r"([?&;])([^=&#;\s]+)=([^&#;\s]*)", param, text) if "=" in text else text
 

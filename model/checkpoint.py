@@ -110,6 +110,13 @@ def unwrap_state_dict(obj: Any, where: str = "checkpoint") -> tuple[dict[str, Te
     return state, (int(step) if step is not None else None)
 
 
+def state_dict_of(source) -> tuple[dict, int | None, str]:
+    """``(state dict, training step or None, where it came from)`` of a file path or an in-memory state dict."""
+    if isinstance(source, Mapping):
+        return (*unwrap_state_dict(source), "state dict")
+    return (*read_state_dict(source), str(source))
+
+
 def load_unet_weights(
     model: nn.Module,
     source: str | os.PathLike | Mapping[str, Tensor],
@@ -118,12 +125,7 @@ def load_unet_weights(
     pad_input_channels: bool = False,
 ) -> LoadReport:
     """Copy weights from a file path or state dict into ``model``; raise CheckpointError unless they fit."""
-    if isinstance(source, Mapping):
-        state, step = unwrap_state_dict(source)
-        where = "state dict"
-    else:
-        state, step = read_state_dict(source)
-        where = str(source)
+    state, step, where = state_dict_of(source)
     report = LoadReport(path=where, step=step)
     own = model.state_dict()
     allow = tuple(allow_missing)

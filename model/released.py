@@ -33,6 +33,7 @@ from model.checkpoint import (
     LoadReport,
     load_unet_weights,
     read_state_dict,
+    state_dict_of,
     unwrap_state_dict,
 )
 from model.unet import TemporalTransformer, UNet3D, UNetConfig, build_unet
@@ -66,12 +67,7 @@ def load_released(
 
     No missing, unexpected or mis-shaped key is allowed; when the file has another registry config's layout the
     error names that config."""
-    if isinstance(source, Mapping):
-        state, step = unwrap_state_dict(source)
-        where = "state dict"
-    else:
-        state, step = read_state_dict(source)
-        where = str(source)
+    state, step, where = state_dict_of(source)
     try:
         report = load_unet_weights(unet, state)
     except CheckpointError as e:

@@ -20,6 +20,7 @@ from model import validation
 from model.ddim import TFT2V_NEGATIVE_PROMPT, TFT2V_POSITIVE_PROMPT, SamplingConfig
 from model.diffusion import DiffusionConfig
 from model.encoders import PROJECT_CLIP_CONFIGS, EncoderConfig
+from model.stunet import STUNetConfig, check_frames
 from model.unet import UNetConfig
 from model.validation import ConfigError, check
 
@@ -71,6 +72,7 @@ class ModelConfig:
     height: int = 32  # pixels
     width: int = 32
     fps: int = 8  # frame rate clips are sampled at for training and written at
+    stunet: STUNetConfig | None = None  # Lumiere's space-time UNet (model/stunet.py); None: the ModelScope layout
 
     def __post_init__(self) -> None:
         check(bool(self.name), "name is empty: give the model config a name")
@@ -114,6 +116,10 @@ class ModelConfig:
                 f"set unet.image_embed_dim={embed_dim} (or 0 for no image condition)",
             )
 
+        if self.stunet is not None:
+            problem = check_frames(self.num_frames, self.stunet.frame_multiple(u), self.stunet.levels(u))
+            check(problem is None, f"num_frames={self.num_frames}: {problem}")
+
     @property
     def vae_factor(self) -> int:
         return VAE_FACTOR if self.encoders.first_stage == "sd_vae" else 1
@@ -128,6 +134,12 @@ def _tiny() -> ModelConfig:
     # The defaults are the tiny model, trained with timesteps shifted towards high noise, where a clip's layout and
     # motion are decided: on CPU it sees only a few thousand steps.
     return ModelConfig(diffusion=DiffusionConfig(timestep_shift=3.0))
+
+
+def _tiny_stunet() -> ModelConfig:
+    # The tiny widths as a Lumiere STUNet: time halves after both spatial downsamples (8 -> 4 -> 2 frames at the
+    # 8x8 level), trained from scratch on CPU like tiny, so every weight trains.
+    return ModelConfig(name="tiny-stunet", diffusion=DiffusionConfig(timestep_shift=3.0), stunet=STUNetConfig())
 
 
 def _small() -> ModelConfig:
@@ -219,6 +231,7 @@ def _tft2v() -> ModelConfig:
 
 MODEL_CONFIGS: dict[str, ModelConfig] = {
     "tiny": _tiny(),
+    "tiny-stunet": _tiny_stunet(),
     "small": _small(),
     "modelscope-1.7b": _modelscope(),
     "tf-t2v": _tft2v(),

@@ -33,6 +33,7 @@ from model.encoders import (
     tensor_to_frames,
 )
 from model.registry import ModelConfig
+from model.stunet import build_video_unet
 from model.unet import UNet3D
 from model.validation import ConfigError
 
@@ -71,7 +72,7 @@ class TextToVideo:
             )
         text, image = build_clip_encoders(cfg.encoders, device)
         first_stage = FirstStage.from_config(cfg.encoders, device)
-        unet = UNet3D(cfg.unet).to(device)
+        unet = build_video_unet(cfg).to(device)
         return cls(cfg, unet, text, image, first_stage)
 
     @classmethod
@@ -87,7 +88,7 @@ class TextToVideo:
             if ckpt.get(name) is not None:
                 _load_state(module, ckpt[name], f"{path} [{name}]")
         first_stage = FirstStage.from_config(cfg.encoders, device)
-        unet = UNet3D(cfg.unet)
+        unet = build_video_unet(cfg)
         _load_state(unet, ckpt["unet"], f"{path} [unet]")
         model = cls(cfg, unet.to(device), text, image, first_stage)
         model.step = int(ckpt.get("step", 0))

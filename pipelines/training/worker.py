@@ -588,10 +588,10 @@ class Exporter:
         self.engine, self.ema, self.rank, self.cfg, self.out, self.tracker = engine, ema, rank, cfg, out, tracker
         self.model = None
         if rank == 0:
+            from model.stunet import build_video_unet
             from model.text_to_video import TextToVideo
-            from model.unet import UNet3D
 
-            unet = UNet3D(model.config.unet).to(model.device)
+            unet = build_video_unet(model.config).to(model.device)
             self.model = TextToVideo(model.config, unet, model.text_encoder, model.image_encoder, model.first_stage)
 
     def gather(self, ema: bool) -> dict[str, Tensor] | None:

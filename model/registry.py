@@ -4,6 +4,7 @@
     cfg = get_config("small", {"unet.model_channels": 192, "num_frames": 8})
     cfg = get_config("modelscope-1.7b")                             # ModelScopeT2V's released UNet, exactly
     cfg = get_config("tf-t2v")                                      # TF-T2V's released UNet, exactly
+    cfg = get_config("tiny-stunet")                                 # tiny widths as Lumiere's STUNet
 
 ``MODEL_CONFIGS`` maps names to configs (treat them as read-only: ``get_config`` returns a fresh, validated
 copy with overrides applied). Overrides are a nested dict (``{"unet": {"model_channels": 192}}``) or dotted keys
@@ -231,10 +232,10 @@ def _tft2v() -> ModelConfig:
 
 MODEL_CONFIGS: dict[str, ModelConfig] = {
     "tiny": _tiny(),
-    "tiny-stunet": _tiny_stunet(),
     "small": _small(),
     "modelscope-1.7b": _modelscope(),
     "tf-t2v": _tft2v(),
+    "tiny-stunet": _tiny_stunet(),
 }
 
 

@@ -5,7 +5,11 @@ Model benchmark (also ``t2v bench model``). Prints:
    with ratios against the first (baseline) size measured in the same run;
 2. parameter counts (UNet total / temporal / spatial, frozen encoders) of every registered size, built on the
    meta device so the 1.7B model costs no memory;
-3. the estimated per-GPU training memory of ``modelscope-1.7b`` under DeepSpeed ZeRO-1/2/3 on ``gpus`` GPUs at bf16.
+3. the estimated per-GPU training memory of ``modelscope-1.7b`` under DeepSpeed ZeRO-1/2/3 on ``gpus`` GPUs at bf16;
+4. each STUNet size of ``layouts`` (Lumiere, ``model/stunet.py``) against the ModelScope layout of the same width
+   and clip shape: parameters, forward FLOPs (torch's FlopCounterMode, batch 1), the activations a training
+   forward keeps for backward (saved-tensor bytes, the figure that does not depend on the allocator or on other
+   processes) and the training step's time and peak memory.
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above the allocation before the step; on CPU, the
 process's peak resident set (Linux VmHWM, reset through /proc/self/clear_refs before the step) above its resident
@@ -36,6 +40,7 @@ class ModelBenchConfig:
     gpus: int = 8  # data-parallel GPUs sharing the ZeRO partitions
     seed: int = 0
     frames: int | None = None  # override num_frames of the timed sizes (quicker CPU runs)
+    layouts: list[str] = field(default_factory=lambda: ["tiny-stunet"])  # STUNet sizes vs the ModelScope layout
 
     def __post_init__(self) -> None:
         check(bool(self.sizes), "sizes is empty: name at least one registered size, e.g. --set sizes=[tiny]")
@@ -45,6 +50,7 @@ class ModelBenchConfig:
         check(
             self.frames is None or self.frames >= 1, f"frames={self.frames}: must be >= 1 (or null for the size's own)"
         )
+        check(isinstance(self.layouts, list), "layouts must be a list of STUNet sizes, e.g. [tiny-stunet] (or [])")
         check(
             self.device in ("auto", "cpu") or self.device.startswith("cuda"),
             f"device={self.device!r}: use auto, cpu or cuda",
@@ -130,11 +136,11 @@ def time_train_step(model_cfg, batch: int, repeats: int, device: str, seed: int 
     import torch
 
     from model.diffusion import Schedule, sample_timesteps, training_losses
-    from model.unet import UNet3D
+    from model.stunet import build_video_unet
 
     torch.manual_seed(seed)
     u, d = model_cfg.unet, latent_downsample(model_cfg)
-    unet = UNet3D(u).to(device).train()
+    unet = build_video_unet(model_cfg).to(device).train()
     schedule = Schedule.from_config(model_cfg.diffusion)
     x0 = torch.randn(
         batch, u.in_channels, model_cfg.num_frames, model_cfg.height // d, model_cfg.width // d, device=device
@@ -179,10 +185,9 @@ def count_parameters(model_cfg) -> dict:
     import torch
 
     from model.encoders import register_project_clip_configs
-    from model.unet import UNet3D
+    from model.stunet import build_video_unet
 
-    with torch.device("meta"):
-        counts = dict(UNet3D(model_cfg.unet).parameter_counts())
+    counts = dict(build_video_unet(model_cfg, "meta").parameter_counts())
     import open_clip
 
     register_project_clip_configs()
@@ -208,6 +213,68 @@ def count_parameters(model_cfg) -> dict:
         counts["vae"] = sum(p.numel() for p in vae.parameters())
     counts["all"] = counts["total"] + counts["clip_text"] + counts["clip_vision"] + counts["vae"]
     return counts
+
+
+def forward_flops(model_cfg, device: str = "cpu") -> int:
+    """FLOPs of one denoiser forward pass on one clip of the config's shape (torch's FlopCounterMode: convolutions,
+    matrix products and attention; norms and activations are not counted)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from model.stunet import build_video_unet
+
+    u, d = model_cfg.unet, latent_downsample(model_cfg)
+    unet = build_video_unet(model_cfg).to(device).eval()
+    x = torch.randn(1, u.in_channels, model_cfg.num_frames, model_cfg.height // d, model_cfg.width // d, device=device)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        unet(x, torch.tensor([500], device=device), torch.zeros(1, u.num_text_tokens, u.context_dim, device=device))
+    return int(counter.get_total_flops())
+
+
+def activation_bytes(model_cfg, device: str = "cpu") -> int:
+    """Bytes autograd keeps for the backward pass of one training forward on one clip (each stored tensor once):
+    the activation memory a training step holds at its peak, independent of the allocator and other processes."""
+    import torch
+
+    from model.stunet import build_video_unet
+
+    u, d = model_cfg.unet, latent_downsample(model_cfg)
+    unet = build_video_unet(model_cfg).to(device).train()
+    x = torch.randn(1, u.in_channels, model_cfg.num_frames, model_cfg.height // d, model_cfg.width // d, device=device)
+    seen: dict[tuple, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        seen[(storage.data_ptr(), t.device.type)] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        unet(x, torch.tensor([500], device=device), torch.zeros(1, u.num_text_tokens, u.context_dim, device=device))
+    params = {p.untyped_storage().data_ptr() for p in unet.parameters()}
+    return sum(n for (ptr, _), n in seen.items() if ptr not in params)
+
+
+def compare_layouts(name: str, cfg: ModelBenchConfig, device: str) -> dict:
+    """A STUNet size against the ModelScope layout of the same UNet widths and clip shape."""
+    from model.registry import get_config
+
+    frames = {"num_frames": cfg.frames} if cfg.frames else {}
+    stunet = get_config(name, frames)
+    check(stunet.stunet is not None, f"layouts: {name!r} is not a STUNet size (its config has no stunet section)")
+    layouts = {"stunet": stunet, "modelscope": get_config(name, {**frames, "stunet": None})}
+    out = {}
+    for layout, model_cfg in layouts.items():
+        step = time_train_step(model_cfg, cfg.batch, cfg.repeats, device, cfg.seed)
+        out[layout] = {
+            "params": count_parameters(model_cfg)["total"],
+            "flops": forward_flops(model_cfg, device),
+            "activation_bytes": activation_bytes(model_cfg, device),
+            "sec_per_sample": step["sec_per_sample"],
+            "peak_bytes": step["peak_bytes"],
+            "input": step["input"],
+        }
+    return out
 
 
 def zero_memory(trainable: int, frozen: int, gpus: int) -> dict[str, float]:
@@ -298,6 +365,26 @@ def run(cfg: ModelBenchConfig) -> dict:
     for stage, label in (("ddp", "DDP, no ZeRO"), ("zero1", "ZeRO-1"), ("zero2", "ZeRO-2"), ("zero3", "ZeRO-3")):
         print(f"{label:>16}: {mem[stage] / GIB:7.1f} GiB  ({mem[stage] / mem['ddp']:.2f}x DDP)")
     print("   activations are extra: see the measured peaks above and enable unet.gradient_checkpointing")
+
+    results["layouts"] = {}
+    for name in cfg.layouts:
+        r = compare_layouts(name, cfg, device)
+        results["layouts"][name] = r
+        st, ms = r["stunet"], r["modelscope"]
+        print(f"== {name}: STUNet vs the ModelScope layout, same widths, input {st['input']} (batch {cfg.batch})")
+        for layout, m in r.items():
+            print(
+                f"{layout:>16}: UNet {_fmt_count(m['params']):>8}  forward {m['flops'] / 1e9:8.3f} GFLOP/clip  "
+                f"activations {m['activation_bytes'] / 2**20:8.1f} MiB/clip  "
+                f"train step {m['sec_per_sample'] * 1e3:8.1f} ms/sample  peak {m['peak_bytes'] / 2**20:8.1f} MiB"
+            )
+        print(
+            f"{'STUNet/ModelScope':>16}: params {st['params'] / ms['params']:.2f}x  "
+            f"FLOPs {st['flops'] / ms['flops']:.2f}x  "
+            f"time {st['sec_per_sample'] / ms['sec_per_sample']:.2f}x  "
+            f"activations {st['activation_bytes'] / ms['activation_bytes']:.2f}x  "
+            f"peak {st['peak_bytes'] / max(ms['peak_bytes'], 1):.2f}x"
+        )
     return results
 
 

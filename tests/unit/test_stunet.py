@@ -143,3 +143,16 @@ def test_tiny_stunet_builds_saves_loads_and_samples(tmp_path):
         assert torch.equal(model.unet.eval()(x, 5), loaded.unet.eval()(x, 5))
     frames = loaded.generate(["a red circle moving left"], steps=2, guidance=1.0, seed=0)
     assert frames.shape == (1, 4, 16, 16, 3)
+
+
+def test_bench_model_compares_the_stunet_with_the_modelscope_layout_of_the_same_width():
+    from flows.benchmarks.model import ModelBenchConfig, activation_bytes, compare_layouts, forward_flops
+
+    shape = {"num_frames": 8, "height": 16, "width": 16}
+    stunet, modelscope = get_config("tiny-stunet", shape), get_config("tiny-stunet", {**shape, "stunet": None})
+    assert modelscope.stunet is None and modelscope.unet == stunet.unet
+    # Halving time twice leaves the coarse levels a quarter of the frames: fewer FLOPs and stored activations.
+    assert forward_flops(stunet) < 0.6 * forward_flops(modelscope)
+    assert activation_bytes(stunet) < 0.6 * activation_bytes(modelscope)
+    with pytest.raises(ConfigError, match="'tiny' is not a STUNet size"):
+        compare_layouts("tiny", ModelBenchConfig(sizes=["tiny"]), "cpu")

@@ -62,8 +62,11 @@ def resolve_model_config(cfg: TrainConfig):
     """The ModelConfig training uses: the registry entry with overrides, or the one stored in ``init_from`` when
     that is a TextToVideo checkpoint (its architecture and encoders must be kept to load its weights)."""
     from model.registry import ModelConfig, get_config
+    from model.stunet import is_image_model_for
 
-    if _is_t2v_checkpoint(cfg.init_from):
+    if _is_t2v_checkpoint(cfg.init_from) and not is_image_model_for(
+        get_config(cfg.model, cfg.model_overrides), cfg.init_from
+    ):
         from model.text_to_video import read_checkpoint
 
         stored = settings.from_dict(ModelConfig, read_checkpoint(cfg.init_from)["config"])
@@ -75,19 +78,33 @@ def resolve_model_config(cfg: TrainConfig):
                 "differ from it, are ignored"
             )
         return stored
-    return get_config(cfg.model, cfg.model_overrides or None)
+    model_config = get_config(cfg.model, cfg.model_overrides or None)
+    frozen = model_config.stunet is not None and model_config.stunet.trainable == "temporal"
+    settings.check(
+        not (frozen and cfg.image_batch_size),
+        f"image_batch_size={cfg.image_batch_size}: stunet.trainable=temporal freezes every weight an image batch "
+        "reaches; set image_batch_size=0",
+    )
+    return model_config
 
 
 def build_model(cfg: TrainConfig, device: torch.device):
     """TextToVideo with random (seeded, identical on every rank) or ``init_from`` weights."""
     from model.released import init_unet_from
+    from model.stunet import inflate_model_from_image, is_image_model_for
     from model.text_to_video import TextToVideo
 
     torch.manual_seed(cfg.seed)
-    if _is_t2v_checkpoint(cfg.init_from):
+    model_config = resolve_model_config(cfg)
+    if is_image_model_for(model_config, cfg.init_from):
+        # Lumiere: a STUNet grows from a trained image model; its new temporal layers keep their init.
+        model = TextToVideo.build(model_config)
+        new = inflate_model_from_image(model, cfg.init_from)
+        log.info("inflated the STUNet from the image model %s (new: %s)", cfg.init_from, new[:4])
+    elif _is_t2v_checkpoint(cfg.init_from):
         model = TextToVideo.from_checkpoint(cfg.init_from)
     else:
-        model = TextToVideo.build(resolve_model_config(cfg))
+        model = TextToVideo.build(model_config)
         if cfg.init_from:
             # A released file, a diffusers folder or an SD image UNet (inflated); what it lacks keeps its init.
             report = init_unet_from(model.unet, cfg.init_from)

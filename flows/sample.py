@@ -6,6 +6,8 @@ ModelScopeT2V / TF-T2V UNet file with ``--model`` naming its config, and write t
 
     t2v sample --checkpoint model.pt --prompt "a red circle moving left" --prompt "a blue square moving up"
         --out out.mp4 --steps 50 --guidance 9 --seed 0 [--image first_frame.png] [--negative-prompt "..."]
+    t2v sample --checkpoint lumiere.pt --prompt "..." --inpaint video.mp4 --mask mask.png   (or --image first.png,
+        --cinemagraph image.png --mask region.png: models trained with masked conditioning, model/masked.py)
     t2v sample --checkpoint tft2v_t2v_non_ema_512000.pth --model tf-t2v --prompt "a corgi running on the beach"
         --set model_overrides.encoders.vae_path=... --set model_overrides.encoders.clip_pretrained=...
 
@@ -46,7 +48,10 @@ class SampleConfig:
     seed: int = 0
     negative_prompt: str | None = None  # the unconditional side of guidance (None: the model's)
     timestep_spacing: str | None = None  # trailing | leading (None: the model's)
-    image: str | None = None  # optional conditioning image file (CLIP image embedding)
+    image: str | None = None  # conditioning image file (CLIP image embedding; the first frame for masked models)
+    inpaint: str | None = None  # video to inpaint where --mask is white (masked models, flows/masked_inputs.py)
+    cinemagraph: str | None = None  # image to animate where --mask is white (masked models)
+    mask: str | None = None  # png (or mp4 for --inpaint): white marks the region
     fps: float | None = None  # output frame rate; default: the model's fps
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
@@ -72,6 +77,12 @@ class SampleConfig:
             "model_overrides apply to a released UNet file: also pass --model modelscope-1.7b|tf-t2v",
         )
         check(self.fps is None or self.fps > 0, f"fps={self.fps}: must be > 0")
+        given = [f"--{name}" for name in ("image", "inpaint", "cinemagraph") if getattr(self, name)]
+        check(len(given) <= 1, f"{' and '.join(given)}: give one of --image, --inpaint and --cinemagraph")
+        check(
+            not (self.mask and not (self.inpaint or self.cinemagraph)),
+            "--mask goes with --inpaint video.mp4 or --cinemagraph image.png",
+        )
         check(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             f"device={self.device!r}: use auto, cpu, cuda or cuda:N",
@@ -118,6 +129,11 @@ def run(cfg: SampleConfig) -> list[Path]:
             raise FileNotFoundError(f"image {cfg.image!r} does not exist: pass an existing png/jpg with --image")
         image = media.decode_image(path.read_bytes())  # uint8 [h, w, 3]
     model = load_model(cfg, device)
+    from flows.masked_inputs import masked_concat
+
+    concat = masked_concat(model, cfg.image, cfg.inpaint, cfg.cinemagraph, cfg.mask)
+    if concat is not None and not model.config.unet.image_embed_dim:
+        image = None  # the image is the first frame only: this model has no CLIP image condition
     log.info(
         "loaded %s (model %r, step %s, %d frames %dx%d) on %s",
         cfg.checkpoint,
@@ -138,6 +154,7 @@ def run(cfg: SampleConfig) -> list[Path]:
         negative_prompt=cfg.negative_prompt,
         progress=True,
         spacing=cfg.timestep_spacing,
+        concat=concat,
     )  # uint8 [b, f, h, w, 3]
     fps = cfg.fps or model.config.fps
     paths = output_paths(cfg.out, len(cfg.prompts))
@@ -165,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eta", type=float, help="DDIM eta (default: the model's, 0)")
     parser.add_argument("--seed", type=int, help="random seed (default 0)")
     parser.add_argument("--negative-prompt", dest="negative_prompt", help="unconditional prompt (default: the model's)")
-    parser.add_argument("--image", help="conditioning image file (png/jpg)")
+    parser.add_argument("--image", help="conditioning image file (png/jpg); a masked model starts the video from it")
+    parser.add_argument("--inpaint", help="video to inpaint where --mask is white (masked models)")
+    parser.add_argument("--cinemagraph", help="image to animate where --mask is white (masked models)")
+    parser.add_argument("--mask", help="png (or mp4 for --inpaint) whose white pixels mark the region")
     parser.add_argument("--fps", type=float, help="output frame rate (default: the model's)")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
     settings.add_arguments(parser)
@@ -176,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         logs.setup()
         try:
             run(cfg)
-        except (FileNotFoundError, ValueError) as e:  # unreadable or unfitting checkpoint, bad image
+        except (FileNotFoundError, ValueError) as e:  # unreadable or unfitting checkpoint, bad image or mask
             print(f"t2v sample: {e}", file=sys.stderr)
             return 2
     return 0

@@ -21,6 +21,7 @@ from model import validation
 from model.ddim import TFT2V_NEGATIVE_PROMPT, TFT2V_POSITIVE_PROMPT, SamplingConfig
 from model.diffusion import DiffusionConfig
 from model.encoders import PROJECT_CLIP_CONFIGS, EncoderConfig
+from model.masked import MaskedConfig
 from model.stunet import STUNetConfig, check_frames
 from model.unet import UNetConfig
 from model.validation import ConfigError, check
@@ -74,6 +75,7 @@ class ModelConfig:
     width: int = 32
     fps: int = 8  # frame rate clips are sampled at for training and written at
     stunet: STUNetConfig | None = None  # Lumiere's space-time UNet (model/stunet.py); None: the ModelScope layout
+    masked: MaskedConfig | None = None  # Lumiere's masked conditioning (model/masked.py); None: text only
 
     def __post_init__(self) -> None:
         check(bool(self.name), "name is empty: give the model config a name")
@@ -117,6 +119,12 @@ class ModelConfig:
                 f"set unet.image_embed_dim={embed_dim} (or 0 for no image condition)",
             )
 
+        if self.masked is not None:
+            check(
+                u.extra_in_channels == u.in_channels + 1,
+                f"masked conditioning concatenates a {u.in_channels}-channel video and its mask: "
+                f"set unet.extra_in_channels={u.in_channels + 1} (it is {u.extra_in_channels})",
+            )
         if self.stunet is not None:
             problem = check_frames(self.num_frames, self.stunet.frame_multiple(u), self.stunet.levels(u))
             check(problem is None, f"num_frames={self.num_frames}: {problem}")

@@ -157,6 +157,7 @@ class TextToVideo:
         negative_prompt: str | None = None,
         progress: bool = False,
         spacing: str | None = None,
+        concat: Tensor | None = None,
     ) -> np.ndarray:
         """Prompts (and optionally a conditioning image) -> videos uint8 [b, f, h, w, 3].
 
@@ -164,6 +165,9 @@ class TextToVideo:
         without one the UNet gets no image tokens. Guidance contrasts the prompt (+ image) with ``negative_prompt``
         (no image). Settings left None come from ``config.sampling`` (the released sampler for the released
         configs, whose ``positive_prompt`` is appended to every prompt). Same seed -> same videos.
+
+        ``concat``: [1 or b, extra_in_channels, f, h', w'] given to both sides of guidance (masked conditioning,
+        ``model/masked.py``, whose given content is pasted back over the result).
         """
         if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be a non-empty list of strings, e.g. ['a red circle moving left']")
@@ -184,6 +188,8 @@ class TextToVideo:
             if emb.shape[0] not in (1, b):
                 raise ValueError(f"got {emb.shape[0]} images for {b} prompts; pass one image or one per prompt")
             cond["image_embedding"] = emb.expand(b, -1)
+        if concat is not None:
+            cond["concat"] = uncond["concat"] = concat.to(self.device, dtype)
         was_training = self.unet.training
         self.unet.eval()
         try:
@@ -205,6 +211,10 @@ class TextToVideo:
             )
         finally:
             self.unet.train(was_training)
+        if concat is not None and self.config.masked is not None:
+            from model.masked import composite
+
+            latents = composite(latents, cond["concat"].expand(b, *concat.shape[1:]).to(latents))
         return self.decode(latents)
 
 

@@ -467,6 +467,11 @@ def branch_loss(
 
     x0 = cond.latents(items, gen)  # [b, c, f, h', w']
     b = x0.shape[0]
+    concat = None
+    if model.config.masked is not None:  # Lumiere: a task per sample, its condition concatenated to the input
+        from model.masked import training_condition
+
+        x0, concat, _ = training_condition(x0, model.config.masked, gen)
     has_image_cond = model.config.unet.image_embed_dim > 0
     image_keep = None
     if cfg.condition_sampling == "per_sample":
@@ -498,6 +503,7 @@ def branch_loss(
         model.config.diffusion,
         context=context,
         image_embedding=image,
+        concat=concat,
         schedule=model.schedule,
         generator=gen,
     )

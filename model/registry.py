@@ -22,6 +22,7 @@ from model.ddim import TFT2V_NEGATIVE_PROMPT, TFT2V_POSITIVE_PROMPT, SamplingCon
 from model.diffusion import DiffusionConfig
 from model.encoders import PROJECT_CLIP_CONFIGS, EncoderConfig
 from model.masked import MaskedConfig
+from model.multidiffusion import SSRConfig
 from model.stunet import STUNetConfig, check_frames
 from model.unet import UNetConfig
 from model.validation import ConfigError, check
@@ -76,6 +77,7 @@ class ModelConfig:
     fps: int = 8  # frame rate clips are sampled at for training and written at
     stunet: STUNetConfig | None = None  # Lumiere's space-time UNet (model/stunet.py); None: the ModelScope layout
     masked: MaskedConfig | None = None  # Lumiere's masked conditioning (model/masked.py); None: text only
+    ssr: SSRConfig | None = None  # a spatial super-resolution model (model/multidiffusion.py); None: base model
 
     def __post_init__(self) -> None:
         check(bool(self.name), "name is empty: give the model config a name")
@@ -124,6 +126,17 @@ class ModelConfig:
                 u.extra_in_channels == u.in_channels + 1,
                 f"masked conditioning concatenates a {u.in_channels}-channel video and its mask: "
                 f"set unet.extra_in_channels={u.in_channels + 1} (it is {u.extra_in_channels})",
+            )
+        if self.ssr is not None:
+            check(self.masked is None, "ssr and masked both use the extra input channels: configure one of them")
+            check(
+                u.extra_in_channels == u.in_channels,
+                f"a super-resolution model concatenates the upsampled {u.in_channels}-channel low-resolution video: "
+                f"set unet.extra_in_channels={u.in_channels} (it is {u.extra_in_channels})",
+            )
+            check(
+                self.height % self.ssr.scale == 0 and self.width % self.ssr.scale == 0,
+                f"height x width = {self.height}x{self.width} must be multiples of ssr.scale={self.ssr.scale}",
             )
         if self.stunet is not None:
             problem = check_frames(self.num_frames, self.stunet.frame_multiple(u), self.stunet.levels(u))

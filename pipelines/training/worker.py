@@ -472,6 +472,10 @@ def branch_loss(
         from model.masked import training_condition
 
         x0, concat, _ = training_condition(x0, model.config.masked, gen)
+    if model.config.ssr is not None:  # super-resolution: the clip's low-resolution version as the condition
+        from model.multidiffusion import training_condition as low_resolution
+
+        concat = low_resolution(x0, model.config.ssr.scale)
     has_image_cond = model.config.unet.image_embed_dim > 0
     image_keep = None
     if cfg.condition_sampling == "per_sample":

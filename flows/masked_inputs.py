@@ -32,7 +32,7 @@ def masked_concat(model, image: str | None, inpaint: str | None, cinemagraph: st
         )
     f, h, w = cfg.num_frames, cfg.height, cfg.width
     if inpaint:
-        video = _read_video(inpaint, "--inpaint")
+        video = read_video(inpaint, "--inpaint")
         if video.shape[1:3] != (h, w) or video.shape[0] != f:
             raise ValueError(
                 f"--inpaint {inpaint}: {video.shape[0]} frames of {video.shape[2]}x{video.shape[1]}; the model "
@@ -80,7 +80,7 @@ def _read_image(path: str, flag: str, h: int, w: int) -> np.ndarray:
     return image
 
 
-def _read_video(path: str, flag: str) -> np.ndarray:
+def read_video(path: str, flag: str) -> np.ndarray:
     from pipelines import media
 
     try:
@@ -101,7 +101,7 @@ def _read_mask(path: str | None, flag: str, h: int, w: int, f: int | None):
     if p.suffix.lower() in VIDEO_SUFFIXES:
         if f is None:
             raise ValueError(f"--mask {path}: {flag} takes one mask image ({w}x{h} png), not a video")
-        frames = _read_video(path, "--mask")
+        frames = read_video(path, "--mask")
         if frames.shape[1:3] != (h, w) or frames.shape[0] != f:
             raise ValueError(
                 f"--mask {path}: {frames.shape[0]} frames of {frames.shape[2]}x{frames.shape[1]}; expected "
@@ -117,4 +117,4 @@ def _read_mask(path: str | None, flag: str, h: int, w: int, f: int | None):
     return torch.from_numpy(image.mean(-1) > 127).float()  # [h, w]
 
 
-__all__ = ["masked_concat"]
+__all__ = ["masked_concat", "read_video"]

@@ -8,6 +8,8 @@ ModelScopeT2V / TF-T2V UNet file with ``--model`` naming its config, and write t
         --out out.mp4 --steps 50 --guidance 9 --seed 0 [--image first_frame.png] [--negative-prompt "..."]
     t2v sample --checkpoint lumiere.pt --prompt "..." --inpaint video.mp4 --mask mask.png   (or --image first.png,
         --cinemagraph image.png --mask region.png: models trained with masked conditioning, model/masked.py)
+    t2v sample --checkpoint ssr.pt --prompt "..." --upscale low_res.mp4 --window 8 --stride 4   (super-resolution
+        over overlapping temporal windows, MultiDiffusion: model/multidiffusion.py)
     t2v sample --checkpoint tft2v_t2v_non_ema_512000.pth --model tf-t2v --prompt "a corgi running on the beach"
         --set model_overrides.encoders.vae_path=... --set model_overrides.encoders.clip_pretrained=...
 
@@ -52,6 +54,9 @@ class SampleConfig:
     inpaint: str | None = None  # video to inpaint where --mask is white (masked models, flows/masked_inputs.py)
     cinemagraph: str | None = None  # image to animate where --mask is white (masked models)
     mask: str | None = None  # png (or mp4 for --inpaint): white marks the region
+    upscale: str | None = None  # low-resolution video for a super-resolution model (model/multidiffusion.py)
+    window: int | None = None  # --upscale: frames per temporal window (None: the model's ssr.window or num_frames)
+    stride: int | None = None  # --upscale: frames between window starts (None: half a window)
     fps: float | None = None  # output frame rate; default: the model's fps
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
@@ -77,8 +82,12 @@ class SampleConfig:
             "model_overrides apply to a released UNet file: also pass --model modelscope-1.7b|tf-t2v",
         )
         check(self.fps is None or self.fps > 0, f"fps={self.fps}: must be > 0")
-        given = [f"--{name}" for name in ("image", "inpaint", "cinemagraph") if getattr(self, name)]
-        check(len(given) <= 1, f"{' and '.join(given)}: give one of --image, --inpaint and --cinemagraph")
+        given = [f"--{name}" for name in ("image", "inpaint", "cinemagraph", "upscale") if getattr(self, name)]
+        check(len(given) <= 1, f"{' and '.join(given)}: give one of --image, --inpaint, --cinemagraph, --upscale")
+        check(
+            (self.window is None and self.stride is None) or bool(self.upscale),
+            "--window and --stride go with --upscale low_res.mp4",
+        )
         check(
             not (self.mask and not (self.inpaint or self.cinemagraph)),
             "--mask goes with --inpaint video.mp4 or --cinemagraph image.png",
@@ -129,6 +138,8 @@ def run(cfg: SampleConfig) -> list[Path]:
             raise FileNotFoundError(f"image {cfg.image!r} does not exist: pass an existing png/jpg with --image")
         image = media.decode_image(path.read_bytes())  # uint8 [h, w, 3]
     model = load_model(cfg, device)
+    if cfg.upscale:
+        return _upscale(cfg, model)
     from flows.masked_inputs import masked_concat
 
     concat = masked_concat(model, cfg.image, cfg.inpaint, cfg.cinemagraph, cfg.mask)
@@ -168,6 +179,39 @@ def run(cfg: SampleConfig) -> list[Path]:
     return paths
 
 
+def _upscale(cfg: SampleConfig, model) -> list[Path]:
+    """Super-resolve ``cfg.upscale`` with MultiDiffusion over temporal windows, one video per prompt."""
+    from flows.masked_inputs import read_video
+    from model.multidiffusion import super_resolve
+    from pipelines import media
+
+    low = read_video(cfg.upscale, "--upscale")
+    fps = cfg.fps or model.config.fps
+    paths = output_paths(cfg.out, len(cfg.prompts))
+    for i, (prompt, path) in enumerate(zip(cfg.prompts, paths)):
+        frames = super_resolve(
+            model,
+            low,
+            prompt,
+            window=cfg.window,
+            stride=cfg.stride,
+            steps=cfg.steps,
+            guidance=cfg.guidance,
+            seed=cfg.seed + i,
+        )
+        media.write_mp4(frames, path, fps)
+        log.info(
+            "wrote %s (%d frames, %dx%d) from %s for %r",
+            path,
+            len(frames),
+            frames.shape[2],
+            frames.shape[1],
+            cfg.upscale,
+            prompt,
+        )
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="t2v sample", description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -186,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inpaint", help="video to inpaint where --mask is white (masked models)")
     parser.add_argument("--cinemagraph", help="image to animate where --mask is white (masked models)")
     parser.add_argument("--mask", help="png (or mp4 for --inpaint) whose white pixels mark the region")
+    parser.add_argument("--upscale", help="low-resolution video for a super-resolution model (any length)")
+    parser.add_argument("--window", type=int, help="--upscale: frames per temporal window")
+    parser.add_argument("--stride", type=int, help="--upscale: frames between window starts")
     parser.add_argument("--fps", type=float, help="output frame rate (default: the model's)")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
     settings.add_arguments(parser)

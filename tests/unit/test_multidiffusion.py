@@ -84,3 +84,47 @@ def test_overlapping_windows_leave_no_seam_at_window_borders():
     assert inside and max(blended[j] for j in borders(2)) <= max(inside) * 1.01
     apart = sample(4)  # windows side by side, nothing to blend: the drift jumps back at each border
     assert min(apart[j] for j in borders(4)) > 1.5 * max(apart[j] for j in range(f - 1) if j not in borders(4))
+
+
+def test_t2v_sample_upscale_writes_the_whole_clip_and_rejects_a_window_longer_than_it(tmp_path, capsys):
+    from flows.sample import main
+    from pipelines import media
+
+    torch.manual_seed(0)
+    path = TextToVideo.build(get_config("tiny", SSR)).save(tmp_path / "ssr.pt")
+    media.write_mp4(np.full((10, 8, 8, 3), 120, np.uint8), tmp_path / "low.mp4", 8)
+    common = [
+        "--checkpoint",
+        str(path),
+        "--prompt",
+        "a red circle",
+        "--upscale",
+        str(tmp_path / "low.mp4"),
+        "--steps",
+        "1",
+    ]
+    assert main([*common, "--window", "4", "--stride", "2", "--out", str(tmp_path / "hi.mp4")]) == 0
+    assert media.decode_video_file(tmp_path / "hi.mp4").shape == (10, 16, 16, 3)
+    assert main([*common, "--window", "12", "--out", str(tmp_path / "x.mp4")]) == 2
+    assert "window of 12 frames is longer than the clip (10 frames)" in capsys.readouterr().err
+
+
+def test_the_trainer_conditions_a_super_resolution_model_on_the_clip_at_low_resolution():
+    from pipelines import loader
+    from pipelines.training.config import TrainConfig
+    from pipelines.training.worker import Conditioner, branch_loss
+
+    torch.manual_seed(0)
+    model = TextToVideo.build(get_config("tiny", SSR))
+    frames = np.random.default_rng(0).integers(0, 255, (4, 16, 16, 3), dtype=np.uint8)
+    items = [loader.Item("k", "video_text", "a red circle", frames, frames[0])]
+    seen = {}
+
+    def net(*args, **kwargs):
+        seen.update(kwargs)
+        return model.unet(*args, **kwargs)
+
+    cond = Conditioner(model, TrainConfig(data=[]), torch.device("cpu"))
+    out = branch_loss(net, model, cond, items, "motion", TrainConfig(data=[]), torch.Generator(), torch.Generator())
+    assert out["loss"].requires_grad
+    torch.testing.assert_close(seen["concat"], training_condition(cond.latents(items, None), 2))

@@ -6,6 +6,7 @@ t2v curate --input runs/corpus/manifest.csv --output runs/curated
 t2v train --config my.yaml
 t2v import --from tf-t2v tft2v.pth --out runs/imported/tf-t2v
 t2v sample --checkpoint ckpt.pt --prompt "a red circle moving left" --out out.mp4
+t2v style --checkpoint model.pt --style styled.pt --factor 0.6 --out blended.pt
 t2v evaluate ... | t2v flow ... | t2v bench curate|model|train|learn|scale | t2v test
 t2v sweep --data runs/curated --set lr=[1e-3,3e-3]
 t2v compare RUN_ID RUN_ID | --experiment NAME | --parent RUN_ID
@@ -27,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("pipelines.training.job", "train the TF-T2V UNet with Ray Train + DeepSpeed"),
     "import": ("flows.import_weights", "turn released ModelScopeT2V / TF-T2V / SD 2.x weights into a checkpoint"),
     "sample": ("flows.sample", "generate a video from a prompt with a checkpoint"),
+    "style": ("flows.style", "blend a fine-tuned style's spatial weights into a model by a factor"),
     "evaluate": ("flows.evaluate", "evaluate a model on a prompt set and log to MLflow"),
     "flow": ("flows.retrain", "run or serve the scheduled re-training flow"),
     "sweep": ("flows.sweep", "train one variant per value of swept settings, grouped as MLflow parent/child runs"),

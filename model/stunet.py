@@ -383,41 +383,6 @@ def inflate_from_image(unet: STUNet, source: Mapping[str, Tensor] | str) -> list
     return report.missing_allowed
 
 
-def is_image_model_for(model_config, path: str | None) -> bool:
-    """Whether ``path`` is a TextToVideo checkpoint of a ModelScope-layout (image or video) model that a STUNet
-    ``model_config`` starts from by inflation, rather than a checkpoint to resume as it is."""
-    if getattr(model_config, "stunet", None) is None or not path:
-        return False
-    from model.text_to_video import FORMAT, read_checkpoint
-
-    try:
-        ckpt = read_checkpoint(path)
-    except Exception:  # not our checkpoint format: the released-weights loaders say what is wrong with it
-        return False
-    return ckpt.get("format") == FORMAT and ckpt["config"].get("stunet") is None
-
-
-def inflate_model_from_image(model, path: str) -> list[str]:
-    """Start a STUNet ``TextToVideo`` from an image model's checkpoint (``is_image_model_for``): its spatial UNet
-    weights and, when the file stores them (random-initialised CLIP), its text and image encoders, so the inflated
-    model reads prompts as the image model learnt to. Returns the UNet keys left at their initialisation."""
-    from model import validation
-    from model.registry import ModelConfig
-    from model.text_to_video import read_checkpoint
-
-    ckpt = read_checkpoint(path)
-    stored = validation.from_dict(ModelConfig, ckpt["config"])
-    check(
-        stored.encoders == model.config.encoders,
-        f"{path}: the image model's encoders ({stored.encoders}) differ from this STUNet's "
-        f"({model.config.encoders}); give the STUNet the image model's encoder settings",
-    )
-    for name in ("text_encoder", "image_encoder"):
-        if ckpt.get(name) is not None:
-            getattr(model, name).load_state_dict(ckpt[name])
-    return inflate_from_image(model.unet, ckpt["unet"])
-
-
 __all__ = [
     "STUNetConfig",
     "STUNet",
@@ -426,6 +391,4 @@ __all__ = [
     "build_video_unet",
     "check_frames",
     "inflate_from_image",
-    "inflate_model_from_image",
-    "is_image_model_for",
 ]

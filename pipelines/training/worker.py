@@ -61,8 +61,8 @@ def _is_t2v_checkpoint(path: str | None) -> bool:
 def resolve_model_config(cfg: TrainConfig):
     """The ModelConfig training uses: the registry entry with overrides, or the one stored in ``init_from`` when
     that is a TextToVideo checkpoint (its architecture and encoders must be kept to load its weights)."""
+    from model.inflation import is_image_model_for
     from model.registry import ModelConfig, get_config
-    from model.stunet import is_image_model_for
 
     if _is_t2v_checkpoint(cfg.init_from) and not is_image_model_for(
         get_config(cfg.model, cfg.model_overrides), cfg.init_from
@@ -90,8 +90,8 @@ def resolve_model_config(cfg: TrainConfig):
 
 def build_model(cfg: TrainConfig, device: torch.device):
     """TextToVideo with random (seeded, identical on every rank) or ``init_from`` weights."""
+    from model.inflation import inflate_model_from_image, is_image_model_for
     from model.released import init_unet_from
-    from model.stunet import inflate_model_from_image, is_image_model_for
     from model.text_to_video import TextToVideo
 
     torch.manual_seed(cfg.seed)

@@ -8,7 +8,9 @@ Train + DeepSpeed) for a time budget, evaluating during training (``periodic_eva
 colour and direction. Target on a 2-core machine within 30 minutes of training: colour >= 0.9, direction >= 0.7.
 
 Ablations (TF-T2V's): ``no_coherence`` trains without the temporal coherence loss, ``no_text_free`` without the
-text-free videos. In MLflow (``<output>/mlflow.db``, experiment ``bench-learn``) the benchmark is one parent run with
+text-free videos; ``stunet`` trains Lumiere's space-time UNet (``model/stunet.py``) of the same widths instead of the
+ModelScope layout, so ``--ablations full,stunet`` compares the two layouts after the same training time.
+In MLflow (``<output>/mlflow.db``, experiment ``bench-learn``) the benchmark is one parent run with
 a child run per ablation and seed, each with its ``val/*`` curves; the parent holds the comparison table and plots
 (``t2v compare --parent``). Prints, per ablation, the median over seeds of the minutes and steps until colour >= 0.9
 and until direction >= 0.7, beside the figures at the end of the budget, and writes them to
@@ -41,6 +43,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "full": {},
     "no_coherence": {"model_overrides": {"diffusion.coherence_weight": 0.0}},
     "no_text_free": {"text_free_fraction": 0.0},
+    # Lumiere's STUNet at the same widths and clip shape; the demo's 6 frames halve once in time (6 -> 3).
+    "stunet": {"model": "tiny-stunet", "model_overrides": {"stunet.temporal_levels": [0]}},
 }
 EXPERIMENT = "bench-learn"
 

@@ -156,3 +156,14 @@ def test_bench_model_compares_the_stunet_with_the_modelscope_layout_of_the_same_
     assert activation_bytes(stunet) < 0.6 * activation_bytes(modelscope)
     with pytest.raises(ConfigError, match="'tiny' is not a STUNet size"):
         compare_layouts("tiny", ModelBenchConfig(sizes=["tiny"]), "cpu")
+
+
+def test_bench_learn_compares_the_layouts_after_the_same_training_time(tmp_path):
+    from flows.benchmarks.learn import LearnBenchConfig, train_config
+    from pipelines.training.worker import resolve_model_config
+
+    bench = LearnBenchConfig(ablations=["full", "stunet"])
+    full, stunet = (resolve_model_config(train_config(bench, "data", tmp_path, a, 0)) for a in ("full", "stunet"))
+    assert full.stunet is None and stunet.stunet is not None
+    assert stunet.unet == full.unet and stunet.num_frames == full.num_frames == 6  # same widths and clip shape
+    assert train_config(bench, "data", tmp_path, "stunet", 0).time_limit_minutes == bench.minutes

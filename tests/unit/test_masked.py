@@ -4,10 +4,13 @@ with their usage errors, on the tiny model (CPU)."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 
+from flows.masked_inputs import masked_concat
 from flows.sample import main
 from model import masked
 from model.registry import get_config
@@ -151,17 +154,22 @@ def test_bad_masked_inputs_are_usage_errors_that_say_what_is_expected(
     right = _png(tmp_path / "right.png", np.zeros((H, W, 3), np.uint8))
     media.write_mp4(np.zeros((F, H, W, 3), np.uint8), tmp_path / "v.mp4", 8)
     media.write_mp4(np.zeros((F + 2, H, W, 3), np.uint8), tmp_path / "long.mp4", 8)
-    cases = [
-        (["--image", small], "the image is 8x8; the model makes 16x16 frames: give a 16x16 image"),
-        (["--inpaint", str(tmp_path / "v.mp4"), "--mask", small], "the mask is 8x8; expected 16x16"),
-        (["--inpaint", str(tmp_path / "v.mp4"), "--mask", str(tmp_path / "long.mp4")], "6 frames of 16x16; expected 4"),
-        (["--inpaint", str(tmp_path / "long.mp4"), "--mask", right], "6 frames of 16x16; the model makes 4 frames"),
-        (["--inpaint", str(tmp_path / "v.mp4")], "--inpaint needs --mask"),
-        (["--cinemagraph", right, "--mask", str(tmp_path / "v.mp4")], "takes one mask image"),
+    model = TextToVideo.from_checkpoint(masked_checkpoint)
+    v, long = str(tmp_path / "v.mp4"), str(tmp_path / "long.mp4")
+    cases = [  # (image, inpaint, cinemagraph, mask) -> the message
+        ((small, None, None, None), "the image is 8x8; the model makes 16x16 frames: give a 16x16 image"),
+        ((None, v, None, small), "the mask is 8x8; expected 16x16"),
+        ((None, v, None, long), "6 frames of 16x16; expected 4 frames of 16x16"),
+        ((None, long, None, right), "6 frames of 16x16; the model makes 4 frames of 16x16"),
+        ((None, v, None, None), "--inpaint needs --mask"),
+        ((None, None, right, v), "takes one mask image"),
     ]
     for args, message in cases:
-        assert main([*common, *args, "--out", str(tmp_path / "x.mp4")]) == 2, args
-        assert message in capsys.readouterr().err, args
+        with pytest.raises(ValueError, match=re.escape(message)):
+            masked_concat(model, *args)
+    # the command turns them into a usage error (exit 2) with the message
+    assert main([*common, "--image", small, "--out", str(tmp_path / "x.mp4")]) == 2
+    assert "give a 16x16 image" in capsys.readouterr().err
     # a model without masked conditioning says how to get one
     assert main(["--checkpoint", str(tiny_checkpoint), "--prompt", "a", "--cinemagraph", right, "--mask", right]) == 2
     assert "has no masked conditioning" in capsys.readouterr().err

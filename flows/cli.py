@@ -35,12 +35,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 ROOT = Path(__file__).resolve().parent.parent
+UNIT_WORKERS = min(4, os.cpu_count() or 1)
 
 
 def run_tests(argv: list[str]) -> int:
     """``t2v test [pytest args]``: what CI runs, in order: ``ruff check``, ``ruff format --check``, ``lint-imports``
-    (the layering contracts in pyproject.toml), then pytest on tests/ (unit tier, then integration; a path among
-    the arguments narrows it). The first step that fails ends the command with its exit code and says how to fix it.
+    (the layering contracts in pyproject.toml), then pytest: the unit tier on a process per core (pytest-xdist),
+    then the integration tier (a path among the arguments runs just that, in one process). The first step that fails
+    ends the command with its exit code and says how to fix it.
     """
     bin_dir = Path(sys.executable).parent  # the tools of the venv this runs in
 
@@ -61,12 +63,16 @@ def run_tests(argv: list[str]) -> int:
             [str(bin_dir / "lint-imports"), "--no-logo"],
             "an import crosses a layer ([tool.importlinter] in pyproject.toml): move the import or the code it needs",
         ),
-        (
-            "pytest",
-            [sys.executable, "-m", "pytest", *argv],
-            "see the failures above; rerun one with `t2v test tests/<tier>/<file>.py::<test>`",
-        ),
     ]
+    rerun = "see the failures above; rerun one with `t2v test tests/<tier>/<file>.py::<test>`"
+    if any(a.startswith("tests") or a.endswith(".py") or "::" in a for a in argv):
+        steps.append(("pytest", [sys.executable, "-m", "pytest", *argv], rerun))
+    else:
+        # the unit tier on one process per core (its tests share nothing); the integration tier shares one Ray
+        steps.append(
+            ("pytest unit", [sys.executable, "-m", "pytest", "tests/unit", "-n", str(UNIT_WORKERS), *argv], rerun)
+        )
+        steps.append(("pytest integration", [sys.executable, "-m", "pytest", "tests/integration", *argv], rerun))
     for name, cmd, fix in steps:
         print("+", " ".join(cmd), flush=True)
         try:
@@ -74,7 +80,7 @@ def run_tests(argv: list[str]) -> int:
         except FileNotFoundError:
             code, fix = 127, f"{cmd[0]} is missing: install the test extra (`pip install -e '.[test]'`)"
         if code != 0:
-            if name == "pytest" and code == 5:
+            if name.startswith("pytest") and code == 5:
                 fix = "no tests were collected: check the paths and -k/-m arguments"
             print(f"t2v test: {name} failed (exit {code}): {fix}", file=sys.stderr, flush=True)
             return code

@@ -123,6 +123,10 @@ def run(cfg: CurateConfig, input: str, output: str | os.PathLike, address: str |
     return summary
 
 
+# One machine is never preempted; Ray Train's preemption watcher would only log an error at start-up.
+NO_PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
 def local_ray_system_config(num_cpus: int | None, task_cpus: float) -> dict[str, Any]:
     """Ray settings for a local Ray: keep a worker process per decode-task slot. By default Ray keeps only as many
     idle workers as CPUs, so with task_cpus 0.5 a short pause would stop half the workers and the next tasks
@@ -154,6 +158,7 @@ def init_ray(address: str | None, num_cpus: int | None, task_cpus: float) -> flo
     else:
         # With the dashboard (on 127.0.0.1 only), which serves the State API: Ray Train's placement-group cleaner
         # polls it every second and, without it, logs a warning each time for the whole of a training run.
+        os.environ.setdefault(NO_PREEMPTION_WATCHER, "0")
         ray.init(
             num_cpus=num_cpus,
             dashboard_host="127.0.0.1",

@@ -89,6 +89,14 @@ class SampleMeta:
         return meta
 
 
+# Condition members (optional; model/conditions.py says what each one means to the model).
+CONDITIONS = {
+    "motion.npy": "motion vectors of the clip's H.264 stream, float16 [f, 2, h, w]: dx / width, dy / height per frame",
+    "sketch.npy": "edge map, uint8 [f, 1, h, w]: 1 on an edge",
+    "depth.npy": "relative inverse depth, float16 [f, 1, h, w] in [0, 1]: 1 is nearest",
+}
+
+
 def sample_key(source: str, clip_index: int = 0) -> str:
     """Stable key from the source URI and clip index: the same input always gives the same key."""
     digest = hashlib.sha1(source.encode("utf-8")).hexdigest()[:16]
@@ -112,8 +120,8 @@ def encode_sample(
         sample["txt"] = meta.caption.encode("utf-8")
     for name, array in (arrays or {}).items():
         member = f"{name}.npy"
-        if member not in PRE_ENCODED:
-            raise ValueError(f"unknown pre-encoded member {member!r}; known: {sorted(PRE_ENCODED)}")
+        if member not in PRE_ENCODED and member not in CONDITIONS:
+            raise ValueError(f"unknown array member {member!r}; known: {sorted(PRE_ENCODED) + sorted(CONDITIONS)}")
         sample[member] = npy_bytes(array)
     if encoders is not None:
         sample["encoders.json"] = json.dumps(encoders, sort_keys=True).encode("utf-8")
@@ -150,7 +158,7 @@ def decode_sample(raw: dict[str, Any]) -> Sample:
     if isinstance(caption, bytes):
         caption = caption.decode("utf-8")
     arrays = {}
-    for member in PRE_ENCODED:
+    for member in (*PRE_ENCODED, *CONDITIONS):
         if member.endswith(".npy") and member in raw:
             value = raw[member]
             arrays[member[: -len(".npy")]] = value if isinstance(value, np.ndarray) else load_npy(value)

@@ -166,6 +166,29 @@ class EncodeConfig:
 
 
 @dataclass
+class ConditionsConfig:
+    """Structure conditions stored with each clip (stages/conditions.py) for compositional training. A condition
+    that cannot be extracted from a clip is recorded in its json (``extra.condition_errors``); the clip is kept."""
+
+    kinds: list[str] = field(default_factory=list)  # any of: motion, sketch, depth
+    depth_model: str | None = None  # local .pt2 (torch.export) or TorchScript depth network: needed for depth
+    depth_size: int = 256  # the depth network's input side
+    edge_threshold: float = 0.25  # sketch: edges above this share of the clip's strongest gradient
+
+    def __post_init__(self) -> None:
+        from model.conditions import CHANNELS
+
+        unknown = [k for k in self.kinds if k not in CHANNELS]
+        check(not unknown, f"conditions.kinds: unknown {unknown}; accepted are {sorted(CHANNELS)}")
+        check(
+            "depth" not in self.kinds or (self.depth_model is not None and os.path.isfile(self.depth_model)),
+            f"conditions.depth_model={self.depth_model!r}: depth needs a local network file (.pt2 or TorchScript)",
+        )
+        check(16 <= self.depth_size <= 2048, f"conditions.depth_size={self.depth_size}: must be within 16..2048")
+        check(0 < self.edge_threshold < 1, f"conditions.edge_threshold={self.edge_threshold}: must be within (0, 1)")
+
+
+@dataclass
 class CurateConfig:
     inputs: InputConfig = field(default_factory=InputConfig)
     clips: ClipConfig = field(default_factory=ClipConfig)
@@ -173,6 +196,7 @@ class CurateConfig:
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     shards: ShardConfig = field(default_factory=ShardConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
+    conditions: ConditionsConfig = field(default_factory=ConditionsConfig)
     num_cpus: int | None = None  # local Ray only: CPUs to use (None: all)
     inputs_per_task: int | None = None  # inputs per decode task (None: see build_dataset)
     task_cpus: float = 0.5  # CPUs a decode task asks Ray for (see build_dataset)

@@ -290,6 +290,10 @@ def _tail(ds, cfg: CurateConfig):
     else:
         ds = ds.map_batches(CaptionFilter(cfg), batch_size=None, batch_format="pyarrow", **_task_args(cfg))
     ds = ds.map_batches(Route(cfg), batch_size=None, batch_format="pyarrow", **_task_args(cfg))
+    if cfg.conditions.kinds:
+        from pipelines.curation.stages.conditions import ExtractConditions
+
+        ds = ds.map_batches(ExtractConditions(cfg), batch_size=None, batch_format="pyarrow", **_task_args(cfg))
     if cfg.encode.mode != "none":
         from pipelines.curation.stages.encode import PreEncoder
 

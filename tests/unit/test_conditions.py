@@ -3,6 +3,8 @@ VideoComposer's dropout), and extracting motion vectors, edge maps and depth fro
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -10,8 +12,18 @@ import torch
 from model.conditions import CHANNELS, ConditionConfig, ConditionEncoder, keep_masks
 from model.registry import get_config
 from model.unet import build_unet
-from pipelines import media, shapes
-from pipelines.curation.stages.conditions import ConditionError, DepthEstimator, edge_map, motion_field
+from pipelines import media, schema, settings, shapes
+from pipelines.curation.config import CurateConfig
+from pipelines.curation.stages import new_row, to_rows
+from pipelines.curation.stages.conditions import (
+    ConditionError,
+    DepthEstimator,
+    ExtractConditions,
+    edge_map,
+    motion_field,
+)
+from pipelines.curation.stages.write import sample_from_row
+from pipelines.settings import ConfigError
 
 KINDS = ("depth", "sketch", "motion")
 
@@ -144,3 +156,55 @@ def test_depth_from_a_local_exported_network(tmp_path):
         (tmp_path / name).write_bytes(b"junk")
         with pytest.raises(ValueError, match="not a depth network"):
             DepthEstimator(tmp_path / name)
+
+
+def _row(kind: str, frames: np.ndarray) -> dict:
+    is_video = kind != "image"
+    return new_row(
+        source=f"/data/{kind}.mp4",
+        media_type="video" if is_video else "image",
+        kind=kind,
+        key=f"k_{kind}",
+        caption=None if kind == "video" else "a red square moving right",
+        media=media.encode_mp4(frames, 8.0) if is_video else media.encode_jpg(frames[0]),
+        num_frames=frames.shape[0],
+        fps=8.0,
+        width=frames.shape[2],
+        height=frames.shape[1],
+    )
+
+
+def test_the_curation_stage_stores_conditions_as_sample_members_and_records_failures(tmp_path):
+    torch.manual_seed(0)
+    wrong = tmp_path / "wrong.pt2"  # a network whose output is not a depth map: depth fails, the clip stays
+    torch.export.save(torch.export.export(torch.nn.Conv2d(3, 2, 1), (torch.zeros(1, 3, 32, 32),)), str(wrong))
+    cfg = settings.load(
+        CurateConfig,
+        overrides=[
+            "conditions.kinds=[motion,sketch,depth]",
+            f"conditions.depth_model={wrong}",
+            "conditions.depth_size=32",
+        ],
+    )
+    video = shapes.render_video("red", "square", "right", 32, 32, 8)
+    rows = to_rows(ExtractConditions(cfg)([_row("video", video), _row("image", video[:1])]))
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    samples = [schema.decode_sample(sample_from_row(r)) for r in rows]
+    clip, image = samples
+    assert clip.arrays["motion"].shape == (8, 2, 32, 32) and clip.arrays["sketch"].shape == (8, 1, 32, 32)
+    assert "motion" not in image.arrays and image.arrays["sketch"].shape == (1, 1, 32, 32)  # images have no motion
+    assert "depth" not in clip.arrays
+    assert "depth network returned shape" in clip.meta.extra["condition_errors"]["depth"]
+    cfg.conditions.depth_size = 64  # not the side the exported network takes: said per clip, the clip stays
+    rows = to_rows(ExtractConditions(cfg)([_row("video", video)]))
+    assert (
+        rows[0]["status"] == "ok"
+        and "set conditions.depth_size" in json.loads(rows[0]["extra"])["condition_errors"]["depth"]
+    )
+
+
+def test_condition_settings_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="accepted are"):
+        settings.load(CurateConfig, overrides=["conditions.kinds=[flow]"])
+    with pytest.raises(ConfigError, match="depth needs a local network file"):
+        settings.load(CurateConfig, overrides=["conditions.kinds=[depth]"])

@@ -13,8 +13,15 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from pipelines import media, schema
+from pipelines.curation.stages import Stage, add_extra
+
+if TYPE_CHECKING:
+    from pipelines.curation.config import CurateConfig
 
 SOBEL = np.array([[1, 0, -1], [2, 0, -2], [1, 0, -1]], dtype=np.float32)
 
@@ -113,8 +120,14 @@ class DepthEstimator:
         x = (frames.astype(np.float32) / 255.0 - self.MEAN) / self.STD
         x = torch.from_numpy(x).permute(0, 3, 1, 2).to(self.device)
         x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        with torch.no_grad():
-            y = torch.cat([self.net(frame[None]) for frame in x])
+        try:
+            with torch.no_grad():
+                y = torch.cat([self.net(frame[None]) for frame in x])
+        except Exception as e:  # an exported network checks its input shape with its own error types
+            raise ConditionError(
+                f"depth network failed on [1, 3, {self.size}, {self.size}] input ({type(e).__name__}: {e}); "
+                "set conditions.depth_size to the side the network takes"
+            ) from e
         if y.ndim == 3:
             y = y.unsqueeze(1)
         if y.ndim != 4 or y.shape[0] != f or y.shape[1] != 1:
@@ -124,3 +137,44 @@ class DepthEstimator:
         if not np.isfinite([lo, hi]).all():
             raise ConditionError("depth network returned non-finite values")
         return ((y - lo) / (hi - lo) if hi > lo else np.zeros_like(y)).astype(np.float16)
+
+
+class ExtractConditions(Stage):
+    """Stage ``conditions`` (after route): the configured conditions of every clip as ``cond_<kind>`` columns (npy
+    bytes; the write stage stores them as ``<kind>.npy``). Images get sketch and depth (one frame), not motion. A
+    condition that fails is noted in ``extra.condition_errors`` with its reason; the clip goes on without it."""
+
+    name = "conditions"
+
+    def __init__(self, cfg: CurateConfig):
+        self.cfg = cfg.conditions
+        self.setup_guards(cfg.transient_retries, None)
+        self._depth: DepthEstimator | None = None
+
+    def depth(self) -> DepthEstimator:
+        if self._depth is None:  # loaded in the worker, once
+            self._depth = DepthEstimator(self.cfg.depth_model, size=self.cfg.depth_size)
+        return self._depth
+
+    def process(self, row: dict[str, Any]):
+        row = dict(row)
+        is_video = row["media_type"] != "image"
+        frames = media.decode_mp4(row["media"]) if is_video else media.decode_image(row["media"])[None]
+        errors: dict[str, str] = {}
+        for kind in self.cfg.kinds:
+            try:
+                if kind == "motion":
+                    if not is_video:
+                        continue
+                    array = motion_field(row["media"], frames.shape[0], frames.shape[1], frames.shape[2])
+                elif kind == "sketch":
+                    array = edge_map(frames, self.cfg.edge_threshold)
+                else:
+                    array = self.depth()(frames)
+            except Exception as e:  # noqa: BLE001 - a condition that fails never costs the clip
+                errors[kind] = str(e) if isinstance(e, ConditionError) else f"{type(e).__name__}: {e}"
+                continue
+            row[f"cond_{kind}"] = schema.npy_bytes(array)
+        if errors:
+            add_extra(row, condition_errors=errors)
+        yield row

@@ -69,12 +69,30 @@ class SampleMeta:
     scores: dict[str, float] = dataclasses.field(default_factory=dict)  # motion, clip_sim, ...
     labels: dict[str, Any] = dataclasses.field(default_factory=dict)  # ground truth when known (shapes corpus)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # the bucket "WxH" the clip was resized into (pipelines/buckets.py); shards written before buckets existed
+    # have none, and read as the bucket of their stored size
+    bucket: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind={self.kind!r} is not one of {KINDS}")
         if self.num_frames < 1 or self.width < 1 or self.height < 1:
             raise ValueError(f"num_frames/width/height must be >= 1, got {self.num_frames}/{self.width}/{self.height}")
+        size = f"{self.width}x{self.height}"
+        if not self.bucket:
+            self.bucket = size
+        elif self.bucket != size:
+            raise ValueError(f"bucket={self.bucket!r} but the clip is {size}: a clip's bucket is its stored size")
+
+    @property
+    def frames(self) -> int:
+        """Frames per clip (1 for images): with ``bucket``, the sample's loader shape."""
+        return self.num_frames
+
+    @property
+    def shape(self) -> str:
+        """The loader bucket, size and frames: ``448x256_16f`` (images ``_1f``)."""
+        return shape_name(self.width, self.height, self.num_frames)
 
     def to_json(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), sort_keys=True).encode("utf-8")
@@ -87,6 +105,11 @@ class SampleMeta:
         meta = cls(**d)
         meta.extra.update(extra)
         return meta
+
+
+def shape_name(width: int, height: int, frames: int) -> str:
+    """A loader bucket: size and frame count, e.g. ``448x256_16f`` (a valid MLflow metric name)."""
+    return f"{width}x{height}_{int(frames)}f"
 
 
 def sample_key(source: str, clip_index: int = 0) -> str:

@@ -464,8 +464,9 @@ def _summary(driver: _Driver, input: str, out: Path, listed, todo, removed, star
 
 
 def _get(d: dict, dotted: str) -> Any:
+    # a key missing from a config saved before it existed reads as unset (None), its default
     for part in dotted.split("."):
-        d = d.get(part, {}) if isinstance(d, dict) else {}
+        d = d.get(part) if isinstance(d, dict) else None
     return d
 
 

@@ -33,6 +33,7 @@ while encoding is a transient fault (retried, never final).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import signal
 import subprocess
@@ -47,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import ffmpeg
 import numpy as np
 
-from pipelines import schema
+from pipelines import buckets, schema
 from pipelines.curation.stages import Stage, TransientFault, add_extra, is_transient, reject
 from pipelines.curation.stages.probe import FFMPEG_INPUT_OPTIONS, media_path
 
@@ -350,6 +351,8 @@ class ClipDecoder(Stage):
     def __init__(self, cfg: CurateConfig, keep_keyframes: bool = False):
         c = cfg.clips
         self.width, self.height, self.num_frames, self.fps = c.width, c.height, c.num_frames, c.fps
+        self.sizes, self.image_sizes, self.lengths = c.video_sizes, c.image_sizes, c.clip_lengths
+        self.upscale, self.max_crop = c.upscale, c.crop_limit
         self.policy, self.max_clips_cfg = c.policy, c.max_clips
         self.scene_threshold = c.scene_threshold
         self.crf, self.preset, self.threads = c.crf, c.preset, c.threads
@@ -359,7 +362,7 @@ class ClipDecoder(Stage):
         self.on_decode_error = cfg.quality.on_decode_error
         self.keyframes_which = list(cfg.caption.frames) if keep_keyframes else []
         # a frame cap, so a file that lies about (or has no) duration cannot decode for ever
-        self.max_frames = math.ceil(cfg.quality.max_duration_s * c.fps) + c.num_frames
+        self.max_frames = math.ceil(cfg.quality.max_duration_s * c.fps) + max(self.lengths)
         self.setup_guards(cfg.transient_retries, cfg.hard_limit_s)
 
     def _check_limits(self, planner: ClipPlanner, deadline: float) -> None:
@@ -384,7 +387,9 @@ class ClipDecoder(Stage):
                     image = np.asarray(im.convert("RGB"))
             except Exception as e:  # PIL raises many types for bad data (and DecompressionBombError)
                 raise DecodeFailed("decode_error", f"cannot decode the image: {type(e).__name__}: {e}") from None
-        image = cover_crop(image, self.width, self.height)
+        choice = self._bucket(image.shape[1], image.shape[0], self.image_sizes)
+        width, height = choice.size
+        image = cover_crop(image, width, height)
         out = dict(
             row,
             media=media.encode_jpg(image, quality=self.jpg_quality),
@@ -392,18 +397,52 @@ class ClipDecoder(Stage):
             start_s=0.0,
             num_frames=1,
             fps=0.0,
-            width=self.width,
-            height=self.height,
+            width=width,
+            height=height,
             input_rows=1,
             data=None,
         )
+        add_extra(out, crop_fraction=round(choice.crop, 4), upscaled=choice.upscaled)
         if self.keyframes_which:
             out["keyframes"] = schema.npy_bytes(image[None])
         return out
 
     # -- videos ------------------------------------------------------------------------------------------------
 
+    def _bucket(self, src_w: int, src_h: int, sizes: list[tuple[int, int]]) -> buckets.Choice:
+        try:
+            return buckets.choose_bucket(src_w, src_h, sizes, self.upscale, self.max_crop)
+        except buckets.Rejected as e:
+            raise DecodeFailed(e.reason, str(e)) from None
+
     def _video(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        """Clips of every length in ``clips.lengths`` (one decoding pass per length, each on its own grid), at
+        the bucket nearest the source's aspect. A clip's index interleaves the lengths, so a single length keeps
+        the grid window number and keys stay stable."""
+        choice = self._bucket(row["src_width"], row["src_height"], self.sizes)
+        out: list[dict[str, Any]] = []
+        short: DecodeFailed | None = None
+        for li, length in enumerate(self.lengths):
+            # the decoding methods read the geometry from the instance: a copy per (bucket, length)
+            shaped = copy.copy(self)
+            (shaped.width, shaped.height), shaped.num_frames = choice.size, length
+            try:
+                rows = shaped._video_length(row)
+            except DecodeFailed as e:  # too short for this length may still make clips of another
+                if e.reason != "no_clip":
+                    raise
+                short, rows = short or e, []
+            for r in rows:
+                r["clip_index"] = r["clip_index"] * len(self.lengths) + li
+                add_extra(r, crop_fraction=round(choice.crop, 4), upscaled=choice.upscaled)
+            out += rows
+        if not out and short is not None:
+            raise short
+        for r in out:
+            r["input_rows"] = len(out)
+        return out
+
+    def _video_length(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         max_clips = {"all": None, "first": 1, "max_n": self.max_clips_cfg}[self.policy]
         planner = ClipPlanner(self.num_frames, max_clips, self.scene_threshold)
         with tempfile.TemporaryDirectory(prefix="t2v-decode-") as tmp, media_path(row) as path:

@@ -32,6 +32,12 @@ samples read, or of the shards, were unusable.
 
 Streams never end (epochs repeat), so ranks with uneven shares can never leave a collective waiting: the
 training loop stops every rank at the same step count.
+
+Shapes. ``shapes="model"`` (the default) resizes every sample to the model's size and frame count. With
+``shapes="buckets"`` there is one stream per (kind, bucket) (``448x256_16f``: size and frames as curated, from
+the shard indexes), each the seeded, resumable stream above restricted to that bucket's samples; ``BucketPlan``
+draws each step's image and video bucket and its batch size, so a batch holds one bucket, unpadded, at its
+stored size. The state is every stream's position plus the number of batches made, so resume stays exact.
 """
 
 from __future__ import annotations
@@ -628,10 +634,12 @@ class BucketPlan:
             kind: {shape: sum(v[1]) for shape, v in shapes.items()} for kind, shapes in inventory.items()
         }  # kind -> shape -> samples
         bad = sorted(
-            shape
-            for shapes in counts.values()
-            for shape in shapes
-            if any(side % spec.size_multiple for side in _parse_shape(shape)[:2])
+            {
+                shape
+                for shapes in counts.values()
+                for shape in shapes
+                if any(side % spec.size_multiple for side in _parse_shape(shape)[:2])
+            }
         )
         if bad:
             raise DataError(

@@ -18,7 +18,7 @@ A sample (members of the tar, grouped by ``__key__``)::
     __key__           stable id: <16 hex of sha1(source)>_<clip index 3 digits>; never contains a dot
     mp4 | jpg         the clip (H.264) for video kinds, the picture for ``image``
     txt               UTF-8 caption (``image`` and ``video_text`` only)
-    json              SampleMeta as JSON
+    json              SampleMeta as JSON: geometry (width, height, bucket "WxH", num_frames, fps), provenance, scores
     latent.npy ...    optional pre-encoded tensors (see PRE_ENCODED), written by the pre-encode stage
 
 Kinds: ``image`` (image-text, TF-T2V content branch), ``video_text`` (captioned clip) and ``video``

@@ -73,12 +73,12 @@ def test_a_source_goes_to_the_bucket_nearest_its_aspect_and_bad_sources_say_why(
     assert buckets.choose_bucket(200, 120, sizes, True, 0.5) == buckets.Choice(
         (448, 256), pytest.approx(0.0476, abs=1e-3), True
     )
-    with pytest.raises(buckets.Rejected, match=r"aspect 8.00 .* crop 78% .* clips.max_crop=0.5") as e:
+    with pytest.raises(buckets.Rejected, match=r"aspect 8.00\).* crop 78% .*clips.max_crop=0.5") as e:
         buckets.choose_bucket(2048, 256, sizes, False, 0.5)
     assert e.value.reason == "bad_aspect"
 
 
-@pytest.mark.parametrize("bad", ["[wide]", "[448x256, 448]", "[447x256]", "[8x8]", "448x256", "[256x256, 256x256]"])
+@pytest.mark.parametrize("bad", ["[wide]", "[448x256, 448]", "[447x256]", "[8x8]", "[256x256, 256x256]", "[]"])
 def test_an_unknown_bucket_in_the_config_is_a_usage_error_naming_the_form(bad):
     with pytest.raises(settings.ConfigError, match=r"clips.buckets.*(WxH|more than once)"):
         settings.load(CurateConfig, None, [f"clips.buckets={bad}"])
@@ -222,7 +222,7 @@ def test_the_unet_runs_at_every_bucket_shape(f, h, w):
 def test_sampling_at_a_bucket_shape_and_a_size_the_unet_cannot_take():
     torch.manual_seed(0)
     model = TextToVideo.build(get_config("tiny", SMALL))
-    video = model.generate(["a red square"], steps=2, size=(4, 16, 32))
+    video = model.generate(["a red square"], steps=1, size=(4, 16, 32))
     assert video.shape == (1, 4, 16, 32, 3)
     with pytest.raises(ValueError, match="a 18x18 clip: this model takes heights and widths that are multiples of 4"):
         model.generate(["a red square"], steps=2, size=(4, 18, 18))
@@ -232,9 +232,13 @@ def test_fps_conditioning_starts_as_a_no_op_and_then_tells_frame_rates_apart():
     cfg = get_config("tiny", SMALL).unet
     torch.manual_seed(0)
     plain = UNet3D(cfg).eval()
-    torch.manual_seed(0)
     with_fps = UNet3D(dataclasses.replace(cfg, use_fps_condition=True)).eval()
-    with_fps.load_state_dict(plain.state_dict(), strict=False)  # the fps MLP is new, zero at its output
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # random weights everywhere, so the zero-initialised output layer passes something on
+        for p in plain.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    missing = with_fps.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("fps_embedding.") for k in missing)  # the fps MLP is all that is new
     x, t = torch.randn(2, 3, 4, 16, 16), torch.tensor([5, 500])
     with torch.no_grad():
         torch.testing.assert_close(with_fps(x, t, fps=torch.tensor([4.0, 8.0])), plain(x, t))

@@ -24,10 +24,15 @@ policy first / max_n, decoding stops once enough clips are found, so long videos
 
 Images: decoded with PIL, resized to cover, centre-cropped, re-encoded as JPEG.
 
-Rejections: ``no_clip`` (no complete window without a cut), ``decode_error`` (FFmpeg reported errors, e.g. a
-truncated file; ``quality.on_decode_error=keep`` keeps the clips that decoded), ``encode_error``,
-``decode_timeout``, ``too_long`` (more frames than ``quality.max_duration_s x clips.fps``). A full temp disk
-while encoding is a transient fault (retried, never final).
+Buckets (``clips.buckets``, ``clips.image_buckets``, ``clips.lengths``; ``pipelines/buckets.py``): each source
+goes to the bucket nearest its aspect (least crop) that it covers without upscaling, and a video gives clips of
+every length, one decoding pass per length. Unset, the one size ``width x height`` and ``num_frames``.
+
+Rejections: ``too_small`` (smaller than every bucket, unless ``clips.small_source=upscale``), ``bad_aspect``
+(the least crop is over ``clips.max_crop``), ``no_clip`` (no complete window without a cut), ``decode_error``
+(FFmpeg reported errors, e.g. a truncated file; ``quality.on_decode_error=keep`` keeps the clips that decoded),
+``encode_error``, ``decode_timeout``, ``too_long`` (more frames than ``quality.max_duration_s x clips.fps``). A
+full temp disk while encoding is a transient fault (retried, never final).
 """
 
 from __future__ import annotations

@@ -219,9 +219,10 @@ def aspect_corpus(tmp_path_factory):
     return _aspect_corpus(tmp_path_factory.mktemp("aspects"))
 
 
-def _curate_buckets(manifest: Path, out: Path, lengths: tuple[int, ...] = (4, 8)) -> Path:
+def _curate_buckets(manifest: Path, out: Path, lengths: tuple[int, ...] = (4, 8), encode: bool = False) -> Path:
     """Curates ``manifest`` into ``BUCKETS`` with clips of ``lengths`` frames through the real stages, in this
-    process (curation's Ray job runs the same stages), into shards under ``out``."""
+    process (curation's Ray job runs the same stages), into shards under ``out``; ``encode`` pre-encodes them with
+    the tiny model's encoders."""
     from pipelines import settings
     from pipelines.curation import inputs
     from pipelines.curation.config import CurateConfig
@@ -241,10 +242,16 @@ def _curate_buckets(manifest: Path, out: Path, lengths: tuple[int, ...] = (4, 8)
             "clips.fps=8",
             "quality.min_side=16",
             "quality.motion_max=1",
+            *(["encode.mode=latents+clip", "encode.model=tiny"] if encode else []),
         ],
     )
     table = inputs.resolve(str(manifest), cfg.inputs)
-    for stage in (Probe(cfg), InputQuality(cfg), ClipDecoder(cfg), ClipQuality(cfg), CaptionFilter(cfg), Route(cfg)):
+    stages = [Probe(cfg), InputQuality(cfg), ClipDecoder(cfg), ClipQuality(cfg), CaptionFilter(cfg), Route(cfg)]
+    if encode:
+        from pipelines.curation.stages.encode import PreEncoder
+
+        stages.append(PreEncoder(cfg, device="cpu"))
+    for stage in stages:
         table = stage(table)
     sink = ShardSink(out, "rbuckets", maxcount=4)
     for row in table.to_pylist():
@@ -258,6 +265,13 @@ def _curate_buckets(manifest: Path, out: Path, lengths: tuple[int, ...] = (4, 8)
 def bucket_shards(aspect_corpus, tmp_path_factory):
     """The aspect corpus curated into ``BUCKETS`` with clips of 4 and 8 frames (shards of at most 4 samples)."""
     return _curate_buckets(aspect_corpus, tmp_path_factory.mktemp("bucket-shards"))
+
+
+@pytest.fixture(scope="session")
+def curate_buckets():
+    """``curate_buckets(manifest, out, lengths=(4, 8), encode=False) -> out``: what ``bucket_shards`` holds, with
+    other clip lengths or pre-encoded."""
+    return _curate_buckets
 
 
 @pytest.fixture(scope="session")

@@ -51,7 +51,7 @@ class ClipConfig:
     # Shapes (pipelines/buckets.py). Unset, every clip is width x height and num_frames long, as one size.
     buckets: list[str] | None = None  # WxH sizes; each source goes to the one nearest its aspect (least crop)
     image_buckets: list[str] | None = None  # WxH sizes for images (None: the same as buckets)
-    lengths: list[int] | None = None  # frames per clip; clips of every length are cut from each video
+    lengths: list[int] | None = None  # frames per clip, clips of every length from each video (None: num_frames)
     # A source smaller than every bucket: reject or upscale; auto rejects with buckets, upscales a single size.
     small_source: Literal["auto", "reject", "upscale"] = "auto"
     max_crop: float | None = None  # reject sources losing more (aspect); None: 0.5 with buckets, no limit without

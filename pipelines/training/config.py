@@ -65,7 +65,7 @@ class TrainConfig:
     p_all_keep: float = 0.1
     dropped_text: Literal["negative_prompt", "zeros"] = "negative_prompt"  # zeros: as VGen multiplies y by 0
     # data
-    frame_stride: int = 0  # 0: clip frames spread over the whole clip; k: every k-th frame
+    frame_stride: int = 0  # 0: clip frames spread over the whole clip; k: every k-th frame (shapes=model)
     shuffle_block: int = 256
     prefetch: int = 4  # step batches prepared ahead (background thread)
     decode_workers: int = 2  # samples decoded in parallel (threads, in-process PyAV)

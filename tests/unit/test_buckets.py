@@ -145,6 +145,27 @@ def test_sources_smaller_than_every_bucket_or_of_absurd_aspect_are_rejected_with
     assert absurd["reason"] == "bad_aspect" and "aspect 10.00" in absurd["detail"]
 
 
+def test_a_phone_video_goes_to_the_bucket_of_the_aspect_it_is_shown_at(tmp_path):
+    import subprocess
+
+    wide = media.write_mp4(shapes.render_video("red", "square", "right", 64, 32, 8), tmp_path / "wide.mp4", 8)
+    rotated = tmp_path / "rotated.mp4"  # stored 64x32, shown 32x64 (the display matrix phones write)
+    subprocess.run(
+        ["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(wide), "-c", "copy"]
+        + ["-metadata:s:v:0", "rotate=90", str(rotated)],
+        check=True,
+    )
+    cfg = settings.load(CurateConfig, None, ["clips.buckets=[32x16,16x32]", "clips.num_frames=4", "clips.fps=8"])
+    cfg = dataclasses.replace(cfg, quality=dataclasses.replace(cfg.quality, min_side=16))
+    assert {(r["width"], r["height"]) for r in _decode(cfg, wide)} == {(32, 16)}
+    clips = _decode(cfg, rotated)
+    assert {(r["width"], r["height"]) for r in clips} == {(16, 32)}
+    assert (
+        media.decode_mp4(clips[0]["media"]).shape == (4, 32, 16, 3)
+        and json.loads(clips[0]["extra"])["crop_fraction"] == 0
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the loader
 

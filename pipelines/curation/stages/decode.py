@@ -341,6 +341,20 @@ def _open_video(path: str):
         yield container, streams[0]
 
 
+def _display_rotation(path: str) -> int:
+    """Degrees the container says the video is displayed rotated by (0 when it cannot say): read from the first
+    decoded frame, as the decoders turn frames upright."""
+    import av
+
+    try:
+        with _open_video(path) as (container, stream):
+            for frame in container.decode(stream):
+                return int(frame.rotation)
+    except (DecodeFailed, av.FFmpegError):
+        pass  # the decoders report a file they cannot read
+    return 0
+
+
 def keyframe_indices(num_frames: int, which: list[str]) -> list[int]:
     """first / middle / last -> frame indices within a clip."""
     table = {"first": 0, "middle": num_frames // 2, "last": num_frames - 1}
@@ -424,33 +438,37 @@ class ClipDecoder(Stage):
         """Clips of every length in ``clips.lengths`` (one decoding pass per length, each on its own grid), at
         the bucket nearest the source's aspect. A clip's index interleaves the lengths, so a single length keeps
         the grid window number and keys stay stable."""
-        choice = self._bucket(row["src_width"], row["src_height"], self.sizes)
         out: list[dict[str, Any]] = []
         short: DecodeFailed | None = None
-        for li, length in enumerate(self.lengths):
-            # the decoding methods read the geometry from the instance: a copy per (bucket, length)
-            shaped = copy.copy(self)
-            (shaped.width, shaped.height), shaped.num_frames = choice.size, length
-            try:
-                rows = shaped._video_length(row)
-            except DecodeFailed as e:  # too short for this length may still make clips of another
-                if e.reason != "no_clip":
-                    raise
-                short, rows = short or e, []
-            for r in rows:
-                r["clip_index"] = r["clip_index"] * len(self.lengths) + li
-                add_extra(r, crop_fraction=round(choice.crop, 4), upscaled=choice.upscaled)
-            out += rows
+        with media_path(row) as path:
+            src_w, src_h = row["src_width"], row["src_height"]
+            if len(self.sizes) > 1 and abs(_display_rotation(path)) == 90:
+                src_w, src_h = src_h, src_w  # a phone video: its bucket is the aspect it is shown (and cut) at
+            choice = self._bucket(src_w, src_h, self.sizes)
+            for li, length in enumerate(self.lengths):
+                # the decoding methods read the geometry from the instance: a copy per (bucket, length)
+                shaped = copy.copy(self)
+                (shaped.width, shaped.height), shaped.num_frames = choice.size, length
+                try:
+                    rows = shaped._video_length(row, path)
+                except DecodeFailed as e:  # too short for this length may still make clips of another
+                    if e.reason != "no_clip":
+                        raise
+                    short, rows = short or e, []
+                for r in rows:
+                    r["clip_index"] = r["clip_index"] * len(self.lengths) + li
+                    add_extra(r, crop_fraction=round(choice.crop, 4), upscaled=choice.upscaled)
+                out += rows
         if not out and short is not None:
             raise short
         for r in out:
             r["input_rows"] = len(out)
         return out
 
-    def _video_length(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+    def _video_length(self, row: dict[str, Any], path: str) -> list[dict[str, Any]]:
         max_clips = {"all": None, "first": 1, "max_n": self.max_clips_cfg}[self.policy]
         planner = ClipPlanner(self.num_frames, max_clips, self.scene_threshold)
-        with tempfile.TemporaryDirectory(prefix="t2v-decode-") as tmp, media_path(row) as path:
+        with tempfile.TemporaryDirectory(prefix="t2v-decode-") as tmp:
             if self.decoder == "pyav":
                 made, errors = self._clips_pyav(path, planner, Path(tmp))
             else:

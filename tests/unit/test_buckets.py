@@ -92,6 +92,16 @@ def test_the_single_size_default_is_one_bucket_that_upscales_as_before():
     assert not bucketed.upscale and bucketed.crop_limit == 0.5 and bucketed.clip_lengths == [4, 8]
 
 
+def test_pre_encoding_refuses_a_bucket_the_model_cannot_take_before_any_work():
+    from pipelines.curation import job
+
+    sets = ["encode.mode=latents+clip", "encode.model=tiny"]
+    job._check_encode(settings.load(CurateConfig, None, ["clips.buckets=[32x16,16x32]", *sets]))  # both fit
+    bad = settings.load(CurateConfig, None, ["clips.buckets=[32x16,24x18]", *sets])
+    with pytest.raises(settings.ConfigError, match=r"multiples of 4 pixels; bucket\(s\) 24x18 are not"):
+        job._check_encode(bad)
+
+
 def test_shards_of_the_previous_format_read_with_the_bucket_of_their_size():
     old = {"source": "a.mp4", "kind": "video", "num_frames": 16, "fps": 8.0, "width": 448, "height": 256}
     meta = schema.SampleMeta.from_json(json.dumps(old))

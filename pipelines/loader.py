@@ -745,6 +745,9 @@ class TrainLoader:
         self.plan: BucketPlan | None = None
         by_kind = urls_by_kind(self.sets)
         state = state or {}
+        if "streams" in state:
+            log.warning("the saved data position is of shapes=buckets: the streams start at the beginning")
+            state = {}
         self.composition = self._composition(by_kind)
         used = {k for k, n in self.composition.items() if n > 0}
         self.health = DataHealth(sum(len(by_kind[k][0]) for k in used if k in by_kind), spec.max_bad_fraction)
@@ -784,6 +787,8 @@ class TrainLoader:
         used = [*(f"image@{k}" for k in self.plan.image)]
         for shape in self.plan.video:
             used += [f"{kind}@{shape}" for kind in schema.VIDEO_KINDS if shape in inventory.get(kind, {})]
+        if state and "streams" not in state:
+            log.warning("the saved data position is of shapes=model: the bucket streams start at the beginning")
         positions = state.get("streams", {})
         self.batches = int(state.get("batches", 0))
         self._made: dict[str, int] = dict(state.get("seen", {}))

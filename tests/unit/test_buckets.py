@@ -195,7 +195,7 @@ def test_batches_hold_one_bucket_each_sized_by_the_pixel_budget(bucket_shards):
     assert {b.video[0].kind for b in batches} == {"video", "video_text"}
 
 
-def test_a_resumed_loader_continues_exactly_with_buckets(bucket_shards):
+def test_a_resumed_loader_continues_exactly_with_buckets(bucket_shards, caplog):
     spec = _spec(bucket_shards)
     full = _take(spec, 8)
     resumed = _take(spec, 4, state=json.loads(json.dumps(full[3].position)))  # as a checkpoint stores it
@@ -207,6 +207,11 @@ def test_a_resumed_loader_continues_exactly_with_buckets(bucket_shards):
     for a, b in zip(resumed, full[4:]):
         np.testing.assert_array_equal(loader.collate_frames(a.video), loader.collate_frames(b.video))
     assert resumed[-1].position["seen"] == full[-1].position["seen"]  # the histogram carries over
+    # a position of the other mode cannot be continued: said, and the streams start over
+    with caplog.at_level("WARNING", logger="pipelines.loader"):
+        model_mode = dataclasses.replace(spec, shapes="model")
+        assert keys(_take(model_mode, 2, state=full[3].position)) == keys(_take(model_mode, 2))
+    assert "position is of shapes=buckets" in caplog.text
 
 
 def test_bucket_weights_choose_buckets_and_per_rank_mixing_gives_each_rank_its_frames(bucket_shards):

@@ -31,10 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "flow": ("flows.retrain", "run or serve the scheduled re-training flow"),
     "sweep": ("flows.sweep", "train one variant per value of swept settings, grouped as MLflow parent/child runs"),
     "compare": ("flows.compare", "compare MLflow runs: differing settings, final and best metrics, plots"),
-    "bench": (
-        "flows.benchmarks",
-        "run a benchmark (curate | model | train | learn | scale | buckets) and print its figures",
-    ),
+    "bench": ("flows.benchmarks", "run a benchmark (curate | model | train | learn | scale | buckets), print figures"),
 }
 
 ROOT = Path(__file__).resolve().parent.parent

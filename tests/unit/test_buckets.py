@@ -102,6 +102,18 @@ def test_pre_encoding_refuses_a_bucket_the_model_cannot_take_before_any_work():
         job._check_encode(bad)
 
 
+def test_the_main_job_curates_one_bucket_of_one_length_and_trains_at_the_model_shape(tmp_path, capsys):
+    import yaml
+
+    from flows import demo
+
+    assert demo.main(["--state-dir", str(tmp_path / "d"), "--dry-run"]) == 0
+    flow = yaml.safe_load(capsys.readouterr().out)["flow"]
+    clips = settings.from_dict(CurateConfig, flow["curate"]).clips
+    assert (clips.video_sizes, clips.image_sizes, clips.clip_lengths) == ([(16, 16)], [(16, 16)], [6])
+    assert flow["train"]["shapes"] == "model"
+
+
 def test_shards_of_the_previous_format_read_with_the_bucket_of_their_size():
     old = {"source": "a.mp4", "kind": "video", "num_frames": 16, "fps": 8.0, "width": 448, "height": 256}
     meta = schema.SampleMeta.from_json(json.dumps(old))

@@ -1,6 +1,7 @@
 """Training over mixed buckets: Ray Train with 2 workers and DeepSpeed ZeRO-2, one bucket per batch, each rank on
 its own clip length (VGen's frame_lens), fps conditioning on, and the bucket histogram read back from MLflow; before
-that, pre-encoded shards of every bucket (no Ray, but the encoders' build is too slow for the unit tier)."""
+that, sampling at a bucket's shape and pre-encoded shards of every bucket (no Ray, but building the encoders is too
+slow for the unit tier)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,24 @@ import json
 import math
 
 import pytest
+import torch
 import webdataset as wds
 
+from model.registry import get_config
+from model.text_to_video import TextToVideo
 from pipelines import buckets, loader, schema
 from pipelines.training import job as train
 
 pytestmark = pytest.mark.slow
+
+
+def test_sampling_at_a_bucket_shape_and_a_size_the_unet_cannot_take(small_model):
+    torch.manual_seed(0)
+    model = TextToVideo.build(get_config("tiny", small_model))
+    video = model.generate(["a red square"], steps=1, size=(4, 16, 32))
+    assert video.shape == (1, 4, 16, 32, 3)
+    with pytest.raises(ValueError, match="a 18x18 clip: this model takes heights and widths that are multiples of 4"):
+        model.generate(["a red square"], steps=2, size=(4, 18, 18))
 
 
 def test_pre_encoded_shards_carry_each_buckets_shape_and_the_loader_uses_them(aspect_corpus, curate_buckets, tmp_path):

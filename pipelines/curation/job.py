@@ -473,8 +473,9 @@ def _summary(driver: _Driver, input: str, out: Path, listed, todo, removed, star
 
 
 def _get(d: dict, dotted: str) -> Any:
+    # a key missing from a config saved before it existed reads as unset (None), its default
     for part in dotted.split("."):
-        d = d.get(part, {}) if isinstance(d, dict) else {}
+        d = d.get(part) if isinstance(d, dict) else None
     return d
 
 
@@ -508,6 +509,16 @@ def _check_encode(cfg: CurateConfig) -> None:
         from model.registry import get_config
 
         model = get_config(e.model, e.model_overrides)
+    if c.buckets is not None or c.image_buckets is not None or c.lengths is not None:
+        # bucket training takes each bucket at its own shape: every size must be one the model can take
+        multiple = model.vae_factor * model.unet.downsample_factor
+        bad = [f"{w}x{h}" for w, h in dict.fromkeys(c.video_sizes + c.image_sizes) if w % multiple or h % multiple]
+        if bad:
+            raise ConfigError(
+                f"encode: model {model.name!r} takes heights and widths that are multiples of {multiple} pixels; "
+                f"bucket(s) {', '.join(bad)} are not: change them in clips.buckets / clips.image_buckets"
+            )
+        return
     if (model.num_frames, model.height, model.width) != (c.num_frames, c.height, c.width):
         raise ConfigError(
             f"encode: model {model.name!r} takes {model.num_frames} frames of {model.width}x{model.height} but the "

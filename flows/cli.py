@@ -7,7 +7,7 @@ t2v train --config my.yaml
 t2v import --from tf-t2v tft2v.pth --out runs/imported/tf-t2v
 t2v sample --checkpoint ckpt.pt --prompt "a red circle moving left" --out out.mp4
 t2v style --checkpoint model.pt --style styled.pt --factor 0.6 --out blended.pt
-t2v evaluate ... | t2v flow ... | t2v bench curate|model|train|learn|scale | t2v test
+t2v evaluate ... | t2v flow ... | t2v bench curate|model|train|learn|scale|buckets | t2v test
 t2v sweep --data runs/curated --set lr=[1e-3,3e-3]
 t2v compare RUN_ID RUN_ID | --experiment NAME | --parent RUN_ID
 """
@@ -33,16 +33,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "flow": ("flows.retrain", "run or serve the scheduled re-training flow"),
     "sweep": ("flows.sweep", "train one variant per value of swept settings, grouped as MLflow parent/child runs"),
     "compare": ("flows.compare", "compare MLflow runs: differing settings, final and best metrics, plots"),
-    "bench": ("flows.benchmarks", "run a benchmark (curate | model | train | learn | scale) and print its figures"),
+    "bench": ("flows.benchmarks", "run a benchmark (curate | model | train | learn | scale | buckets), print figures"),
 }
 
 ROOT = Path(__file__).resolve().parent.parent
+UNIT_WORKERS = min(4, os.cpu_count() or 1)
 
 
 def run_tests(argv: list[str]) -> int:
     """``t2v test [pytest args]``: what CI runs, in order: ``ruff check``, ``ruff format --check``, ``lint-imports``
-    (the layering contracts in pyproject.toml), then pytest on tests/ (unit tier, then integration; a path among
-    the arguments narrows it). The first step that fails ends the command with its exit code and says how to fix it.
+    (the layering contracts in pyproject.toml), then pytest: the unit tier on a process per core (pytest-xdist),
+    then the integration tier (a path among the arguments runs just that, in one process). The first step that fails
+    ends the command with its exit code and says how to fix it.
     """
     bin_dir = Path(sys.executable).parent  # the tools of the venv this runs in
 
@@ -63,12 +65,16 @@ def run_tests(argv: list[str]) -> int:
             [str(bin_dir / "lint-imports"), "--no-logo"],
             "an import crosses a layer ([tool.importlinter] in pyproject.toml): move the import or the code it needs",
         ),
-        (
-            "pytest",
-            [sys.executable, "-m", "pytest", *argv],
-            "see the failures above; rerun one with `t2v test tests/<tier>/<file>.py::<test>`",
-        ),
     ]
+    rerun = "see the failures above; rerun one with `t2v test tests/<tier>/<file>.py::<test>`"
+    if any(a.startswith("tests") or a.endswith(".py") or "::" in a for a in argv):
+        steps.append(("pytest", [sys.executable, "-m", "pytest", *argv], rerun))
+    else:
+        # the unit tier on one process per core (its tests share nothing); the integration tier shares one Ray
+        steps.append(
+            ("pytest unit", [sys.executable, "-m", "pytest", "tests/unit", "-n", str(UNIT_WORKERS), *argv], rerun)
+        )
+        steps.append(("pytest integration", [sys.executable, "-m", "pytest", "tests/integration", *argv], rerun))
     for name, cmd, fix in steps:
         print("+", " ".join(cmd), flush=True)
         try:
@@ -76,7 +82,7 @@ def run_tests(argv: list[str]) -> int:
         except FileNotFoundError:
             code, fix = 127, f"{cmd[0]} is missing: install the test extra (`pip install -e '.[test]'`)"
         if code != 0:
-            if name == "pytest" and code == 5:
+            if name.startswith("pytest") and code == 5:
                 fix = "no tests were collected: check the paths and -k/-m arguments"
             print(f"t2v test: {name} failed (exit {code}): {fix}", file=sys.stderr, flush=True)
             return code

@@ -241,8 +241,6 @@ def main(argv: list[str] | None = None) -> int:
         state = Path(cfg.state_dir).resolve()
         state.mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-        # One machine is never preempted; Ray Train's preemption watcher would only log an error at start-up.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         retrain.prefect_environment(state)
         manifest = corpus_for_cycle(cfg)
         summary = retrain.run_once(flow_config(cfg, manifest))

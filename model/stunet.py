@@ -186,6 +186,8 @@ class STUNet(UNet3D):
             )
         if cfg.frame_embedding:
             self.frame_embed = FrameEmbedding(C, emb_dim, cfg.context_dim if cfg.pooled_text_embedding else 0)
+        if cfg.use_fps_condition:  # as UNet3D's: zero last layer, so an added fps condition starts as a no-op
+            self.fps_embedding = nn.Sequential(nn.Linear(C, emb_dim), nn.SiLU(), _zero_(nn.Linear(emb_dim, emb_dim)))
 
         def layers_at(level: int, in_ch: int, width: int) -> list[nn.Module]:
             res = ResBlock(in_ch, width, emb_dim, drop, groups)
@@ -292,6 +294,7 @@ class STUNet(UNet3D):
         image_embedding: Tensor | None = None,
         concat: Tensor | None = None,
         image_keep: Tensor | None = None,
+        fps: Tensor | float | None = None,
     ) -> Tensor:
         """As ``UNet3D.forward``. Frames halve after each temporal downsampling and double back on the way up."""
         b, _, f, h, w = self._check_x(x)
@@ -317,6 +320,18 @@ class STUNet(UNet3D):
         pooled = context[:, :n_text].mean(dim=1)
         if self.cfg.pooled_text_embedding:
             emb = emb + self.text_embed(pooled)
+        if self.cfg.use_fps_condition:
+            if fps is None:
+                raise ValueError(
+                    "STUNet: this UNet is fps-conditioned (unet.use_fps_condition); pass fps=[b] or a number"
+                )
+            fps_t = torch.as_tensor(fps, device=x.device, dtype=torch.float32)
+            fps_t = fps_t.expand(b) if fps_t.ndim == 0 else fps_t
+            if fps_t.shape != (b,):
+                raise ValueError(f"STUNet: fps must be [{b}] (one per sample) or a number, got {tuple(fps_t.shape)}")
+            emb = emb + self.fps_embedding(timestep_embedding(fps_t, self.cfg.model_channels).to(emb.dtype))
+        elif fps is not None:
+            raise ValueError("STUNet: got fps but unet.use_fps_condition is off; set it, or pass no fps")
         emb = emb[:, None].expand(b, f, emb.shape[-1])  # [b, f, 4C]
         if self.cfg.frame_embedding and f > 1:
             emb = emb + self.frame_embed(b, f, pooled, emb.dtype).view(b, f, -1)

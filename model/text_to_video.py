@@ -138,9 +138,19 @@ class TextToVideo:
         """[b, c, f, h/d, w/d] -> uint8 [b, f, h, w, 3]."""
         return tensor_to_frames(self.first_stage.decode(latents.float()))
 
-    def latent_shape(self, batch: int) -> tuple[int, int, int, int, int]:
+    def latent_shape(
+        self, batch: int, num_frames: int | None = None, height: int | None = None, width: int | None = None
+    ) -> tuple[int, int, int, int, int]:
+        """[b, c, f, h/d, w/d] of a clip of the config's shape, or of the one given (a bucket's)."""
         cfg, d = self.config, self.first_stage.downsample
-        return (batch, self.first_stage.latent_channels, cfg.num_frames, cfg.height // d, cfg.width // d)
+        f, h, w = num_frames or cfg.num_frames, height or cfg.height, width or cfg.width
+        multiple = d * cfg.unet.downsample_factor
+        if h % multiple or w % multiple:
+            raise ValueError(
+                f"a {w}x{h} clip: this model takes heights and widths that are multiples of {multiple} pixels "
+                f"({cfg.unet.num_levels} UNet levels{', VAE x8' if d > 1 else ''}); pick a size that is"
+            )
+        return (batch, self.first_stage.latent_channels, f, h // d, w // d)
 
     # -- sampling -----------------------------------------------------------------------------------------------
 
@@ -157,6 +167,8 @@ class TextToVideo:
         negative_prompt: str | None = None,
         progress: bool = False,
         spacing: str | None = None,
+        size: tuple[int, int, int] | None = None,
+        fps: float | None = None,
         concat: Tensor | None = None,
     ) -> np.ndarray:
         """Prompts (and optionally a conditioning image) -> videos uint8 [b, f, h, w, 3].
@@ -165,7 +177,8 @@ class TextToVideo:
         without one the UNet gets no image tokens. Guidance contrasts the prompt (+ image) with ``negative_prompt``
         (no image). Settings left None come from ``config.sampling`` (the released sampler for the released
         configs, whose ``positive_prompt`` is appended to every prompt). Same seed -> same videos.
-
+        ``size`` (frames, height, width): another shape than the config's, e.g. a training bucket's; ``fps``: the
+        frame rate an fps-conditioned UNet is given (default: the config's ``fps``).
         ``concat``: [1 or b, extra_in_channels, f, h', w'] given to both sides of guidance (masked conditioning,
         ``model/masked.py``, whose given content is pasted back over the result).
         """
@@ -188,14 +201,18 @@ class TextToVideo:
             if emb.shape[0] not in (1, b):
                 raise ValueError(f"got {emb.shape[0]} images for {b} prompts; pass one image or one per prompt")
             cond["image_embedding"] = emb.expand(b, -1)
+        if self.config.unet.use_fps_condition:
+            rate = float(self.config.fps if fps is None else fps)
+            cond["fps"] = uncond["fps"] = torch.tensor([rate], device=self.device)  # [1]: broadcasts
         if concat is not None:
             cond["concat"] = uncond["concat"] = concat.to(self.device, dtype)
+        shape = self.latent_shape(b, *(size or (None, None, None)))
         was_training = self.unet.training
         self.unet.eval()
         try:
             latents = sample(
                 self.unet,
-                self.latent_shape(b),
+                shape,
                 self.config.diffusion,
                 cond=cond,
                 uncond=uncond,

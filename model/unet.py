@@ -66,6 +66,7 @@ class UNetConfig:
     pooled_text_embedding: bool = False  # add mean(text tokens) -> MLP to the timestep embedding (not released)
     frame_embedding: bool = False  # add a frame-index embedding per frame (not released)
     coordinate_channels: bool = False  # append (x, y) coordinate planes to the input (not released)
+    use_fps_condition: bool = False  # VGen's: add an fps embedding (zero-initialised) to the timestep embedding
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(self.channel_mult)
@@ -449,6 +450,8 @@ class UNet3D(nn.Module):
             )
         if cfg.frame_embedding:
             self.frame_embed = FrameEmbedding(C, emb_dim, cfg.context_dim if cfg.pooled_text_embedding else 0)
+        if cfg.use_fps_condition:  # zero last layer: an added fps condition starts as a no-op on loaded weights
+            self.fps_embedding = nn.Sequential(nn.Linear(C, emb_dim), nn.SiLU(), _zero_(nn.Linear(emb_dim, emb_dim)))
 
         # Encoder. skip_channels records every activation the decoder will concatenate, in order.
         coords = 2 if cfg.coordinate_channels else 0
@@ -526,12 +529,14 @@ class UNet3D(nn.Module):
         image_embedding: Tensor | None = None,
         concat: Tensor | None = None,
         image_keep: Tensor | None = None,
+        fps: Tensor | float | None = None,
     ) -> Tensor:
         """x [b, in, f, h, w]; timesteps [b] (or a scalar for all); context [b, n, context_dim] text tokens or None
         (zeros); image_embedding [b, image_embed_dim] or None (no image tokens at all, as the released TF-T2V
         network is called for text-to-video); image_keep [b] 0/1 multiplies each sample's image tokens (training's
         per-sample image dropout: a dropped sample sees zero tokens, as VGen's ``misc_dropout`` leaves it);
-        concat [b, extra_in, f, h, w] or None (zeros). Returns [b, out, f, h, w]. With f == 1 every temporal layer
+        concat [b, extra_in, f, h, w] or None (zeros); fps [b] or a scalar, the clip frame rate (needed with
+        unet.use_fps_condition, refused without). Returns [b, out, f, h, w]. With f == 1 every temporal layer
         is skipped (image mode)."""
         b, _, f, h, w = self._check_x(x)
         t = self._check_timesteps(timesteps, b, x.device)
@@ -553,6 +558,19 @@ class UNet3D(nn.Module):
         pooled = context[:, :n_text].mean(dim=1)  # [b, context_dim] the text tokens only
         if self.cfg.pooled_text_embedding:
             emb = emb + self.text_embed(pooled)
+        if self.cfg.use_fps_condition:
+            if fps is None:
+                raise ValueError(
+                    "UNet3D: this UNet is fps-conditioned (unet.use_fps_condition); pass fps=[b] or a number"
+                )
+            fps_t = torch.as_tensor(fps, device=x.device, dtype=torch.float32)
+            if fps_t.ndim == 0:
+                fps_t = fps_t.expand(b)
+            elif fps_t.shape != (b,):
+                raise ValueError(f"UNet3D: fps must be [{b}] (one per sample) or a number, got {tuple(fps_t.shape)}")
+            emb = emb + self.fps_embedding(timestep_embedding(fps_t, self.cfg.model_channels).to(emb.dtype))
+        elif fps is not None:
+            raise ValueError("UNet3D: got fps but unet.use_fps_condition is off; set it, or pass no fps")
         emb = emb.repeat_interleave(f, dim=0)  # [(b f), 4C]
         if self.cfg.frame_embedding and f > 1:
             emb = emb + self.frame_embed(b, f, pooled, emb.dtype)  # frame index (with the prompt)

@@ -32,6 +32,12 @@ samples read, or of the shards, were unusable.
 
 Streams never end (epochs repeat), so ranks with uneven shares can never leave a collective waiting: the
 training loop stops every rank at the same step count.
+
+Shapes. ``shapes="model"`` (the default) resizes every sample to the model's size and frame count. With
+``shapes="buckets"`` there is one stream per (kind, bucket) (``448x256_16f``: size and frames as curated, from
+the shard indexes), each the seeded, resumable stream above restricted to that bucket's samples; ``BucketPlan``
+draws each step's image and video bucket and its batch size, so a batch holds one bucket, unpadded, at its
+stored size. The state is every stream's position plus the number of batches made, so resume stays exact.
 """
 
 from __future__ import annotations
@@ -227,17 +233,30 @@ def _fingerprint(urls: list[str], counts: list[int], world_size: int) -> str:
 
 
 def plan_epoch(
-    urls: list[str], counts: list[int], rank: int, world_size: int, seed: int, stream_id: int, epoch: int
+    urls: list[str],
+    counts: list[int],
+    rank: int,
+    world_size: int,
+    seed: int,
+    stream_id: int,
+    epoch: int,
+    members: list[list[int]] | None = None,
 ) -> list[tuple[str, list[int] | None]]:
-    """This rank's (shard url, kept local sample indices or None for all) for one epoch, in read order."""
+    """This rank's (shard url, kept local sample indices or None for all) for one epoch, in read order.
+
+    ``members``: per shard, the local indices of the stream's samples (a bucket's samples share tars with other
+    buckets); None: all of them."""
     order = np.random.default_rng([seed, stream_id, epoch]).permutation(len(urls))
     if len(urls) >= world_size:
-        return [(urls[i], None) for i in order[rank::world_size]]
+        return [(urls[i], None if members is None else members[i]) for i in order[rank::world_size]]
     # Fewer shards than ranks: every rank reads every shard and keeps every world_size-th sample of the
-    # epoch (numbered across shards), so shares differ by at most one sample.
+    # epoch (numbered across shards), so shares differ by at most one sample. A bucket with fewer samples than
+    # ranks is shared round-robin instead, so no rank is ever without one.
+    groups = world_size if members is None else max(1, min(world_size, sum(counts)))
     plan, first = [], 0
     for i in order:
-        keep = [j for j in range(counts[i]) if (first + j) % world_size == rank]
+        local = range(counts[i]) if members is None else members[i]
+        keep = [j for n, j in enumerate(local) if (first + n) % groups == rank % groups]
         first += counts[i]
         plan.append((urls[i], keep))
     return plan
@@ -269,12 +288,17 @@ class KindStream:
         shuffle_block: int = 256,
         position: Position | None = None,
         health: DataHealth | None = None,
+        shape: str | None = None,
+        members: list[list[int]] | None = None,
     ):
         self.kind, self.urls, self.counts = kind, urls, counts
         self.health = health or DataHealth(len(urls), 1.0)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_block = shuffle_block
+        self.shape, self.members = shape, members  # one bucket's samples of the kind (None: all of them)
         self.stream_id = schema.KINDS.index(kind)
+        if shape is not None:
+            self.stream_id = int(hashlib.sha1(f"{kind}@{shape}".encode()).hexdigest()[:8], 16)
         self.fingerprint = _fingerprint(urls, counts, world_size)
         self.start = position or Position(fingerprint=self.fingerprint)
         if self.start.fingerprint != self.fingerprint:
@@ -310,7 +334,9 @@ class KindStream:
     def __iter__(self) -> Iterator[tuple[dict, Position]]:
         epoch, shard, offset = self.start.epoch, self.start.shard, self.start.offset
         while True:
-            plan = plan_epoch(self.urls, self.counts, self.rank, self.world_size, self.seed, self.stream_id, epoch)
+            plan = plan_epoch(
+                self.urls, self.counts, self.rank, self.world_size, self.seed, self.stream_id, epoch, self.members
+            )
             produced = 0
             for s in range(shard, len(plan)):
                 url, keep = plan[s]
@@ -345,6 +371,8 @@ class Item:
     latent_std: np.ndarray | None = None
     text_emb: np.ndarray | None = None  # float32 [n, d]
     image_emb: np.ndarray | None = None  # float32 [d]
+    fps: float = 0.0  # the clip's frame rate (0 for images): the fps condition
+    shape: str = ""  # the stored bucket and frames, e.g. 448x256_16f
 
 
 def frame_indices(total: int, num_frames: int, stride: int, rng: np.random.Generator) -> np.ndarray:
@@ -375,6 +403,8 @@ def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
 
 class Decoder:
     """raw sample -> ``Item``. A callable stage: ``__init__`` takes the model geometry, ``__call__`` one sample.
+    With ``num_frames``, ``height`` and ``width`` None (bucket batches) a clip keeps its stored size and frames,
+    and pre-encoded latents are used when they are the stored size divided by ``latent_factor``.
 
     ``expected_encoders`` is the identity of the encoders training uses; pre-encoded arrays written by other
     encoders (a differing value under a shared key) are ignored and the sample is encoded on the fly.
@@ -384,9 +414,9 @@ class Decoder:
 
     def __init__(
         self,
-        num_frames: int,
-        height: int,
-        width: int,
+        num_frames: int | None,
+        height: int | None,
+        width: int | None,
         frame_stride: int = 0,
         latent_hw: tuple[int, int] | None = None,
         expected_encoders: dict | None = None,
@@ -394,8 +424,10 @@ class Decoder:
         cache_mb: float = 0.0,
         image_frame: str = "middle",
         health: DataHealth | None = None,
+        latent_factor: int = 1,
     ):
         self.num_frames, self.height, self.width = num_frames, height, width
+        self.latent_factor = latent_factor
         self.image_frame = image_frame  # which clip frame is the CLIP image condition: middle or first
         self.health = health or DataHealth(1, 1.0)
         self.frame_stride = frame_stride
@@ -422,17 +454,19 @@ class Decoder:
     def _decode(self, raw: dict, epoch: int) -> Item:
         sample = schema.decode_sample(raw)
         kind = sample.meta.kind
-        frames_per_item = 1 if kind == "image" else self.num_frames
+        frames_per_item = 1 if kind == "image" else (self.num_frames or sample.meta.num_frames)
+        stride = self.frame_stride if self.num_frames else 0  # a bucket's clip: all of its frames
         rng = np.random.default_rng([self.seed, epoch, int(hashlib.sha1(sample.key.encode()).hexdigest()[:8], 16)])
         arrays = self._usable_arrays(sample)
         item = Item(sample.key, kind, sample.caption if kind != "video" else None, None, None)
+        item.fps, item.shape = float(sample.meta.fps), sample.meta.shape
         if "text_emb" in arrays and item.caption:
             item.text_emb = arrays["text_emb"].astype(np.float32)
         if "image_emb" in arrays:
             item.image_emb = arrays["image_emb"].astype(np.float32)
         if "latent_mean" in arrays:
             mean = arrays["latent_mean"]  # [c, f, h', w']
-            idx = frame_indices(mean.shape[1], frames_per_item, self.frame_stride, rng)
+            idx = frame_indices(mean.shape[1], frames_per_item, stride, rng)
             item.latent_mean = mean[:, idx].astype(np.float32)
             std = arrays.get("latent_std")
             item.latent_std = (std[:, idx] if std is not None else np.zeros_like(mean[:, idx])).astype(np.float32)
@@ -440,7 +474,7 @@ class Decoder:
             if item.image_emb is not None:
                 return item  # nothing left to decode
         clip = self._clip(sample)  # [n, h, w, 3] at model size
-        idx = frame_indices(len(clip), frames_per_item, self.frame_stride, rng)
+        idx = frame_indices(len(clip), frames_per_item, stride, rng)
         if item.latent_mean is None:
             item.frames = clip[idx]
         item.cond_frame = clip[idx[0] if self.image_frame == "first" else idx[len(idx) // 2]]
@@ -465,13 +499,17 @@ class Decoder:
             return {}
         arrays = dict(sample.arrays)
         mean = arrays.get("latent_mean")
-        if mean is not None and self.latent_hw is not None and tuple(mean.shape[-2:]) != tuple(self.latent_hw):
+        latent_hw = self.latent_hw
+        if self.height is None:  # bucket batches: latents of the stored size
+            f = self.latent_factor
+            latent_hw = (sample.meta.height // f, sample.meta.width // f)
+        if mean is not None and latent_hw is not None and tuple(mean.shape[-2:]) != tuple(latent_hw):
             if self._count("encoder_mismatch") == 1:
                 log.warning(
                     "pre-encoded latents of %s are %s, the model needs %s; encoding on the fly instead",
                     sample.key,
                     tuple(mean.shape[-2:]),
-                    tuple(self.latent_hw),
+                    tuple(latent_hw),
                 )
             arrays.pop("latent_mean"), arrays.pop("latent_std", None)
         return arrays
@@ -487,7 +525,7 @@ class Decoder:
             frames = media.decode_image(sample.media)[None]  # [1, h, w, 3]
         else:
             frames = media.decode_mp4(sample.media)  # [n, h, w, 3]
-        clip = resize_frames(frames, self.height, self.width)
+        clip = frames if self.height is None else resize_frames(frames, self.height, self.width)
         with self._lock:
             self.stats["decoded"] += 1
             if self.cache_bytes and clip.nbytes <= self.cache_bytes and sample.key not in self._cache:
@@ -524,6 +562,15 @@ class LoaderSpec:
     cache_mb: float = 0.0
     max_bad_fraction: float = 0.05  # stop when more than this share of samples or shards is unusable
     image_frame: str = "middle"  # the clip frame whose CLIP embedding conditions it (VGen's TF-T2V: first)
+    # Shapes. "model": every sample resized to height x width and num_frames (one shape); "buckets": each batch
+    # is one bucket of the data (size and frames as curated), see BucketPlan.
+    shapes: str = "model"
+    pixel_budget: int = 0  # buckets: pixels (w x h x frames) per video batch; 0: video_batch at the model's shape
+    bucket_weights: dict[str, float] = dataclasses.field(default_factory=dict)  # shape or WxH -> weight
+    frame_mixing: str = "per_step"  # buckets: per_step (all ranks one shape a step) | per_rank (VGen frame_lens)
+    frame_lens: list[int] = dataclasses.field(default_factory=list)  # per_rank: rank r's frames (empty: the data's)
+    size_multiple: int = 1  # buckets: the model takes heights and widths that are multiples of this (pixels)
+    latent_factor: int = 1  # pixels per latent along height and width
 
 
 @dataclasses.dataclass
@@ -531,6 +578,147 @@ class StepBatch:
     image: list[Item]
     video: list[Item]
     position: dict[str, dict]  # kind -> Position as a dict, after this batch
+
+
+def shard_shapes(url: str) -> list[str]:
+    """The shape (``schema.shape_name``) of each sample of a tar, in tar order: from its parquet index, or from
+    the samples' json when the index has no geometry columns."""
+    import pyarrow.parquet as pq
+
+    index = schema.index_path(url)
+    columns = set(pq.ParquetFile(index).schema_arrow.names) if index.exists() else set()
+    if {"width", "height", "num_frames"} <= columns:
+        t = pq.read_table(index, columns=["width", "height", "num_frames"]).to_pydict()
+        return [schema.shape_name(*v) for v in zip(t["width"], t["height"], t["num_frames"])]
+    if not Path(url).exists():
+        return []
+    return [schema.SampleMeta.from_json(raw["json"]).shape for raw in read_shard(url)]
+
+
+def bucket_inventory(sets: list[ShardSet]) -> dict[str, dict[str, tuple[list[str], list[int], list[list[int]]]]]:
+    """kind -> shape -> (urls, sample counts, local indices per url) of the tars holding that shape."""
+    out: dict[str, dict[str, tuple[list[str], list[int], list[list[int]]]]] = {}
+    for s in sets:
+        for url in s.urls:
+            by_shape: dict[str, list[int]] = {}
+            for j, shape in enumerate(shard_shapes(url)):
+                by_shape.setdefault(shape, []).append(j)
+            for shape, local in by_shape.items():
+                urls, counts, members = out.setdefault(s.kind, {}).setdefault(shape, ([], [], []))
+                urls.append(url)
+                counts.append(len(local))
+                members.append(local)
+    return out
+
+
+def _parse_shape(shape: str) -> tuple[int, int, int]:
+    size, frames = shape.rsplit("_", 1)
+    w, h = size.split("x")
+    return int(w), int(h), int(frames[:-1])
+
+
+class BucketPlan:
+    """Which bucket each step's batches come from, and how many samples: the part of bucket batching that
+    every rank computes alike from the inventory and the seed.
+
+    Weights: ``bucket_weights`` names shapes (``448x256_16f``) or sizes (``448x256``, every length); in a branch
+    (images, videos) where it names one, unnamed shapes are not sampled; elsewhere shapes are drawn in
+    proportion to their samples. Batch size: ``pixel_budget // (w * h * frames)`` (at least 1), so memory per
+    step stays about the same across buckets. ``per_step``: the step's shape is drawn with an RNG shared by the
+    ranks (alike step times); ``per_rank``: rank r only trains on ``frame_lens[r % len]`` frames, as VGen's
+    ``frame_lens`` does, the size drawn per step."""
+
+    def __init__(self, spec: LoaderSpec, inventory: dict, rank: int):
+        self.spec, self.rank = spec, rank
+        counts = {
+            kind: {shape: sum(v[1]) for shape, v in shapes.items()} for kind, shapes in inventory.items()
+        }  # kind -> shape -> samples
+        bad = sorted(
+            {
+                shape
+                for shapes in counts.values()
+                for shape in shapes
+                if any(side % spec.size_multiple for side in _parse_shape(shape)[:2])
+            }
+        )
+        if bad:
+            raise DataError(
+                f"bucket(s) {', '.join(bad)}: the model takes heights and widths that are multiples of "
+                f"{spec.size_multiple} pixels (its UNet levels and autoencoder); curate without them, or leave them "
+                "out with bucket_weights"
+            )
+        self.all_shapes = sorted({shape for shapes in counts.values() for shape in shapes})
+        self.image = self._weights("image", counts.get("image", {})) if spec.image_batch else {}
+        free, text = counts.get("video", {}), counts.get("video_text", {})
+        self.free, self.text = free, text
+        frac = spec.text_free_fraction
+        video = {k: free.get(k, 0) * (frac > 0) + text.get(k, 0) * (frac < 1) for k in set(free) | set(text)}
+        video = {k: n for k, n in video.items() if n}
+        if spec.frame_mixing == "per_rank" and video:
+            lens = spec.frame_lens or sorted({_parse_shape(k)[2] for k in video})
+            mine = lens[rank % len(lens)]
+            video = {k: n for k, n in video.items() if _parse_shape(k)[2] == mine}
+            if not video:
+                raise DataError(
+                    f"frame_mixing=per_rank gives worker {rank} clips of {mine} frames (frame_lens={lens}), but the "
+                    f"data has no such clips; its shapes are {self.all_shapes}"
+                )
+        self.video = self._weights("video", video) if spec.video_batch else {}
+        if spec.image_batch and not self.image:
+            raise DataError("image_batch > 0 but no image bucket can be sampled; curate images or set image_batch=0")
+        if spec.video_batch and not self.video:
+            raise DataError("video_batch > 0 but no video bucket can be sampled; curate videos or set video_batch=0")
+        model_pixels = spec.height * spec.width
+        self.video_budget = spec.pixel_budget or spec.video_batch * model_pixels * spec.num_frames
+        self.image_budget = spec.image_batch * model_pixels
+
+    def _weights(self, branch: str, counts: dict[str, int]) -> dict[str, float]:
+        given = self.spec.bucket_weights
+        unknown = [
+            k for k in given if k not in self.all_shapes and not any(s.startswith(f"{k}_") for s in self.all_shapes)
+        ]
+        if unknown:
+            raise DataError(
+                f"bucket_weights names {unknown}, which the data does not have; its buckets are "
+                f"{self.all_shapes} (a shape WxH_Nf, or a size WxH for every length)"
+            )
+        named = {k: given.get(k, given.get(k.rsplit("_", 1)[0])) for k in counts}
+        if any(v is not None for v in named.values()):
+            weights = {k: float(v or 0.0) for k, v in named.items()}
+        else:
+            weights = {k: float(n) for k, n in counts.items()}
+        weights = {k: w for k, w in weights.items() if w > 0}
+        if counts and not weights:
+            raise DataError(f"bucket_weights leaves no {branch} bucket with a weight > 0; give one a positive weight")
+        return dict(sorted(weights.items()))
+
+    def draw(self, weights: dict[str, float], batch_index: int, salt: int) -> str:
+        rng = np.random.default_rng([self.spec.seed, salt, batch_index])  # the same on every rank
+        names = list(weights)
+        p = np.array([weights[k] for k in names])
+        return names[int(rng.choice(len(names), p=p / p.sum()))]
+
+    def step(self, batch_index: int) -> dict[str, int]:
+        """stream name (``kind@shape``) -> samples to take for batch number ``batch_index``."""
+        out: dict[str, int] = {}
+        if self.image:
+            shape = self.draw(self.image, batch_index, 1)
+            w, h, _ = _parse_shape(shape)
+            out[f"image@{shape}"] = max(1, self.image_budget // (w * h))
+        if self.video:
+            shape = self.draw(self.video, batch_index, 2)
+            w, h, f = _parse_shape(shape)
+            n = max(1, self.video_budget // (w * h * f))
+            frac = self.spec.text_free_fraction
+            if shape in self.free and shape in self.text:
+                free = round(n * frac)
+            else:
+                free = n if shape in self.free and frac > 0 else 0
+            if free:
+                out[f"video@{shape}"] = free
+            if n - free:
+                out[f"video_text@{shape}"] = n - free
+        return out
 
 
 class TrainLoader:
@@ -549,8 +737,17 @@ class TrainLoader:
     ):
         self.spec = spec
         self.sets = shard_sets if shard_sets is not None else find_shard_sets(spec.data)
+        self.seen: dict[str, int] = {}  # shape -> samples this rank delivered (the bucket histogram)
+        self.batches = 0  # step batches produced (bucket mode: numbers the per-step bucket draws)
+        if spec.shapes == "buckets":
+            self._init_buckets(rank, world_size, state or {})
+            return
+        self.plan: BucketPlan | None = None
         by_kind = urls_by_kind(self.sets)
         state = state or {}
+        if "streams" in state:
+            log.warning("the saved data position is of shapes=buckets: the streams start at the beginning")
+            state = {}
         self.composition = self._composition(by_kind)
         used = {k for k, n in self.composition.items() if n > 0}
         self.health = DataHealth(sum(len(by_kind[k][0]) for k in used if k in by_kind), spec.max_bad_fraction)
@@ -579,11 +776,68 @@ class TrainLoader:
             spec.image_frame,
             self.health,
         )
-        self._pool = ThreadPoolExecutor(max(1, spec.decode_workers), thread_name_prefix="decode")
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, spec.prefetch))
+        self._start_threads()
+
+    def _init_buckets(self, rank: int, world_size: int, state: dict) -> None:
+        """Bucket batches: one stream per (kind, shape), each its own seeded, resumable ``KindStream``; the state
+        is every stream's position plus the number of batches made (which numbers the bucket draws)."""
+        spec = self.spec
+        inventory = bucket_inventory(self.sets)
+        self.plan = BucketPlan(spec, inventory, rank)
+        used = [*(f"image@{k}" for k in self.plan.image)]
+        for shape in self.plan.video:
+            used += [f"{kind}@{shape}" for kind in schema.VIDEO_KINDS if shape in inventory.get(kind, {})]
+        if state and "streams" not in state:
+            log.warning("the saved data position is of shapes=model: the bucket streams start at the beginning")
+        positions = state.get("streams", {})
+        self.batches = int(state.get("batches", 0))
+        self._made: dict[str, int] = dict(state.get("seen", {}))
+        self.seen = dict(self._made)
+        urls = {u for name in used for u in inventory[name.split("@")[0]][name.split("@")[1]][0]}
+        self.health = DataHealth(len(urls), spec.max_bad_fraction)
+        self.streams = {}
+        for name in used:
+            kind, shape = name.split("@")
+            found_urls, counts, members = inventory[kind][shape]
+            self.streams[name] = KindStream(
+                kind,
+                found_urls,
+                counts,
+                rank,
+                world_size,
+                spec.seed,
+                spec.shuffle_block,
+                Position(**positions[name]) if name in positions else None,
+                self.health,
+                shape=shape,
+                members=members,
+            )
+        self.decoder = Decoder(
+            None,
+            None,
+            None,
+            0,
+            None,
+            spec.expected_encoders,
+            spec.seed + 7919 * rank,
+            spec.cache_mb,
+            spec.image_frame,
+            self.health,
+            latent_factor=spec.latent_factor,
+        )
+        self._start_threads()
+
+    def _start_threads(self) -> None:
+        self._pool = ThreadPoolExecutor(max(1, self.spec.decode_workers), thread_name_prefix="decode")
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, self.spec.prefetch))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.produce_time = 0.0  # seconds the background thread spent reading + decoding
+
+    @property
+    def shape_names(self) -> list[str]:
+        """Bucket mode: every shape of the data, sorted, the same list on every rank (the histogram's keys)."""
+        return list(self.plan.all_shapes) if self.plan is not None else sorted(self.seen)
 
     def _composition(self, by_kind: dict) -> dict[str, int]:
         """Samples per step from each kind."""
@@ -619,17 +873,34 @@ class TrainLoader:
             positions[kind] = dataclasses.asdict(raws[-1][1])
         return items
 
+    def _next_batch(self, iterators: dict, positions: dict) -> StepBatch:
+        if self.plan is None:
+            c = self.composition
+            image = self._take(iterators, "image", c["image"], positions)
+            video = self._take(iterators, "video", c["video"], positions)
+            video += self._take(iterators, "video_text", c["video_text"], positions)
+            state: dict = {k: dict(v) for k, v in positions.items()}
+        else:
+            image, video = [], []
+            for name, n in self.plan.step(self.batches).items():
+                (image if name.startswith("image@") else video).extend(self._take(iterators, name, n, positions))
+            for item in image + video:
+                self._made[item.shape] = self._made.get(item.shape, 0) + 1
+            state = {
+                "streams": {k: dict(v) for k, v in positions.items()},
+                "batches": self.batches + 1,
+                "seen": dict(self._made),  # the histogram carries over a resume
+            }
+        self.batches += 1
+        return StepBatch(image, video, state)
+
     def _produce(self) -> None:
         try:
             iterators = {kind: iter(stream) for kind, stream in self.streams.items()}
             positions = {kind: dataclasses.asdict(stream.start) for kind, stream in self.streams.items()}
-            c = self.composition
             while not self._stop.is_set():
                 t0 = time.perf_counter()
-                image = self._take(iterators, "image", c["image"], positions)
-                video = self._take(iterators, "video", c["video"], positions)
-                video += self._take(iterators, "video_text", c["video_text"], positions)
-                batch = StepBatch(image, video, {k: dict(v) for k, v in positions.items()})
+                batch = self._next_batch(iterators, positions)
                 self.produce_time += time.perf_counter() - t0
                 while not self._stop.is_set():
                     try:
@@ -652,6 +923,11 @@ class TrainLoader:
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
+        if self.plan is not None:
+            self.seen = dict(item.position["seen"])
+        else:
+            for it in item.image + item.video:  # counted when training takes the batch, not when it is prefetched
+                self.seen[it.shape] = self.seen.get(it.shape, 0) + 1
         return item
 
     def close(self) -> None:

@@ -24,11 +24,13 @@ import contextlib
 import io
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 try:
     import mlflow.pyfunc
@@ -54,9 +56,8 @@ class TextToVideoModel(_PythonModel):
         if defaults_path:
             self.defaults.update(json.loads(Path(defaults_path).read_text(encoding="utf-8")))
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None):
-        import pandas as pd
-
+    # A DataFrame hint: MLflow takes the explicit signature and passes the input through unconverted.
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         from pipelines import media
 
         prompts = _prompts(model_input)
@@ -86,8 +87,6 @@ class TextToVideoModel(_PythonModel):
 
 
 def _prompts(model_input) -> list[str]:
-    import pandas as pd
-
     if isinstance(model_input, str):
         return [model_input]
     if isinstance(model_input, pd.DataFrame):
@@ -223,14 +222,17 @@ def log_generation_model(
         if config_file is not None:
             artifacts["train_config"] = str(config_file)
         experiment_id = mlflow.MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
-        with tracking_uri_set(tracking_uri), _experiment_env(experiment_id):
+        with tracking_uri_set(tracking_uri), _experiment_env(experiment_id), warnings.catch_warnings():
+            # MLflow validates an input example by generating with the model at log time (minutes and a second
+            # copy of a large model in the driver); the explicit signature carries the schema instead.
+            warnings.filterwarnings("ignore", message=r".*An input example was not provided", category=UserWarning)
             # Model.log (unlike mlflow.pyfunc.log_model) takes the run id, so no fluent run has to be active
             info = Model.log(
                 artifact_path=None,
                 name=name,
                 flavor=mlflow.pyfunc,
                 run_id=run_id,
-                python_model=TextToVideoModel(),
+                python_model=str(Path(__file__).with_name("serving.py")),
                 artifacts=artifacts,
                 signature=signature(merged),
                 pip_requirements=requirements(),

@@ -18,7 +18,7 @@ A sample (members of the tar, grouped by ``__key__``)::
     __key__           stable id: <16 hex of sha1(source)>_<clip index 3 digits>; never contains a dot
     mp4 | jpg         the clip (H.264) for video kinds, the picture for ``image``
     txt               UTF-8 caption (``image`` and ``video_text`` only)
-    json              SampleMeta as JSON
+    json              SampleMeta as JSON: geometry (width, height, bucket "WxH", num_frames, fps), provenance, scores
     latent.npy ...    optional pre-encoded tensors (see PRE_ENCODED), written by the pre-encode stage
 
 Kinds: ``image`` (image-text, TF-T2V content branch), ``video_text`` (captioned clip) and ``video``
@@ -69,12 +69,30 @@ class SampleMeta:
     scores: dict[str, float] = dataclasses.field(default_factory=dict)  # motion, clip_sim, ...
     labels: dict[str, Any] = dataclasses.field(default_factory=dict)  # ground truth when known (shapes corpus)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # the bucket "WxH" the clip was resized into (pipelines/buckets.py); shards written before buckets existed
+    # have none, and read as the bucket of their stored size
+    bucket: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind={self.kind!r} is not one of {KINDS}")
         if self.num_frames < 1 or self.width < 1 or self.height < 1:
             raise ValueError(f"num_frames/width/height must be >= 1, got {self.num_frames}/{self.width}/{self.height}")
+        size = f"{self.width}x{self.height}"
+        if not self.bucket:
+            self.bucket = size
+        elif self.bucket != size:
+            raise ValueError(f"bucket={self.bucket!r} but the clip is {size}: a clip's bucket is its stored size")
+
+    @property
+    def frames(self) -> int:
+        """Frames per clip (1 for images): with ``bucket``, the sample's loader shape."""
+        return self.num_frames
+
+    @property
+    def shape(self) -> str:
+        """The loader bucket, size and frames: ``448x256_16f`` (images ``_1f``)."""
+        return shape_name(self.width, self.height, self.num_frames)
 
     def to_json(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), sort_keys=True).encode("utf-8")
@@ -87,6 +105,19 @@ class SampleMeta:
         meta = cls(**d)
         meta.extra.update(extra)
         return meta
+
+
+# Condition members (optional; model/conditions.py says what each one means to the model).
+CONDITIONS = {
+    "motion.npy": "motion vectors of the clip's H.264 stream, float16 [f, 2, h, w]: dx / width, dy / height per frame",
+    "sketch.npy": "edge map, uint8 [f, 1, h, w]: 1 on an edge",
+    "depth.npy": "relative inverse depth, float16 [f, 1, h, w] in [0, 1]: 1 is nearest",
+}
+
+
+def shape_name(width: int, height: int, frames: int) -> str:
+    """A loader bucket: size and frame count, e.g. ``448x256_16f`` (a valid MLflow metric name)."""
+    return f"{width}x{height}_{int(frames)}f"
 
 
 def sample_key(source: str, clip_index: int = 0) -> str:
@@ -112,8 +143,8 @@ def encode_sample(
         sample["txt"] = meta.caption.encode("utf-8")
     for name, array in (arrays or {}).items():
         member = f"{name}.npy"
-        if member not in PRE_ENCODED:
-            raise ValueError(f"unknown pre-encoded member {member!r}; known: {sorted(PRE_ENCODED)}")
+        if member not in PRE_ENCODED and member not in CONDITIONS:
+            raise ValueError(f"unknown array member {member!r}; known: {sorted(PRE_ENCODED) + sorted(CONDITIONS)}")
         sample[member] = npy_bytes(array)
     if encoders is not None:
         sample["encoders.json"] = json.dumps(encoders, sort_keys=True).encode("utf-8")
@@ -150,7 +181,7 @@ def decode_sample(raw: dict[str, Any]) -> Sample:
     if isinstance(caption, bytes):
         caption = caption.decode("utf-8")
     arrays = {}
-    for member in PRE_ENCODED:
+    for member in (*PRE_ENCODED, *CONDITIONS):
         if member.endswith(".npy") and member in raw:
             value = raw[member]
             arrays[member[: -len(".npy")]] = value if isinstance(value, np.ndarray) else load_npy(value)

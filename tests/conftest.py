@@ -183,6 +183,102 @@ def make_bad_inputs():
     return _make_bad_inputs
 
 
+# Sources of four aspects for the bucket tests, as (width, height) -> the bucket of BUCKETS they belong in.
+BUCKETS = ["32x16", "16x32", "24x16", "16x16"]
+ASPECTS = {(64, 32): "32x16", (32, 64): "16x32", (48, 36): "24x16", (40, 40): "16x16"}
+
+
+def _aspect_corpus(root: Path) -> Path:
+    from pipelines import media, shapes
+
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, ((w, h), bucket) in enumerate(ASPECTS.items()):
+        colour = ("red", "green", "blue", "yellow")[i]
+        for j, (seconds, direction) in enumerate(((1.0, "right"), (2.0, "left"))):  # 8 and 16 frames at 8 fps
+            frames = shapes.render_video(colour, "square", direction, w, h, int(8 * seconds))
+            path = media.write_mp4(frames, root / f"v{w}x{h}_{j}.mp4", 8)
+            caption = f"a {colour} square moving {direction}" if j == 0 else ""
+            rows.append({"path": str(path), "caption": caption, "bucket": bucket})
+        image = root / f"i{w}x{h}.jpg"
+        image.write_bytes(media.encode_jpg(shapes.render_image(colour, "circle", w, h)))
+        rows.append({"path": str(image), "caption": f"a {colour} circle", "bucket": bucket})
+    manifest = root / "manifest.csv"
+    with open(manifest, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "caption", "bucket"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest
+
+
+@pytest.fixture(scope="session")
+def aspect_corpus(tmp_path_factory):
+    """Videos and images of four aspects (2:1, 1:2, 4:3, 1:1; ``ASPECTS``), each video at two durations (8 and 16
+    frames at 8 fps), one captioned and one text-free. Returns the manifest (path, caption, bucket: the bucket of
+    ``BUCKETS`` each belongs in)."""
+    return _aspect_corpus(tmp_path_factory.mktemp("aspects"))
+
+
+def _curate_buckets(manifest: Path, out: Path, lengths: tuple[int, ...] = (4, 8), encode: bool = False) -> Path:
+    """Curates ``manifest`` into ``BUCKETS`` with clips of ``lengths`` frames through the real stages, in this
+    process (curation's Ray job runs the same stages), into shards under ``out``; ``encode`` pre-encodes them with
+    the tiny model's encoders."""
+    from pipelines import settings
+    from pipelines.curation import inputs
+    from pipelines.curation.config import CurateConfig
+    from pipelines.curation.stages.caption import CaptionFilter
+    from pipelines.curation.stages.decode import ClipDecoder
+    from pipelines.curation.stages.probe import Probe
+    from pipelines.curation.stages.quality import ClipQuality, InputQuality
+    from pipelines.curation.stages.route import Route
+    from pipelines.curation.stages.write import ShardSink
+
+    cfg = settings.load(
+        CurateConfig,
+        None,
+        [
+            f"clips.buckets=[{','.join(BUCKETS)}]",
+            f"clips.lengths=[{','.join(map(str, lengths))}]",
+            "clips.fps=8",
+            "quality.min_side=16",
+            "quality.motion_max=1",
+            *(["encode.mode=latents+clip", "encode.model=tiny"] if encode else []),
+        ],
+    )
+    table = inputs.resolve(str(manifest), cfg.inputs)
+    stages = [Probe(cfg), InputQuality(cfg), ClipDecoder(cfg), ClipQuality(cfg), CaptionFilter(cfg), Route(cfg)]
+    if encode:
+        from pipelines.curation.stages.encode import PreEncoder
+
+        stages.append(PreEncoder(cfg, device="cpu"))
+    for stage in stages:
+        table = stage(table)
+    sink = ShardSink(out, "rbuckets", maxcount=4)
+    for row in table.to_pylist():
+        if row["status"] == "ok":
+            sink.write(row)
+    sink.commit()
+    return out
+
+
+@pytest.fixture(scope="session")
+def bucket_shards(aspect_corpus, tmp_path_factory):
+    """The aspect corpus curated into ``BUCKETS`` with clips of 4 and 8 frames (shards of at most 4 samples)."""
+    return _curate_buckets(aspect_corpus, tmp_path_factory.mktemp("bucket-shards"))
+
+
+@pytest.fixture(scope="session")
+def curate_buckets():
+    """``curate_buckets(manifest, out, lengths=(4, 8), encode=False) -> out``: what ``bucket_shards`` holds, with
+    other clip lengths or pre-encoded."""
+    return _curate_buckets
+
+
+@pytest.fixture(scope="session")
+def bucket_names() -> list[str]:
+    return list(BUCKETS)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Models, training settings, ports, MLflow
 

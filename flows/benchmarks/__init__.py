@@ -1,4 +1,4 @@
-"""t2v bench <name> [args]   (t2v bench curate | model | train | learn | scale; t2v bench <name> --help)
+"""t2v bench <name> [args]   (t2v bench curate | model | train | learn | scale | buckets; t2v bench <name> --help)
 
 Benchmarks: one command that runs a named benchmark module, which prints its figures.
 
@@ -17,6 +17,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "train": ("flows.benchmarks.train", "training throughput with Ray Train + DeepSpeed"),
     "learn": ("flows.benchmarks.learn", "what the model learns on the shapes corpus (accuracy vs steps)"),
     "scale": ("flows.benchmarks.scale", "curation driver memory and files written on a 1M-row manifest"),
+    "buckets": ("flows.benchmarks.buckets", "crop waste and loader throughput per bucket against one size"),
 }
 
 

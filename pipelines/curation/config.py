@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pipelines import buckets
 from pipelines.settings import check, check_choice
 
 CONFIG_FILE = "curate_config.yaml"
@@ -47,8 +48,33 @@ class ClipConfig:
     timeout_s: float = 600.0  # probe/ffmpeg time limit per input
     probe: Literal["pyav", "ffprobe"] = "pyav"  # stage 1 reads headers in-process (PyAV) or with an ffprobe process
     decoder: Literal["pyav", "ffmpeg"] = "pyav"  # stage 2 decodes + encodes in-process (PyAV) or in an ffmpeg process
+    # Shapes (pipelines/buckets.py). Unset, every clip is width x height and num_frames long, as one size.
+    buckets: list[str] | None = None  # WxH sizes; each source goes to the one nearest its aspect (least crop)
+    image_buckets: list[str] | None = None  # WxH sizes for images (None: the same as buckets)
+    lengths: list[int] | None = None  # frames per clip, clips of every length from each video (None: num_frames)
+    # A source smaller than every bucket: reject or upscale; auto rejects with buckets, upscales a single size.
+    small_source: Literal["auto", "reject", "upscale"] = "auto"
+    max_crop: float | None = None  # reject sources losing more (aspect); None: 0.5 with buckets, no limit without
 
     def __post_init__(self) -> None:
+        for key in ("buckets", "image_buckets"):
+            if getattr(self, key) is not None:
+                buckets.parse_buckets(getattr(self, key), f"clips.{key}")
+        check(
+            self.lengths is None
+            or (
+                isinstance(self.lengths, list)
+                and self.lengths
+                and all(isinstance(n, int) and n >= 1 for n in self.lengths)
+                and len(set(self.lengths)) == len(self.lengths)
+            ),
+            f"clips.lengths={self.lengths!r}: must be a list of distinct frame counts >= 1, e.g. [16, 32]",
+        )
+        check_choice("clips.small_source", self.small_source, ["auto", "reject", "upscale"])
+        check(
+            self.max_crop is None or 0 <= self.max_crop < 1,
+            f"clips.max_crop={self.max_crop}: must be within [0, 1) (share of the source's pixels) or null",
+        )
         check(
             16 <= self.width <= 4096 and 16 <= self.height <= 4096 and self.width % 2 == 0 and self.height % 2 == 0,
             f"clips.width/height={self.width}x{self.height}: must be even numbers within 16..4096 (H.264 4:2:0)",
@@ -64,6 +90,33 @@ class ClipConfig:
         check(self.threads >= 1, "clips.threads must be >= 1")
         check(1 <= self.jpg_quality <= 100, "clips.jpg_quality must be within 1..100")
         check(self.timeout_s > 0, "clips.timeout_s must be > 0")
+
+    @property
+    def video_sizes(self) -> list[tuple[int, int]]:
+        if self.buckets is None:
+            return [(self.width, self.height)]
+        return buckets.parse_buckets(self.buckets, "clips.buckets")
+
+    @property
+    def image_sizes(self) -> list[tuple[int, int]]:
+        if self.image_buckets is None:
+            return self.video_sizes
+        return buckets.parse_buckets(self.image_buckets, "clips.image_buckets")
+
+    @property
+    def clip_lengths(self) -> list[int]:
+        return list(self.lengths) if self.lengths is not None else [self.num_frames]
+
+    @property
+    def upscale(self) -> bool:
+        bucketed = self.buckets is not None or self.image_buckets is not None
+        return self.small_source == "upscale" or (self.small_source == "auto" and not bucketed)
+
+    @property
+    def crop_limit(self) -> float | None:
+        if self.max_crop is not None:
+            return self.max_crop
+        return 0.5 if self.buckets is not None or self.image_buckets is not None else None
 
 
 @dataclass
@@ -87,7 +140,8 @@ class QualityConfig:
 
     def resolved_min_duration(self, clips: ClipConfig) -> float:
         # a little slack: containers round durations, and ffmpeg's fps filter picks the nearest frames
-        return self.min_duration_s if self.min_duration_s is not None else 0.95 * clips.num_frames / clips.fps
+        shortest = min(clips.clip_lengths)
+        return self.min_duration_s if self.min_duration_s is not None else 0.95 * shortest / clips.fps
 
 
 @dataclass
@@ -166,6 +220,29 @@ class EncodeConfig:
 
 
 @dataclass
+class ConditionsConfig:
+    """Structure conditions stored with each clip (stages/conditions.py) for compositional training. A condition
+    that cannot be extracted from a clip is recorded in its json (``extra.condition_errors``); the clip is kept."""
+
+    kinds: list[str] = field(default_factory=list)  # any of: motion, sketch, depth
+    depth_model: str | None = None  # local .pt2 (torch.export) or TorchScript depth network: needed for depth
+    depth_size: int = 256  # the depth network's input side
+    edge_threshold: float = 0.25  # sketch: edges above this share of the clip's strongest gradient
+
+    def __post_init__(self) -> None:
+        from model.conditions import CHANNELS
+
+        unknown = [k for k in self.kinds if k not in CHANNELS]
+        check(not unknown, f"conditions.kinds: unknown {unknown}; accepted are {sorted(CHANNELS)}")
+        check(
+            "depth" not in self.kinds or (self.depth_model is not None and os.path.isfile(self.depth_model)),
+            f"conditions.depth_model={self.depth_model!r}: depth needs a local network file (.pt2 or TorchScript)",
+        )
+        check(16 <= self.depth_size <= 2048, f"conditions.depth_size={self.depth_size}: must be within 16..2048")
+        check(0 < self.edge_threshold < 1, f"conditions.edge_threshold={self.edge_threshold}: must be within (0, 1)")
+
+
+@dataclass
 class CurateConfig:
     inputs: InputConfig = field(default_factory=InputConfig)
     clips: ClipConfig = field(default_factory=ClipConfig)
@@ -173,6 +250,7 @@ class CurateConfig:
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     shards: ShardConfig = field(default_factory=ShardConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
+    conditions: ConditionsConfig = field(default_factory=ConditionsConfig)
     num_cpus: int | None = None  # local Ray only: CPUs to use (None: all)
     inputs_per_task: int | None = None  # inputs per decode task (None: see build_dataset)
     task_cpus: float = 0.5  # CPUs a decode task asks Ray for (see build_dataset)
@@ -199,4 +277,13 @@ class CurateConfig:
 
 
 # Settings that shape the samples: every run into one output must agree on them, or training would read a mix.
-SHAPING = ("clips.width", "clips.height", "clips.num_frames", "clips.fps", "encode.mode")
+SHAPING = (
+    "clips.width",
+    "clips.height",
+    "clips.num_frames",
+    "clips.fps",
+    "clips.buckets",
+    "clips.image_buckets",
+    "clips.lengths",
+    "encode.mode",
+)

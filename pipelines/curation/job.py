@@ -123,6 +123,10 @@ def run(cfg: CurateConfig, input: str, output: str | os.PathLike, address: str |
     return summary
 
 
+# One machine is never preempted; Ray Train's preemption watcher would only log an error at start-up.
+NO_PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
 def local_ray_system_config(num_cpus: int | None, task_cpus: float) -> dict[str, Any]:
     """Ray settings for a local Ray: keep a worker process per decode-task slot. By default Ray keeps only as many
     idle workers as CPUs, so with task_cpus 0.5 a short pause would stop half the workers and the next tasks
@@ -154,6 +158,7 @@ def init_ray(address: str | None, num_cpus: int | None, task_cpus: float) -> flo
     else:
         # With the dashboard (on 127.0.0.1 only), which serves the State API: Ray Train's placement-group cleaner
         # polls it every second and, without it, logs a warning each time for the whole of a training run.
+        os.environ.setdefault(NO_PREEMPTION_WATCHER, "0")
         ray.init(
             num_cpus=num_cpus,
             dashboard_host="127.0.0.1",
@@ -285,6 +290,10 @@ def _tail(ds, cfg: CurateConfig):
     else:
         ds = ds.map_batches(CaptionFilter(cfg), batch_size=None, batch_format="pyarrow", **_task_args(cfg))
     ds = ds.map_batches(Route(cfg), batch_size=None, batch_format="pyarrow", **_task_args(cfg))
+    if cfg.conditions.kinds:
+        from pipelines.curation.stages.conditions import ExtractConditions
+
+        ds = ds.map_batches(ExtractConditions(cfg), batch_size=None, batch_format="pyarrow", **_task_args(cfg))
     if cfg.encode.mode != "none":
         from pipelines.curation.stages.encode import PreEncoder
 
@@ -464,8 +473,9 @@ def _summary(driver: _Driver, input: str, out: Path, listed, todo, removed, star
 
 
 def _get(d: dict, dotted: str) -> Any:
+    # a key missing from a config saved before it existed reads as unset (None), its default
     for part in dotted.split("."):
-        d = d.get(part, {}) if isinstance(d, dict) else {}
+        d = d.get(part) if isinstance(d, dict) else None
     return d
 
 
@@ -499,6 +509,16 @@ def _check_encode(cfg: CurateConfig) -> None:
         from model.registry import get_config
 
         model = get_config(e.model, e.model_overrides)
+    if c.buckets is not None or c.image_buckets is not None or c.lengths is not None:
+        # bucket training takes each bucket at its own shape: every size must be one the model can take
+        multiple = model.vae_factor * model.unet.downsample_factor
+        bad = [f"{w}x{h}" for w, h in dict.fromkeys(c.video_sizes + c.image_sizes) if w % multiple or h % multiple]
+        if bad:
+            raise ConfigError(
+                f"encode: model {model.name!r} takes heights and widths that are multiples of {multiple} pixels; "
+                f"bucket(s) {', '.join(bad)} are not: change them in clips.buckets / clips.image_buckets"
+            )
+        return
     if (model.num_frames, model.height, model.width) != (c.num_frames, c.height, c.width):
         raise ConfigError(
             f"encode: model {model.name!r} takes {model.num_frames} frames of {model.width}x{model.height} but the "

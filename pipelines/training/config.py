@@ -65,11 +65,18 @@ class TrainConfig:
     p_all_keep: float = 0.1
     dropped_text: Literal["negative_prompt", "zeros"] = "negative_prompt"  # zeros: as VGen multiplies y by 0
     # data
-    frame_stride: int = 0  # 0: clip frames spread over the whole clip; k: every k-th frame
+    frame_stride: int = 0  # 0: clip frames spread over the whole clip; k: every k-th frame (shapes=model)
     shuffle_block: int = 256
     prefetch: int = 4  # step batches prepared ahead (background thread)
     decode_workers: int = 2  # samples decoded in parallel (threads, in-process PyAV)
     decode_cache_mb: float = 0.0  # keep decoded clips in memory (small corpora read for many epochs)
+    # clip shapes (pipelines/loader.py BucketPlan). model: every clip resized to the model's size and frames;
+    # buckets: each batch is one bucket of the data (size and frames as curated), no padding
+    shapes: Literal["model", "buckets"] = "model"
+    pixel_budget: int = 0  # buckets: pixels (w x h x frames) per video batch; 0: video_batch_size at the model's
+    bucket_weights: dict[str, float] = field(default_factory=dict)  # buckets: 448x256_16f or 448x256 -> weight
+    frame_mixing: Literal["per_step", "per_rank"] = "per_step"  # buckets: per_rank trains rank r on frame_lens[r]
+    frame_lens: list[int] = field(default_factory=list)  # per_rank: frames per rank, cycled (empty: the data's)
     # distribution
     num_workers: int = 1
     use_gpu: bool = False
@@ -138,6 +145,17 @@ class TrainConfig:
         check(
             self.shuffle_block >= 1 and self.prefetch >= 1 and self.decode_workers >= 1,
             "shuffle_block, prefetch and decode_workers must be >= 1",
+        )
+        check_choice("shapes", self.shapes, ["model", "buckets"])
+        check_choice("frame_mixing", self.frame_mixing, ["per_step", "per_rank"])
+        check(self.pixel_budget >= 0, "pixel_budget must be >= 0 (0: video_batch_size clips of the model's shape)")
+        check(
+            all(isinstance(w, (int, float)) and w >= 0 for w in self.bucket_weights.values()),
+            f"bucket_weights={self.bucket_weights}: weights must be numbers >= 0, e.g. {{448x256_16f: 2.0}}",
+        )
+        check(
+            all(isinstance(n, int) and n >= 1 for n in self.frame_lens),
+            f"frame_lens={self.frame_lens}: must be frame counts >= 1, e.g. [16, 16, 32, 32]",
         )
         check(self.num_workers >= 1 and self.cpus_per_worker >= 1, "num_workers and cpus_per_worker must be >= 1")
         check(self.threads_per_worker >= 0, "threads_per_worker must be >= 0 (0: cpus_per_worker)")

@@ -76,6 +76,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     tracker, run_id, tracking_uri = _start_tracking(cfg, out, shard_sets)
     started_ray = False
     if not ray.is_initialized():
+        if not (cfg.address or os.environ.get("RAY_ADDRESS")):  # one machine: nothing preempts it
+            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(
             address=cfg.address or os.environ.get("RAY_ADDRESS"), log_to_driver=True, logging_level=logging.WARNING
         )

@@ -110,6 +110,7 @@ class PeriodicEvaluator:
                     100 * self.cfg.max_share,
                 )
                 want = False
+                self.last = now  # a timed evaluation comes due again one interval later, not at every step
         return bool(_from_rank0(float(want), self.world_size))
 
     def run(self, exporter, step: int) -> float:

@@ -251,6 +251,13 @@ def loader_spec(cfg: TrainConfig, model) -> loader.LoaderSpec:
         max_bad_fraction=cfg.max_bad_fraction,
         cache_mb=cfg.decode_cache_mb,
         image_frame=cfg.image_frame,
+        shapes=cfg.shapes,
+        pixel_budget=cfg.pixel_budget,
+        bucket_weights=dict(cfg.bucket_weights),
+        frame_mixing=cfg.frame_mixing,
+        frame_lens=list(cfg.frame_lens),
+        size_multiple=mc.vae_factor * mc.unet.downsample_factor,
+        latent_factor=mc.vae_factor,
     )
 
 
@@ -491,11 +498,16 @@ def branch_loss(
         image = cond.image(items) if use_image else None
     t = sample_timesteps(b, model.schedule.num_timesteps, gen, x0.device, model.config.diffusion.timestep_shift)
     dtype = next(model.unet.parameters()).dtype
+    fps = None
+    if model.config.unet.use_fps_condition:  # images (fps 0) get the model's rate, as sampling does
+        fps = torch.tensor([it.fps or model.config.fps for it in items], device=x0.device)  # [b]
 
     def unet_fn(x, t, context=None, image_embedding=None, concat=None):
         # bf16 engines take bf16 inputs; the loss is computed in fp32 by training_losses.
         cast = lambda v: v.to(dtype) if v is not None else None  # noqa: E731
         extra = {} if image_keep is None else {"image_keep": image_keep}
+        if fps is not None:
+            extra["fps"] = fps
         return net(
             cast(x), t, context=cast(context), image_embedding=cast(image_embedding), concat=cast(concat), **extra
         ).float()
@@ -671,6 +683,18 @@ class Exporter:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The loop
+
+
+def _log_bucket_histogram(data: loader.TrainLoader, tracker, step: int, world_size: int) -> None:
+    """The samples of each shape (bucket and frames) all ranks trained on: ``data_bucket/<shape>`` metrics and
+    ``data/buckets.json``."""
+    if data.plan is None:
+        return  # shapes=model: every sample was resized to the model's one shape
+    names = data.shape_names  # the same list on every rank
+    totals = _reduce_mean([float(data.seen.get(k, 0)) for k in names], world_size)
+    counts = {k: round(v * world_size) for k, v in zip(names, totals)}
+    tracker.log_metrics({f"data_bucket/{k}": float(v) for k, v in counts.items()}, step)
+    tracker.log_text(json.dumps({"step": step, "samples_per_bucket": counts}, indent=1), "data/buckets.json")
 
 
 def _reduce_mean(values: list[float], world_size: int) -> list[float]:
@@ -879,6 +903,7 @@ def train_loop_per_worker(config: dict) -> None:
                 break
     finally:
         data.close()
+    _log_bucket_histogram(data, tracker, step, world_size)
 
     # -- export --------------------------------------------------------------------------------------------------
     if cfg.sample_every and step % cfg.sample_every != 0 and metrics:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 
 def _start_ray() -> None:
@@ -52,3 +53,23 @@ def own_ray():
         ray.shutdown()
     if shared:
         _start_ray()
+
+
+class _PooledVideoNet(torch.nn.Module):
+    """Stand-in for an I3D feature network (none can be downloaded here): pooled colour statistics, projected."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [b, 3, f, h, w] -> [b, 4], any clip size
+        return self.proj(torch.cat([x.mean(dim=(2, 3, 4)), x.amax(dim=(2, 3, 4))], dim=1))
+
+
+@pytest.fixture(scope="session")
+def fvd_network(tmp_path_factory):
+    """A TorchScript video network file for FVD (``fvd_network`` of the evaluation configs)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("fvdnet") / "video_net.pt"
+    torch.jit.save(torch.jit.trace(_PooledVideoNet(), torch.zeros(1, 3, 8, 32, 32)), str(path))
+    return path

@@ -7,30 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from flows import evaluate
 from pipelines import metrics, settings
 from pipelines.settings import ConfigError
-
-
-class _PooledVideoNet(torch.nn.Module):
-    """Stand-in for an I3D feature network (none can be downloaded here): pooled colour statistics, projected."""
-
-    def __init__(self):
-        super().__init__()
-        self.proj = torch.nn.Linear(6, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [b, 3, f, h, w] -> [b, 4]
-        return self.proj(torch.cat([x.mean(dim=(2, 3, 4)), x.amax(dim=(2, 3, 4))], dim=1))
-
-
-@pytest.fixture(scope="module")
-def fvd_network(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("fvdnet") / "video_net.pt"
-    torch.jit.save(torch.jit.trace(_PooledVideoNet(), torch.zeros(1, 3, 8, 32, 32)), str(path))
-    return path
 
 
 def _cfg(tmp_path, **kw) -> evaluate.EvalConfig:

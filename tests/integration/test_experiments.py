@@ -25,21 +25,7 @@ def exporter(small_model):
     return SimpleNamespace(model=model, gather=lambda ema: model.unet.state_dict())
 
 
-class _PooledVideoNet(torch.nn.Module):
-    """Stand-in for an I3D feature network (none can be downloaded here): pooled colour statistics, projected."""
-
-    def __init__(self):
-        super().__init__()
-        self.proj = torch.nn.Linear(6, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [b, 3, f, h, w] -> [b, 4]
-        return self.proj(torch.cat([x.mean(dim=(2, 3, 4)), x.amax(dim=(2, 3, 4))], dim=1))
-
-
-def test_evaluation_logs_step_metrics_and_a_contact_sheet(exporter, shapes_corpus, mlflow_uri, tmp_path):
-    torch.manual_seed(0)
-    net = tmp_path / "video_net.pt"
-    torch.jit.save(torch.jit.trace(_PooledVideoNet(), torch.zeros(1, 3, 4, 16, 16)), str(net))
+def test_evaluation_logs_step_metrics_and_a_contact_sheet(exporter, shapes_corpus, mlflow_uri, fvd_network):
     tracker = tracking.MlflowTracker(mlflow_uri, "test-periodic")
     cfg = PeriodicEvalConfig(
         every_steps=2,
@@ -47,7 +33,7 @@ def test_evaluation_logs_step_metrics_and_a_contact_sheet(exporter, shapes_corpu
         sample_steps=2,
         sheet_videos=2,
         max_share=1.0,
-        fvd_network=str(net),
+        fvd_network=str(fvd_network),
         fvd_reference=str(shapes_corpus),
         fvd_size=16,
     )

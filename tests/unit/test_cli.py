@@ -37,9 +37,23 @@ def test_t2v_test_runs_lint_format_layering_then_pytest(calls, capsys):
     assert cmds[0] == [sys.executable, "-m", "ruff", "check", "."]
     assert cmds[1] == [sys.executable, "-m", "ruff", "format", "--check", "."]
     assert cmds[2][0].endswith("lint-imports") and cmds[2][0].startswith(str(Path(sys.executable).parent))
-    assert cmds[3] == [sys.executable, "-m", "pytest", "-x", "-k", "loader"]
+    # the unit tier runs on a process per core, then the integration tier; pytest arguments go to both
+    unit = [sys.executable, "-m", "pytest", "tests/unit", "-n", str(cli.UNIT_WORKERS), "-x", "-k", "loader"]
+    assert cmds[3:] == [unit, [sys.executable, "-m", "pytest", "tests/integration", "-x", "-k", "loader"]]
     assert all(cwd == cli.ROOT for _, cwd in calls)  # the project's own settings (pyproject.toml) apply
     assert capsys.readouterr().err == ""
+
+
+def test_t2v_test_given_a_path_runs_just_that(calls):
+    assert cli.main(["test", "tests/unit/test_cli.py::test_bench_dispatches_by_name", "-q"]) == 0
+    assert calls[-1][0] == [
+        sys.executable,
+        "-m",
+        "pytest",
+        "tests/unit/test_cli.py::test_bench_dispatches_by_name",
+        "-q",
+    ]
+    assert len(calls) == 4
 
 
 @pytest.mark.parametrize(
@@ -48,10 +62,11 @@ def test_t2v_test_runs_lint_format_layering_then_pytest(calls, capsys):
         (0, 1, "ruff check failed (exit 1): run `"),
         (1, 1, "ruff format failed (exit 1): run `"),
         (2, 1, "lint-imports failed (exit 1): an import crosses a layer"),
-        (3, 1, "pytest failed (exit 1): see the failures above"),
-        (3, 5, "pytest failed (exit 5): no tests were collected"),
+        (3, 1, "pytest unit failed (exit 1): see the failures above"),
+        (4, 1, "pytest integration failed (exit 1): see the failures above"),
+        (3, 5, "pytest unit failed (exit 5): no tests were collected"),
     ],
-    ids=["ruff-check", "ruff-format", "lint-imports", "pytest", "pytest-collected-nothing"],
+    ids=["ruff-check", "ruff-format", "lint-imports", "pytest-unit", "pytest-integration", "pytest-collected-nothing"],
 )
 def test_t2v_test_stops_at_the_first_failing_check_and_says_how_to_fix_it(calls, capsys, failing, code, message):
     calls.codes = {failing: code}
@@ -79,4 +94,4 @@ def test_bench_dispatches_by_name(capsys):
 
     assert bench.main([]) == 0 and "curate" in capsys.readouterr().out
     assert bench.main(["nope"]) == 2 and "unknown benchmark 'nope'" in capsys.readouterr().err
-    assert set(bench.BENCHMARKS) == {"model", "curate", "train", "learn", "scale"}
+    assert set(bench.BENCHMARKS) == {"model", "curate", "train", "learn", "scale", "buckets"}

@@ -38,6 +38,21 @@ def test_an_evaluation_beyond_its_share_of_the_wall_time_is_skipped(exporter, ca
     assert evaluator.due(3, last=False)
 
 
+def test_a_skipped_timed_evaluation_comes_due_again_one_interval_later(caplog):
+    cfg = PeriodicEvalConfig(every_minutes=1, num_prompts=1, sample_steps=1, clip_model="", max_share=0.1)
+    evaluator = PeriodicEvaluator(cfg, rank=0, world_size=1, tracker=tracking.NullTracker())
+    evaluator.start()
+    evaluator.t0 -= 120  # two minutes in, one of them evaluating: over the share
+    evaluator.last -= 61
+    evaluator.spent = 60
+    with caplog.at_level("INFO", logger="t2v.train"):
+        assert [evaluator.due(step, last=False) for step in range(5, 10)] == [False] * 5
+    assert evaluator.skipped == 1 and caplog.text.count("skipped") == 1  # said once, not at every step
+    evaluator.last -= 61
+    evaluator.t0 -= 6000  # much training later: within the share, and the interval has passed
+    assert evaluator.due(10, last=False)
+
+
 def test_settings_are_checked_and_off_by_default():
     assert not TrainConfig().periodic_eval.enabled
     cfg = settings.load(TrainConfig, overrides=["periodic_eval.every_minutes=5"])

@@ -58,6 +58,20 @@ def test_output_has_the_input_shape_for_several_frame_counts(frames):
     assert out.shape == x.shape and torch.isfinite(out).all() and out.abs().sum() > 0
 
 
+def test_fps_conditioning_as_the_modelscope_layout_takes_it():
+    torch.manual_seed(0)
+    unet = STUNet(UNetConfig(**{**vars(SMALL), "use_fps_condition": True}), STUNetConfig()).eval()
+    with torch.no_grad():  # zero-initialised layers (the fps MLP's last, each ResBlock's output) would hide it
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(1, 3, 4, 8, 8)
+    assert not torch.allclose(unet(x, 5, fps=4.0), unet(x, 5, fps=16.0))
+    with pytest.raises(ValueError, match="pass fps"):
+        unet(x, 5)
+    with pytest.raises(ValueError, match="use_fps_condition is off"):
+        make()(x, 5, fps=8.0)
+
+
 def test_a_frame_count_the_temporal_downsampling_cannot_take_is_named():
     with pytest.raises(ValueError, match=r"6 frames cannot be halved 2 time\(s\).*multiple of 4"):
         make()(torch.randn(1, 3, 6, 8, 8), 10)

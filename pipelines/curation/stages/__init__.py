@@ -16,7 +16,8 @@ per clip, and ``input_rows`` tells the driver how many rows of an input to wait 
 
 Order of the pipeline (see ``pipelines/curation/job.py``)::
 
-    probe -> quality.InputQuality -> decode -> quality.ClipQuality -> caption -> route [-> encode] -> write
+    probe -> quality.InputQuality -> decode -> quality.ClipQuality -> caption -> route [-> conditions]
+    [-> encode] -> write
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ KILL_ENV = "T2V_TEST_KILL_INPUTS"
 HANG_ENV = "T2V_TEST_HANG_INPUTS"
 
 # Stage names as they appear in the ledger and the summary, in pipeline order.
-STAGES = ("input", "probe", "quality", "decode", "caption", "route", "encode", "write")
+STAGES = ("input", "probe", "quality", "decode", "caption", "route", "conditions", "encode", "write")
 
 ROW_SCHEMA = pa.schema(
     [
@@ -128,6 +129,10 @@ ROW_SCHEMA = pa.schema(
         ("text_emb", pa.large_binary()),
         ("image_emb", pa.large_binary()),
         ("encoders", pa.string()),  # JSON identity of the encoders
+        # -- conditions (optional): npy bytes, see schema.CONDITIONS --
+        ("cond_motion", pa.large_binary()),
+        ("cond_sketch", pa.large_binary()),
+        ("cond_depth", pa.large_binary()),
         # -- free-form notes (JSON object), copied into the sample's json `extra` --
         ("extra", pa.string()),
     ]

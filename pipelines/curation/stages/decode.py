@@ -24,15 +24,21 @@ policy first / max_n, decoding stops once enough clips are found, so long videos
 
 Images: decoded with PIL, resized to cover, centre-cropped, re-encoded as JPEG.
 
-Rejections: ``no_clip`` (no complete window without a cut), ``decode_error`` (FFmpeg reported errors, e.g. a
-truncated file; ``quality.on_decode_error=keep`` keeps the clips that decoded), ``encode_error``,
-``decode_timeout``, ``too_long`` (more frames than ``quality.max_duration_s x clips.fps``). A full temp disk
-while encoding is a transient fault (retried, never final).
+Buckets (``clips.buckets``, ``clips.image_buckets``, ``clips.lengths``; ``pipelines/buckets.py``): each source
+goes to the bucket nearest its aspect (least crop) that it covers without upscaling, and a video gives clips of
+every length, one decoding pass per length. Unset, the one size ``width x height`` and ``num_frames``.
+
+Rejections: ``too_small`` (smaller than every bucket, unless ``clips.small_source=upscale``), ``bad_aspect``
+(the least crop is over ``clips.max_crop``), ``no_clip`` (no complete window without a cut), ``decode_error``
+(FFmpeg reported errors, e.g. a truncated file; ``quality.on_decode_error=keep`` keeps the clips that decoded),
+``encode_error``, ``decode_timeout``, ``too_long`` (more frames than ``quality.max_duration_s x clips.fps``). A
+full temp disk while encoding is a transient fault (retried, never final).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import signal
 import subprocess
@@ -47,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 import ffmpeg
 import numpy as np
 
-from pipelines import schema
+from pipelines import buckets, schema
 from pipelines.curation.stages import Stage, TransientFault, add_extra, is_transient, reject
 from pipelines.curation.stages.probe import FFMPEG_INPUT_OPTIONS, media_path
 
@@ -335,6 +341,20 @@ def _open_video(path: str):
         yield container, streams[0]
 
 
+def _display_rotation(path: str) -> int:
+    """Degrees the container says the video is displayed rotated by (0 when it cannot say): read from the first
+    decoded frame, as the decoders turn frames upright."""
+    import av
+
+    try:
+        with _open_video(path) as (container, stream):
+            for frame in container.decode(stream):
+                return int(frame.rotation)
+    except (DecodeFailed, av.FFmpegError):
+        pass  # the decoders report a file they cannot read
+    return 0
+
+
 def keyframe_indices(num_frames: int, which: list[str]) -> list[int]:
     """first / middle / last -> frame indices within a clip."""
     table = {"first": 0, "middle": num_frames // 2, "last": num_frames - 1}
@@ -350,6 +370,8 @@ class ClipDecoder(Stage):
     def __init__(self, cfg: CurateConfig, keep_keyframes: bool = False):
         c = cfg.clips
         self.width, self.height, self.num_frames, self.fps = c.width, c.height, c.num_frames, c.fps
+        self.sizes, self.image_sizes, self.lengths = c.video_sizes, c.image_sizes, c.clip_lengths
+        self.upscale, self.max_crop = c.upscale, c.crop_limit
         self.policy, self.max_clips_cfg = c.policy, c.max_clips
         self.scene_threshold = c.scene_threshold
         self.crf, self.preset, self.threads = c.crf, c.preset, c.threads
@@ -359,7 +381,7 @@ class ClipDecoder(Stage):
         self.on_decode_error = cfg.quality.on_decode_error
         self.keyframes_which = list(cfg.caption.frames) if keep_keyframes else []
         # a frame cap, so a file that lies about (or has no) duration cannot decode for ever
-        self.max_frames = math.ceil(cfg.quality.max_duration_s * c.fps) + c.num_frames
+        self.max_frames = math.ceil(cfg.quality.max_duration_s * c.fps) + max(self.lengths)
         self.setup_guards(cfg.transient_retries, cfg.hard_limit_s)
 
     def _check_limits(self, planner: ClipPlanner, deadline: float) -> None:
@@ -384,7 +406,9 @@ class ClipDecoder(Stage):
                     image = np.asarray(im.convert("RGB"))
             except Exception as e:  # PIL raises many types for bad data (and DecompressionBombError)
                 raise DecodeFailed("decode_error", f"cannot decode the image: {type(e).__name__}: {e}") from None
-        image = cover_crop(image, self.width, self.height)
+        choice = self._bucket(image.shape[1], image.shape[0], self.image_sizes)
+        width, height = choice.size
+        image = cover_crop(image, width, height)
         out = dict(
             row,
             media=media.encode_jpg(image, quality=self.jpg_quality),
@@ -392,21 +416,59 @@ class ClipDecoder(Stage):
             start_s=0.0,
             num_frames=1,
             fps=0.0,
-            width=self.width,
-            height=self.height,
+            width=width,
+            height=height,
             input_rows=1,
             data=None,
         )
+        add_extra(out, crop_fraction=round(choice.crop, 4), upscaled=choice.upscaled)
         if self.keyframes_which:
             out["keyframes"] = schema.npy_bytes(image[None])
         return out
 
     # -- videos ------------------------------------------------------------------------------------------------
 
+    def _bucket(self, src_w: int, src_h: int, sizes: list[tuple[int, int]]) -> buckets.Choice:
+        try:
+            return buckets.choose_bucket(src_w, src_h, sizes, self.upscale, self.max_crop)
+        except buckets.Rejected as e:
+            raise DecodeFailed(e.reason, str(e)) from None
+
     def _video(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        """Clips of every length in ``clips.lengths`` (one decoding pass per length, each on its own grid), at
+        the bucket nearest the source's aspect. A clip's index interleaves the lengths, so a single length keeps
+        the grid window number and keys stay stable."""
+        out: list[dict[str, Any]] = []
+        short: DecodeFailed | None = None
+        with media_path(row) as path:
+            src_w, src_h = row["src_width"], row["src_height"]
+            if len(self.sizes) > 1 and abs(_display_rotation(path)) == 90:
+                src_w, src_h = src_h, src_w  # a phone video: its bucket is the aspect it is shown (and cut) at
+            choice = self._bucket(src_w, src_h, self.sizes)
+            for li, length in enumerate(self.lengths):
+                # the decoding methods read the geometry from the instance: a copy per (bucket, length)
+                shaped = copy.copy(self)
+                (shaped.width, shaped.height), shaped.num_frames = choice.size, length
+                try:
+                    rows = shaped._video_length(row, path)
+                except DecodeFailed as e:  # too short for this length may still make clips of another
+                    if e.reason != "no_clip":
+                        raise
+                    short, rows = short or e, []
+                for r in rows:
+                    r["clip_index"] = r["clip_index"] * len(self.lengths) + li
+                    add_extra(r, crop_fraction=round(choice.crop, 4), upscaled=choice.upscaled)
+                out += rows
+        if not out and short is not None:
+            raise short
+        for r in out:
+            r["input_rows"] = len(out)
+        return out
+
+    def _video_length(self, row: dict[str, Any], path: str) -> list[dict[str, Any]]:
         max_clips = {"all": None, "first": 1, "max_n": self.max_clips_cfg}[self.policy]
         planner = ClipPlanner(self.num_frames, max_clips, self.scene_threshold)
-        with tempfile.TemporaryDirectory(prefix="t2v-decode-") as tmp, media_path(row) as path:
+        with tempfile.TemporaryDirectory(prefix="t2v-decode-") as tmp:
             if self.decoder == "pyav":
                 made, errors = self._clips_pyav(path, planner, Path(tmp))
             else:

@@ -26,6 +26,7 @@ from pipelines import durable, schema
 from pipelines.curation.stages import loads
 
 ARRAY_COLUMNS = ("latent_mean", "latent_std", "text_emb", "image_emb")
+CONDITION_NAMES = tuple(m.removesuffix(".npy") for m in schema.CONDITIONS)  # row column cond_<name>
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -38,6 +39,7 @@ INDEX_SCHEMA = pa.schema(
         ("fps", pa.float64()),
         ("width", pa.int32()),
         ("height", pa.int32()),
+        ("bucket", pa.string()),
         ("caption", pa.string()),
         ("motion", pa.float64()),
         ("clip_sim", pa.float64()),
@@ -94,6 +96,7 @@ def sample_meta(row: dict[str, Any]) -> schema.SampleMeta:
 def sample_from_row(row: dict[str, Any]) -> dict[str, Any]:
     """The dict ``TarWriter.write`` takes (``schema.encode_sample``), pre-encoded members included if present."""
     arrays = {name: schema.load_npy(row[name]) for name in ARRAY_COLUMNS if row.get(name) is not None}
+    arrays |= {name: schema.load_npy(row[f"cond_{name}"]) for name in CONDITION_NAMES if row.get(f"cond_{name}")}
     encoders = json.loads(row["encoders"]) if row.get("encoders") else None
     return schema.encode_sample(row["key"], sample_meta(row), row["media"], arrays=arrays or None, encoders=encoders)
 
@@ -144,6 +147,7 @@ class _KindWriter:
                 "fps": row["fps"],
                 "width": row["width"],
                 "height": row["height"],
+                "bucket": meta["bucket"],
                 "caption": meta["caption"],
                 "motion": _score(row["motion"]),
                 "clip_sim": _score(row["clip_sim"]),

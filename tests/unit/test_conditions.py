@@ -1,0 +1,210 @@
+"""Structure conditions: the encoder that feeds the UNet's extra input channels (zero at start, any subset,
+VideoComposer's dropout), and extracting motion vectors, edge maps and depth from generated clips."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from model.conditions import CHANNELS, ConditionConfig, ConditionEncoder, keep_masks
+from model.registry import get_config
+from model.unet import build_unet
+from pipelines import media, schema, settings, shapes
+from pipelines.curation.config import CurateConfig
+from pipelines.curation.stages import new_row, to_rows
+from pipelines.curation.stages.conditions import (
+    ConditionError,
+    DepthEstimator,
+    ExtractConditions,
+    edge_map,
+    motion_field,
+)
+from pipelines.curation.stages.write import sample_from_row
+from pipelines.settings import ConfigError
+
+KINDS = ("depth", "sketch", "motion")
+
+
+def _conditions(b=2, f=4, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.rand(b, CHANNELS[k], f, size, size, generator=g) * 2 - 1 for k in KINDS}
+
+
+def test_a_fresh_encoder_leaves_the_unet_unchanged_and_then_learns(small_model):
+    torch.manual_seed(0)
+    unet = build_unet(get_config("tiny", {**small_model, "unet.extra_in_channels": 8}).unet).eval()
+    encoder = ConditionEncoder(ConditionConfig(kinds=KINDS, out_channels=8, hidden=16))
+    x, t = torch.randn(2, unet.cfg.in_channels, 4, 16, 16), torch.tensor([10, 500])
+    concat = encoder(_conditions(), num_frames=4)
+    assert concat.shape == (2, 8, 4, 16, 16) and concat.abs().max() == 0
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, t, concat=concat), unet(x, t))
+    opt = torch.optim.SGD(encoder.parameters(), lr=0.1)
+    loss = (encoder(_conditions(), num_frames=4) - 1).pow(2).mean()
+    loss.backward()
+    opt.step()
+    assert encoder(_conditions(), num_frames=4).abs().mean() > 1e-3  # the zero output layer is trainable
+
+
+def test_any_subset_works_and_a_dropped_condition_is_an_absent_one():
+    torch.manual_seed(0)
+    encoder = ConditionEncoder(ConditionConfig(kinds=KINDS, hidden=16, downsample=2))
+    torch.nn.init.normal_(encoder.out.weight)  # a trained encoder: outputs differ between subsets
+    cond = _conditions(size=32)
+    assert encoder({}, num_frames=4) is None
+    outs = {k: encoder({k: cond[k]}, num_frames=4) for k in KINDS}
+    assert all(o.shape == (2, 8, 4, 16, 16) for o in outs.values())  # downsampled to the UNet's resolution
+    assert not torch.allclose(outs["depth"], outs["motion"])
+    keep = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])  # sketch and motion dropped for both samples
+    torch.testing.assert_close(encoder(cond, num_frames=4, keep=keep), outs["depth"])
+    image = encoder({"depth": cond["depth"][:, :, :1]}, num_frames=4)  # a depth image, repeated over frames
+    assert image.shape == (2, 8, 4, 16, 16)
+
+
+def test_dropout_follows_videocomposers_all_zero_all_keep_then_each():
+    cfg = ConditionConfig(kinds=KINDS, p_all_zero=0.2, p_all_keep=0.3, p_each=0.5)
+    masks = keep_masks(20000, cfg, torch.Generator().manual_seed(0))
+    kept = masks.sum(1)
+    assert set(masks.unique().tolist()) == {0.0, 1.0}
+    assert (kept == 0).float().mean() == pytest.approx(0.2 + 0.5 * 0.125, abs=0.015)
+    assert (kept == 3).float().mean() == pytest.approx(0.3 + 0.5 * 0.125, abs=0.015)
+    assert masks.mean(0).tolist() == pytest.approx([0.3 + 0.5 * 0.5] * 3, abs=0.015)
+
+
+@pytest.mark.parametrize(
+    ("conditions", "words"),
+    [
+        ({"flow": torch.zeros(1, 2, 4, 16, 16)}, "not among this model's conditions"),
+        ({"motion": torch.zeros(1, 1, 4, 16, 16)}, "expected [batch, 2, 4 or 1 frames"),
+        ({"sketch": torch.zeros(1, 1, 3, 16, 16)}, "expected [batch, 1, 4 or 1 frames"),
+        ({"sketch": torch.zeros(1, 1, 4, 16, 16), "depth": torch.zeros(1, 1, 4, 8, 8)}, "give them all one size"),
+        ({"depth": torch.zeros(1, 1, 4, 18, 18)}, "not divisible by the encoder's downsample factor 4"),
+    ],
+)
+def test_a_condition_of_the_wrong_kind_size_or_frame_count_says_what_is_expected(conditions, words):
+    encoder = ConditionEncoder(ConditionConfig(kinds=KINDS, hidden=16, downsample=4))
+    with pytest.raises(ValueError, match=words.replace("[", r"\[")):
+        encoder(conditions, num_frames=4)
+
+
+def test_config_errors_name_the_accepted_values():
+    with pytest.raises(ValueError, match="accepted are"):
+        ConditionConfig(kinds=("normals",))
+    with pytest.raises(ValueError, match="power of two"):
+        ConditionConfig(kinds=("depth",), downsample=3)
+    with pytest.raises(ValueError, match="probability"):
+        ConditionConfig(kinds=("depth",), p_each=1.5)
+
+
+@pytest.mark.parametrize(("direction", "axis", "sign"), [("right", 0, 1), ("left", 0, -1), ("up", 1, -1)])
+def test_motion_vectors_from_the_h264_stream_point_where_the_shape_moves(direction, axis, sign):
+    video = shapes.render_video("red", "square", direction, 64, 64, 12, travel=0.6)
+    field = motion_field(media.encode_mp4(video, 8.0), 12, 64, 64).astype(np.float32)
+    assert field.shape == (12, 2, 64, 64)
+    assert np.abs(field[0]).max() == 0  # the first frame is an I-frame: no vectors
+    moving = field[:, axis][np.abs(field[:, axis]) > 0]
+    assert moving.size > 0 and sign * np.median(moving) > 0
+    # about 0.6 of the frame in 11 frame steps: 0.05 of the frame per frame where something moves
+    assert 0.02 < abs(float(np.median(moving))) < 0.15
+
+
+def test_motion_vectors_of_a_clip_of_another_size_or_not_video():
+    data = media.encode_mp4(shapes.render_video("red", "square", "right", 32, 32, 4), 8.0)
+    with pytest.raises(ConditionError, match="expected 64x64"):
+        motion_field(data, 4, 64, 64)
+    with pytest.raises(ConditionError, match="unreadable"):
+        motion_field(b"not a video", 4, 32, 32)
+
+
+def test_edge_map_outlines_the_shape():
+    video = shapes.render_video("blue", "square", "right", 48, 48, 2, travel=0.0)
+    edges = edge_map(video)
+    assert edges.shape == (2, 1, 48, 48) and edges.dtype == np.uint8
+    ys, xs = np.nonzero(edges[0, 0])
+    # the outline hugs the square: its centre is the frame's, and the square's inside is empty
+    assert abs(ys.mean() - 23.5) < 2 and abs(xs.mean() - 23.5) < 2
+    assert edges[0, 0, 24, 24] == 0 and edges[0, 0, 0, 0] == 0
+    assert edge_map(np.zeros((1, 8, 8, 3), np.uint8)).max() == 0
+    with pytest.raises(ConditionError, match=r"\[f, h, w, 3\]"):
+        edge_map(np.zeros((8, 8, 3), np.uint8))
+
+
+class _TinyDepthNet(torch.nn.Module):
+    """Stand-in for a MiDaS/DPT network (none can be downloaded here): brightness as inverse depth."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).squeeze(1)
+
+
+def test_depth_from_a_local_exported_network(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "depth.pt2"
+    torch.export.save(torch.export.export(_TinyDepthNet(), (torch.zeros(1, 3, 32, 32),)), str(path))
+    depth = DepthEstimator(path, size=32)(shapes.render_video("green", "circle", "down", 40, 24, 3))
+    assert depth.shape == (3, 1, 24, 40) and depth.dtype == np.float16
+    assert float(depth.min()) == 0.0 and float(depth.max()) == 1.0  # normalised per clip
+    with pytest.raises(FileNotFoundError, match="local .pt2"):
+        DepthEstimator(tmp_path / "missing.pt2")
+    for name in ("junk.pt2", "junk.pt"):
+        (tmp_path / name).write_bytes(b"junk")
+        with pytest.raises(ValueError, match="not a depth network"):
+            DepthEstimator(tmp_path / name)
+
+
+def _row(kind: str, frames: np.ndarray) -> dict:
+    is_video = kind != "image"
+    return new_row(
+        source=f"/data/{kind}.mp4",
+        media_type="video" if is_video else "image",
+        kind=kind,
+        key=f"k_{kind}",
+        caption=None if kind == "video" else "a red square moving right",
+        media=media.encode_mp4(frames, 8.0) if is_video else media.encode_jpg(frames[0]),
+        num_frames=frames.shape[0],
+        fps=8.0,
+        width=frames.shape[2],
+        height=frames.shape[1],
+    )
+
+
+def test_the_curation_stage_stores_conditions_as_sample_members_and_records_failures(tmp_path):
+    torch.manual_seed(0)
+    wrong = tmp_path / "wrong.pt2"  # a network whose output is not a depth map: depth fails, the clip stays
+    torch.export.save(torch.export.export(torch.nn.Conv2d(3, 2, 1), (torch.zeros(1, 3, 32, 32),)), str(wrong))
+    cfg = settings.load(
+        CurateConfig,
+        overrides=[
+            "conditions.kinds=[motion,sketch,depth]",
+            f"conditions.depth_model={wrong}",
+            "conditions.depth_size=32",
+        ],
+    )
+    video = shapes.render_video("red", "square", "right", 32, 32, 8)
+    rows = to_rows(ExtractConditions(cfg)([_row("video", video), _row("image", video[:1])]))
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    samples = [schema.decode_sample(sample_from_row(r)) for r in rows]
+    clip, image = samples
+    assert clip.arrays["motion"].shape == (8, 2, 32, 32) and clip.arrays["sketch"].shape == (8, 1, 32, 32)
+    assert "motion" not in image.arrays and image.arrays["sketch"].shape == (1, 1, 32, 32)  # images have no motion
+    assert "depth" not in clip.arrays
+    assert "depth network returned shape" in clip.meta.extra["condition_errors"]["depth"]
+    cfg.conditions.depth_size = 64  # not the side the exported network takes: said per clip, the clip stays
+    rows = to_rows(ExtractConditions(cfg)([_row("video", video)]))
+    assert (
+        rows[0]["status"] == "ok"
+        and "set conditions.depth_size" in json.loads(rows[0]["extra"])["condition_errors"]["depth"]
+    )
+
+
+def test_condition_settings_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="accepted are"):
+        settings.load(CurateConfig, overrides=["conditions.kinds=[flow]"])
+    with pytest.raises(ConfigError, match="depth needs a local network file"):
+        settings.load(CurateConfig, overrides=["conditions.kinds=[depth]"])

@@ -35,18 +35,35 @@ def _conditions(b=2, f=4, size=16, seed=0):
 
 def test_a_fresh_encoder_leaves_the_unet_unchanged_and_then_learns(small_model):
     torch.manual_seed(0)
-    unet = build_unet(get_config("tiny", {**small_model, "unet.extra_in_channels": 8}).unet).eval()
-    encoder = ConditionEncoder(ConditionConfig(kinds=KINDS, out_channels=8, hidden=16))
+    cond = {"kinds": list(KINDS), "hidden": 16}
+    unet = build_unet(get_config("tiny", {**small_model, "unet.extra_in_channels": 8, "unet.conditions": cond}).unet)
+    unet.eval()
+    assert unet.condition_encoder is not None  # a submodule: DeepSpeed, the EMA and checkpoints carry it
+    with torch.no_grad():  # a trained UNet: its zero-initialised layers have grown, the encoder's output has not
+        for name, p in unet.named_parameters():
+            if not name.startswith("condition_encoder.") and not p.any():
+                p.normal_(0, 0.02)
     x, t = torch.randn(2, unet.cfg.in_channels, 4, 16, 16), torch.tensor([10, 500])
-    concat = encoder(_conditions(), num_frames=4)
-    assert concat.shape == (2, 8, 4, 16, 16) and concat.abs().max() == 0
     with torch.no_grad():
-        torch.testing.assert_close(unet(x, t, concat=concat), unet(x, t))
-    opt = torch.optim.SGD(encoder.parameters(), lr=0.1)
-    loss = (encoder(_conditions(), num_frames=4) - 1).pow(2).mean()
-    loss.backward()
+        torch.testing.assert_close(unet(x, t, conditions=_conditions()), unet(x, t))
+    opt = torch.optim.SGD(unet.condition_encoder.parameters(), lr=0.1)
+    unet(x, t, conditions=_conditions()).pow(2).mean().backward()
     opt.step()
-    assert encoder(_conditions(), num_frames=4).abs().mean() > 1e-3  # the zero output layer is trainable
+    with torch.no_grad():  # the zero output layer is trainable: now the conditions steer the output
+        assert not torch.allclose(unet(x, t, conditions=_conditions()), unet(x, t))
+
+
+def test_the_unet_says_what_conditions_it_takes(small_model):
+    plain = build_unet(get_config("tiny", small_model).unet)
+    x, t = torch.randn(1, plain.cfg.in_channels, 2, 16, 16), torch.tensor([10])
+    with pytest.raises(ValueError, match="has no condition encoder"):
+        plain(x, t, conditions={"sketch": torch.zeros(1, 1, 2, 16, 16)})
+    with pytest.raises(ConfigError, match="needs as many extra input channels"):
+        get_config("tiny", {**small_model, "unet.conditions": {"kinds": ["sketch"]}})
+    cond = {"kinds": ["sketch"], "hidden": 16, "downsample": 2}
+    unet = build_unet(get_config("tiny", {**small_model, "unet.extra_in_channels": 8, "unet.conditions": cond}).unet)
+    with pytest.raises(ValueError, match="give conditions of 32x32 pixels"):
+        unet(x, t, conditions={"sketch": torch.zeros(1, 1, 2, 16, 16)})
 
 
 def test_any_subset_works_and_a_dropped_condition_is_an_absent_one():
@@ -91,11 +108,11 @@ def test_a_condition_of_the_wrong_kind_size_or_frame_count_says_what_is_expected
 
 
 def test_config_errors_name_the_accepted_values():
-    with pytest.raises(ValueError, match="accepted are"):
+    with pytest.raises(ConfigError, match=r"unet.conditions.kinds: unknown \['normals'\]; accepted are"):
         ConditionConfig(kinds=("normals",))
-    with pytest.raises(ValueError, match="power of two"):
+    with pytest.raises(ConfigError, match="power of two"):
         ConditionConfig(kinds=("depth",), downsample=3)
-    with pytest.raises(ValueError, match="probability"):
+    with pytest.raises(ConfigError, match="probability"):
         ConditionConfig(kinds=("depth",), p_each=1.5)
 
 

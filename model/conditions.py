@@ -135,6 +135,18 @@ class ConditionEncoder(nn.Module):
         return rearrange(out, "(b f) c h w -> b c f h w", b=b)
 
 
+MOTION_GAIN = 10.0  # motion vectors are a small fraction of the frame per frame: 0.1 of it per frame -> 1
+
+
+def normalise(kind: str, x: Tensor) -> Tensor:
+    """A stored condition (schema.CONDITIONS: sketch 0/1, depth in [0, 1], motion as a fraction of the frame per
+    frame) as the encoder takes it: values within [-1, 1]."""
+    x = x.float()
+    if kind == "motion":
+        return (x * MOTION_GAIN).clamp(-1.0, 1.0)
+    return x * 2.0 - 1.0
+
+
 def keep_masks(batch: int, cfg: ConditionConfig, generator: torch.Generator | None = None) -> Tensor:
     """[batch, len(kinds)] of 0/1 for training: all 0 with ``p_all_zero``, all 1 with ``p_all_keep``, else each
     kind kept with ``1 - p_each``."""

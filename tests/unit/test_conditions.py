@@ -60,10 +60,15 @@ def test_the_unet_says_what_conditions_it_takes(small_model):
         plain(x, t, conditions={"sketch": torch.zeros(1, 1, 2, 16, 16)})
     with pytest.raises(ConfigError, match="needs as many extra input channels"):
         get_config("tiny", {**small_model, "unet.conditions": {"kinds": ["sketch"]}})
-    cond = {"kinds": ["sketch"], "hidden": 16, "downsample": 2}
+    with pytest.raises(ConfigError, match="set unet.conditions.downsample=1"):  # pixel space: no downsampling
+        get_config(
+            "tiny",
+            {**small_model, "unet.extra_in_channels": 8, "unet.conditions": {"kinds": ["sketch"], "downsample": 8}},
+        )
+    cond = {"kinds": ["sketch"], "hidden": 16}
     unet = build_unet(get_config("tiny", {**small_model, "unet.extra_in_channels": 8, "unet.conditions": cond}).unet)
-    with pytest.raises(ValueError, match="give conditions of 32x32 pixels"):
-        unet(x, t, conditions={"sketch": torch.zeros(1, 1, 2, 16, 16)})
+    with pytest.raises(ValueError, match="give conditions of 16x16 pixels"):
+        unet(x, t, conditions={"sketch": torch.zeros(1, 1, 2, 32, 32)})
 
 
 def test_any_subset_works_and_a_dropped_condition_is_an_absent_one():
@@ -225,3 +230,56 @@ def test_condition_settings_are_checked(tmp_path):
         settings.load(CurateConfig, overrides=["conditions.kinds=[flow]"])
     with pytest.raises(ConfigError, match="depth needs a local network file"):
         settings.load(CurateConfig, overrides=["conditions.kinds=[depth]"])
+
+
+def test_the_loader_delivers_conditions_at_the_items_frames_and_size():
+    from pipelines import loader
+
+    video = shapes.render_video("red", "square", "right", 32, 32, 8)
+    meta = schema.SampleMeta(source="/d/v.mp4", kind="video", num_frames=8, fps=8.0, width=32, height=32)
+    sketch = edge_map(video)
+    motion = np.full((8, 2, 32, 32), 0.05, np.float16)
+    raw = schema.encode_sample("k", meta, media.encode_mp4(video, 8.0), arrays={"sketch": sketch, "motion": motion})
+    decoder = loader.Decoder(4, 16, 16, condition_kinds=("sketch", "motion", "depth"))
+    item = decoder(raw)
+    assert sorted(item.conditions) == ["motion", "sketch"]  # no depth stored: none delivered
+    assert item.conditions["sketch"].shape == (1, 4, 16, 16) and item.conditions["motion"].shape == (2, 4, 16, 16)
+    assert set(np.unique(item.conditions["sketch"])) <= {-1.0, 1.0}  # 0/1 edges -> -1/1, resized nearest
+    np.testing.assert_allclose(item.conditions["motion"], 0.5, atol=1e-3)  # 0.05 of the frame per frame -> 0.5
+    bad = schema.encode_sample("k2", meta, media.encode_mp4(video, 8.0), arrays={"sketch": sketch[:2]})
+    item = decoder(bad)  # a condition of another frame count is left out; the sample stays
+    assert item is not None and item.conditions == {} and decoder.stats["condition_errors"] == 1
+
+
+def test_training_feeds_every_kind_with_its_keep_mask(small_model):
+    from model.text_to_video import TextToVideo
+    from pipelines import loader
+    from pipelines.training.config import TrainConfig
+    from pipelines.training.worker import Conditioner, branch_loss
+
+    torch.manual_seed(0)
+    cond_cfg = {"kinds": ["sketch", "motion"], "hidden": 16, "p_all_zero": 0.0, "p_all_keep": 1.0}
+    overrides = {**small_model, "num_frames": 2, "height": 16, "width": 16, "unet.extra_in_channels": 8}
+    model = TextToVideo.build(get_config("tiny", {**overrides, "unet.conditions": cond_cfg}))
+    cfg = TrainConfig(data=[])
+    cond = Conditioner(model, cfg, torch.device("cpu"))
+    items = []
+    for i in range(4):
+        frames = np.zeros((2, 16, 16, 3), np.uint8)
+        item = loader.Item(f"k{i}", "video_text", f"clip {i}", frames, frames[0])
+        if i % 2 == 0:  # half the clips have a sketch, none has motion
+            item.conditions = {"sketch": np.ones((1, 2, 16, 16), np.float32)}
+        items.append(item)
+    seen = {}
+
+    def net(*args, **kwargs):
+        seen.update(kwargs)
+        return model.unet(*args, **kwargs)
+
+    out = branch_loss(net, model, cond, items, "motion", cfg, torch.Generator().manual_seed(0), torch.Generator())
+    assert sorted(seen["conditions"]) == ["motion", "sketch"]  # every kind goes in, zeros where missing
+    assert seen["condition_keep"].tolist() == [[1.0, 0.0], [0.0, 0.0], [1.0, 0.0], [0.0, 0.0]]
+    assert out["conditions"] == {"sketch": 0.5, "motion": 0.0}
+    out["loss"].backward()
+    # the encoder takes part even where nothing is kept, so every rank reduces the same gradients under ZeRO
+    assert all(p.grad is not None for p in model.unet.condition_encoder.parameters())

@@ -558,7 +558,7 @@ class UNet3D(nn.Module):
         if self.cfg.coordinate_channels:
             inputs.append(coordinate_planes(b, f, h, w, x))  # [b, 2, f, h, w]
         if conditions:
-            concat = self._with_conditions(concat, conditions, condition_keep, x)
+            concat = self.condition_input(concat, conditions, condition_keep, x)
         if self.cfg.extra_in_channels:  # last, so pad_input_channels can append concat slots to a checkpoint
             inputs.append(self._check_concat(concat, x))  # [b, extra, f, h, w]
         elif concat is not None:
@@ -644,10 +644,11 @@ class UNet3D(nn.Module):
             )
         return t
 
-    def _with_conditions(
+    def condition_input(
         self, concat: Tensor | None, conditions: dict[str, Tensor], keep: Tensor | None, x: Tensor
     ) -> Tensor | None:
-        """The encoded conditions added into the last ``conditions.out_channels`` concat slots."""
+        """``concat`` (zeros when None) with the encoded conditions added into its last ``conditions.out_channels``
+        slots, for an input shaped like ``x`` [b, in, f, h, w]. Sampling computes it once for all steps."""
         if self.condition_encoder is None:
             raise ValueError(
                 f"UNet3D: got conditions {sorted(conditions)} but this model has no condition encoder "

@@ -283,3 +283,25 @@ def test_training_feeds_every_kind_with_its_keep_mask(small_model):
     out["loss"].backward()
     # the encoder takes part even where nothing is kept, so every rank reduces the same gradients under ZeRO
     assert all(p.grad is not None for p in model.unet.condition_encoder.parameters())
+
+
+def test_generation_follows_the_given_conditions(small_model):
+    from model.text_to_video import TextToVideo
+
+    torch.manual_seed(0)
+    cond_cfg = {"kinds": ["sketch", "motion"], "hidden": 16}
+    overrides = {**small_model, "num_frames": 2, "height": 16, "width": 16, "unet.extra_in_channels": 8}
+    model = TextToVideo.build(get_config("tiny", {**overrides, "unet.conditions": cond_cfg}))
+    with torch.no_grad():  # a trained model: the UNet's and the encoder's zero-initialised layers have grown
+        for p in model.unet.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+    sketch = torch.ones(1, 1, 1, 16, 16)  # one edge image for every frame and prompt
+    args = dict(steps=2, seed=0)
+    plain = model.generate(["a red square", "a blue circle"], **args)
+    with_sketch = model.generate(["a red square", "a blue circle"], conditions={"sketch": sketch}, **args)
+    again = model.generate(["a red square", "a blue circle"], conditions={"sketch": sketch}, **args)
+    assert with_sketch.shape == plain.shape == (2, 2, 16, 16, 3)
+    assert not np.array_equal(with_sketch, plain) and np.array_equal(with_sketch, again)
+    with pytest.raises(ValueError, match="not among this model's conditions"):
+        model.generate(["x"], conditions={"depth": torch.zeros(1, 1, 2, 16, 16)}, **args)

@@ -305,3 +305,16 @@ def test_generation_follows_the_given_conditions(small_model):
     assert not np.array_equal(with_sketch, plain) and np.array_equal(with_sketch, again)
     with pytest.raises(ValueError, match="not among this model's conditions"):
         model.generate(["x"], conditions={"depth": torch.zeros(1, 1, 2, 16, 16)}, **args)
+
+
+def test_condition_metrics_score_videos_that_follow_their_conditions():
+    from pipelines.metrics import condition_metrics
+
+    right = shapes.render_video("red", "square", "right", 48, 48, 8)
+    left = shapes.render_video("red", "square", "left", 48, 48, 8)
+    given = {"motion": motion_field(media.encode_mp4(right, 8.0), 8, 48, 48), "sketch": edge_map(right)}
+    followed = condition_metrics([right], [given])
+    assert followed["motion_agreement"] == 1.0 and followed["sketch_iou"] > 0.7  # edges lie a pixel outside
+    ignored = condition_metrics([left], [given])  # the other way, and elsewhere in most frames
+    assert ignored["motion_agreement"] == 0.0 and ignored["sketch_iou"] < 0.5
+    assert condition_metrics([right], [{}]) == {}

@@ -25,6 +25,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from model.validation import check
+
 CHANNELS = {"depth": 1, "sketch": 1, "motion": 2}
 
 
@@ -43,20 +45,23 @@ class ConditionConfig:
     p_each: float = 0.5
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "kinds", tuple(self.kinds))
         unknown = [k for k in self.kinds if k not in CHANNELS]
-        if unknown:
-            raise ValueError(f"unknown condition(s) {unknown}: accepted are {sorted(CHANNELS)}")
-        if len(set(self.kinds)) != len(self.kinds):
-            raise ValueError(f"condition kinds {list(self.kinds)} repeat a kind")
-        if self.downsample < 1 or self.downsample & (self.downsample - 1):
-            raise ValueError(f"downsample={self.downsample}: must be a power of two (1, 2, 4, 8, ...)")
-        if self.hidden % self.heads:
-            raise ValueError(f"hidden={self.hidden} must be divisible by heads={self.heads}")
+        check(not unknown, f"unet.conditions.kinds: unknown {unknown}; accepted are {sorted(CHANNELS)}")
+        check(len(set(self.kinds)) == len(self.kinds), f"unet.conditions.kinds={list(self.kinds)} repeats a kind")
+        check(
+            self.downsample >= 1 and not self.downsample & (self.downsample - 1),
+            f"unet.conditions.downsample={self.downsample}: must be a power of two (1: pixels, 8: SD latents)",
+        )
+        check(
+            self.hidden >= 1 and self.heads >= 1 and self.hidden % self.heads == 0,
+            f"unet.conditions.hidden={self.hidden} must be a positive multiple of heads={self.heads}",
+        )
+        check(self.out_channels >= 1, f"unet.conditions.out_channels={self.out_channels}: must be >= 1")
         for name in ("p_all_zero", "p_all_keep", "p_each"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name}={getattr(self, name)}: must be a probability within [0, 1]")
-        if self.p_all_zero + self.p_all_keep > 1.0:
-            raise ValueError("p_all_zero + p_all_keep must not exceed 1")
+            value = getattr(self, name)
+            check(0.0 <= value <= 1.0, f"unet.conditions.{name}={value}: must be a probability within [0, 1]")
+        check(self.p_all_zero + self.p_all_keep <= 1.0, "unet.conditions: p_all_zero + p_all_keep must not exceed 1")
 
 
 def _frame_encoder(in_channels: int, hidden: int, downsample: int) -> nn.Sequential:
@@ -128,6 +133,18 @@ class ConditionEncoder(nn.Module):
         tokens = self.temporal(tokens)
         out = self.out(rearrange(tokens, "(b h w) f c -> (b f) c h w", b=b, h=hh, w=ww))
         return rearrange(out, "(b f) c h w -> b c f h w", b=b)
+
+
+MOTION_GAIN = 10.0  # motion vectors are a small fraction of the frame per frame: 0.1 of it per frame -> 1
+
+
+def normalise(kind: str, x: Tensor) -> Tensor:
+    """A stored condition (schema.CONDITIONS: sketch 0/1, depth in [0, 1], motion as a fraction of the frame per
+    frame) as the encoder takes it: values within [-1, 1]."""
+    x = x.float()
+    if kind == "motion":
+        return (x * MOTION_GAIN).clamp(-1.0, 1.0)
+    return x * 2.0 - 1.0
 
 
 def keep_masks(batch: int, cfg: ConditionConfig, generator: torch.Generator | None = None) -> Tensor:

@@ -96,6 +96,11 @@ class ModelConfig:
             f"unet.out_channels={u.out_channels} must equal unet.in_channels={u.in_channels} (the model predicts "
             "v or noise of the same shape as its input)",
         )
+        check(
+            not u.conditions.kinds or u.conditions.downsample == self.vae_factor,
+            f"unet.conditions.downsample={u.conditions.downsample}: conditions come at pixel size, the UNet works "
+            f"at 1/{self.vae_factor} of it; set unet.conditions.downsample={self.vae_factor}",
+        )
         multiple = self.vae_factor * u.downsample_factor
         check(
             self.height % multiple == 0 and self.width % multiple == 0,
@@ -121,6 +126,12 @@ class ModelConfig:
                 f"set unet.image_embed_dim={embed_dim} (or 0 for no image condition)",
             )
 
+        if self.masked is not None or self.ssr is not None:
+            check(
+                not u.conditions.kinds,
+                "masked conditioning and super-resolution fill the extra input channels that structure conditions "
+                "use: leave unet.conditions.kinds empty",
+            )
         if self.masked is not None:
             check(
                 u.extra_in_channels == u.in_channels + 1,

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.conditions import ConditionEncoder
 from model.unet import (
     TEMPORAL_MODULES,
     Block,
@@ -174,6 +175,7 @@ class STUNet(UNet3D):
         last = cfg.num_levels - 1
 
         self.time_embed = nn.Sequential(nn.Linear(C, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.condition_encoder = ConditionEncoder(cfg.conditions) if cfg.conditions.kinds else None
         if cfg.image_embed_dim:
             self.pre_image_condition = nn.Sequential(
                 nn.Linear(cfg.image_embed_dim, cfg.context_dim),
@@ -295,6 +297,8 @@ class STUNet(UNet3D):
         concat: Tensor | None = None,
         image_keep: Tensor | None = None,
         fps: Tensor | float | None = None,
+        conditions: dict[str, Tensor] | None = None,
+        condition_keep: Tensor | None = None,
     ) -> Tensor:
         """As ``UNet3D.forward``. Frames halve after each temporal downsampling and double back on the way up."""
         b, _, f, h, w = self._check_x(x)
@@ -305,6 +309,8 @@ class STUNet(UNet3D):
         inputs = [x]
         if self.cfg.coordinate_channels:
             inputs.append(coordinate_planes(b, f, h, w, x))  # [b, 2, f, h, w]
+        if conditions:  # structure conditions (model/conditions.py), encoded into the last extra channels
+            concat = self.condition_input(concat, conditions, condition_keep, x)
         if self.cfg.extra_in_channels:
             inputs.append(self._check_concat(concat, x))  # [b, extra, f, h, w]
         elif concat is not None:

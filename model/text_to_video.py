@@ -169,6 +169,7 @@ class TextToVideo:
         spacing: str | None = None,
         size: tuple[int, int, int] | None = None,
         fps: float | None = None,
+        conditions: dict[str, torch.Tensor] | None = None,
         concat: Tensor | None = None,
     ) -> np.ndarray:
         """Prompts (and optionally a conditioning image) -> videos uint8 [b, f, h, w, 3].
@@ -178,9 +179,11 @@ class TextToVideo:
         (no image). Settings left None come from ``config.sampling`` (the released sampler for the released
         configs, whose ``positive_prompt`` is appended to every prompt). Same seed -> same videos.
         ``size`` (frames, height, width): another shape than the config's, e.g. a training bucket's; ``fps``: the
-        frame rate an fps-conditioned UNet is given (default: the config's ``fps``).
+        frame rate an fps-conditioned UNet is given (default: the config's ``fps``). ``conditions``: structure
+        conditions {kind: [1 or b, c, f or 1, h, w]} at pixel size, normalised (``model.conditions.normalise``), any
+        subset of ``unet.conditions.kinds``; both guidance passes get them, so guidance contrasts the text.
         ``concat``: [1 or b, extra_in_channels, f, h', w'] given to both sides of guidance (masked conditioning,
-        ``model/masked.py``, whose given content is pasted back over the result).
+        ``model/masked.py``, whose given content is pasted back over the result); not with ``conditions``.
         """
         if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be a non-empty list of strings, e.g. ['a red circle moving left']")
@@ -205,8 +208,15 @@ class TextToVideo:
             rate = float(self.config.fps if fps is None else fps)
             cond["fps"] = uncond["fps"] = torch.tensor([rate], device=self.device)  # [1]: broadcasts
         if concat is not None:
+            if conditions:
+                raise ValueError("give structure conditions or a masked-conditioning concat, not both")
             cond["concat"] = uncond["concat"] = concat.to(self.device, dtype)
         shape = self.latent_shape(b, *(size or (None, None, None)))
+        if conditions:
+            like = torch.zeros(shape, device=self.device, dtype=dtype)
+            given = {k: v.to(self.device, dtype).expand(b, -1, -1, -1, -1) for k, v in conditions.items()}
+            with torch.no_grad():
+                cond["concat"] = uncond["concat"] = self.unet.condition_input(None, given, None, like)
         was_training = self.unet.training
         self.unet.eval()
         try:

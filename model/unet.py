@@ -31,13 +31,14 @@ the spatial layers and temporal weights get no gradient at all.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from model.conditions import ConditionConfig, ConditionEncoder
 from model.validation import ConfigError, check
 
 
@@ -67,6 +68,8 @@ class UNetConfig:
     frame_embedding: bool = False  # add a frame-index embedding per frame (not released)
     coordinate_channels: bool = False  # append (x, y) coordinate planes to the input (not released)
     use_fps_condition: bool = False  # VGen's: add an fps embedding (zero-initialised) to the timestep embedding
+    # VideoComposer's structure conditions (model/conditions.py), encoded into the last extra input channels
+    conditions: ConditionConfig = field(default_factory=ConditionConfig)
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(self.channel_mult)
@@ -129,6 +132,13 @@ class UNetConfig:
                 f"unet.temporal_head_dim={self.temporal_head_dim} must divide the width {width} of the {where}",
             )
         check(0.0 <= self.dropout < 1.0, f"unet.dropout={self.dropout}: must be in [0, 1)")
+        if isinstance(self.conditions, dict):
+            self.conditions = ConditionConfig(**self.conditions)
+        check(
+            not self.conditions.kinds or self.conditions.out_channels <= self.extra_in_channels,
+            f"unet.conditions.out_channels={self.conditions.out_channels} needs as many extra input channels; "
+            f"unet.extra_in_channels={self.extra_in_channels}",
+        )
 
     @property
     def num_levels(self) -> int:
@@ -438,6 +448,7 @@ class UNet3D(nn.Module):
             ]
 
         self.time_embed = nn.Sequential(nn.Linear(C, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.condition_encoder = ConditionEncoder(cfg.conditions) if cfg.conditions.kinds else None
         if cfg.image_embed_dim:
             self.pre_image_condition = nn.Sequential(
                 nn.Linear(cfg.image_embed_dim, cfg.context_dim),
@@ -530,19 +541,24 @@ class UNet3D(nn.Module):
         concat: Tensor | None = None,
         image_keep: Tensor | None = None,
         fps: Tensor | float | None = None,
+        conditions: dict[str, Tensor] | None = None,
+        condition_keep: Tensor | None = None,
     ) -> Tensor:
         """x [b, in, f, h, w]; timesteps [b] (or a scalar for all); context [b, n, context_dim] text tokens or None
         (zeros); image_embedding [b, image_embed_dim] or None (no image tokens at all, as the released TF-T2V
         network is called for text-to-video); image_keep [b] 0/1 multiplies each sample's image tokens (training's
         per-sample image dropout: a dropped sample sees zero tokens, as VGen's ``misc_dropout`` leaves it);
         concat [b, extra_in, f, h, w] or None (zeros); fps [b] or a scalar, the clip frame rate (needed with
-        unet.use_fps_condition, refused without). Returns [b, out, f, h, w]. With f == 1 every temporal layer
-        is skipped (image mode)."""
+        unet.use_fps_condition, refused without); conditions {kind: [b, c, f or 1, H, W]} (any subset of
+        unet.conditions.kinds, see model/conditions.py) and condition_keep [b, kinds] 0/1 (training's dropout).
+        Returns [b, out, f, h, w]. With f == 1 every temporal layer is skipped (image mode)."""
         b, _, f, h, w = self._check_x(x)
         t = self._check_timesteps(timesteps, b, x.device)
         inputs = [x]
         if self.cfg.coordinate_channels:
             inputs.append(coordinate_planes(b, f, h, w, x))  # [b, 2, f, h, w]
+        if conditions:
+            concat = self.condition_input(concat, conditions, condition_keep, x)
         if self.cfg.extra_in_channels:  # last, so pad_input_channels can append concat slots to a checkpoint
             inputs.append(self._check_concat(concat, x))  # [b, extra, f, h, w]
         elif concat is not None:
@@ -627,6 +643,30 @@ class UNet3D(nn.Module):
                 f"UNet3D: timesteps must have shape [{b}] (one per sample) or be a scalar, got {tuple(t.shape)}"
             )
         return t
+
+    def condition_input(
+        self, concat: Tensor | None, conditions: dict[str, Tensor], keep: Tensor | None, x: Tensor
+    ) -> Tensor | None:
+        """``concat`` (zeros when None) with the encoded conditions added into its last ``conditions.out_channels``
+        slots, for an input shaped like ``x`` [b, in, f, h, w]. Sampling computes it once for all steps."""
+        if self.condition_encoder is None:
+            raise ValueError(
+                f"UNet3D: got conditions {sorted(conditions)} but this model has no condition encoder "
+                "(unet.conditions.kinds is empty); train a model with unet.conditions.kinds set"
+            )
+        features = self.condition_encoder(conditions, x.shape[2], keep)
+        if features is None:
+            return concat
+        if features.shape[-2:] != x.shape[-2:]:
+            d = self.cfg.conditions.downsample
+            raise ValueError(
+                f"UNet3D: conditions of {features.shape[-2] * d}x{features.shape[-1] * d} pixels give "
+                f"{features.shape[-2]}x{features.shape[-1]} features for a {x.shape[-2]}x{x.shape[-1]} input; "
+                f"give conditions of {x.shape[-2] * d}x{x.shape[-1] * d} pixels (unet.conditions.downsample={d})"
+            )
+        concat = self._check_concat(concat, x)
+        n = features.shape[1]
+        return torch.cat([concat[:, : concat.shape[1] - n], concat[:, concat.shape[1] - n :] + features.to(x.dtype)], 1)
 
     def _check_concat(self, concat: Tensor | None, x: Tensor) -> Tensor:
         b, _, f, h, w = x.shape

@@ -373,6 +373,8 @@ class Item:
     image_emb: np.ndarray | None = None  # float32 [d]
     fps: float = 0.0  # the clip's frame rate (0 for images): the fps condition
     shape: str = ""  # the stored bucket and frames, e.g. 448x256_16f
+    # structure conditions the model takes and the sample has: kind -> float32 [c, f, h, w] (model/conditions.py)
+    conditions: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def frame_indices(total: int, num_frames: int, stride: int, rng: np.random.Generator) -> np.ndarray:
@@ -425,8 +427,10 @@ class Decoder:
         image_frame: str = "middle",
         health: DataHealth | None = None,
         latent_factor: int = 1,
+        condition_kinds: tuple[str, ...] = (),
     ):
         self.num_frames, self.height, self.width = num_frames, height, width
+        self.condition_kinds = tuple(condition_kinds)
         self.latent_factor = latent_factor
         self.image_frame = image_frame  # which clip frame is the CLIP image condition: middle or first
         self.health = health or DataHealth(1, 1.0)
@@ -438,7 +442,14 @@ class Decoder:
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cached = 0
         self._lock = threading.Lock()
-        self.stats = {"decoded": 0, "skipped": 0, "pre_encoded": 0, "cache_hits": 0, "encoder_mismatch": 0}
+        self.stats = {
+            "decoded": 0,
+            "skipped": 0,
+            "pre_encoded": 0,
+            "cache_hits": 0,
+            "encoder_mismatch": 0,
+            "condition_errors": 0,
+        }
 
     def __call__(self, raw: dict, epoch: int = 0) -> Item | None:
         """None (logged and counted) when the sample cannot be used."""
@@ -471,14 +482,43 @@ class Decoder:
             std = arrays.get("latent_std")
             item.latent_std = (std[:, idx] if std is not None else np.zeros_like(mean[:, idx])).astype(np.float32)
             self._count("pre_encoded")
+            item.conditions = self._conditions(sample, idx)
             if item.image_emb is not None:
                 return item  # nothing left to decode
         clip = self._clip(sample)  # [n, h, w, 3] at model size
-        idx = frame_indices(len(clip), frames_per_item, stride, rng)
         if item.latent_mean is None:
+            idx = frame_indices(len(clip), frames_per_item, stride, rng)
             item.frames = clip[idx]
+            item.conditions = self._conditions(sample, idx)
         item.cond_frame = clip[idx[0] if self.image_frame == "first" else idx[len(idx) // 2]]
         return item
+
+    def _conditions(self, sample: schema.Sample, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """The sample's conditions at the item's frames and size, normalised for the encoder; one that does not
+        fit (another frame count or kind) is left out and counted, the sample stays."""
+        from model.conditions import normalise
+
+        out = {}
+        for kind in self.condition_kinds:
+            array = sample.arrays.get(kind)  # [n, c, h, w]
+            if array is None:
+                continue
+            if array.ndim != 4 or len(array) <= int(idx.max()):
+                if self._count("condition_errors") == 1:
+                    log.warning(
+                        "condition %s of %s has shape %s for %d frames: left out",
+                        kind,
+                        sample.key,
+                        array.shape,
+                        sample.meta.num_frames,
+                    )
+                continue
+            x = torch.from_numpy(np.ascontiguousarray(array[idx])).float()  # [f, c, h, w]
+            if self.height is not None and tuple(x.shape[-2:]) != (self.height, self.width):
+                mode = "nearest" if kind == "sketch" else "bilinear"
+                x = F.interpolate(x, size=(self.height, self.width), mode=mode)
+            out[kind] = normalise(kind, x.permute(1, 0, 2, 3)).numpy()  # [c, f, h, w]
+        return out
 
     def _count(self, name: str) -> int:
         with self._lock:
@@ -571,6 +611,7 @@ class LoaderSpec:
     frame_lens: list[int] = dataclasses.field(default_factory=list)  # per_rank: rank r's frames (empty: the data's)
     size_multiple: int = 1  # buckets: the model takes heights and widths that are multiples of this (pixels)
     latent_factor: int = 1  # pixels per latent along height and width
+    condition_kinds: tuple[str, ...] = ()  # structure conditions to deliver with each item (unet.conditions.kinds)
 
 
 @dataclasses.dataclass
@@ -775,6 +816,7 @@ class TrainLoader:
             spec.cache_mb,
             spec.image_frame,
             self.health,
+            condition_kinds=spec.condition_kinds,
         )
         self._start_threads()
 
@@ -824,6 +866,7 @@ class TrainLoader:
             spec.image_frame,
             self.health,
             latent_factor=spec.latent_factor,
+            condition_kinds=spec.condition_kinds,
         )
         self._start_threads()
 

@@ -311,6 +311,59 @@ def shapes_metrics(videos: Sequence[np.ndarray], labels: Sequence[tuple[str, str
     }
 
 
+def condition_metrics(videos: Sequence[np.ndarray], conditions: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
+    """How closely generated shapes videos follow the structure conditions they were given (stored form,
+    ``schema.CONDITIONS``): ``motion_agreement``, the share whose detected direction is the dominant direction of
+    their motion vectors; ``sketch_iou``, the mean IoU of the generated shape's box and the sketch's edge box, per
+    frame. A figure is left out when no video had that condition."""
+    from pipelines.shapes import detect, foreground
+
+    if len(videos) != len(conditions):
+        raise ValueError(f"got {len(videos)} videos for {len(conditions)} condition sets")
+    agree, ious = [], []
+    for video, given in zip(videos, conditions):
+        video = np.asarray(video)
+        if "motion" in given:
+            agree.append(detect(video).direction == _dominant_direction(given["motion"]))
+        if "sketch" in given:
+            edges = np.asarray(given["sketch"])[:, 0] > 0  # [f or 1, h, w]
+            shape = foreground(video)  # [f, h, w]
+            for i in range(len(shape)):
+                ious.append(_box_iou(shape[i], edges[min(i, len(edges) - 1)]))
+    out = {}
+    if agree:
+        out["motion_agreement"] = float(np.mean(agree))
+    if ious:
+        out["sketch_iou"] = float(np.mean(ious))
+    return out
+
+
+def _dominant_direction(motion: np.ndarray) -> str | None:
+    """The direction of the mean of the non-zero motion vectors [f, 2, h, w] (dx, dy), or None without motion."""
+    motion = np.asarray(motion, np.float32)
+    moving = np.abs(motion).sum(axis=1) > 0  # [f, h, w]
+    if not moving.any():
+        return None
+    dx, dy = (float(motion[:, k][moving].mean()) for k in (0, 1))
+    if abs(dx) >= abs(dy):
+        return "right" if dx > 0 else "left"
+    return "down" if dy > 0 else "up"
+
+
+def _box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of the bounding boxes of two bool masks [h, w] (0 when either is empty)."""
+    if not a.any() or not b.any():
+        return 0.0
+    boxes = []
+    for m in (a, b):
+        ys, xs = np.nonzero(m)
+        boxes.append((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))
+    (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = boxes
+    inter = max(0, min(ax1, bx1) - max(ax0, bx0)) * max(0, min(ay1, by1) - max(ay0, by0))
+    union = (ax1 - ax0) * (ay1 - ay0) + (bx1 - bx0) * (by1 - by0) - inter
+    return float(inter / union)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Prompt sets
 

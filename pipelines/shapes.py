@@ -262,6 +262,14 @@ class Detection:
     foreground: float  # mean fraction of pixels that differ from the background
 
 
+def foreground(frames: np.ndarray, threshold: float = 60.0) -> np.ndarray:
+    """bool [f, h, w]: pixels farther than ``threshold`` (RGB) from the median colour of their frame's border."""
+    x = frames.astype(np.float32)
+    border = np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1)  # [f, 2w+2h, 3]
+    background = np.median(border, axis=1)  # [f, 3]
+    return np.linalg.norm(x - background[:, None, None, :], axis=-1) > threshold
+
+
 def detect(frames: np.ndarray, min_motion: float = 0.08, threshold: float = 60.0) -> Detection:
     """Classify colour and motion direction of the shape in uint8 [f, h, w, 3] frames (or one [h, w, 3] image).
 
@@ -277,10 +285,7 @@ def detect(frames: np.ndarray, min_motion: float = 0.08, threshold: float = 60.0
         raise ValueError(f"detect expects uint8 [f, h, w, 3] frames, got shape {frames.shape}")
     f, h, w, _ = frames.shape
     x = frames.astype(np.float32)
-    border = np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1)  # [f, 2w+2h, 3]
-    background = np.median(border, axis=1)  # [f, 3]
-    distance = np.linalg.norm(x - background[:, None, None, :], axis=-1)  # [f, h, w]
-    mask = distance > threshold
+    mask = foreground(frames, threshold)
     fg_fraction = float(mask.mean())
     if mask.sum() == 0:
         return Detection(None, None, (0.0, 0.0), 0.0)

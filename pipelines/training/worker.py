@@ -258,6 +258,7 @@ def loader_spec(cfg: TrainConfig, model) -> loader.LoaderSpec:
         frame_lens=list(cfg.frame_lens),
         size_multiple=mc.vae_factor * mc.unet.downsample_factor,
         latent_factor=mc.vae_factor,
+        condition_kinds=mc.unet.conditions.kinds,
     )
 
 
@@ -385,6 +386,33 @@ class Conditioner:
                 rows[i] = torch.from_numpy(it.text_emb)[None].to(self.device)
         return _fill(rows, lambda todo: self.model.encode_text([items[i].caption for i in todo]).to(self.device))
 
+    def conditions(self, items: list[loader.Item], gen: torch.Generator) -> tuple[dict[str, Tensor], Tensor]:
+        """Every kind the model takes, [b, c, f, h, w] (zeros where an item lacks it), and which to use [b, kinds]:
+        what an item has, after VideoComposer's dropout. All kinds always go in, so every rank's encoder gets
+        gradients (ZeRO reduces the same parameters on every rank)."""
+        from model.conditions import CHANNELS, keep_masks
+
+        ccfg = self.model.config.unet.conditions
+        f, h, w = self._pixel_shape(items)
+        out, has = {}, torch.zeros(len(items), len(ccfg.kinds))
+        for j, kind in enumerate(ccfg.kinds):
+            x = torch.zeros(len(items), CHANNELS[kind], f, h, w)
+            for i, it in enumerate(items):
+                if kind in it.conditions:
+                    x[i] = torch.from_numpy(it.conditions[kind])
+                    has[i, j] = 1.0
+            out[kind] = x.to(self.device)
+        return out, (keep_masks(len(items), ccfg, gen) * has).to(self.device)
+
+    def _pixel_shape(self, items: list[loader.Item]) -> tuple[int, int, int]:
+        """(frames, height, width) in pixels of a batch's clips (decoded, or pre-encoded latents)."""
+        it = items[0]
+        if it.frames is not None:
+            return it.frames.shape[0], it.frames.shape[1], it.frames.shape[2]
+        factor = self.model.config.vae_factor
+        _, f, h, w = it.latent_mean.shape
+        return f, h * factor, w * factor
+
     def image(self, items: list[loader.Item]) -> Tensor:
         """[b, embed_dim] CLIP image embeddings of the conditioning frames."""
         rows: list[Tensor | None] = [None] * len(items)
@@ -501,6 +529,9 @@ def branch_loss(
     fps = None
     if model.config.unet.use_fps_condition:  # images (fps 0) get the model's rate, as sampling does
         fps = torch.tensor([it.fps or model.config.fps for it in items], device=x0.device)  # [b]
+    conditions = condition_keep = None
+    if model.config.unet.conditions.kinds:
+        conditions, condition_keep = cond.conditions(items, gen)
 
     def unet_fn(x, t, context=None, image_embedding=None, concat=None):
         # bf16 engines take bf16 inputs; the loss is computed in fp32 by training_losses.
@@ -508,11 +539,13 @@ def branch_loss(
         extra = {} if image_keep is None else {"image_keep": image_keep}
         if fps is not None:
             extra["fps"] = fps
+        if conditions is not None:
+            extra.update(conditions={k: cast(v) for k, v in conditions.items()}, condition_keep=condition_keep)
         return net(
             cast(x), t, context=cast(context), image_embedding=cast(image_embedding), concat=cast(concat), **extra
         ).float()
 
-    return training_losses(
+    losses = training_losses(
         unet_fn,
         x0,
         t,
@@ -523,6 +556,10 @@ def branch_loss(
         schedule=model.schedule,
         generator=gen,
     )
+    if condition_keep is not None:  # which conditions this branch saw: a share per kind
+        kinds = model.config.unet.conditions.kinds
+        losses["conditions"] = {k: float(condition_keep[:, j].mean()) for j, k in enumerate(kinds)}
+    return losses
 
 
 def _seed_step(cfg: TrainConfig, step: int, rank: int) -> tuple[torch.Generator, torch.Generator]:
@@ -548,6 +585,8 @@ def joint_step(
         out = branch_loss(net, model, cond, items, branch, cfg, gen, shared)
         backward(out["loss"] * weight)
         micro_step()
+        for kind, share in out.get("conditions", {}).items():
+            losses.setdefault("conditions", {})[f"{branch}/{kind}"] = share
         if branch == "content":
             losses["image"] = out["loss"].item()
         else:
@@ -865,6 +904,8 @@ def train_loop_per_worker(config: dict) -> None:
                 "step_time_s": step_time,
                 "data_wait_s": wait,
             }
+            # which structure conditions each branch saw this step (rank 0's share of its batch)
+            metrics.update({f"conditions/{k}": v for k, v in losses.get("conditions", {}).items()})
             if not cfg.image_batch_size:
                 metrics.pop("loss_image")
             if not cfg.video_batch_size:

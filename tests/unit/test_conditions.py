@@ -35,18 +35,40 @@ def _conditions(b=2, f=4, size=16, seed=0):
 
 def test_a_fresh_encoder_leaves_the_unet_unchanged_and_then_learns(small_model):
     torch.manual_seed(0)
-    unet = build_unet(get_config("tiny", {**small_model, "unet.extra_in_channels": 8}).unet).eval()
-    encoder = ConditionEncoder(ConditionConfig(kinds=KINDS, out_channels=8, hidden=16))
+    cond = {"kinds": list(KINDS), "hidden": 16}
+    unet = build_unet(get_config("tiny", {**small_model, "unet.extra_in_channels": 8, "unet.conditions": cond}).unet)
+    unet.eval()
+    assert unet.condition_encoder is not None  # a submodule: DeepSpeed, the EMA and checkpoints carry it
+    with torch.no_grad():  # a trained UNet: its zero-initialised layers have grown, the encoder's output has not
+        for name, p in unet.named_parameters():
+            if not name.startswith("condition_encoder.") and not p.any():
+                p.normal_(0, 0.02)
     x, t = torch.randn(2, unet.cfg.in_channels, 4, 16, 16), torch.tensor([10, 500])
-    concat = encoder(_conditions(), num_frames=4)
-    assert concat.shape == (2, 8, 4, 16, 16) and concat.abs().max() == 0
     with torch.no_grad():
-        torch.testing.assert_close(unet(x, t, concat=concat), unet(x, t))
-    opt = torch.optim.SGD(encoder.parameters(), lr=0.1)
-    loss = (encoder(_conditions(), num_frames=4) - 1).pow(2).mean()
-    loss.backward()
+        torch.testing.assert_close(unet(x, t, conditions=_conditions()), unet(x, t))
+    opt = torch.optim.SGD(unet.condition_encoder.parameters(), lr=0.1)
+    unet(x, t, conditions=_conditions()).pow(2).mean().backward()
     opt.step()
-    assert encoder(_conditions(), num_frames=4).abs().mean() > 1e-3  # the zero output layer is trainable
+    with torch.no_grad():  # the zero output layer is trainable: now the conditions steer the output
+        assert not torch.allclose(unet(x, t, conditions=_conditions()), unet(x, t))
+
+
+def test_the_unet_says_what_conditions_it_takes(small_model):
+    plain = build_unet(get_config("tiny", small_model).unet)
+    x, t = torch.randn(1, plain.cfg.in_channels, 2, 16, 16), torch.tensor([10])
+    with pytest.raises(ValueError, match="has no condition encoder"):
+        plain(x, t, conditions={"sketch": torch.zeros(1, 1, 2, 16, 16)})
+    with pytest.raises(ConfigError, match="needs as many extra input channels"):
+        get_config("tiny", {**small_model, "unet.conditions": {"kinds": ["sketch"]}})
+    with pytest.raises(ConfigError, match="set unet.conditions.downsample=1"):  # pixel space: no downsampling
+        get_config(
+            "tiny",
+            {**small_model, "unet.extra_in_channels": 8, "unet.conditions": {"kinds": ["sketch"], "downsample": 8}},
+        )
+    cond = {"kinds": ["sketch"], "hidden": 16}
+    unet = build_unet(get_config("tiny", {**small_model, "unet.extra_in_channels": 8, "unet.conditions": cond}).unet)
+    with pytest.raises(ValueError, match="give conditions of 16x16 pixels"):
+        unet(x, t, conditions={"sketch": torch.zeros(1, 1, 2, 32, 32)})
 
 
 def test_any_subset_works_and_a_dropped_condition_is_an_absent_one():
@@ -91,11 +113,11 @@ def test_a_condition_of_the_wrong_kind_size_or_frame_count_says_what_is_expected
 
 
 def test_config_errors_name_the_accepted_values():
-    with pytest.raises(ValueError, match="accepted are"):
+    with pytest.raises(ConfigError, match=r"unet.conditions.kinds: unknown \['normals'\]; accepted are"):
         ConditionConfig(kinds=("normals",))
-    with pytest.raises(ValueError, match="power of two"):
+    with pytest.raises(ConfigError, match="power of two"):
         ConditionConfig(kinds=("depth",), downsample=3)
-    with pytest.raises(ValueError, match="probability"):
+    with pytest.raises(ConfigError, match="probability"):
         ConditionConfig(kinds=("depth",), p_each=1.5)
 
 
@@ -208,3 +230,91 @@ def test_condition_settings_are_checked(tmp_path):
         settings.load(CurateConfig, overrides=["conditions.kinds=[flow]"])
     with pytest.raises(ConfigError, match="depth needs a local network file"):
         settings.load(CurateConfig, overrides=["conditions.kinds=[depth]"])
+
+
+def test_the_loader_delivers_conditions_at_the_items_frames_and_size():
+    from pipelines import loader
+
+    video = shapes.render_video("red", "square", "right", 32, 32, 8)
+    meta = schema.SampleMeta(source="/d/v.mp4", kind="video", num_frames=8, fps=8.0, width=32, height=32)
+    sketch = edge_map(video)
+    motion = np.full((8, 2, 32, 32), 0.05, np.float16)
+    raw = schema.encode_sample("k", meta, media.encode_mp4(video, 8.0), arrays={"sketch": sketch, "motion": motion})
+    decoder = loader.Decoder(4, 16, 16, condition_kinds=("sketch", "motion", "depth"))
+    item = decoder(raw)
+    assert sorted(item.conditions) == ["motion", "sketch"]  # no depth stored: none delivered
+    assert item.conditions["sketch"].shape == (1, 4, 16, 16) and item.conditions["motion"].shape == (2, 4, 16, 16)
+    assert set(np.unique(item.conditions["sketch"])) <= {-1.0, 1.0}  # 0/1 edges -> -1/1, resized nearest
+    np.testing.assert_allclose(item.conditions["motion"], 0.5, atol=1e-3)  # 0.05 of the frame per frame -> 0.5
+    bad = schema.encode_sample("k2", meta, media.encode_mp4(video, 8.0), arrays={"sketch": sketch[:2]})
+    item = decoder(bad)  # a condition of another frame count is left out; the sample stays
+    assert item is not None and item.conditions == {} and decoder.stats["condition_errors"] == 1
+
+
+def test_training_feeds_every_kind_with_its_keep_mask(small_model):
+    from model.text_to_video import TextToVideo
+    from pipelines import loader
+    from pipelines.training.config import TrainConfig
+    from pipelines.training.worker import Conditioner, branch_loss
+
+    torch.manual_seed(0)
+    cond_cfg = {"kinds": ["sketch", "motion"], "hidden": 16, "p_all_zero": 0.0, "p_all_keep": 1.0}
+    overrides = {**small_model, "num_frames": 2, "height": 16, "width": 16, "unet.extra_in_channels": 8}
+    model = TextToVideo.build(get_config("tiny", {**overrides, "unet.conditions": cond_cfg}))
+    cfg = TrainConfig(data=[])
+    cond = Conditioner(model, cfg, torch.device("cpu"))
+    items = []
+    for i in range(4):
+        frames = np.zeros((2, 16, 16, 3), np.uint8)
+        item = loader.Item(f"k{i}", "video_text", f"clip {i}", frames, frames[0])
+        if i % 2 == 0:  # half the clips have a sketch, none has motion
+            item.conditions = {"sketch": np.ones((1, 2, 16, 16), np.float32)}
+        items.append(item)
+    seen = {}
+
+    def net(*args, **kwargs):
+        seen.update(kwargs)
+        return model.unet(*args, **kwargs)
+
+    out = branch_loss(net, model, cond, items, "motion", cfg, torch.Generator().manual_seed(0), torch.Generator())
+    assert sorted(seen["conditions"]) == ["motion", "sketch"]  # every kind goes in, zeros where missing
+    assert seen["condition_keep"].tolist() == [[1.0, 0.0], [0.0, 0.0], [1.0, 0.0], [0.0, 0.0]]
+    assert out["conditions"] == {"sketch": 0.5, "motion": 0.0}
+    out["loss"].backward()
+    # the encoder takes part even where nothing is kept, so every rank reduces the same gradients under ZeRO
+    assert all(p.grad is not None for p in model.unet.condition_encoder.parameters())
+
+
+def test_generation_follows_the_given_conditions(small_model):
+    from model.text_to_video import TextToVideo
+
+    torch.manual_seed(0)
+    cond_cfg = {"kinds": ["sketch", "motion"], "hidden": 16}
+    overrides = {**small_model, "num_frames": 2, "height": 16, "width": 16, "unet.extra_in_channels": 8}
+    model = TextToVideo.build(get_config("tiny", {**overrides, "unet.conditions": cond_cfg}))
+    with torch.no_grad():  # a trained model: the UNet's and the encoder's zero-initialised layers have grown
+        for p in model.unet.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+    sketch = torch.ones(1, 1, 1, 16, 16)  # one edge image for every frame and prompt
+    args = dict(steps=2, seed=0)
+    plain = model.generate(["a red square", "a blue circle"], **args)
+    with_sketch = model.generate(["a red square", "a blue circle"], conditions={"sketch": sketch}, **args)
+    again = model.generate(["a red square", "a blue circle"], conditions={"sketch": sketch}, **args)
+    assert with_sketch.shape == plain.shape == (2, 2, 16, 16, 3)
+    assert not np.array_equal(with_sketch, plain) and np.array_equal(with_sketch, again)
+    with pytest.raises(ValueError, match="not among this model's conditions"):
+        model.generate(["x"], conditions={"depth": torch.zeros(1, 1, 2, 16, 16)}, **args)
+
+
+def test_condition_metrics_score_videos_that_follow_their_conditions():
+    from pipelines.metrics import condition_metrics
+
+    right = shapes.render_video("red", "square", "right", 48, 48, 8)
+    left = shapes.render_video("red", "square", "left", 48, 48, 8)
+    given = {"motion": motion_field(media.encode_mp4(right, 8.0), 8, 48, 48), "sketch": edge_map(right)}
+    followed = condition_metrics([right], [given])
+    assert followed["motion_agreement"] == 1.0 and followed["sketch_iou"] > 0.7  # edges lie a pixel outside
+    ignored = condition_metrics([left], [given])  # the other way, and elsewhere in most frames
+    assert ignored["motion_agreement"] == 0.0 and ignored["sketch_iou"] < 0.5
+    assert condition_metrics([right], [{}]) == {}

@@ -181,3 +181,23 @@ def test_bench_learn_compares_the_layouts_after_the_same_training_time(tmp_path)
     assert full.stunet is None and stunet.stunet is not None
     assert stunet.unet == full.unet and stunet.num_frames == full.num_frames == 6  # same widths and clip shape
     assert train_config(bench, "data", tmp_path, "stunet", 0).time_limit_minutes == bench.minutes
+
+
+def test_structure_conditions_reach_the_stunet_through_its_extra_channels():
+    from model.conditions import ConditionConfig
+
+    cfg = UNetConfig(
+        **{
+            **vars(SMALL),
+            "extra_in_channels": 4,
+            "conditions": ConditionConfig(kinds=("sketch",), out_channels=4, hidden=8, heads=2),
+        }
+    )
+    torch.manual_seed(0)
+    unet = STUNet(cfg, STUNetConfig()).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(1, 3, 4, 8, 8)
+    sketch = torch.rand(1, 1, 4, 8, 8)
+    assert not torch.allclose(unet(x, 5, conditions={"sketch": sketch}), unet(x, 5))

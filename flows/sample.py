@@ -8,6 +8,8 @@ ModelScopeT2V / TF-T2V UNet file with ``--model`` naming its config, and write t
         --out out.mp4 --steps 50 --guidance 9 --seed 0 [--image first_frame.png] [--negative-prompt "..."]
     t2v sample --checkpoint lumiere.pt --prompt "..." --inpaint video.mp4 --mask mask.png   (or --image first.png,
         --cinemagraph image.png --mask region.png: models trained with masked conditioning, model/masked.py)
+    t2v sample --checkpoint composer.pt --prompt "a red circle" --condition motion=clip.mp4 --condition
+        sketch=edges.png   (structure conditions, any subset of the model's: flows/condition_inputs.py)
     t2v sample --checkpoint ssr.pt --prompt "..." --upscale low_res.mp4 --window 8 --stride 4   (super-resolution
         over overlapping temporal windows, MultiDiffusion: model/multidiffusion.py)
     t2v sample --checkpoint tft2v_t2v_non_ema_512000.pth --model tf-t2v --prompt "a corgi running on the beach"
@@ -59,6 +61,8 @@ class SampleConfig:
     stride: int | None = None  # --upscale: frames between window starts (None: half a window)
     fps: float | None = None  # output frame rate; default: the model's fps
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    conditions: dict[str, str] = field(default_factory=dict)  # kind -> file (flows/condition_inputs.py)
+    depth_model: str | None = None  # local depth network for a depth condition given as media
 
     def __post_init__(self) -> None:
         check(bool(self.checkpoint), "no checkpoint given: pass --checkpoint PATH (a model.pt from training)")
@@ -91,6 +95,10 @@ class SampleConfig:
         check(
             not (self.mask and not (self.inpaint or self.cinemagraph)),
             "--mask goes with --inpaint video.mp4 or --cinemagraph image.png",
+        )
+        check(
+            not (self.conditions and given),
+            f"--condition and {' '.join(given)} both fill the extra input channels: give one of them",
         )
         check(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
@@ -143,6 +151,11 @@ def run(cfg: SampleConfig) -> list[Path]:
     from flows.masked_inputs import masked_concat
 
     concat = masked_concat(model, cfg.image, cfg.inpaint, cfg.cinemagraph, cfg.mask)
+    conditions = None
+    if cfg.conditions:
+        from flows.condition_inputs import load_conditions
+
+        conditions = load_conditions(model, cfg.conditions, cfg.depth_model)
     if concat is not None and not model.config.unet.image_embed_dim:
         image = None  # the image is the first frame only: this model has no CLIP image condition
     log.info(
@@ -166,6 +179,7 @@ def run(cfg: SampleConfig) -> list[Path]:
         progress=True,
         spacing=cfg.timestep_spacing,
         concat=concat,
+        conditions=conditions,
     )  # uint8 [b, f, h, w, 3]
     fps = cfg.fps or model.config.fps
     paths = output_paths(cfg.out, len(cfg.prompts))
@@ -235,8 +249,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stride", type=int, help="--upscale: frames between window starts")
     parser.add_argument("--fps", type=float, help="output frame rate (default: the model's)")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
+    parser.add_argument(
+        "--condition",
+        action="append",
+        dest="conditions",
+        metavar="KIND=PATH",
+        help="structure condition (repeatable): motion|sketch|depth = a video, image or .npy of the model's size",
+    )
+    parser.add_argument("--depth-model", dest="depth_model", help="local depth network (.pt2) for --condition depth=")
     settings.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.conditions:
+        pairs = [c.split("=", 1) for c in args.conditions]
+        bad = [c for c, pair in zip(args.conditions, pairs) if len(pair) != 2 or not pair[0] or not pair[1]]
+        if bad:
+            parser.error(f"--condition {bad[0]!r}: use KIND=PATH, e.g. --condition sketch=edges.png")
+        args.conditions = dict(pairs)
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "set", "dry_run")}
     cfg = settings.resolve(parser, SampleConfig, args, flags)
     if cfg is not None:

@@ -318,3 +318,81 @@ def test_condition_metrics_score_videos_that_follow_their_conditions():
     ignored = condition_metrics([left], [given])  # the other way, and elsewhere in most frames
     assert ignored["motion_agreement"] == 0.0 and ignored["sketch_iou"] < 0.5
     assert condition_metrics([right], [{}]) == {}
+
+
+@pytest.fixture(scope="module")
+def composer_checkpoint(tmp_path_factory):
+    """A tiny model that takes motion and sketch conditions (16x16, 4 frames), saved as a checkpoint."""
+    from model.text_to_video import TextToVideo
+
+    torch.manual_seed(0)
+    cond = {"kinds": ["motion", "sketch"], "hidden": 16}
+    overrides = {"unet.model_channels": 8, "unet.num_groups": 4, "num_frames": 4, "height": 16, "width": 16}
+    model = TextToVideo.build(get_config("tiny", {**overrides, "unet.extra_in_channels": 8, "unet.conditions": cond}))
+    return model.save(tmp_path_factory.mktemp("composer") / "model.pt")
+
+
+def test_t2v_sample_takes_any_subset_of_conditions_from_files(composer_checkpoint, tmp_path, capsys):
+    from flows import sample
+
+    video = shapes.render_video("red", "square", "right", 16, 16, 4)
+    clip = media.write_mp4(video, tmp_path / "clip.mp4", 8.0)
+    (tmp_path / "edges.png").write_bytes(media.encode_jpg(video[0]))
+    base = ["--checkpoint", str(composer_checkpoint), "--prompt", "a red square", "--steps", "2"]
+    out = tmp_path / "out.mp4"
+    args = [
+        *base,
+        "--out",
+        str(out),
+        "--condition",
+        f"motion={clip}",
+        "--condition",
+        f"sketch={tmp_path / 'edges.png'}",
+    ]
+    assert sample.main(args) == 0
+    assert media.decode_video_file(out).shape == (4, 16, 16, 3)
+    np.save(tmp_path / "sketch.npy", edge_map(video))
+    assert (
+        sample.main([*base, "--out", str(tmp_path / "b.mp4"), "--condition", f"sketch={tmp_path / 'sketch.npy'}"]) == 0
+    )
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    ("condition", "words"),
+    [
+        ("sketch=wide.png", "an image of 32x16; expected 16x16"),
+        ("motion=short.mp4", "2 frames of 16x16; the model makes 4 frames of 16x16"),
+        ("motion=still.png", "motion comes from a video"),
+        ("depth=still.png", "this model takes motion, sketch"),
+        ("sketch=missing.png", "no such file"),
+        ("sketch=flat.npy", "shape [4, 16, 16], expected [4 or 1, 1, 16, 16]"),
+    ],
+)
+def test_a_condition_file_of_the_wrong_size_length_or_kind_is_a_usage_error(
+    composer_checkpoint, tmp_path, capsys, condition, words
+):
+    from flows import sample
+
+    video = shapes.render_video("red", "square", "right", 16, 16, 2)
+    media.write_mp4(video, tmp_path / "short.mp4", 8.0)
+    (tmp_path / "still.png").write_bytes(media.encode_jpg(video[0]))
+    (tmp_path / "wide.png").write_bytes(media.encode_jpg(np.zeros((16, 32, 3), np.uint8)))
+    np.save(tmp_path / "flat.npy", np.zeros((4, 16, 16), np.uint8))
+    kind, name = condition.split("=")
+    args = ["--checkpoint", str(composer_checkpoint), "--prompt", "x", "--out", str(tmp_path / "o.mp4")]
+    assert sample.main([*args, "--condition", f"{kind}={tmp_path / name}"]) == 2
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_conditions_need_a_model_that_takes_them(tiny_checkpoint, tmp_path, capsys):
+    from flows import sample
+
+    (tmp_path / "e.png").write_bytes(media.encode_jpg(np.zeros((32, 32, 3), np.uint8)))
+    args = ["--checkpoint", str(tiny_checkpoint), "--prompt", "x", "--out", str(tmp_path / "o.mp4")]
+    assert sample.main([*args, "--condition", f"sketch={tmp_path / 'e.png'}"]) == 2
+    assert "takes no structure conditions" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sample.main([*args, "--condition", "sketch"])
+    assert "use KIND=PATH" in capsys.readouterr().err

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from pipelines import loader, logs, run_facts, schema, settings
 from pipelines.tracking_buffer import BufferedTracker
-from pipelines.training import export
+from pipelines.training import efficiency, export
 from pipelines.training.config import EXPORT_DIR, RAY_DIR, RAY_RUN_NAME, TrainConfig
 from pipelines.training.periodic_eval import PeriodicEvaluator
 
@@ -784,6 +784,15 @@ def train_loop_per_worker(config: dict) -> None:
     exporter = Exporter(model, engine, ema, rank, cfg, out, tracker)
     evaluator = PeriodicEvaluator(cfg.periodic_eval, rank, world_size, tracker)
     throughput = run_facts.Throughput()
+    eff = None
+    if rank == 0:
+        # counted on the meta-device UNet at this run's shapes; Throughput's own first-step count would add encoders
+        flops = efficiency.step_flops(model.config, cfg.image_batch_size, cfg.video_batch_size)
+        throughput.flops_per_step = flops.step
+        eff = efficiency.Efficiency(
+            flops, world_size, run_facts.peak_flops(device, cfg.bf16, cfg.device_peak_tflops), device
+        )
+        log.info("%s", eff.describe())
     print_every = cfg.print_every or max(1, cfg.steps // 20)
     log.info(
         "%d worker(s), ZeRO-%d, start-up %.1fs; steps %d..%d",
@@ -844,12 +853,14 @@ def train_loop_per_worker(config: dict) -> None:
                 for k in ("loss_video", "diffusion_loss_video", "coherence_loss"):
                     metrics.pop(k)
             throughput.record(step_time, metrics["samples_per_s"])
+            if eff is not None:
+                metrics.update(eff.figures(step_time, wait))
             if step % cfg.log_every == 0 or step == cfg.steps:
                 tracker.log_metrics({**metrics, **data.health.metrics()}, step)
             if step % print_every == 0 or step == 1 or step == cfg.steps:
                 log.info(
                     "step %d/%d loss %.4f (image %.4f video %.4f coherence %.4f) lr %.2e %.1f samples/s "
-                    "data wait %.0f%%, %s left",
+                    "data wait %.0f%% %s, %s left",
                     step,
                     cfg.steps,
                     metrics["loss"],
@@ -859,6 +870,7 @@ def train_loop_per_worker(config: dict) -> None:
                     metrics["lr"],
                     metrics["samples_per_s"],
                     100 * wait / step_time,
+                    efficiency.Efficiency.progress(metrics) if eff is not None else "",
                     _time_left(clock, step - first_step, cfg.steps - step),
                 )
             if cfg.sample_every and step % cfg.sample_every == 0:

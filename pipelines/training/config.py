@@ -49,6 +49,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0  # 0 turns clipping off
     ema_decay: float = 0.999  # EMA weights; the effective decay ramps up as (1 + n) / (10 + n)
+    # where the fp32 EMA lives: auto = host memory on GPUs under ZeRO 0-2 (there it would be a whole second copy on
+    # one device), the device under ZeRO-3 (each rank keeps the EMA of its own partition) and on CPU
+    ema_device: Literal["auto", "device", "cpu"] = "auto"
     # conditioning (TF-T2V)
     cfg_dropout: float = 0.1  # per sample: text -> negative-prompt embedding
     negative_prompt: str = ""  # also the unconditional input of sampling
@@ -141,6 +144,7 @@ class TrainConfig:
         )
         check(self.warmup_steps >= 0, "warmup_steps must be >= 0")
         check(0.0 <= self.ema_decay < 1.0, f"ema_decay={self.ema_decay}: must be within [0, 1)")
+        check_choice("ema_device", self.ema_device, ["auto", "device", "cpu"])
         check(self.frame_stride >= 0, "frame_stride must be >= 0 (0 spreads the frames over the whole clip)")
         check(
             self.shuffle_block >= 1 and self.prefetch >= 1 and self.decode_workers >= 1,
@@ -196,3 +200,9 @@ class TrainConfig:
     @property
     def bf16(self) -> bool:
         return self.use_gpu and self.precision in ("auto", "bf16")
+
+    @property
+    def ema_on_cpu(self) -> bool:
+        if self.ema_device == "auto":
+            return self.use_gpu and self.zero_stage < 3
+        return self.ema_device == "cpu"

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from pipelines import loader, logs, run_facts, schema, settings
 from pipelines.tracking_buffer import BufferedTracker
-from pipelines.training import efficiency, export
+from pipelines.training import efficiency, export, sharded
 from pipelines.training.config import EXPORT_DIR, RAY_DIR, RAY_RUN_NAME, TrainConfig
 from pipelines.training.periodic_eval import PeriodicEvaluator
 
@@ -267,12 +267,13 @@ class Ema:
     for a moment (to gather or sample them) and restores the trained weights afterwards.
     """
 
-    def __init__(self, engine, decay: float, rank: int):
+    def __init__(self, engine, decay: float, rank: int, on_cpu: bool = False):
         self.engine, self.decay = engine, decay
         self.partitioned = bool(engine.zero_optimization_partition_weights())
         self.holder = self.partitioned or rank == 0
         self.updates = 0
-        self.tensors = [t.detach().float().clone() for t in self._live()] if self.holder else None
+        where = "cpu" if on_cpu else None  # cpu: the device keeps no fp32 copy (ema_device)
+        self.tensors = [t.detach().to(where, torch.float32, copy=True) for t in self._live()] if self.holder else None
 
     def _live(self) -> list[Tensor]:
         params = list(self.engine.module.parameters())
@@ -285,7 +286,7 @@ class Ema:
             return
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))  # short runs: early weights fade fast
         for e, t in zip(self.tensors, self._live()):
-            e.lerp_(t.float(), 1 - decay)
+            e.lerp_(t.to(e.device, torch.float32), 1 - decay)
 
     @contextmanager
     def swapped_in(self) -> Iterator[None]:
@@ -318,7 +319,7 @@ class Ema:
     def load(self, state: dict) -> None:
         self.updates = int(state["updates"])
         if self.holder and state["tensors"] is not None:
-            self.tensors = [t.float() for t in state["tensors"]]
+            self.tensors = [t.to(e.device, torch.float32) for t, e in zip(state["tensors"], self.tensors)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -594,17 +595,33 @@ def load_checkpoint(engine, ema: Ema, checkpoint, rank: int, world_size: int, cf
 
 class Exporter:
     """Rank 0's separate copy of the model (sharing the frozen encoders) that gathered weights are loaded into
-    for sample videos, snapshots and the final export; the engine's weights are never touched."""
+    for sample videos, snapshots and the final export; the engine's weights are never touched.
+
+    The copy exists only while it is used: on the device for sampling and evaluation (``model``, dropped by
+    ``release``), in host memory for snapshots and the export, so the device never keeps a second UNet."""
 
     def __init__(self, model, engine, ema: Ema, rank: int, cfg: TrainConfig, out: Path, tracker):
         self.engine, self.ema, self.rank, self.cfg, self.out, self.tracker = engine, ema, rank, cfg, out, tracker
-        self.model = None
-        if rank == 0:
-            from model.text_to_video import TextToVideo
-            from model.unet import UNet3D
+        self.base, self._model = model, None
 
-            unet = UNet3D(model.config.unet).to(model.device)
-            self.model = TextToVideo(model.config, unet, model.text_encoder, model.image_encoder, model.first_stage)
+    def _copy(self, device: torch.device):
+        from model.text_to_video import TextToVideo
+        from model.unet import build_unet
+
+        unet = build_unet(self.base.config.unet, "meta").to_empty(device=device)  # no init: weights are loaded
+        b = self.base
+        return TextToVideo(b.config, unet, b.text_encoder, b.image_encoder, b.first_stage)
+
+    @property
+    def model(self):
+        if self._model is None and self.rank == 0:
+            self._model = self._copy(self.base.device)
+        return self._model
+
+    def release(self) -> None:
+        self._model = None
+        if self.base.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def gather(self, ema: bool) -> dict[str, Tensor] | None:
         """Full weights on rank 0 (collective under ZeRO: every rank calls this): the fp32 master weights, or the
@@ -638,18 +655,21 @@ class Exporter:
                 media.write_gif(video, Path(d) / f"{stem}.gif", self.cfg.sample_fps)
             self.tracker.log_artifact(d, f"samples/step_{step:06d}")
         self.tracker.log_metrics({"sample_time_s": time.perf_counter() - t0}, step)
+        self.release()
 
     def snapshot(self, step: int) -> None:
         state = self.gather(ema=True)
         if self.rank == 0:
-            self.model.unet.load_state_dict(state)
-            self.model.save(self.out / EXPORT_DIR / "snapshots" / f"model_ema_{step:08d}.pt", step=step, ema=True)
+            host = self._copy(torch.device("cpu"))
+            host.unet.load_state_dict(state)
+            host.save(self.out / EXPORT_DIR / "snapshots" / f"model_ema_{step:08d}.pt", step=step, ema=True)
 
     def final(self, step: int, metrics: dict) -> None:
         raw = self.gather(ema=False)
         ema = self.gather(ema=True)
         if self.rank == 0:
-            files = export.write_models(self.model, raw, ema, self.out / EXPORT_DIR, step, dtype=self.cfg.export_dtype)
+            host = self._copy(torch.device("cpu"))
+            files = export.write_models(host, raw, ema, self.out / EXPORT_DIR, step, dtype=self.cfg.export_dtype)
             (self.out / EXPORT_DIR / "final_metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
             log.info("exported %s", files)
 
@@ -733,16 +753,19 @@ def train_loop_per_worker(config: dict) -> None:
     clock = TimeBudget(cfg.time_limit_minutes)
 
     # -- model and DeepSpeed -------------------------------------------------------------------------------------
-    model = build_model(cfg, device)
-    model.unet.train()
     branches = int(cfg.image_batch_size > 0) + int(cfg.video_batch_size > 0)
+    if cfg.zero_stage == 3:  # partitioned from construction on: no rank holds the whole UNet
+        model = sharded.build_model(cfg, device, deepspeed_config(cfg, world_size, branches))
+    else:
+        model = build_model(cfg, device)
+    model.unet.train()
     engine, _, _, scheduler = deepspeed.initialize(
         model=model.unet,
         model_parameters=param_groups(model.unet, cfg),
         config=deepspeed_config(cfg, world_size, branches),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, clock.used)),
     )
-    ema = Ema(engine, cfg.ema_decay, rank)
+    ema = Ema(engine, cfg.ema_decay, rank, on_cpu=cfg.ema_on_cpu)
     optimizer_step = OptimizerStep(engine, cfg)
 
     # -- resume --------------------------------------------------------------------------------------------------
@@ -881,6 +904,7 @@ def train_loop_per_worker(config: dict) -> None:
             last = step == cfg.steps or stop > 0
             if evaluator.due(step, last):
                 clock.t0 += evaluator.run(exporter, step)  # evaluations do not use up the time limit
+                exporter.release()
             if step % cfg.checkpoint_every == 0 or last:
                 save_checkpoint(engine, ema, step, position, rank, world_size, cfg, model, metrics)
             if stop > 0:

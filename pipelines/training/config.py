@@ -88,6 +88,13 @@ class TrainConfig:
     zero_stage: int = 2
     offload_optimizer: bool = False  # ZeRO optimizer state and step on the CPU (DeepSpeedCPUAdam)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # speed settings (pipelines/training/speed.py): each stops with the reason where this machine cannot do it
+    activation_checkpointing: bool = (
+        False  # recompute UNet block activations in backward: less memory, ~1/3 more compute
+    )
+    fused_adamw: bool = False  # torch's fused AdamW kernel (one launch per step instead of one per tensor)
+    compile_unet: bool = False  # torch.compile the UNet inside the DeepSpeed engine (first steps compile)
+    attention_backend: Literal["auto", "flash", "efficient", "math", "cudnn"] = "auto"  # auto: torch picks
     device_peak_tflops: float = 0.0  # one device's peak, for MFU; 0: known GPUs' bf16 peak, none on CPU
     deepspeed: dict[str, Any] = field(default_factory=dict)  # merged over the generated DeepSpeed config
     address: str | None = None  # Ray cluster address; None: $RAY_ADDRESS or a local Ray
@@ -188,6 +195,7 @@ class TrainConfig:
         check_choice("logged_model_weights", self.logged_model_weights, ["ema", "raw"])
         check(self.device_peak_tflops >= 0, "device_peak_tflops must be >= 0 (0: known GPUs' bf16 peak)")
         check_choice("image_frame", self.image_frame, ["middle", "first"])
+        check_choice("attention_backend", self.attention_backend, ["auto", "flash", "efficient", "math", "cudnn"])
         check_choice("export_dtype", self.export_dtype, ["fp32", "bf16", "fp16"])
         check_choice("condition_sampling", self.condition_sampling, ["per_batch", "per_sample"])
         check_choice("dropped_text", self.dropped_text, ["negative_prompt", "zeros"])

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from pipelines import loader, logs, run_facts, schema, settings
 from pipelines.tracking_buffer import BufferedTracker
-from pipelines.training import efficiency, export, sharded
+from pipelines.training import efficiency, export, sharded, speed
 from pipelines.training.config import EXPORT_DIR, RAY_DIR, RAY_RUN_NAME, TrainConfig
 from pipelines.training.periodic_eval import PeriodicEvaluator
 
@@ -158,6 +158,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, branches: int) -> dict:
                 "weight_decay": cfg.weight_decay,
                 # torch's AdamW needs no compiled op; offload needs DeepSpeedCPUAdam (JIT-compiled once).
                 "torch_adam": not cfg.offload_optimizer,
+                **({"fused": True} if cfg.fused_adamw else {}),
             },
         },
         "zero_optimization": zero,
@@ -754,17 +755,20 @@ def train_loop_per_worker(config: dict) -> None:
 
     # -- model and DeepSpeed -------------------------------------------------------------------------------------
     branches = int(cfg.image_batch_size > 0) + int(cfg.video_batch_size > 0)
+    speed_on = speed.check(cfg, device)
     if cfg.zero_stage == 3:  # partitioned from construction on: no rank holds the whole UNet
         model = sharded.build_model(cfg, device, deepspeed_config(cfg, world_size, branches))
     else:
         model = build_model(cfg, device)
     model.unet.train()
+    speed.prepare_unet(model.unet, cfg)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model.unet,
         model_parameters=param_groups(model.unet, cfg),
         config=deepspeed_config(cfg, world_size, branches),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, clock.used)),
     )
+    speed.compile_engine(engine, cfg)
     ema = Ema(engine, cfg.ema_decay, rank, on_cpu=cfg.ema_on_cpu)
     optimizer_step = OptimizerStep(engine, cfg)
 
@@ -818,9 +822,10 @@ def train_loop_per_worker(config: dict) -> None:
         log.info("%s", eff.describe())
     print_every = cfg.print_every or max(1, cfg.steps // 20)
     log.info(
-        "%d worker(s), ZeRO-%d, start-up %.1fs; steps %d..%d",
+        "%d worker(s), ZeRO-%d%s, start-up %.1fs; steps %d..%d",
         world_size,
         cfg.zero_stage,
+        "".join(f", {s}" for s in speed_on),
         time.perf_counter() - t_start,
         step + 1,
         cfg.steps,
@@ -840,7 +845,7 @@ def train_loop_per_worker(config: dict) -> None:
             batch = next(data)
             t_data = time.perf_counter() - t0
             # engine.step() is a no-op until the last branch (the gradient accumulation boundary)
-            with throughput.counting(rank == 0 and step == first_step + 1):
+            with throughput.counting(rank == 0 and step == first_step + 1), speed.attention(cfg):
                 losses = joint_step(engine, model, cond, batch, cfg, step, rank, engine.backward, optimizer_step)
             ema.update()
             position = batch.position

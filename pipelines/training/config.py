@@ -120,6 +120,7 @@ class TrainConfig:
     logged_model_name: str = "model"  # its name in the run
     logged_model_weights: Literal["ema", "raw"] = "ema"  # which exported weights it serves
     export_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # exported checkpoints: the fp32 master weights by default
+    save_final: bool = True  # false: no checkpoint and no export at the end (benchmarks: figures only)
     debug_fail_at_step: int = 0  # tests: the last rank exits once at this step (fault-tolerance check)
 
     def __post_init__(self) -> None:
@@ -193,6 +194,7 @@ class TrainConfig:
             "sample_every > 0 needs sample_prompts (a list of prompts), or set sample_every=0",
         )
         check_choice("logged_model_weights", self.logged_model_weights, ["ema", "raw"])
+        check(self.save_final or not self.log_model, "save_final=false exports no model to log: set log_model=false")
         check(self.device_peak_tflops >= 0, "device_peak_tflops must be >= 0 (0: known GPUs' bf16 peak)")
         check_choice("image_frame", self.image_frame, ["middle", "first"])
         check_choice("attention_backend", self.attention_backend, ["auto", "flash", "efficient", "math", "cudnn"])

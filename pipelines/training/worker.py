@@ -666,6 +666,12 @@ class Exporter:
             host.save(self.out / EXPORT_DIR / "snapshots" / f"model_ema_{step:08d}.pt", step=step, ema=True)
 
     def final(self, step: int, metrics: dict) -> None:
+        if not self.cfg.save_final:  # what the driver reads, without weights (tens of GiB for the large sizes)
+            if self.rank == 0:
+                (self.out / EXPORT_DIR).mkdir(parents=True, exist_ok=True)
+                (self.out / EXPORT_DIR / "export.json").write_text(json.dumps({"step": step, "checkpoint": None}))
+                (self.out / EXPORT_DIR / "final_metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+            return
         raw = self.gather(ema=False)
         ema = self.gather(ema=True)
         if self.rank == 0:
@@ -910,7 +916,7 @@ def train_loop_per_worker(config: dict) -> None:
             if evaluator.due(step, last):
                 clock.t0 += evaluator.run(exporter, step)  # evaluations do not use up the time limit
                 exporter.release()
-            if step % cfg.checkpoint_every == 0 or last:
+            if step % cfg.checkpoint_every == 0 or (last and cfg.save_final):
                 save_checkpoint(engine, ema, step, position, rank, world_size, cfg, model, metrics)
             if stop > 0:
                 log.info("time limit of %s min reached at step %d", cfg.time_limit_minutes, step)

@@ -80,6 +80,8 @@ def build_model(cfg: TrainConfig, device: torch.device, ds_config: dict):
     from pipelines.training.worker import _is_t2v_checkpoint, resolve_model_config
 
     mc = resolve_model_config(cfg)
+    # zero.Init reads the world size from deepspeed.comm: adopt the process group Ray Train created
+    deepspeed.init_distributed(dist_backend=dist.get_backend())
     torch.manual_seed(cfg.seed)  # rank 0's initial values are broadcast: the same as a plain seeded build
     remote = "cpu" if _offload_param(ds_config) else None
     # the parameter dtype follows the config (bf16 when enabled), as deepspeed.initialize casts a plain module

@@ -247,7 +247,9 @@ def run(b: GpuBenchConfig) -> dict:
     with tempfile.TemporaryDirectory(prefix="t2v-bench-gpu-") as tmp:
         work = Path(tmp)
         vae = random_vae(work / "vae")
-        ray.init(num_cpus=b.cpus, num_gpus=1, include_dashboard=False)
+        started = not ray.is_initialized()  # a test session's Ray is used as it is
+        if started:
+            ray.init(num_cpus=b.cpus, num_gpus=1, include_dashboard=False)
         try:
             for name in b.models:
                 cfg = train_config(b, name, vae, work / name / "data", work / name / "run")
@@ -278,7 +280,8 @@ def run(b: GpuBenchConfig) -> dict:
                     "data_wait": sum(ds["data_wait_s"][w:]) / sum(ds["step_time_s"][w:]),
                 }
         finally:
-            ray.shutdown()
+            if started:
+                ray.shutdown()
     results["minutes"] = (time.perf_counter() - t_start) / 60
     print()
     print(

@@ -54,14 +54,13 @@ def local_parameter_bytes(module: torch.nn.Module) -> int:
     return total
 
 
-def _init_state(cfg: TrainConfig, model_config) -> dict[str, torch.Tensor]:
+def _init_state(cfg: TrainConfig, model_config, t2v_checkpoint: bool) -> dict[str, torch.Tensor]:
     """The ``init_from`` UNet weights as a CPU state dict (rank 0's host memory)."""
     from model.released import init_unet_from
     from model.text_to_video import read_checkpoint
     from model.unet import UNet3D
-    from pipelines.training.worker import _is_t2v_checkpoint
 
-    if _is_t2v_checkpoint(cfg.init_from):
+    if t2v_checkpoint:
         return read_checkpoint(cfg.init_from)["unet"]
     unet = UNet3D(model_config.unet)  # host copy: released files need the converters that load into a module
     report = init_unet_from(unet, cfg.init_from)
@@ -69,17 +68,16 @@ def _init_state(cfg: TrainConfig, model_config) -> dict[str, torch.Tensor]:
     return unet.state_dict()
 
 
-def build_model(cfg: TrainConfig, device: torch.device, ds_config: dict):
-    """TextToVideo whose UNet is partitioned by ZeRO-3 from construction on (see the module docstring)."""
+def build_model(cfg: TrainConfig, device: torch.device, ds_config: dict, mc, t2v_checkpoint: bool):
+    """TextToVideo whose UNet is partitioned by ZeRO-3 from construction on (see the module docstring). ``mc``:
+    the ModelConfig (``worker.resolve_model_config``); ``t2v_checkpoint``: ``init_from`` is a TextToVideo file."""
     import deepspeed
     import torch.distributed as dist
 
     from model.encoders import FirstStage, build_clip_encoders
     from model.text_to_video import TextToVideo, read_checkpoint
     from model.unet import UNet3D
-    from pipelines.training.worker import _is_t2v_checkpoint, resolve_model_config
 
-    mc = resolve_model_config(cfg)
     # zero.Init reads the world size from deepspeed.comm: adopt the process group Ray Train created
     deepspeed.init_distributed(dist_backend=dist.get_backend())
     torch.manual_seed(cfg.seed)  # rank 0's initial values are broadcast: the same as a plain seeded build
@@ -89,7 +87,7 @@ def build_model(cfg: TrainConfig, device: torch.device, ds_config: dict):
         unet = UNet3D(mc.unet)
     if cfg.init_from:
         rank = dist.get_rank()
-        state = _init_state(cfg, mc) if rank == 0 else None
+        state = _init_state(cfg, mc, t2v_checkpoint) if rank == 0 else None
         for name, p in unet.named_parameters():
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
                 if rank == 0:
@@ -99,7 +97,7 @@ def build_model(cfg: TrainConfig, device: torch.device, ds_config: dict):
                 b.copy_(state[name])
             dist.broadcast(b, 0)
     text, image = build_clip_encoders(mc.encoders, device)
-    if _is_t2v_checkpoint(cfg.init_from):  # random CLIP encoders are stored with the checkpoint
+    if t2v_checkpoint:  # random CLIP encoders are stored with the checkpoint
         ckpt = read_checkpoint(cfg.init_from)
         for module, key in ((text, "text_encoder"), (image, "image_encoder")):
             if ckpt.get(key) is not None:

@@ -763,7 +763,10 @@ def train_loop_per_worker(config: dict) -> None:
     branches = int(cfg.image_batch_size > 0) + int(cfg.video_batch_size > 0)
     speed_on = speed.check(cfg, device)
     if cfg.zero_stage == 3:  # partitioned from construction on: no rank holds the whole UNet
-        model = sharded.build_model(cfg, device, deepspeed_config(cfg, world_size, branches))
+        ds_config = deepspeed_config(cfg, world_size, branches)
+        model = sharded.build_model(
+            cfg, device, ds_config, resolve_model_config(cfg), _is_t2v_checkpoint(cfg.init_from)
+        )
     else:
         model = build_model(cfg, device)
     model.unet.train()

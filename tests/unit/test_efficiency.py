@@ -59,3 +59,16 @@ def test_figures_and_progress_line():
     cpu = Efficiency(flops, 1, None, torch.device("cpu"))
     assert "eff/mfu" not in cpu.figures(0.5, 0.0) and "device_peak_tflops" in cpu.describe()
     assert "MFU" not in Efficiency.progress(cpu.figures(0.5, 0.0))
+
+
+def test_peak_by_device_name_and_configured_override(monkeypatch):
+    from pipelines import run_facts
+
+    gpu = torch.device("cuda")  # only its name is read, through device_kind (no GPU is touched)
+    for name, tflops in (("NVIDIA H200", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H100 80GB HBM3", 989)):
+        monkeypatch.setattr(run_facts, "device_kind", lambda device, name=name: name)
+        assert run_facts.peak_flops(gpu, bf16=True) == tflops * 1e12, name
+    assert run_facts.peak_flops(gpu, bf16=False) is None  # the table is bf16 peaks
+    monkeypatch.setattr(run_facts, "device_kind", lambda device: "NVIDIA B200")
+    assert run_facts.peak_flops(gpu, bf16=True) is None
+    assert run_facts.peak_flops(gpu, bf16=True, configured_tflops=2250) == 2250e12

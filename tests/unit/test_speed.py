@@ -74,3 +74,15 @@ def test_compile_needs_a_compiler_on_cpu_and_checkpointing_is_set_on_the_unet(mo
     unet = build_unet(get_config("tiny", small_model).unet, "meta")
     speed.prepare_unet(unet, config(activation_checkpointing=True))
     assert unet.gradient_checkpointing is True
+
+
+def test_ema_placement_keeps_a_whole_fp32_copy_off_the_gpu():
+    # ZeRO 0-2 on GPUs: rank 0's EMA is the whole UNet in fp32, so auto keeps it in host memory; ZeRO-3 ranks each
+    # keep their partition's EMA on the device; CPU training has only one memory
+    assert config(use_gpu=True, zero_stage=2).ema_on_cpu is True
+    assert config(use_gpu=True, zero_stage=3).ema_on_cpu is False
+    assert config(zero_stage=2).ema_on_cpu is False
+    assert config(use_gpu=True, zero_stage=2, ema_device="device").ema_on_cpu is False
+    assert config(ema_device="cpu").ema_on_cpu is True
+    with pytest.raises(ConfigError, match="ema_device"):
+        config(ema_device="disk")

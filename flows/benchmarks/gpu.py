@@ -156,6 +156,7 @@ def train_config(b: GpuBenchConfig, name: str, vae: str, data: Path, out: Path):
             "warmup_steps": 1,
             "checkpoint_every": 10**6,
             "save_final": False,
+            "ema_device": "device",  # as the plain loop keeps it: both contenders do the same EMA work per step
             "log_model": False,
             "sample_every": 0,
             "device_peak_tflops": b.peak_tflops,

@@ -47,17 +47,17 @@ def model_states(
 ) -> ModelStates:
     """DeepSpeed's accounting of bf16/fp16 mixed-precision Adam: per parameter 2 bytes of 16-bit weights, 2 of 16-bit
     gradients, 4 of fp32 gradients, 4 of fp32 master weights and 8 of Adam moments (18 besides the weights).
-    ZeRO-1/2 partition the 18 across the GPUs (DeepSpeed budgets both alike: its gradient buckets hold whole
-    16-bit gradients); ZeRO-3 partitions the weights too but gathers the largest layer (4 bytes per parameter).
+    ZeRO-2 partitions the 18 across the GPUs, ZeRO-1 all but the 16-bit gradients (DeepSpeed has no estimator of
+    its own for it); ZeRO-3 partitions the weights too but gathers the largest layer (4 bytes per parameter).
     Offloading the optimizer leaves the 16-bit weights (ZeRO-3: their partition) on the GPU; offloading the
     parameters as well leaves only the gathered layer."""
     n = gpus_per_node * nodes
     p, layer = params, 4 * largest_layer
     if stage in (0, 1, 2):
-        shards = 1 if stage == 0 else n
         if offload == "optimizer":
             return ModelStates(2 * p, int(p * max(4 * n, 16) * buffer))
-        return ModelStates(2 * p + int(18 * p / shards), int(p * 4 * gpus_per_node * buffer))
+        sharded = {0: 0, 1: 16 * p, 2: 18 * p}[stage]  # bytes per parameter set split across the GPUs
+        return ModelStates(20 * p - sharded + int(sharded / n), int(p * 4 * gpus_per_node * buffer))
     per_node = 1 / nodes
     if offload == "optimizer+params":
         return ModelStates(layer, int(p * 18 * per_node * buffer))

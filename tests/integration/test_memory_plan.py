@@ -28,8 +28,11 @@ def test_model_states_are_deepspeeds_estimates(gpus_per_node, nodes):
         )
         ours = model_states(params, layer, 3, name, gpus_per_node, nodes)
         assert (ours.gpu, ours.cpu) == (gpu, cpu), name
-    # no ZeRO: every GPU holds all 18 bytes per parameter besides the 16-bit weights
+    # no ZeRO: every GPU holds all 18 bytes per parameter besides the 16-bit weights; ZeRO-1 keeps whole 16-bit
+    # gradients, so it sits between no ZeRO and ZeRO-2
+    n = gpus_per_node * nodes
     assert model_states(params, layer, 0, "none", gpus_per_node, nodes).gpu == 20 * params
+    assert model_states(params, layer, 1, "none", gpus_per_node, nodes).gpu == 4 * params + int(16 * params / n)
 
 
 def test_plan_command_prints_every_choice_and_the_largest_batch_that_fits(tmp_path, capsys, small_model):

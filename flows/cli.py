@@ -4,10 +4,11 @@ t2v demo                       # the main job: re-training flow on embedded defa
 t2v corpus --output runs/corpus
 t2v curate --input runs/corpus/manifest.csv --output runs/curated
 t2v train --config my.yaml
+t2v plan --config clusters/deepspeed/h100x8-zero2.yaml --gpus 8
 t2v import --from tf-t2v tft2v.pth --out runs/imported/tf-t2v
 t2v sample --checkpoint ckpt.pt --prompt "a red circle moving left" --out out.mp4
 t2v style --checkpoint model.pt --style styled.pt --factor 0.6 --out blended.pt
-t2v evaluate ... | t2v flow ... | t2v bench curate|model|train|learn|scale|buckets | t2v test
+t2v evaluate ... | t2v flow ... | t2v bench curate|model|train|learn|scale|buckets|gpu | t2v test
 t2v sweep --data runs/curated --set lr=[1e-3,3e-3]
 t2v compare RUN_ID RUN_ID | --experiment NAME | --parent RUN_ID
 """
@@ -33,7 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "flow": ("flows.retrain", "run or serve the scheduled re-training flow"),
     "sweep": ("flows.sweep", "train one variant per value of swept settings, grouped as MLflow parent/child runs"),
     "compare": ("flows.compare", "compare MLflow runs: differing settings, final and best metrics, plots"),
-    "bench": ("flows.benchmarks", "run a benchmark (curate | model | train | learn | scale | buckets), print figures"),
+    "plan": ("pipelines.training.memory_plan", "per-GPU memory and largest batch per ZeRO stage and offload choice"),
+    "bench": ("flows.benchmarks", "run a benchmark (curate | model | train | learn | scale | buckets | gpu)"),
 }
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,9 +16,12 @@ log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Dense bf16 tensor-core peak per device, FLOP/s (vendor data sheets, SXM parts); CPUs have no entry: no MFU there.
+# Dense bf16 tensor-core peak per device, FLOP/s (vendor data sheets; the first key found in the device name wins, so
+# PCIe/NVL variants come before their SXM family name); CPUs have no entry: no MFU there (device_peak_tflops sets one).
 PEAK_BF16_FLOPS = {
     "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
     "H100": 989e12,
     "A100": 312e12,
     "L40S": 362e12,

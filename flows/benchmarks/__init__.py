@@ -1,4 +1,4 @@
-"""t2v bench <name> [args]   (t2v bench curate | model | train | learn | scale | buckets; t2v bench <name> --help)
+"""t2v bench <name> [args]   (t2v bench curate | model | train | learn | scale | buckets | gpu; t2v bench <name> --help)
 
 Benchmarks: one command that runs a named benchmark module, which prints its figures.
 
@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "learn": ("flows.benchmarks.learn", "what the model learns on the shapes corpus (accuracy vs steps)"),
     "scale": ("flows.benchmarks.scale", "curation driver memory and files written on a 1M-row manifest"),
     "buckets": ("flows.benchmarks.buckets", "crop waste and loader throughput per bucket against one size"),
+    "gpu": ("flows.benchmarks.gpu", "small and modelscope-1.7b on one GPU: clips/s, MFU, memory, vs a plain loop"),
 }
 
 

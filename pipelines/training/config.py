@@ -49,6 +49,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0  # 0 turns clipping off
     ema_decay: float = 0.999  # EMA weights; the effective decay ramps up as (1 + n) / (10 + n)
+    # where the fp32 EMA lives: auto = host memory on GPUs under ZeRO 0-2 (there it would be a whole second copy on
+    # one device), the device under ZeRO-3 (each rank keeps the EMA of its own partition) and on CPU
+    ema_device: Literal["auto", "device", "cpu"] = "auto"
     # conditioning (TF-T2V)
     cfg_dropout: float = 0.1  # per sample: text -> negative-prompt embedding
     negative_prompt: str = ""  # also the unconditional input of sampling
@@ -85,6 +88,13 @@ class TrainConfig:
     zero_stage: int = 2
     offload_optimizer: bool = False  # ZeRO optimizer state and step on the CPU (DeepSpeedCPUAdam)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # speed settings (pipelines/training/speed.py): each stops with the reason where this machine cannot do it
+    activation_checkpointing: bool = (
+        False  # recompute UNet block activations in backward: less memory, ~1/3 more compute
+    )
+    fused_adamw: bool = False  # torch's fused AdamW kernel (one launch per step instead of one per tensor)
+    compile_unet: bool = False  # torch.compile the UNet inside the DeepSpeed engine (first steps compile)
+    attention_backend: Literal["auto", "flash", "efficient", "math", "cudnn"] = "auto"  # auto: torch picks
     device_peak_tflops: float = 0.0  # one device's peak, for MFU; 0: known GPUs' bf16 peak, none on CPU
     deepspeed: dict[str, Any] = field(default_factory=dict)  # merged over the generated DeepSpeed config
     address: str | None = None  # Ray cluster address; None: $RAY_ADDRESS or a local Ray
@@ -110,6 +120,7 @@ class TrainConfig:
     logged_model_name: str = "model"  # its name in the run
     logged_model_weights: Literal["ema", "raw"] = "ema"  # which exported weights it serves
     export_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # exported checkpoints: the fp32 master weights by default
+    save_final: bool = True  # false: no checkpoint and no export at the end (benchmarks: figures only)
     debug_fail_at_step: int = 0  # tests: the last rank exits once at this step (fault-tolerance check)
 
     def __post_init__(self) -> None:
@@ -141,6 +152,7 @@ class TrainConfig:
         )
         check(self.warmup_steps >= 0, "warmup_steps must be >= 0")
         check(0.0 <= self.ema_decay < 1.0, f"ema_decay={self.ema_decay}: must be within [0, 1)")
+        check_choice("ema_device", self.ema_device, ["auto", "device", "cpu"])
         check(self.frame_stride >= 0, "frame_stride must be >= 0 (0 spreads the frames over the whole clip)")
         check(
             self.shuffle_block >= 1 and self.prefetch >= 1 and self.decode_workers >= 1,
@@ -182,8 +194,10 @@ class TrainConfig:
             "sample_every > 0 needs sample_prompts (a list of prompts), or set sample_every=0",
         )
         check_choice("logged_model_weights", self.logged_model_weights, ["ema", "raw"])
+        check(self.save_final or not self.log_model, "save_final=false exports no model to log: set log_model=false")
         check(self.device_peak_tflops >= 0, "device_peak_tflops must be >= 0 (0: known GPUs' bf16 peak)")
         check_choice("image_frame", self.image_frame, ["middle", "first"])
+        check_choice("attention_backend", self.attention_backend, ["auto", "flash", "efficient", "math", "cudnn"])
         check_choice("export_dtype", self.export_dtype, ["fp32", "bf16", "fp16"])
         check_choice("condition_sampling", self.condition_sampling, ["per_batch", "per_sample"])
         check_choice("dropped_text", self.dropped_text, ["negative_prompt", "zeros"])
@@ -196,3 +210,9 @@ class TrainConfig:
     @property
     def bf16(self) -> bool:
         return self.use_gpu and self.precision in ("auto", "bf16")
+
+    @property
+    def ema_on_cpu(self) -> bool:
+        if self.ema_device == "auto":
+            return self.use_gpu and self.zero_stage < 3
+        return self.ema_device == "cpu"

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from pipelines import loader, logs, run_facts, schema, settings
 from pipelines.tracking_buffer import BufferedTracker
-from pipelines.training import export
+from pipelines.training import efficiency, export, sharded, speed
 from pipelines.training.config import EXPORT_DIR, RAY_DIR, RAY_RUN_NAME, TrainConfig
 from pipelines.training.periodic_eval import PeriodicEvaluator
 
@@ -175,6 +175,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, branches: int) -> dict:
                 "weight_decay": cfg.weight_decay,
                 # torch's AdamW needs no compiled op; offload needs DeepSpeedCPUAdam (JIT-compiled once).
                 "torch_adam": not cfg.offload_optimizer,
+                **({"fused": True} if cfg.fused_adamw else {}),
             },
         },
         "zero_optimization": zero,
@@ -285,12 +286,13 @@ class Ema:
     for a moment (to gather or sample them) and restores the trained weights afterwards.
     """
 
-    def __init__(self, engine, decay: float, rank: int):
+    def __init__(self, engine, decay: float, rank: int, on_cpu: bool = False):
         self.engine, self.decay = engine, decay
         self.partitioned = bool(engine.zero_optimization_partition_weights())
         self.holder = self.partitioned or rank == 0
         self.updates = 0
-        self.tensors = [t.detach().float().clone() for t in self._live()] if self.holder else None
+        where = "cpu" if on_cpu else None  # cpu: the device keeps no fp32 copy (ema_device)
+        self.tensors = [t.detach().to(where, torch.float32, copy=True) for t in self._live()] if self.holder else None
 
     def _live(self) -> list[Tensor]:
         params = list(self.engine.module.parameters())
@@ -303,7 +305,7 @@ class Ema:
             return
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))  # short runs: early weights fade fast
         for e, t in zip(self.tensors, self._live()):
-            e.lerp_(t.float(), 1 - decay)
+            e.lerp_(t.to(e.device, torch.float32), 1 - decay)
 
     @contextmanager
     def swapped_in(self) -> Iterator[None]:
@@ -336,7 +338,7 @@ class Ema:
     def load(self, state: dict) -> None:
         self.updates = int(state["updates"])
         if self.holder and state["tensors"] is not None:
-            self.tensors = [t.float() for t in state["tensors"]]
+            self.tensors = [t.to(e.device, torch.float32) for t, e in zip(state["tensors"], self.tensors)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -660,17 +662,33 @@ def load_checkpoint(engine, ema: Ema, checkpoint, rank: int, world_size: int, cf
 
 class Exporter:
     """Rank 0's separate copy of the model (sharing the frozen encoders) that gathered weights are loaded into
-    for sample videos, snapshots and the final export; the engine's weights are never touched."""
+    for sample videos, snapshots and the final export; the engine's weights are never touched.
+
+    The copy exists only while it is used: on the device for sampling and evaluation (``model``, dropped by
+    ``release``), in host memory for snapshots and the export, so the device never keeps a second UNet."""
 
     def __init__(self, model, engine, ema: Ema, rank: int, cfg: TrainConfig, out: Path, tracker):
         self.engine, self.ema, self.rank, self.cfg, self.out, self.tracker = engine, ema, rank, cfg, out, tracker
-        self.model = None
-        if rank == 0:
-            from model.stunet import build_video_unet
-            from model.text_to_video import TextToVideo
+        self.base, self._model = model, None
 
-            unet = build_video_unet(model.config).to(model.device)
-            self.model = TextToVideo(model.config, unet, model.text_encoder, model.image_encoder, model.first_stage)
+    def _copy(self, device: torch.device):
+        from model.stunet import build_video_unet
+        from model.text_to_video import TextToVideo
+
+        unet = build_video_unet(self.base.config, "meta").to_empty(device=device)  # no init: weights are loaded
+        b = self.base
+        return TextToVideo(b.config, unet, b.text_encoder, b.image_encoder, b.first_stage)
+
+    @property
+    def model(self):
+        if self._model is None and self.rank == 0:
+            self._model = self._copy(self.base.device)
+        return self._model
+
+    def release(self) -> None:
+        self._model = None
+        if self.base.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def gather(self, ema: bool) -> dict[str, Tensor] | None:
         """Full weights on rank 0 (collective under ZeRO: every rank calls this): the fp32 master weights, or the
@@ -704,18 +722,27 @@ class Exporter:
                 media.write_gif(video, Path(d) / f"{stem}.gif", self.cfg.sample_fps)
             self.tracker.log_artifact(d, f"samples/step_{step:06d}")
         self.tracker.log_metrics({"sample_time_s": time.perf_counter() - t0}, step)
+        self.release()
 
     def snapshot(self, step: int) -> None:
         state = self.gather(ema=True)
         if self.rank == 0:
-            self.model.unet.load_state_dict(state)
-            self.model.save(self.out / EXPORT_DIR / "snapshots" / f"model_ema_{step:08d}.pt", step=step, ema=True)
+            host = self._copy(torch.device("cpu"))
+            host.unet.load_state_dict(state)
+            host.save(self.out / EXPORT_DIR / "snapshots" / f"model_ema_{step:08d}.pt", step=step, ema=True)
 
     def final(self, step: int, metrics: dict) -> None:
+        if not self.cfg.save_final:  # what the driver reads, without weights (tens of GiB for the large sizes)
+            if self.rank == 0:
+                (self.out / EXPORT_DIR).mkdir(parents=True, exist_ok=True)
+                (self.out / EXPORT_DIR / "export.json").write_text(json.dumps({"step": step, "checkpoint": None}))
+                (self.out / EXPORT_DIR / "final_metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+            return
         raw = self.gather(ema=False)
         ema = self.gather(ema=True)
         if self.rank == 0:
-            files = export.write_models(self.model, raw, ema, self.out / EXPORT_DIR, step, dtype=self.cfg.export_dtype)
+            host = self._copy(torch.device("cpu"))
+            files = export.write_models(host, raw, ema, self.out / EXPORT_DIR, step, dtype=self.cfg.export_dtype)
             (self.out / EXPORT_DIR / "final_metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
             log.info("exported %s", files)
 
@@ -799,16 +826,25 @@ def train_loop_per_worker(config: dict) -> None:
     clock = TimeBudget(cfg.time_limit_minutes)
 
     # -- model and DeepSpeed -------------------------------------------------------------------------------------
-    model = build_model(cfg, device)
-    model.unet.train()
     branches = int(cfg.image_batch_size > 0) + int(cfg.video_batch_size > 0)
+    speed_on = speed.check(cfg, device)
+    if cfg.zero_stage == 3:  # partitioned from construction on: no rank holds the whole UNet
+        ds_config = deepspeed_config(cfg, world_size, branches)
+        model = sharded.build_model(
+            cfg, device, ds_config, resolve_model_config(cfg), _is_t2v_checkpoint(cfg.init_from)
+        )
+    else:
+        model = build_model(cfg, device)
+    model.unet.train()
+    speed.prepare_unet(model.unet, cfg)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model.unet,
         model_parameters=param_groups(model.unet, cfg),
         config=deepspeed_config(cfg, world_size, branches),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, clock.used)),
     )
-    ema = Ema(engine, cfg.ema_decay, rank)
+    speed.compile_engine(engine, cfg)
+    ema = Ema(engine, cfg.ema_decay, rank, on_cpu=cfg.ema_on_cpu)
     optimizer_step = OptimizerStep(engine, cfg)
 
     # -- resume --------------------------------------------------------------------------------------------------
@@ -850,11 +886,21 @@ def train_loop_per_worker(config: dict) -> None:
     exporter = Exporter(model, engine, ema, rank, cfg, out, tracker)
     evaluator = PeriodicEvaluator(cfg.periodic_eval, rank, world_size, tracker)
     throughput = run_facts.Throughput()
+    eff = None
+    if rank == 0:
+        # counted on the meta-device UNet at this run's shapes; Throughput's own first-step count would add encoders
+        flops = efficiency.step_flops(model.config, cfg.image_batch_size, cfg.video_batch_size)
+        throughput.flops_per_step = flops.step
+        eff = efficiency.Efficiency(
+            flops, world_size, run_facts.peak_flops(device, cfg.bf16, cfg.device_peak_tflops), device
+        )
+        log.info("%s", eff.describe())
     print_every = cfg.print_every or max(1, cfg.steps // 20)
     log.info(
-        "%d worker(s), ZeRO-%d, start-up %.1fs; steps %d..%d",
+        "%d worker(s), ZeRO-%d%s, start-up %.1fs; steps %d..%d",
         world_size,
         cfg.zero_stage,
+        "".join(f", {s}" for s in speed_on),
         time.perf_counter() - t_start,
         step + 1,
         cfg.steps,
@@ -874,7 +920,7 @@ def train_loop_per_worker(config: dict) -> None:
             batch = next(data)
             t_data = time.perf_counter() - t0
             # engine.step() is a no-op until the last branch (the gradient accumulation boundary)
-            with throughput.counting(rank == 0 and step == first_step + 1):
+            with throughput.counting(rank == 0 and step == first_step + 1), speed.attention(cfg):
                 losses = joint_step(engine, model, cond, batch, cfg, step, rank, engine.backward, optimizer_step)
             ema.update()
             position = batch.position
@@ -912,12 +958,14 @@ def train_loop_per_worker(config: dict) -> None:
                 for k in ("loss_video", "diffusion_loss_video", "coherence_loss"):
                     metrics.pop(k)
             throughput.record(step_time, metrics["samples_per_s"])
+            if eff is not None:
+                metrics.update(eff.figures(step_time, wait))
             if step % cfg.log_every == 0 or step == cfg.steps:
                 tracker.log_metrics({**metrics, **data.health.metrics()}, step)
             if step % print_every == 0 or step == 1 or step == cfg.steps:
                 log.info(
                     "step %d/%d loss %.4f (image %.4f video %.4f coherence %.4f) lr %.2e %.1f samples/s "
-                    "data wait %.0f%%, %s left",
+                    "data wait %.0f%% %s, %s left",
                     step,
                     cfg.steps,
                     metrics["loss"],
@@ -927,6 +975,7 @@ def train_loop_per_worker(config: dict) -> None:
                     metrics["lr"],
                     metrics["samples_per_s"],
                     100 * wait / step_time,
+                    efficiency.Efficiency.progress(metrics) if eff is not None else "",
                     _time_left(clock, step - first_step, cfg.steps - step),
                 )
             if cfg.sample_every and step % cfg.sample_every == 0:
@@ -937,7 +986,8 @@ def train_loop_per_worker(config: dict) -> None:
             last = step == cfg.steps or stop > 0
             if evaluator.due(step, last):
                 clock.t0 += evaluator.run(exporter, step)  # evaluations do not use up the time limit
-            if step % cfg.checkpoint_every == 0 or last:
+                exporter.release()
+            if step % cfg.checkpoint_every == 0 or (last and cfg.save_final):
                 save_checkpoint(engine, ema, step, position, rank, world_size, cfg, model, metrics)
             if stop > 0:
                 log.info("time limit of %s min reached at step %d", cfg.time_limit_minutes, step)

@@ -30,6 +30,10 @@ BRANCH_METRICS = {
     "samples_per_s",
     "step_time_s",
     "data_wait_s",
+    "eff/clips_per_s",
+    "eff/tflops_per_device",
+    "eff/data_wait_fraction",
+    "eff/peak_memory_gib",
 }
 
 pytestmark = pytest.mark.slow
@@ -150,6 +154,15 @@ def test_zero2_run_resume_and_mlflow_contents(ray_session, shards, train_config,
     assert BRANCH_METRICS <= set(run.data.metrics)
     assert [s for s, _ in history(client, run.info.run_id, "loss_video")] == [1, 2, 3, 4]
     assert all(v > 0 for _, v in history(client, run.info.run_id, "grad_norm"))
+    # achieved TFLOP/s x step time is the counted FLOPs of one step, the same every step; no known peak on a CPU
+    work = [
+        a * b
+        for (_, a), (_, b) in zip(
+            *(history(client, run.info.run_id, k) for k in ("eff/tflops_per_device", "step_time_s"))
+        )
+    ]
+    assert len(work) == 4 and max(work) == pytest.approx(min(work), rel=1e-6) and work[0] > 0
+    assert "eff/mfu" not in run.data.metrics
     assert any(k.startswith("system/cpu") for k in run.data.metrics)
     samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples/step_000004")]
     assert any(p.endswith(".mp4") for p in samples) and any(p.endswith(".gif") for p in samples)

@@ -1,4 +1,4 @@
-"""t2v bench <name> [args]   (t2v bench curate | model | train | learn | scale | buckets | gpu; t2v bench <name> --help)
+"""t2v bench <name> [args]   (t2v bench <name> --help for its options)
 
 Benchmarks: one command that runs a named benchmark module, which prints its figures.
 
@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "curate": ("flows.benchmarks.curate", "curation decode path against bare ffmpeg on the same inputs"),
     "train": ("flows.benchmarks.train", "training throughput with Ray Train + DeepSpeed"),
     "learn": ("flows.benchmarks.learn", "what the model learns on the shapes corpus (accuracy vs steps)"),
+    "conditions": ("flows.benchmarks.conditions", "whether motion and edge-map conditions steer generation"),
     "scale": ("flows.benchmarks.scale", "curation driver memory and files written on a 1M-row manifest"),
     "buckets": ("flows.benchmarks.buckets", "crop waste and loader throughput per bucket against one size"),
     "gpu": ("flows.benchmarks.gpu", "small and modelscope-1.7b on one GPU: clips/s, MFU, memory, vs a plain loop"),

@@ -396,3 +396,21 @@ def test_conditions_need_a_model_that_takes_them(tiny_checkpoint, tmp_path, caps
     with pytest.raises(SystemExit):
         sample.main([*args, "--condition", "sketch"])
     assert "use KIND=PATH" in capsys.readouterr().err
+
+
+def test_the_conditions_benchmark_scores_three_ways_of_generating(tmp_path):
+    from flows.benchmarks import conditions as bench
+    from model.text_to_video import TextToVideo
+
+    refs = bench.references(4, 4.0)
+    assert all("moving" not in r["prompt"] for r in refs) and all(r["direction"] for r in refs)  # no direction word
+    assert refs[0]["motion"].shape == (bench.FRAMES, 2, bench.SIDE, bench.SIDE)
+    torch.manual_seed(0)
+    cfg = bench.ConditionsBenchConfig(samples=2, steps=1)
+    overrides = {"unet.model_channels": 8, "unet.num_groups": 4, "num_frames": bench.FRAMES}
+    mc = get_config("tiny", {**settings.to_dict(cfg.train)["model_overrides"], **overrides})
+    path = TextToVideo.build(mc).save(tmp_path / "model.pt")
+    rows = bench.evaluate(str(path), cfg)
+    assert list(rows) == ["text only", "text + motion", "text + edge map"]
+    assert all(0 <= r["direction_accuracy"] <= 1 and 0 <= r["sketch_iou"] <= 1 for r in rows.values())
+    assert "edge-map IoU" in bench.render(rows, cfg, steps=10)

@@ -29,12 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.conditions import ConditionEncoder
 from model.unet import (
     TEMPORAL_MODULES,
     Block,
     Downsample,
-    FrameEmbedding,
     ResBlock,
     SpatialTransformer,
     TemporalTransformer,
@@ -174,22 +172,7 @@ class STUNet(UNet3D):
         C, emb_dim, drop, groups = cfg.model_channels, cfg.model_channels * 4, cfg.dropout, cfg.num_groups
         last = cfg.num_levels - 1
 
-        self.time_embed = nn.Sequential(nn.Linear(C, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.condition_encoder = ConditionEncoder(cfg.conditions) if cfg.conditions.kinds else None
-        if cfg.image_embed_dim:
-            self.pre_image_condition = nn.Sequential(
-                nn.Linear(cfg.image_embed_dim, cfg.context_dim),
-                nn.SiLU(),
-                nn.Linear(cfg.context_dim, cfg.context_dim * cfg.num_image_tokens),
-            )
-        if cfg.pooled_text_embedding:
-            self.text_embed = nn.Sequential(
-                nn.Linear(cfg.context_dim, emb_dim), nn.SiLU(), _zero_(nn.Linear(emb_dim, emb_dim))
-            )
-        if cfg.frame_embedding:
-            self.frame_embed = FrameEmbedding(C, emb_dim, cfg.context_dim if cfg.pooled_text_embedding else 0)
-        if cfg.use_fps_condition:  # as UNet3D's: zero last layer, so an added fps condition starts as a no-op
-            self.fps_embedding = nn.Sequential(nn.Linear(C, emb_dim), nn.SiLU(), _zero_(nn.Linear(emb_dim, emb_dim)))
+        self._add_embeddings(cfg, C, emb_dim)
 
         def layers_at(level: int, in_ch: int, width: int) -> list[nn.Module]:
             res = ResBlock(in_ch, width, emb_dim, drop, groups)

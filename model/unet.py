@@ -447,22 +447,7 @@ class UNet3D(nn.Module):
                 TemporalTransformer(width, width // cfg.temporal_head_dim, cfg.temporal_head_dim, drop, groups),
             ]
 
-        self.time_embed = nn.Sequential(nn.Linear(C, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.condition_encoder = ConditionEncoder(cfg.conditions) if cfg.conditions.kinds else None
-        if cfg.image_embed_dim:
-            self.pre_image_condition = nn.Sequential(
-                nn.Linear(cfg.image_embed_dim, cfg.context_dim),
-                nn.SiLU(),
-                nn.Linear(cfg.context_dim, cfg.context_dim * cfg.num_image_tokens),
-            )
-        if cfg.pooled_text_embedding:
-            self.text_embed = nn.Sequential(
-                nn.Linear(cfg.context_dim, emb_dim), nn.SiLU(), _zero_(nn.Linear(emb_dim, emb_dim))
-            )
-        if cfg.frame_embedding:
-            self.frame_embed = FrameEmbedding(C, emb_dim, cfg.context_dim if cfg.pooled_text_embedding else 0)
-        if cfg.use_fps_condition:  # zero last layer: an added fps condition starts as a no-op on loaded weights
-            self.fps_embedding = nn.Sequential(nn.Linear(C, emb_dim), nn.SiLU(), _zero_(nn.Linear(emb_dim, emb_dim)))
+        self._add_embeddings(cfg, C, emb_dim)
 
         # Encoder. skip_channels records every activation the decoder will concatenate, in order.
         coords = 2 if cfg.coordinate_channels else 0
@@ -529,6 +514,26 @@ class UNet3D(nn.Module):
         temporal = sum(p.numel() for p in self.temporal_parameters())
         total = sum(p.numel() for p in self.parameters())
         return {"total": total, "temporal": temporal, "spatial": total - temporal}
+
+    def _add_embeddings(self, cfg: UNetConfig, C: int, emb_dim: int) -> None:
+        """The timestep embedding and the optional condition paths into it and into the context (shared with the
+        STUNet, whose names and init must match for released and image weights to load)."""
+        self.time_embed = nn.Sequential(nn.Linear(C, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.condition_encoder = ConditionEncoder(cfg.conditions) if cfg.conditions.kinds else None
+        if cfg.image_embed_dim:
+            self.pre_image_condition = nn.Sequential(
+                nn.Linear(cfg.image_embed_dim, cfg.context_dim),
+                nn.SiLU(),
+                nn.Linear(cfg.context_dim, cfg.context_dim * cfg.num_image_tokens),
+            )
+        if cfg.pooled_text_embedding:
+            self.text_embed = nn.Sequential(
+                nn.Linear(cfg.context_dim, emb_dim), nn.SiLU(), _zero_(nn.Linear(emb_dim, emb_dim))
+            )
+        if cfg.frame_embedding:
+            self.frame_embed = FrameEmbedding(C, emb_dim, cfg.context_dim if cfg.pooled_text_embedding else 0)
+        if cfg.use_fps_condition:  # zero last layer: an added fps condition starts as a no-op on loaded weights
+            self.fps_embedding = nn.Sequential(nn.Linear(C, emb_dim), nn.SiLU(), _zero_(nn.Linear(emb_dim, emb_dim)))
 
     # -- forward --------------------------------------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ def unet_sample_flops(model_config, frames: int, image_condition: bool = True) -
     latent size, counted on the meta device. ``image_condition`` adds the CLIP image tokens (the larger case)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from model.conditions import CHANNELS
     from model.stunet import build_video_unet
 
     u = model_config.unet
@@ -51,9 +52,15 @@ def unet_sample_flops(model_config, frames: int, image_condition: bool = True) -
         context = torch.empty(1, u.num_text_tokens, u.context_dim)
         image = torch.empty(1, u.image_embed_dim) if (u.image_embed_dim and image_condition) else None
         t = torch.zeros(1, dtype=torch.long)
+        extra = {}
+        if u.use_fps_condition:
+            extra["fps"] = torch.ones(1)
+        if u.conditions.kinds:  # training always runs the condition encoder (model/conditions.py)
+            size = (frames, model_config.height, model_config.width)
+            extra["conditions"] = {k: torch.empty(1, CHANNELS[k], *size) for k in u.conditions.kinds}
     counter = FlopCounterMode(display=False)
     with counter:
-        out = net(x, t, context=context, image_embedding=image)  # [1, c, f, h, w]
+        out = net(x, t, context=context, image_embedding=image, **extra)  # [1, c, f, h, w]
         out.float().square().mean().backward()
     return float(counter.get_total_flops())
 

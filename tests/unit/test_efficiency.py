@@ -38,3 +38,15 @@ def test_peak_by_device_name_and_configured_override(monkeypatch):
     monkeypatch.setattr(run_facts, "device_kind", lambda device: "NVIDIA B200")
     assert run_facts.peak_flops(gpu, bf16=True) is None
     assert run_facts.peak_flops(gpu, bf16=True, configured_tflops=2250) == 2250e12
+
+
+def test_flops_count_the_fps_and_condition_paths_the_run_uses():
+    from model.registry import get_config
+    from pipelines.training.efficiency import unet_sample_flops
+
+    base = {"unet.model_channels": 8, "unet.num_groups": 4, "num_frames": 4, "height": 16, "width": 16}
+    plain = unet_sample_flops(get_config("tiny", base), 4)
+    fps = unet_sample_flops(get_config("tiny", {**base, "unet.use_fps_condition": True}), 4)
+    cond = {"unet.extra_in_channels": 8, "unet.conditions": {"kinds": ["motion", "sketch"], "hidden": 16}}
+    conditioned = unet_sample_flops(get_config("tiny", {**base, **cond}), 4)
+    assert plain < fps < conditioned  # the fps MLP, then the condition encoder, add their work

@@ -4,10 +4,12 @@ Layout and sample format are ``pipelines/schema.py``'s. Shard names carry the ru
 (``<kind>-<run>-000000.tar``) so a later run never writes into, or over, an earlier run's shards.
 
 The sink runs in the driver, fed by ``Dataset.iter_batches``. Its unit of durability is a *commit*:
-``commit()`` closes every open tar, writes each one's parquet index, and returns their names; the caller then
-records the inputs in the ledger. A shard is finished only once its index exists (``schema.shard_urls``), and a
-commit only covers inputs whose every sample is already in a tar, so a run killed between commits leaves tars
-that no ledger row names: the next run deletes them (``ledger.remove_uncommitted``) and redoes those inputs.
+``commit(kinds)`` closes the open tars of those kinds (all by default), writes each one's parquet index, and
+returns their names; the caller then records in the ledger the inputs whose every tar is indexed
+(``unindexed()`` names the others). A shard is finished only once its index exists (``schema.shard_urls``), so a
+run killed between commits leaves tars that no ledger row names: the next run deletes them
+(``ledger.remove_uncommitted``) and redoes those inputs. With ``roll=False`` a full tar (``full()``) stays open
+until the caller commits it, so the caller decides where a tar ends (the curation driver: between two inputs).
 """
 
 from __future__ import annotations

@@ -132,7 +132,7 @@ class CaptionConfig:
 class ShardConfig:
     maxcount: int = 1000  # samples per tar
     maxsize: int = 1_000_000_000  # bytes per tar
-    commit_every: int = 500  # inputs per commit (shards indexed + ledger appended)
+    commit_every: int = 500  # inputs per ledger part (an accepted input waits until its tar closes)
 
     def __post_init__(self) -> None:
         check(self.maxcount >= 1 and self.maxsize >= 1, "shards.maxcount and shards.maxsize must be >= 1")

@@ -24,7 +24,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from pipelines import logs, settings
+from pipelines import local_ray, logs, settings
 from pipelines.settings import ConfigError
 from pipelines.training.config import TrainConfig
 
@@ -136,7 +136,10 @@ def run_children(parent, children: list[tuple[str, TrainConfig]], metrics: list[
 
     started = not ray.is_initialized()
     if started:  # one local Ray for all variants (starting it is the slowest part of a short run)
-        ray.init(dashboard_host="127.0.0.1")
+        if local_ray.is_local(None):
+            local_ray.start()  # every port on 127.0.0.1
+        else:
+            ray.init()
     results, failed = [], []
     try:
         for name, cfg in children:

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines import logs, settings
+from pipelines import local_ray, logs, settings
 from pipelines.settings import check
 
 
@@ -220,7 +220,7 @@ def run(cfg: CurateBenchConfig) -> dict:
         if ray.is_initialized():
             ray.shutdown()
         t = time.perf_counter()
-        ray.init(
+        local_ray.start(
             num_cpus=cpus,
             include_dashboard=False,
             log_to_driver=False,

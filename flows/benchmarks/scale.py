@@ -29,13 +29,24 @@ class PeakRss:
         import psutil
 
         self.proc, self.interval, self.peak = psutil.Process(), interval, 0
+        self.samples: list[int] = []  # one a second: does memory grow as the run goes on?
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        n = 0
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
+            rss = self.proc.memory_info().rss
+            self.peak = max(self.peak, rss)
+            if n % max(1, round(1 / self.interval)) == 0:
+                self.samples.append(rss)
+            n += 1
             self._stop.wait(self.interval)
+
+    def quartiles(self) -> list[int]:
+        """Resident memory at a quarter, half, three quarters and the end of the measured time."""
+        s = self.samples or [self.peak]
+        return [s[min(len(s) - 1, len(s) * q // 4)] for q in (1, 2, 3, 4)]
 
     def __enter__(self) -> PeakRss:
         self.peak = self.proc.memory_info().rss
@@ -80,6 +91,7 @@ def measure(rows: int, tiny_every: int, root: Path, overrides: list[str]) -> dic
         "processed": summary["processed"],
         "rejected": summary["rejected"],
         "peak_rss_bytes": rss.peak,
+        "rss_quartiles": rss.quartiles(),
         "files": files,
         "files_per_10k": files * 10_000 / max(1, rows),
         "wall_s": time.time() - started,
@@ -93,6 +105,7 @@ def format_result(r: dict) -> str:
             f"curate driver at scale: {r['rows']:,} manifest rows ({r['processed']:,} processed, "
             f"{r['rejected']:,} rejected) in {r['wall_s']:.0f} s",
             f"  peak driver memory  {r['peak_rss_bytes'] / 2**20:,.0f} MiB ({ok} the 2 GiB target)",
+            "  memory at 1/4 .. end " + " / ".join(f"{b / 2**20:,.0f}" for b in r["rss_quartiles"]) + " MiB",
             f"  files written       {r['files']:,} ({r['files_per_10k']:.1f} per 10k inputs)",
         ]
     )

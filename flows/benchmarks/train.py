@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines import logs, settings
+from pipelines import local_ray, logs, settings
 
 
 @dataclass
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{b.threads} CPUs",
                 flush=True,
             )
-            ray.init(num_cpus=max(b.threads, 1), include_dashboard=False)
+            local_ray.start(num_cpus=max(b.threads, 1), include_dashboard=False)
             try:
                 times, waits, wall = ray_deepspeed(train_config(b, data, work / f"run{r}", total))
             finally:

@@ -186,7 +186,7 @@ class CaptionConfig:
 class ShardConfig:
     maxcount: int = 1000  # samples per tar
     maxsize: int = 1_000_000_000  # bytes per tar
-    commit_every: int = 500  # inputs per commit (shards indexed + ledger appended)
+    commit_every: int = 500  # inputs per ledger part (an accepted input waits until its tar closes)
 
     def __post_init__(self) -> None:
         check(self.maxcount >= 1 and self.maxsize >= 1, "shards.maxcount and shards.maxsize must be >= 1")
@@ -259,6 +259,7 @@ class CurateConfig:
     task_retries: int = 2  # a task whose worker died is run again this often, then its inputs are run alone
     transient_retries: int = 2  # an input that met a transient fault (full disk, I/O, network) is tried again
     input_limit_s: float | None = None  # hard limit per input, worker ended past it (None: 2 x clips.timeout_s + 60)
+    window_inputs: int = 20_000  # inputs per Ray Data run: the driver's memory is sized by this, not the corpus
 
     def __post_init__(self) -> None:
         check(self.num_cpus is None or self.num_cpus >= 1, "num_cpus must be >= 1 (or null for all)")
@@ -270,6 +271,7 @@ class CurateConfig:
         )
         check(self.inputs_per_task is None or self.inputs_per_task >= 1, "inputs_per_task must be >= 1 (or null)")
         check(0 < self.task_cpus <= 64, "task_cpus must be in (0, 64]")
+        check(self.window_inputs >= 1, f"window_inputs={self.window_inputs}: must be >= 1")
 
     @property
     def hard_limit_s(self) -> float:

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
-from pipelines import durable, logs, schema, settings
+from pipelines import durable, local_ray, logs, schema, settings
 from pipelines.curation import inputs as inputs_mod
 from pipelines.curation.config import CONFIG_FILE, SHAPING, CurateConfig
 from pipelines.curation.ledger import (
@@ -49,7 +49,7 @@ from pipelines.settings import ConfigError
 log = logging.getLogger("t2v.curate")
 
 # Ray and Ray Data keep 80-110 KB of bookkeeping per block in the driver (t2v bench scale): at most 4,000 blocks
-# bound that part near 400 MB (a million inputs: 250 per task).
+# bound that part near 400 MB (the default window of 20k inputs has at most 1,250 blocks: 16 inputs per task).
 MAX_BLOCKS = 4_000
 LEASE_FILE = ".curate.lease"  # one run per output at a time, from any host (pipelines/lease.py)
 # Test hook: raise SimulatedCrash after this many inputs were written but before their commit (what a kill
@@ -84,7 +84,7 @@ def run(cfg: CurateConfig, input: str, output: str | os.PathLike, address: str |
         # inputs stay Arrow tables in the driver (a row dict holds ~2 KB: a million of them would not fit)
         chunks = inputs_mod.resolve_tables(input, cfg.inputs)
         listed = sum(t.num_rows for t in chunks)
-        todo_chunks = [t.filter(pa.array(_not_done(t, ledger.done), pa.bool_())) for t in chunks]
+        todo_chunks = ledger.not_done(chunks)
         del chunks
         todo = sum(t.num_rows for t in todo_chunks)
         run_id = time.strftime("r%Y%m%dT%H%M%S", time.gmtime()) + uuid.uuid4().hex[:6]
@@ -123,10 +123,6 @@ def run(cfg: CurateConfig, input: str, output: str | os.PathLike, address: str |
     return summary
 
 
-# One machine is never preempted; Ray Train's preemption watcher would only log an error at start-up.
-NO_PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
-
-
 def local_ray_system_config(num_cpus: int | None, task_cpus: float) -> dict[str, Any]:
     """Ray settings for a local Ray: keep a worker process per decode-task slot. By default Ray keeps only as many
     idle workers as CPUs, so with task_cpus 0.5 a short pause would stop half the workers and the next tasks
@@ -139,10 +135,8 @@ def init_ray(address: str | None, num_cpus: int | None, task_cpus: float) -> flo
     """Connect to Ray unless already connected; returns the seconds it took. ``address`` (or RAY_ADDRESS) joins
     a cluster; otherwise a local Ray starts (``local_ray_system_config``)."""
     t = time.time()
-    if not address and not os.environ.get("RAY_ADDRESS") and "ray" not in sys.modules:
-        # Ray's default, said explicitly (no notice about it); before the import, which reads it: set after, the
-        # local Ray's servers would ask for a token this driver does not send
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if local_ray.is_local(address):
+        local_ray.prepare()
     import ray  # (importing Ray is part of its start-up cost: several seconds)
 
     if ray.is_initialized():
@@ -158,10 +152,8 @@ def init_ray(address: str | None, num_cpus: int | None, task_cpus: float) -> flo
     else:
         # With the dashboard (on 127.0.0.1 only), which serves the State API: Ray Train's placement-group cleaner
         # polls it every second and, without it, logs a warning each time for the whole of a training run.
-        os.environ.setdefault(NO_PREEMPTION_WATCHER, "0")
-        ray.init(
+        local_ray.start(
             num_cpus=num_cpus,
-            dashboard_host="127.0.0.1",
             logging_level=logging.WARNING,
             _system_config=local_ray_system_config(num_cpus, task_cpus),
         )
@@ -174,38 +166,46 @@ def _gpus_available() -> bool:
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 
-def _not_done(table: pa.Table, done: set[tuple[str, int]]) -> list[bool]:
+def _not_finished(table: pa.Table, done: set[tuple[str, int]]) -> list[bool]:
     return [
         (s, o) not in done for s, o in zip(table.column("source").to_pylist(), table.column("occurrence").to_pylist())
     ]
 
 
 def _run_pipeline(live: pa.Table, cfg: CurateConfig, driver: _Driver) -> None:
-    """Every live input through the pipeline into the driver. Inputs whose tasks' workers died past
-    ``task_retries`` are run alone (``isolate.run_alone``): poison inputs end rejected, the others as usual."""
+    """Every live input through the pipeline into the driver, ``cfg.window_inputs`` at a time: one Ray Data run
+    per window, so Ray's bookkeeping and the driver's set of finished inputs are sized by the window, not the
+    corpus. Inputs whose tasks' workers died past ``task_retries`` are run alone (``isolate.run_alone``): poison
+    inputs end rejected, the others as usual."""
     import ray
-
-    from pipelines.curation import isolate
 
     ctx = ray.data.DataContext.get_current()
     errored_before = ctx.max_errored_blocks
     # a block whose task failed past its retries is dropped, not the run: its inputs are found missing below
     ctx.max_errored_blocks = -1
     try:
-        for batch in build_dataset(live, cfg).iter_batches(batch_size=None, batch_format="pyarrow"):
-            driver.receive(batch.to_pylist())
-        missing = driver.missing(live)
-        if missing:
-            tables = isolate.run_alone(missing, cpu_stages(cfg), cfg, driver.receive)
-            if tables:
-                for batch in _tail(ray.data.from_arrow(tables), cfg).iter_batches(
-                    batch_size=None, batch_format="pyarrow"
-                ):
-                    driver.receive(batch.to_pylist())
-            for row in driver.missing(missing):  # lost after the CPU stages: a model stage's worker died
-                driver.receive([isolate._rejected(row, isolate.WORKER_CRASH, "a model stage's worker died on it")])
+        for start in range(0, live.num_rows, cfg.window_inputs):
+            _run_window(live.slice(start, cfg.window_inputs), cfg, driver)
     finally:
         ctx.max_errored_blocks = errored_before
+
+
+def _run_window(live: pa.Table, cfg: CurateConfig, driver: _Driver) -> None:
+    import ray
+
+    from pipelines.curation import isolate
+
+    for batch in build_dataset(live, cfg).iter_batches(batch_size=None, batch_format="pyarrow"):
+        driver.receive(batch.to_pylist())
+    missing = driver.missing(live)
+    if missing:
+        tables = isolate.run_alone(missing, cpu_stages(cfg), cfg, driver.receive)
+        if tables:
+            for batch in _tail(ray.data.from_arrow(tables), cfg).iter_batches(batch_size=None, batch_format="pyarrow"):
+                driver.receive(batch.to_pylist())
+        for row in driver.missing(missing):  # lost after the CPU stages: a model stage's worker died
+            driver.receive([isolate._rejected(row, isolate.WORKER_CRASH, "a model stage's worker died on it")])
+    driver.finished.clear()  # every input of the window came back or was rejected: done with it
 
 
 def cpu_stages(cfg: CurateConfig) -> list:
@@ -328,16 +328,21 @@ def _check_cpu_budget(cfg: CurateConfig, clip_on_cpu_pool: bool, clip_gpu: bool,
 
 
 class _Driver:
-    """Collects finished rows in the driver: groups them by input, writes complete inputs' samples into the
-    shards, and commits (shard indexes + a ledger part) every ``shards.commit_every`` inputs and at the end."""
+    """Collects finished rows in the driver: groups them by input and writes complete inputs' samples into the
+    shards. A tar is closed and indexed when it holds ``shards.maxcount`` samples or ``shards.maxsize`` bytes,
+    checked between inputs, so an input's samples of one kind are in one tar. Ledger parts are written every
+    ``shards.commit_every`` inputs, when a tar closes, and at the end; a part holds only inputs whose every tar is
+    indexed (rejected inputs have none), so an accepted input's ledger row never names a tar a crash can lose.
+    Inputs still waiting for their tar are at most the samples of one open tar per kind."""
 
     def __init__(self, out: Path, run_id: str, ledger: Ledger, cfg: CurateConfig, total: int):
         from pipelines.curation.stages.write import ShardSink
 
         self.out, self.run_id, self.ledger, self.cfg, self.total = out, run_id, ledger, cfg, total
-        self.sink = ShardSink(out, run_id, cfg.shards.maxcount, cfg.shards.maxsize)
+        self.sink = ShardSink(out, run_id, cfg.shards.maxcount, cfg.shards.maxsize, roll=False)
         self.partial: dict[tuple[str, int], list[dict[str, Any]]] = {}
         self.uncommitted: list[dict[str, Any]] = []
+        self.since_commit = 0  # inputs finished since the last ledger part
         # counts of this run's ledger rows (the rows themselves go to the ledger: memory must not grow with inputs)
         self.processed = self.accepted = 0
         self.rejected_by_reason: collections.Counter = collections.Counter()
@@ -345,7 +350,7 @@ class _Driver:
         self.clip_reasons: collections.Counter = collections.Counter()
         self.stage_rejections: collections.Counter = collections.Counter()
         self.transient: collections.Counter = collections.Counter()  # inputs left for the next run, by reason
-        self.finished: set[tuple[str, int]] = set()  # inputs the pipeline handed back whole
+        self.finished: set[tuple[str, int]] = set()  # inputs of this window the pipeline handed back whole
         self.clips_made = 0
         self.commits = 0
         self.written_inputs = 0
@@ -377,7 +382,7 @@ class _Driver:
         """Those of ``rows`` (input rows) that came back from no task, or not whole: their tasks failed. Rows of
         them received so far were never written, and are dropped."""
         if isinstance(rows, pa.Table):
-            rows = rows.filter(pa.array(_not_done(rows, self.finished), pa.bool_())).to_pylist()
+            rows = rows.filter(pa.array(_not_finished(rows, self.finished), pa.bool_())).to_pylist()
         lost = [r for r in rows if (r["source"], r["occurrence"]) not in self.finished]
         for r in lost:
             self.partial.pop((r["source"], r["occurrence"]), None)
@@ -391,6 +396,9 @@ class _Driver:
             self.transient[f"{worst['stage']}:{worst['reason']}"] += 1
             log.warning("transient fault on %s, left for the next run: %s", worst["source"], worst["detail"])
             return
+        full = self.sink.full()
+        if full and any(r["status"] == OK for r in rows):
+            self.commit(full)  # between two inputs: no input's samples of one kind span two tars
         shard_of = {}
         for row in rows:
             is_clip = row["num_frames"] > 0  # made by decode (input-level rows have no frames yet)
@@ -409,18 +417,37 @@ class _Driver:
             self.rejected_by_reason[f"{result['stage']}:{result['reason']}"] += 1
         self.samples_by_kind.update(result["kinds"])
         self.written_inputs += 1
+        self.since_commit += 1
         if self.crash_after is not None and self.written_inputs >= self.crash_after:
             raise SimulatedCrash(f"{CRASH_ENV}={self.crash_after}: stopping as if killed before a commit")
-        if len(self.uncommitted) >= self.cfg.shards.commit_every:
-            self.commit()
+        if self.since_commit >= self.cfg.shards.commit_every:
+            self.commit([])
 
-    def commit(self) -> None:
+    def commit(self, kinds: list[str] | None = None) -> None:
+        """Close and index the tars of ``kinds`` (all when None), then append a ledger part with every waiting
+        input none of whose tars is still unindexed."""
         if self.lease is not None:
             self.lease.check()  # a run whose lease was taken over must not commit into the output any more
-        self.sink.commit()
-        self.ledger.append(self.uncommitted, self.run_id, self.commits)
-        self.commits += 1
-        self.uncommitted = []
+        if kinds is not None:
+            # an input with samples of several kinds (some clips captioned, some text-free) closes its other
+            # tars too: a closed tar must hold only inputs this commit records
+            closing, grew = set(kinds), True
+            while grew:
+                grew = False
+                for r in self.uncommitted:
+                    mine = set(r["kinds"])
+                    if mine & closing and not mine <= closing:
+                        closing |= mine
+                        grew = True
+            kinds = sorted(closing)
+        self.sink.commit(kinds)
+        unindexed = self.sink.unindexed()
+        ready = [r for r in self.uncommitted if not unindexed.intersection(r["shards"])]
+        if ready:
+            self.ledger.append(ready, self.run_id, self.commits)
+            self.commits += 1
+            self.uncommitted = [r for r in self.uncommitted if unindexed.intersection(r["shards"])]
+        self.since_commit = 0
 
     def finish(self) -> None:
         if self.partial:  # cannot happen unless a stage broke the row contract; say so rather than lose inputs
@@ -463,7 +490,7 @@ def _summary(driver: _Driver, input: str, out: Path, listed, todo, removed, star
             "mb_written": round(driver.sink.bytes_written / 1e6, 3),
         },
         "removed_partial_shards": len(removed),
-        "totals": summarize(read_ledger(out)),
+        "totals": summarize(read_ledger(out, ["status", "stage", "reason", "kinds"])),
         "shards": {k: len(schema.shard_urls(out, k)) for k in schema.KINDS},
     }
 

@@ -29,7 +29,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines import durable, schema
@@ -69,25 +71,31 @@ def ledger_dir(output: str | os.PathLike) -> Path:
 QUARANTINE_DIR = ".quarantine"  # hidden: parquet readers of the ledger directory skip it
 
 
-def _read_parts(output: str | os.PathLike) -> tuple[list[pa.Table], list[tuple[Path, str]]]:
+def _read_parts(
+    output: str | os.PathLike, columns: list[str] | None = None
+) -> tuple[list[pa.Table], list[tuple[Path, str]]]:
     """(tables of the readable parts, [(unreadable part, why)])."""
     d = ledger_dir(output)
     tables, bad = [], []
     for p in sorted(d.glob("part-*.parquet")) if d.is_dir() else []:
         try:
-            tables.append(pq.read_table(p, schema=LEDGER_SCHEMA))
+            tables.append(pq.read_table(p, schema=LEDGER_SCHEMA, columns=columns))
         except Exception as e:  # empty, truncated or foreign: pyarrow raises several types
             bad.append((p, f"{type(e).__name__}: {e}"))
     return tables, bad
 
 
-def read_ledger(output: str | os.PathLike) -> pa.Table:
-    """Every committed ledger row of a curation output (an empty table if there are none yet). An unreadable
-    part is left out with a warning (the next run quarantines it and redoes its inputs)."""
-    tables, bad = _read_parts(output)
+def read_ledger(output: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+    """Every committed ledger row of a curation output (an empty table if there are none yet), optionally only
+    ``columns``. An unreadable part is left out with a warning (the next run quarantines it and redoes its
+    inputs)."""
+    tables, bad = _read_parts(output, columns)
     for p, why in bad:
         log.warning("ledger part %s cannot be read (%s); it is left out", p, why)
-    return pa.concat_tables(tables) if tables else LEDGER_SCHEMA.empty_table()
+    if tables:
+        return pa.concat_tables(tables)
+    empty = LEDGER_SCHEMA.empty_table()
+    return empty.select(columns) if columns else empty
 
 
 def quarantine_unreadable(output: str | os.PathLike) -> list[str]:
@@ -135,19 +143,45 @@ def input_result(rows: list[dict[str, Any]], shard_of: dict[str, str]) -> dict[s
     return row
 
 
+def _input_ids(table: pa.Table) -> pa.Array:
+    """One string per (source, occurrence), computed by Arrow: a million of them as Python tuples would cost the
+    driver hundreds of MB."""
+    occurrence = pc.cast(table.column("occurrence"), pa.string())
+    return pc.binary_join_element_wise(table.column("source"), occurrence, "\x00")
+
+
+def _key_digests(keys: Iterable[str]) -> np.ndarray:
+    """The source digests of sample keys (``schema.sample_key``: 16 hex digits of the source's hash, then the clip
+    index), as sorted unique 64-bit integers: 8 bytes per accepted input."""
+    return np.unique(np.array([int(k[:16], 16) for k in keys], dtype=np.uint64))
+
+
 class Ledger:
-    """The ledger of one output directory: what is done, which shards are committed, and appending commits."""
+    """The ledger of one output directory: what is done, which shards are committed, and appending commits.
+
+    Its memory does not grow with the rows: which inputs are done is read from the parts when asked
+    (``not_done``), and sample keys are kept as 8-byte source digests."""
 
     def __init__(self, output: str | os.PathLike):
         self.output = Path(output)
         self.dir = ledger_dir(output)
-        table = read_ledger(output)
-        self.done: set[tuple[str, int]] = set(
-            zip(table.column("source").to_pylist(), table.column("occurrence").to_pylist())
-        )
-        self.shards: set[str] = {s for lst in table.column("shards").to_pylist() for s in (lst or [])}
-        self.keys: set[str] = {k for lst in table.column("keys").to_pylist() for k in (lst or [])}
+        table = read_ledger(output, ["keys", "shards"])
+        shards = pc.unique(pc.list_flatten(table.column("shards"))) if table.num_rows else pa.array([], pa.string())
+        self.shards: set[str] = set(shards.to_pylist())
+        keys = pc.list_flatten(table.column("keys")) if table.num_rows else pa.array([], pa.string())
+        self.digests = _key_digests(keys.to_pylist())
         self.rows = table.num_rows
+
+    @property
+    def done(self) -> set[tuple[str, int]]:
+        """Every committed (source, occurrence), as a set (for small ledgers; see ``not_done``)."""
+        t = read_ledger(self.output, ["source", "occurrence"])
+        return set(zip(t.column("source").to_pylist(), t.column("occurrence").to_pylist()))
+
+    def not_done(self, tables: list[pa.Table]) -> list[pa.Table]:
+        """The rows of ``tables`` (input rows) that have no ledger row yet."""
+        done = _input_ids(read_ledger(self.output, ["source", "occurrence"]))
+        return [t.filter(pc.invert(pc.is_in(_input_ids(t), value_set=done))) for t in tables]
 
     def append(self, rows: list[dict[str, Any]], run: str, commit: int) -> Path | None:
         """Write one commit's rows as a new part file (atomically). Duplicate keys are refused: a sample key may
@@ -155,7 +189,12 @@ class Ledger:
         if not rows:
             return None
         new_keys = [k for r in rows for k in r["keys"]]
-        clash = (set(new_keys) & self.keys) or {k for k, n in collections.Counter(new_keys).items() if n > 1}
+        # keys are made from the source's digest, so a key already in the output means its source was committed
+        # before: checked per source, against the digests of every committed key
+        new = _key_digests(new_keys)
+        committed = self._committed(new)
+        clash = {k for k in new_keys if int(k[:16], 16) in committed}
+        clash |= {k for k, n in collections.Counter(new_keys).items() if n > 1}
         if clash:
             raise RuntimeError(
                 f"refusing to commit duplicate sample keys {sorted(clash)[:3]}: the output "
@@ -167,11 +206,13 @@ class Ledger:
         part = self.dir / f"part-{run}-{commit:06d}.parquet"
         with durable.atomic_path(part) as tmp:
             pq.write_table(pa.Table.from_pylist(full, schema=LEDGER_SCHEMA), tmp)
-        self.done.update((r["source"], r["occurrence"]) for r in rows)
         self.shards.update(s for r in rows for s in r["shards"])
-        self.keys.update(new_keys)
+        self.digests = np.union1d(self.digests, new)
         self.rows += len(rows)
         return part
+
+    def _committed(self, digests: np.ndarray) -> set[int]:
+        return set(digests[np.isin(digests, self.digests, assume_unique=True)].tolist())
 
 
 def remove_uncommitted(output: str | os.PathLike, committed: Iterable[str]) -> list[str]:
@@ -204,15 +245,19 @@ def remove_uncommitted(output: str | os.PathLike, committed: Iterable[str]) -> l
 
 
 def summarize(table: pa.Table) -> dict[str, Any]:
-    """Totals over a whole ledger: inputs, accepted, rejected, samples per kind, rejections per reason."""
-    rows = table.select(["status", "stage", "reason", "kinds"]).to_pylist()
-    by_reason = collections.Counter(f"{r['stage']}:{r['reason']}" for r in rows if r["status"] == REJECTED)
-    kinds = collections.Counter(k for r in rows for k in (r["kinds"] or []))
-    accepted = sum(r["status"] == ACCEPTED for r in rows)
+    """Totals over a whole ledger: inputs, accepted, rejected, samples per kind, rejections per reason. Needs the
+    columns status, stage, reason and kinds; computed by Arrow, so a million rows cost no Python objects."""
+
+    def counts(values: pa.Array) -> dict[str, int]:
+        return {v["values"]: v["counts"] for v in pc.value_counts(values).to_pylist()}
+
+    rejected = table.filter(pc.equal(table.column("status"), REJECTED))
+    by_reason = counts(pc.binary_join_element_wise(rejected.column("stage"), rejected.column("reason"), ":"))
+    kinds = counts(pc.list_flatten(table.column("kinds"))) if table.num_rows else {}
     return {
-        "inputs": len(rows),
-        "accepted": accepted,
-        "rejected": len(rows) - accepted,
+        "inputs": table.num_rows,
+        "accepted": table.num_rows - rejected.num_rows,
+        "rejected": rejected.num_rows,
         "samples": {k: kinds.get(k, 0) for k in schema.KINDS},
         "rejected_by_reason": dict(sorted(by_reason.items())),
     }

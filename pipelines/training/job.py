@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipelines import durable, logs, settings, tracking
+from pipelines import durable, local_ray, logs, settings, tracking
 from pipelines.settings import ConfigError
 from pipelines.training.config import (
     CONFIG_FILE,
@@ -52,9 +52,8 @@ log = logging.getLogger("t2v.train")
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train (or resume) per ``cfg``; returns the result dict also written to ``<output>/result.json``."""
-    if not cfg.address and not os.environ.get("RAY_ADDRESS") and "ray" not in sys.modules:
-        # Ray's default for a local Ray, said explicitly (no notice about it); read when Ray is imported
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if local_ray.is_local(cfg.address):
+        local_ray.prepare()
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -76,11 +75,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     tracker, run_id, tracking_uri = _start_tracking(cfg, out, shard_sets)
     started_ray = False
     if not ray.is_initialized():
-        if not (cfg.address or os.environ.get("RAY_ADDRESS")):  # one machine: nothing preempts it
-            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        ray.init(
-            address=cfg.address or os.environ.get("RAY_ADDRESS"), log_to_driver=True, logging_level=logging.WARNING
-        )
+        if local_ray.is_local(cfg.address):
+            local_ray.start(log_to_driver=True, logging_level=logging.WARNING)  # every port on 127.0.0.1
+        else:
+            ray.init(
+                address=cfg.address or os.environ.get("RAY_ADDRESS"), log_to_driver=True, logging_level=logging.WARNING
+            )
         started_ray = True
     t0 = time.time()
     status = "FAILED"

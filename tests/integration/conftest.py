@@ -16,9 +16,11 @@ import torch
 def _start_ray() -> None:
     import ray
 
+    from pipelines import local_ray
+
     if not ray.is_initialized():
         # T2V_TEST_RAY_LOGS=1 shows the workers' output (training steps, Ray Data progress) when debugging
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=bool(os.environ.get("T2V_TEST_RAY_LOGS")))
+        local_ray.start(num_cpus=2, include_dashboard=False, log_to_driver=bool(os.environ.get("T2V_TEST_RAY_LOGS")))
 
 
 @pytest.fixture(scope="session")

@@ -4,10 +4,12 @@ Layout and sample format are ``pipelines/schema.py``'s. Shard names carry the ru
 (``<kind>-<run>-000000.tar``) so a later run never writes into, or over, an earlier run's shards.
 
 The sink runs in the driver, fed by ``Dataset.iter_batches``. Its unit of durability is a *commit*:
-``commit()`` closes every open tar, writes each one's parquet index, and returns their names; the caller then
-records the inputs in the ledger. A shard is finished only once its index exists (``schema.shard_urls``), and a
-commit only covers inputs whose every sample is already in a tar, so a run killed between commits leaves tars
-that no ledger row names: the next run deletes them (``ledger.remove_uncommitted``) and redoes those inputs.
+``commit(kinds)`` closes the open tars of those kinds (all by default), writes each one's parquet index, and
+returns their names; the caller then records in the ledger the inputs whose every tar is indexed
+(``unindexed()`` names the others). A shard is finished only once its index exists (``schema.shard_urls``), so a
+run killed between commits leaves tars that no ledger row names: the next run deletes them
+(``ledger.remove_uncommitted``) and redoes those inputs. With ``roll=False`` a full tar (``full()``) stays open
+until the caller commits it, so the caller decides where a tar ends (the curation driver: between two inputs).
 """
 
 from __future__ import annotations
@@ -102,13 +104,14 @@ def sample_from_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 class _KindWriter:
-    """Rolling tar writer for one kind: a new tar after ``maxcount`` samples or ``maxsize`` bytes."""
+    """Rolling tar writer for one kind: a new tar after ``maxcount`` samples or ``maxsize`` bytes (unless ``roll``
+    is off: then the caller closes a full tar, between two inputs)."""
 
-    def __init__(self, root: Path, kind: str, run: str, maxcount: int, maxsize: int):
+    def __init__(self, root: Path, kind: str, run: str, maxcount: int, maxsize: int, roll: bool = True):
         self.dir = schema.shard_dir(root, kind)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.pattern = Path(schema.shard_pattern(root, kind, run)).name
-        self.maxcount, self.maxsize = maxcount, maxsize
+        self.maxcount, self.maxsize, self.roll = maxcount, maxsize, roll
         self.next_number = 0
         self.writer: wds.TarWriter | None = None
         self.path: Path | None = None
@@ -127,8 +130,12 @@ class _KindWriter:
             self.writer.close()
             self.writer = None
 
+    @property
+    def full(self) -> bool:
+        return self.writer is not None and (self.count >= self.maxcount or self.size >= self.maxsize)
+
     def write(self, row: dict[str, Any], sample: dict[str, Any]) -> Path:
-        if self.writer is not None and (self.count >= self.maxcount or self.size >= self.maxsize):
+        if self.roll and self.full:
             self.close()
         if self.writer is None:
             self._open()
@@ -163,10 +170,17 @@ class _KindWriter:
 class ShardSink:
     """Writes accepted rows into per-kind shard sets under ``output`` for run ``run``."""
 
-    def __init__(self, output: str | os.PathLike, run: str, maxcount: int = 1000, maxsize: int = 1_000_000_000):
+    def __init__(
+        self,
+        output: str | os.PathLike,
+        run: str,
+        maxcount: int = 1000,
+        maxsize: int = 1_000_000_000,
+        roll: bool = True,
+    ):
         self.root = Path(output)
         self.run = run
-        self.writers = {kind: _KindWriter(self.root, kind, run, maxcount, maxsize) for kind in schema.KINDS}
+        self.writers = {kind: _KindWriter(self.root, kind, run, maxcount, maxsize, roll) for kind in schema.KINDS}
         self.samples = {kind: 0 for kind in schema.KINDS}
         self.bytes_written = 0
 
@@ -178,10 +192,21 @@ class ShardSink:
         self.bytes_written += sum(len(v) for k, v in sample.items() if k != "__key__")
         return path.relative_to(self.root).as_posix()
 
-    def commit(self) -> list[str]:
-        """Close every open tar and write the parquet index of each tar written since the last commit."""
+    def full(self) -> list[str]:
+        """The kinds whose open tar has reached ``maxcount`` samples or ``maxsize`` bytes."""
+        return [kind for kind, writer in self.writers.items() if writer.full]
+
+    def unindexed(self) -> set[str]:
+        """Tars written to but not indexed yet (relative paths): no ledger row may name them."""
+        return {p.relative_to(self.root).as_posix() for w in self.writers.values() for p in w.index_rows}
+
+    def commit(self, kinds: list[str] | None = None) -> list[str]:
+        """Close the open tars of ``kinds`` (all by default) and write the parquet index of each of their tars
+        written since the last commit."""
         finished = []
-        for writer in self.writers.values():
+        for kind, writer in self.writers.items():
+            if kinds is not None and kind not in kinds:
+                continue
             writer.close()
             for tar, rows in writer.index_rows.items():
                 durable.fsync_file(tar)  # the samples on disk before the index and the ledger say they exist

@@ -182,35 +182,11 @@ def time_train_step(model_cfg, batch: int, repeats: int, device: str, seed: int 
 
 def count_parameters(model_cfg) -> dict:
     """Parameter counts on the meta device (no memory): UNet total/temporal/spatial, CLIP text/vision, VAE."""
-    import torch
-
-    from model.encoders import register_project_clip_configs
     from model.stunet import build_video_unet
+    from pipelines.training.memory_plan import encoder_parameter_counts
 
     counts = dict(build_video_unet(model_cfg, "meta").parameter_counts())
-    import open_clip
-
-    register_project_clip_configs()
-    with torch.device("meta"):
-        clip = open_clip.create_model(
-            model_cfg.encoders.clip_model, device="meta", force_image_size=model_cfg.encoders.clip_image_size
-        )
-    vision = sum(p.numel() for p in clip.visual.parameters())
-    counts["clip_text"] = sum(p.numel() for p in clip.parameters()) - vision
-    counts["clip_vision"] = vision
-    counts["vae"] = 0
-    if model_cfg.encoders.first_stage == "sd_vae":
-        from diffusers import AutoencoderKL
-
-        with torch.device("meta"):  # Stable Diffusion's KL-f8 autoencoder architecture
-            vae = AutoencoderKL(
-                down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4,
-                block_out_channels=(128, 256, 512, 512),
-                layers_per_block=2,
-                latent_channels=4,
-            )
-        counts["vae"] = sum(p.numel() for p in vae.parameters())
+    counts.update(encoder_parameter_counts(model_cfg))
     counts["all"] = counts["total"] + counts["clip_text"] + counts["clip_vision"] + counts["vae"]
     return counts
 

@@ -192,8 +192,8 @@ def plan(cfg, gpus: int, gpu_memory_gib: float, headroom: float = 0.1, gpus_per_
     }
 
 
-def _frozen_params(mc) -> int:
-    """CLIP text and vision towers and the VAE, counted on the meta device."""
+def encoder_parameter_counts(mc) -> dict[str, int]:
+    """Parameters of the frozen encoders (CLIP text and vision towers, the VAE), counted on the meta device."""
     import open_clip
 
     from model.encoders import register_project_clip_configs
@@ -203,7 +203,8 @@ def _frozen_params(mc) -> int:
         clip = open_clip.create_model(
             mc.encoders.clip_model, device="meta", force_image_size=mc.encoders.clip_image_size
         )
-    total = sum(p.numel() for p in clip.parameters())
+    vision = sum(p.numel() for p in clip.visual.parameters())
+    counts = {"clip_text": sum(p.numel() for p in clip.parameters()) - vision, "clip_vision": vision, "vae": 0}
     if mc.encoders.first_stage == "sd_vae":
         from diffusers import AutoencoderKL
 
@@ -215,8 +216,12 @@ def _frozen_params(mc) -> int:
                 layers_per_block=2,
                 latent_channels=4,
             )
-        total += sum(p.numel() for p in vae.parameters())
-    return total
+        counts["vae"] = sum(p.numel() for p in vae.parameters())
+    return counts
+
+
+def _frozen_params(mc) -> int:
+    return sum(encoder_parameter_counts(mc).values())
 
 
 def render(p: dict, cfg) -> str:

@@ -63,6 +63,7 @@ class SampleConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     conditions: dict[str, str] = field(default_factory=dict)  # kind -> file (flows/condition_inputs.py)
     depth_model: str | None = None  # local depth network for a depth condition given as media
+    guide_conditions: bool = False  # guidance contrasts prompt + conditions with neither (follows them more closely)
 
     def __post_init__(self) -> None:
         check(bool(self.checkpoint), "no checkpoint given: pass --checkpoint PATH (a model.pt from training)")
@@ -100,6 +101,7 @@ class SampleConfig:
             not (self.conditions and given),
             f"--condition and {' '.join(given)} both fill the extra input channels: give one of them",
         )
+        check(not (self.guide_conditions and not self.conditions), "--guide-conditions goes with --condition KIND=PATH")
         check(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             f"device={self.device!r}: use auto, cpu, cuda or cuda:N",
@@ -180,6 +182,7 @@ def run(cfg: SampleConfig) -> list[Path]:
         spacing=cfg.timestep_spacing,
         concat=concat,
         conditions=conditions,
+        guide_conditions=cfg.guide_conditions,
     )  # uint8 [b, f, h, w, 3]
     fps = cfg.fps or model.config.fps
     paths = output_paths(cfg.out, len(cfg.prompts))
@@ -257,6 +260,13 @@ def main(argv: list[str] | None = None) -> int:
         help="structure condition (repeatable): motion|sketch|depth = a video, image or .npy of the model's size",
     )
     parser.add_argument("--depth-model", dest="depth_model", help="local depth network (.pt2) for --condition depth=")
+    parser.add_argument(
+        "--guide-conditions",
+        dest="guide_conditions",
+        action="store_true",
+        default=None,
+        help="guidance pushes towards the conditions as well as the prompt (follows them more closely)",
+    )
     settings.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.conditions:

@@ -171,6 +171,7 @@ class TextToVideo:
         fps: float | None = None,
         conditions: dict[str, torch.Tensor] | None = None,
         concat: Tensor | None = None,
+        guide_conditions: bool = False,
     ) -> np.ndarray:
         """Prompts (and optionally a conditioning image) -> videos uint8 [b, f, h, w, 3].
 
@@ -181,7 +182,10 @@ class TextToVideo:
         ``size`` (frames, height, width): another shape than the config's, e.g. a training bucket's; ``fps``: the
         frame rate an fps-conditioned UNet is given (default: the config's ``fps``). ``conditions``: structure
         conditions {kind: [1 or b, c, f or 1, h, w]} at pixel size, normalised (``model.conditions.normalise``), any
-        subset of ``unet.conditions.kinds``; both guidance passes get them, so guidance contrasts the text.
+        subset of ``unet.conditions.kinds``; both guidance passes get them, so guidance contrasts the text, unless
+        ``guide_conditions``: then the unconditional pass has none, and guidance contrasts text and conditions
+        together with neither. A model with a condition encoder given none sees what training's all-dropped samples
+        saw.
         ``concat``: [1 or b, extra_in_channels, f, h', w'] given to both sides of guidance (masked conditioning,
         ``model/masked.py``, whose given content is pasted back over the result); not with ``conditions``.
         """
@@ -212,11 +216,11 @@ class TextToVideo:
                 raise ValueError("give structure conditions or a masked-conditioning concat, not both")
             cond["concat"] = uncond["concat"] = concat.to(self.device, dtype)
         shape = self.latent_shape(b, *(size or (None, None, None)))
-        if conditions:
-            like = torch.zeros(shape, device=self.device, dtype=dtype)
-            given = {k: v.to(self.device, dtype).expand(b, -1, -1, -1, -1) for k, v in conditions.items()}
-            with torch.no_grad():
-                cond["concat"] = uncond["concat"] = self.unet.condition_input(None, given, None, like)
+        if self.config.unet.conditions.kinds and concat is None:
+            given = {k: v.to(self.device, dtype).expand(b, -1, -1, -1, -1) for k, v in (conditions or {}).items()}
+            cond["concat"] = self._condition_input(given, shape, dtype)
+            # guide_conditions: the other side has none, so guidance pushes towards the conditions as well as the text
+            uncond["concat"] = self._condition_input({}, shape, dtype) if guide_conditions else cond["concat"]
         was_training = self.unet.training
         self.unet.eval()
         try:
@@ -243,6 +247,22 @@ class TextToVideo:
 
             latents = composite(latents, cond["concat"].expand(b, *concat.shape[1:]).to(latents))
         return self.decode(latents)
+
+    def _condition_input(self, given: dict[str, Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """The UNet's extra input for structure conditions ``given`` (any subset; none = all dropped, as training
+        drops them: the encoder still adds what it learned for no condition)."""
+        from model.conditions import CHANNELS
+
+        kinds = self.config.unet.conditions.kinds
+        keep = None
+        if not given:
+            d = self.config.unet.conditions.downsample
+            b, _, _, h, w = shape
+            given = {kinds[0]: torch.zeros(b, CHANNELS[kinds[0]], 1, h * d, w * d, device=self.device, dtype=dtype)}
+            keep = torch.zeros(b, len(kinds), device=self.device)
+        like = torch.zeros(shape, device=self.device, dtype=dtype)
+        with torch.no_grad():
+            return self.unet.condition_input(None, given, keep, like)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -314,8 +314,10 @@ def shapes_metrics(videos: Sequence[np.ndarray], labels: Sequence[tuple[str, str
 def condition_metrics(videos: Sequence[np.ndarray], conditions: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
     """How closely generated shapes videos follow the structure conditions they were given (stored form,
     ``schema.CONDITIONS``): ``motion_agreement``, the share whose detected direction is the dominant direction of
-    their motion vectors; ``sketch_iou``, the mean IoU of the generated shape's box and the sketch's edge box, per
-    frame. A figure is left out when no video had that condition."""
+    their motion vectors; ``sketch_iou``, the mean IoU of the generated shape's box (its largest connected
+    foreground region: a stray pixel elsewhere would stretch the box) and the sketch's edge box less the one pixel
+    a Sobel edge reaches past the shape on each side, per frame. A figure is left out when no video had that
+    condition."""
     from pipelines.shapes import detect, foreground
 
     if len(videos) != len(conditions):
@@ -329,7 +331,7 @@ def condition_metrics(videos: Sequence[np.ndarray], conditions: Sequence[dict[st
             edges = np.asarray(given["sketch"])[:, 0] > 0  # [f or 1, h, w]
             shape = foreground(video)  # [f, h, w]
             for i in range(len(shape)):
-                ious.append(_box_iou(shape[i], edges[min(i, len(edges) - 1)]))
+                ious.append(_box_iou(_largest_blob(shape[i]), edges[min(i, len(edges) - 1)], inset_b=SOBEL_REACH))
     out = {}
     if agree:
         out["motion_agreement"] = float(np.mean(agree))
@@ -350,14 +352,34 @@ def _dominant_direction(motion: np.ndarray) -> str | None:
     return "down" if dy > 0 else "up"
 
 
-def _box_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """IoU of the bounding boxes of two bool masks [h, w] (0 when either is empty)."""
+SOBEL_REACH = 1  # a 3x3 gradient marks the pixels on both sides of a boundary
+
+
+def _largest_blob(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected region of a bool mask [h, w] (the mask itself when empty)."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    if n <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == 1 + int(np.argmax(sizes))
+
+
+def _box_iou(a: np.ndarray, b: np.ndarray, inset_b: int = 0) -> float:
+    """IoU of the bounding boxes of two bool masks [h, w] (0 when either is empty); ``b``'s box shrunk by
+    ``inset_b`` pixels on each side where it is wide enough."""
     if not a.any() or not b.any():
         return 0.0
     boxes = []
-    for m in (a, b):
+    for m, inset in ((a, 0), (b, inset_b)):
         ys, xs = np.nonzero(m)
-        boxes.append((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))
+        x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+        if x1 - x0 > 2 * inset:
+            x0, x1 = x0 + inset, x1 - inset
+        if y1 - y0 > 2 * inset:
+            y0, y1 = y0 + inset, y1 - inset
+        boxes.append((x0, y0, x1, y1))
     (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = boxes
     inter = max(0, min(ax1, bx1) - max(ax0, bx0)) * max(0, min(ay1, by1) - max(ay0, by0))
     union = (ax1 - ax0) * (ay1 - ay0) + (bx1 - bx0) * (by1 - by0) - inter

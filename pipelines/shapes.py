@@ -60,6 +60,8 @@ class CorpusConfig:
     fps: float = 12.0
     seconds: float = 2.0
     text_free_fraction: float = 0.25  # videos written without a caption
+    # captioned videos whose caption leaves the motion out ("a red circle"), as real captions often do
+    motionless_caption_fraction: float = 0.0
     shape_scale: tuple[float, float] = (0.22, 0.32)  # shape size as a fraction of min(width, height)
     travel: float = 0.6  # distance travelled over the video, as a fraction of the frame
     # how far a path may run beside the centre line (0: every shape crosses the centre, so where it is in each
@@ -75,6 +77,7 @@ class CorpusConfig:
         check(0 < self.fps <= 120, f"fps={self.fps} must be within (0, 120]")
         check(0 < self.seconds <= 60, f"seconds={self.seconds} must be within (0, 60]")
         check(0.0 <= self.text_free_fraction <= 1.0, "text_free_fraction must be within [0, 1]")
+        check(0.0 <= self.motionless_caption_fraction <= 1.0, "motionless_caption_fraction must be within [0, 1]")
         check(
             0 < self.shape_scale[0] <= self.shape_scale[1] < 1,
             "shape_scale must be (low, high) with 0 < low <= high < 1",
@@ -176,6 +179,8 @@ def generate(cfg: CorpusConfig, out_dir: str | Path, progress: bool = True) -> P
     side = min(cfg.width, cfg.height)
     n_text_free = round(cfg.num_videos * cfg.text_free_fraction)
     text_free = set(rng.choice(cfg.num_videos, size=n_text_free, replace=False).tolist()) if n_text_free else set()
+    # a generator of its own, so corpora without motionless captions stay what they were
+    motionless = np.random.default_rng([cfg.seed, 1]).random(cfg.num_videos) < cfg.motionless_caption_fraction
 
     items = [("video", i) for i in range(cfg.num_videos)] + [("image", i) for i in range(cfg.num_images)]
     for kind, i in _progress(items, progress, "shapes corpus"):
@@ -195,7 +200,7 @@ def generate(cfg: CorpusConfig, out_dir: str | Path, progress: bool = True) -> P
             )
             path = out / "videos" / f"s{cfg.seed}_v{i:05d}.mp4"
             media.write_mp4(frames, path, cfg.fps)
-            caption = "" if i in text_free else caption_for(colour, shape, direction)
+            caption = "" if i in text_free else caption_for(colour, shape, None if motionless[i] else direction)
         else:
             margin = size / 2 + 1
             centre = (float(rng.uniform(margin, cfg.width - margin)), float(rng.uniform(margin, cfg.height - margin)))

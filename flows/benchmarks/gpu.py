@@ -250,7 +250,7 @@ def run(b: GpuBenchConfig) -> dict:
         vae = random_vae(work / "vae")
         started = not ray.is_initialized()  # a test session's Ray is used as it is
         if started:
-            ray.init(num_cpus=b.cpus, num_gpus=1, include_dashboard=False)
+            ray.init(num_cpus=b.cpus, num_gpus=1)  # with the dashboard: Ray Train polls its state API
         try:
             for name in b.models:
                 cfg = train_config(b, name, vae, work / name / "data", work / name / "run")

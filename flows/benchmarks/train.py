@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{b.threads} CPUs",
                 flush=True,
             )
-            local_ray.start(num_cpus=max(b.threads, 1), include_dashboard=False)
+            local_ray.start(num_cpus=max(b.threads, 1))  # with the dashboard: Ray Train polls its state API
             try:
                 times, waits, wall = ray_deepspeed(train_config(b, data, work / f"run{r}", total))
             finally:

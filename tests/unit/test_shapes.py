@@ -54,6 +54,19 @@ def test_generation_is_deterministic(tmp_path):
     assert strip(read_manifest(other)) != strip(rows_a)
 
 
+def test_motionless_captions_leave_the_direction_out_and_nothing_else_changes(tmp_path):
+    base = dict(num_videos=12, num_images=0, width=16, height=16, seconds=0.5, fps=4.0, text_free_fraction=0.25)
+    plain = read_manifest(shapes.generate(shapes.CorpusConfig(**base), tmp_path / "a", progress=False))
+    vague = read_manifest(
+        shapes.generate(shapes.CorpusConfig(**base, motionless_caption_fraction=0.5), tmp_path / "b", progress=False)
+    )
+    changed = [(p, v) for p, v in zip(plain, vague) if p["caption"] != v["caption"]]
+    assert 2 <= len(changed) <= 8  # about half of the 9 captioned videos
+    for p, v in changed:
+        assert p["caption"] == f"{v['caption']} moving {p['direction']}" and v["direction"] == p["direction"]
+    assert [r["caption"] == "" for r in plain] == [r["caption"] == "" for r in vague]  # the same text-free videos
+
+
 @pytest.mark.parametrize("direction", shapes.DIRECTIONS)
 def test_detector_reads_direction_and_colour_from_rendered_frames(direction):
     frames = shapes.render_video("green", "triangle", direction, 48, 40, 8)

@@ -330,13 +330,14 @@ def _manifest_records(spec: str, fmt: str) -> Iterable[dict[str, Any] | Exceptio
             for batch in pq.ParquetFile(f).iter_batches(batch_size=10_000):
                 yield from batch.to_pylist()
         return
+    # surrogateescape keeps undecodable bytes addressable, so one bad caption does not sink the whole manifest
+    if fmt == "csv":
+        with fsys.open_input_stream(path) as f:  # streamed: the driver never holds the whole manifest
+            yield from _csv_records(io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape", newline=""))
+        return
     with fsys.open_input_stream(path) as f:
         data = f.read()
-    # surrogateescape keeps undecodable bytes addressable, so one bad caption does not sink the whole manifest
     text = data.decode("utf-8", "surrogateescape").removeprefix("\ufeff")
-    if fmt == "csv":
-        yield from _csv_records(text)
-        return
     for n, line in enumerate(text.splitlines()):
         if not line.strip():
             continue
@@ -351,11 +352,11 @@ def _manifest_records(spec: str, fmt: str) -> Iterable[dict[str, Any] | Exceptio
 MAX_CELL_CHARS = 4 << 20  # a CSV cell longer than this is a bad row (the csv module's default limit is 128 KiB)
 
 
-def _csv_records(text: str) -> Iterable[dict[str, Any] | Exception]:
-    """CSV rows as dicts; a row the csv module cannot parse (a cell over MAX_CELL_CHARS, a NUL byte) becomes an
-    Exception in its place, and reading goes on with the next row."""
+def _csv_records(text: Iterable[str]) -> Iterable[dict[str, Any] | Exception]:
+    """CSV rows (from a text stream opened with ``newline=""``) as dicts; a row the csv module cannot parse (a cell
+    over MAX_CELL_CHARS, a NUL byte) becomes an Exception in its place, and reading goes on with the next row."""
     csv.field_size_limit(max(csv.field_size_limit(), MAX_CELL_CHARS))
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(text)
     header: list[str] | None = None
     n = 0
     while True:

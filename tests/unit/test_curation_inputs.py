@@ -63,7 +63,10 @@ def test_manifest_column_names_are_configurable_and_checked(tmp_path):
 
 def test_non_utf8_caption_is_flagged_not_fatal(tmp_path):
     _media(tmp_path)
-    (tmp_path / "m.csv").write_bytes(b"path,caption\nmedia/a.mp4,caf\xe9 au lait\nmedia/c.mp4,fine caption\n")
+    # with a byte-order mark, as spreadsheet programs write CSV: the header still names the path column
+    (tmp_path / "m.csv").write_bytes(
+        b"\xef\xbb\xbfpath,caption\nmedia/a.mp4,caf\xe9 au lait\nmedia/c.mp4,fine caption\n"
+    )
     bad, good = inputs.resolve(str(tmp_path / "m.csv"), InputConfig())
     assert bad["caption_error"].startswith("invalid UTF-8") and "\ufffd" in bad["caption"]
     assert good["caption_error"] is None and good["caption"] == "fine caption"

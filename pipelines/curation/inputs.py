@@ -21,22 +21,27 @@ of the same source become rejected inputs here (stage ``input``), so they are co
 
 from __future__ import annotations
 
-import collections
 import csv
+import dataclasses
+import hashlib
 import io
 import json
 import logging
 import os
 import posixpath
 import re
+import shutil
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from pipelines import schema
-from pipelines.curation.stages import REJECTED, new_row, to_table
+from pipelines import durable, schema
+from pipelines.curation.stages import OK, REJECTED, new_row, to_table
 from pipelines.curation.stages.probe import MEDIA_EXTENSIONS, extension, filesystem, is_local
 from pipelines.curation.stages.probe import local_path as local_path_of
 from pipelines.settings import ConfigError
@@ -51,27 +56,110 @@ _MEDIA_ORDER = ("mp4", "webm", "mkv", "mov", "avi", "m4v", "gif", "jpg", "jpeg",
 
 
 def resolve(spec: str, cfg: InputConfig) -> list[dict[str, Any]]:
-    """``--input`` -> input rows (see the module docstring), duplicates marked, in a deterministic order."""
-    return [r for t in resolve_tables(spec, cfg) for r in t.to_pylist()]
+    """``--input`` -> input rows (see the module docstring), duplicates marked, in a deterministic order. For small
+    inputs and tests; a curation run lists into parquet parts instead (``write_listing``)."""
+    return [r for t in iter_tables(spec, cfg) for r in t.to_pylist()]
 
 
-def resolve_tables(spec: str, cfg: InputConfig, chunk: int = 10_000) -> list[pa.Table]:
-    """The same rows as ``resolve``, as Arrow tables of ``chunk`` rows: a row dict holds ~2 KB, its Arrow row a
-    fifth of that, so the driver's memory for a million inputs stays far below what the dicts would take."""
-    tables: list[pa.Table] = []
+def iter_tables(spec: str, cfg: InputConfig, chunk: int = 10_000) -> Iterator[pa.Table]:
+    """The same rows as ``resolve``, as Arrow tables of at most ``chunk`` rows, made as the input is read (at least
+    one table, perhaps empty): a row dict holds ~2 KB, its Arrow row a fifth of that."""
     pending: list[dict[str, Any]] = []
     marker = _DuplicateMarker()
+    made = False
     for n, row in enumerate(_list(spec, cfg)):
         if cfg.max_inputs is not None and n >= cfg.max_inputs:
             break
         marker.mark(row, n)
         pending.append(row)
         if len(pending) == chunk:
-            tables.append(to_table(pending))
-            pending = []
-    if pending or not tables:
-        tables.append(to_table(pending))
-    return tables
+            yield to_table(pending)
+            pending, made = [], True
+    if pending or not made:
+        yield to_table(pending)
+
+
+@dataclasses.dataclass
+class Listing:
+    """``--input``'s rows as parquet parts in a folder (see ``write_listing``): the driver reads back one part at a
+    time, so its memory holds one window of inputs whatever the size of the corpus."""
+
+    directory: Path
+    live: list[Path] = dataclasses.field(default_factory=list)  # inputs to run, ``window`` rows a part
+    rejected: list[Path] = dataclasses.field(default_factory=list)  # rejected while listing: already final
+    listed: int = 0  # every row listed
+    todo: int = 0  # rows ``keep`` kept (not done yet), live and rejected
+    live_rows: int = 0
+
+    @staticmethod
+    def read(parts: list[Path]) -> Iterator[pa.Table]:
+        for part in parts:
+            yield pq.read_table(part)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class _PartWriter:
+    """Tables in, parquet parts of exactly ``rows`` rows out (the last one may be shorter), each written atomically."""
+
+    def __init__(self, directory: Path, prefix: str, rows: int, parts: list[Path]):
+        self.directory, self.prefix, self.rows, self.parts = directory, prefix, rows, parts
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self.pending.append(table)
+            self.pending_rows += table.num_rows
+        while self.pending_rows >= self.rows:
+            joined = pa.concat_tables(self.pending)
+            self._write(joined.slice(0, self.rows))
+            rest = joined.slice(self.rows)
+            self.pending, self.pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+
+    def close(self) -> None:
+        if self.pending_rows:
+            self._write(pa.concat_tables(self.pending))
+        self.pending, self.pending_rows = [], 0
+
+    def _write(self, table: pa.Table) -> None:
+        path = self.directory / f"{self.prefix}-{len(self.parts):05d}.parquet"
+        with durable.atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
+        self.parts.append(path)
+
+
+def write_listing(
+    spec: str,
+    cfg: InputConfig,
+    directory: str | os.PathLike,
+    window: int,
+    keep: Callable[[pa.Table], pa.Table] | None = None,
+    chunk: int = 10_000,
+) -> Listing:
+    """Lists ``spec`` (the rows of ``resolve``, in its order) into parquet parts in ``directory``, emptied first.
+    ``keep`` drops rows before they are written (a run drops the inputs its ledger has). Inputs to run go to
+    ``live-NNNNN.parquet`` parts of ``window`` rows (one Ray Data run each), inputs rejected while listing to
+    ``rejected-NNNNN.parquet`` parts of ``chunk`` rows. Memory: a window and a chunk of rows, and the duplicate
+    marker (``_DuplicateMarker``)."""
+    listing = Listing(Path(directory))
+    listing.remove()
+    listing.directory.mkdir(parents=True)
+    live = _PartWriter(listing.directory, "live", window, listing.live)
+    rejected = _PartWriter(listing.directory, "rejected", chunk, listing.rejected)
+    for table in iter_tables(spec, cfg, chunk):
+        listing.listed += table.num_rows
+        if keep is not None:
+            table = keep(table)
+        listing.todo += table.num_rows
+        ok = pc.equal(table.column("status"), OK)
+        live.add(table.filter(ok))
+        rejected.add(table.filter(pc.invert(ok)))
+    live.close()
+    rejected.close()
+    listing.live_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in listing.live)
+    return listing
 
 
 def describe(spec: str) -> str:
@@ -117,27 +205,30 @@ def mark_duplicates(rows: list[dict[str, Any]]) -> None:
 
 
 class _DuplicateMarker:
-    """Marks repeats row by row (see ``mark_duplicates``), remembering only where each source came first."""
+    """Marks repeats row by row (see ``mark_duplicates``). The one structure of listing that grows with the inputs:
+    per distinct source a 16-byte digest of it and the index of its first row (~120 bytes; ~120 MB for a million
+    sources), and a count for each source that repeats."""
 
     def __init__(self) -> None:
-        self.first: dict[str, int] = {}
-        self.seen: collections.Counter = collections.Counter()
+        self.first: dict[bytes, int] = {}
+        self.repeats: dict[bytes, int] = {}
 
     def mark(self, row: dict[str, Any], i: int) -> None:
         if row["status"] == REJECTED and row["reason"] == "bad_manifest_row":
             return
-        src = row["source"]
-        row["occurrence"] = self.seen[src]
-        self.seen[src] += 1
-        if row["occurrence"] == 0:
-            self.first[src] = i
-        else:
-            row.update(
-                status=REJECTED,
-                stage="input",
-                reason="duplicate",
-                detail=f"same source as input #{self.first[src]} ({row['given']}); one source makes one set of samples",
-            )
+        # surrogatepass: a file name that is not UTF-8 (kept by surrogateescape) still has one distinct digest
+        digest = hashlib.blake2b(row["source"].encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        first = self.first.setdefault(digest, i)
+        if first == i:
+            row["occurrence"] = 0
+            return
+        row["occurrence"] = self.repeats[digest] = self.repeats.get(digest, 0) + 1
+        row.update(
+            status=REJECTED,
+            stage="input",
+            reason="duplicate",
+            detail=f"same source as input #{first} ({row['given']}); one source makes one set of samples",
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -234,17 +325,19 @@ def _bad_row(manifest: str, n: int, detail: str) -> dict[str, Any]:
 def _manifest_records(spec: str, fmt: str) -> Iterable[dict[str, Any] | Exception]:
     fsys, path = filesystem(spec)
     if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        yield from pq.read_table(path, filesystem=fsys).to_pylist()
+        # batch by batch: the whole manifest as row dicts would take ~2 KB an input
+        with fsys.open_input_file(path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=10_000):
+                yield from batch.to_pylist()
+        return
+    # surrogateescape keeps undecodable bytes addressable, so one bad caption does not sink the whole manifest
+    if fmt == "csv":
+        with fsys.open_input_stream(path) as f:  # streamed: the driver never holds the whole manifest
+            yield from _csv_records(io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape", newline=""))
         return
     with fsys.open_input_stream(path) as f:
         data = f.read()
-    # surrogateescape keeps undecodable bytes addressable, so one bad caption does not sink the whole manifest
     text = data.decode("utf-8", "surrogateescape").removeprefix("\ufeff")
-    if fmt == "csv":
-        yield from _csv_records(text)
-        return
     for n, line in enumerate(text.splitlines()):
         if not line.strip():
             continue
@@ -259,11 +352,11 @@ def _manifest_records(spec: str, fmt: str) -> Iterable[dict[str, Any] | Exceptio
 MAX_CELL_CHARS = 4 << 20  # a CSV cell longer than this is a bad row (the csv module's default limit is 128 KiB)
 
 
-def _csv_records(text: str) -> Iterable[dict[str, Any] | Exception]:
-    """CSV rows as dicts; a row the csv module cannot parse (a cell over MAX_CELL_CHARS, a NUL byte) becomes an
-    Exception in its place, and reading goes on with the next row."""
+def _csv_records(text: Iterable[str]) -> Iterable[dict[str, Any] | Exception]:
+    """CSV rows (from a text stream opened with ``newline=""``) as dicts; a row the csv module cannot parse (a cell
+    over MAX_CELL_CHARS, a NUL byte) becomes an Exception in its place, and reading goes on with the next row."""
     csv.field_size_limit(max(csv.field_size_limit(), MAX_CELL_CHARS))
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(text)
     header: list[str] | None = None
     n = 0
     while True:

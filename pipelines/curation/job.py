@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 import uuid
@@ -28,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import yaml
 
 from pipelines import durable, local_ray, logs, schema, settings
@@ -51,6 +51,7 @@ log = logging.getLogger("t2v.curate")
 # Ray and Ray Data keep 80-110 KB of bookkeeping per block in the driver (t2v bench scale): at most 4,000 blocks
 # bound that part near 400 MB (the default window of 20k inputs has at most 1,250 blocks: 16 inputs per task).
 MAX_BLOCKS = 4_000
+LISTING_DIR = "_listing"  # this run's inputs as parquet parts (inputs.write_listing); removed when the run ends
 LEASE_FILE = ".curate.lease"  # one run per output at a time, from any host (pipelines/lease.py)
 # Test hook: raise SimulatedCrash after this many inputs were written but before their commit (what a kill
 # between two commits leaves behind). Only tests set it.
@@ -81,46 +82,52 @@ def run(cfg: CurateConfig, input: str, output: str | os.PathLike, address: str |
         quarantine_unreadable(out)
         ledger = Ledger(out)
         removed = remove_uncommitted(out, ledger.shards)
-        # inputs stay Arrow tables in the driver (a row dict holds ~2 KB: a million of them would not fit)
-        chunks = inputs_mod.resolve_tables(input, cfg.inputs)
-        listed = sum(t.num_rows for t in chunks)
-        todo_chunks = ledger.not_done(chunks)
-        del chunks
-        todo = sum(t.num_rows for t in todo_chunks)
-        run_id = time.strftime("r%Y%m%dT%H%M%S", time.gmtime()) + uuid.uuid4().hex[:6]
-        log.info(
-            "curate %s -> %s: %d inputs listed, %d already done, %d to do (run %s)",
-            input,
-            out,
-            listed,
-            listed - todo,
-            todo,
-            run_id,
-        )
-        driver = _Driver(out, run_id, ledger, cfg, total=todo)
-        driver.lease = lease
-        ok = [pc.equal(t.column("status"), OK) for t in todo_chunks]
-        live = pa.concat_tables([t.filter(m) for t, m in zip(todo_chunks, ok)])
-        ray_start_s = 0.0
-        pipeline_started = time.time()
+        # the listing goes to parquet parts in the output, read back a window at a time: the driver's memory is
+        # sized by the window, not the corpus. Resuming needs only the ledger, so the listing never outlives a run.
         try:
-            # rejected while listing (duplicates, unusable manifest rows): already final
-            for t, m in zip(todo_chunks, ok):
-                driver.receive(t.filter(pc.invert(m)).to_pylist())
-            del todo_chunks
-            if live.num_rows:
-                _warn_about_models(cfg)
-                ray_start_s = init_ray(address, cfg.num_cpus, cfg.task_cpus)
-                pipeline_started = time.time()
-                _run_pipeline(live, cfg, driver)
-        except BaseException:
-            driver.sink.abort()  # no commit: the next run removes these tars and redoes their inputs
-            raise
-        driver.finish()
-        pipeline_s = time.time() - pipeline_started
+            listing = _list_inputs(input, cfg, out, ledger)
+            listed, todo = listing.listed, listing.todo
+            run_id = time.strftime("r%Y%m%dT%H%M%S", time.gmtime()) + uuid.uuid4().hex[:6]
+            log.info(
+                "curate %s -> %s: %d inputs listed, %d already done, %d to do (run %s)",
+                input,
+                out,
+                listed,
+                listed - todo,
+                todo,
+                run_id,
+            )
+            driver = _Driver(out, run_id, ledger, cfg, total=todo)
+            driver.lease = lease
+            ray_start_s = 0.0
+            pipeline_started = time.time()
+            try:
+                # rejected while listing (duplicates, unusable manifest rows): already final
+                for t in listing.read(listing.rejected):
+                    driver.receive(t.to_pylist())
+                if listing.live_rows:
+                    _warn_about_models(cfg)
+                    ray_start_s = init_ray(address, cfg.num_cpus, cfg.task_cpus)
+                    pipeline_started = time.time()
+                    _run_pipeline(listing, cfg, driver)
+            except BaseException:
+                driver.sink.abort()  # no commit: the next run removes these tars and redoes their inputs
+                raise
+            driver.finish()
+            pipeline_s = time.time() - pipeline_started
+        finally:
+            shutil.rmtree(out / LISTING_DIR, ignore_errors=True)
     summary = _summary(driver, input, out, listed, todo, removed, started, ray_start_s, pipeline_s)
     _write_json(out / schema.SUMMARY_FILE, summary)
     return summary
+
+
+def _list_inputs(input: str, cfg: CurateConfig, out: Path, ledger: Ledger) -> inputs_mod.Listing:
+    """``input``'s rows the ledger does not have yet, as listing parts in ``out`` (``inputs.write_listing``)."""
+    done = ledger.done_ids()  # (freed on return: for a big resumed output, one string per committed input)
+    return inputs_mod.write_listing(
+        input, cfg.inputs, out / LISTING_DIR, cfg.window_inputs, keep=lambda t: ledger.not_done([t], done)[0]
+    )
 
 
 def local_ray_system_config(num_cpus: int | None, task_cpus: float) -> dict[str, Any]:
@@ -172,11 +179,11 @@ def _not_finished(table: pa.Table, done: set[tuple[str, int]]) -> list[bool]:
     ]
 
 
-def _run_pipeline(live: pa.Table, cfg: CurateConfig, driver: _Driver) -> None:
-    """Every live input through the pipeline into the driver, ``cfg.window_inputs`` at a time: one Ray Data run
-    per window, so Ray's bookkeeping and the driver's set of finished inputs are sized by the window, not the
-    corpus. Inputs whose tasks' workers died past ``task_retries`` are run alone (``isolate.run_alone``): poison
-    inputs end rejected, the others as usual."""
+def _run_pipeline(listing: inputs_mod.Listing, cfg: CurateConfig, driver: _Driver) -> None:
+    """Every live input through the pipeline into the driver, one listing part (``cfg.window_inputs`` inputs) at a
+    time: one Ray Data run per window, so the rows in memory, Ray's bookkeeping and the driver's set of finished
+    inputs are sized by the window, not the corpus. Inputs whose tasks' workers died past ``task_retries`` are run
+    alone (``isolate.run_alone``): poison inputs end rejected, the others as usual."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -184,8 +191,8 @@ def _run_pipeline(live: pa.Table, cfg: CurateConfig, driver: _Driver) -> None:
     # a block whose task failed past its retries is dropped, not the run: its inputs are found missing below
     ctx.max_errored_blocks = -1
     try:
-        for start in range(0, live.num_rows, cfg.window_inputs):
-            _run_window(live.slice(start, cfg.window_inputs), cfg, driver)
+        for window in listing.read(listing.live):
+            _run_window(window, cfg, driver)
     finally:
         ctx.max_errored_blocks = errored_before
 

@@ -178,9 +178,14 @@ class Ledger:
         t = read_ledger(self.output, ["source", "occurrence"])
         return set(zip(t.column("source").to_pylist(), t.column("occurrence").to_pylist()))
 
-    def not_done(self, tables: list[pa.Table]) -> list[pa.Table]:
-        """The rows of ``tables`` (input rows) that have no ledger row yet."""
-        done = _input_ids(read_ledger(self.output, ["source", "occurrence"]))
+    def done_ids(self) -> pa.Array:
+        """Every committed input, one Arrow string per (source, occurrence): what ``not_done`` filters by."""
+        return _input_ids(read_ledger(self.output, ["source", "occurrence"]))
+
+    def not_done(self, tables: list[pa.Table], done: pa.Array | None = None) -> list[pa.Table]:
+        """The rows of ``tables`` (input rows) that have no ledger row yet; ``done`` (``done_ids``) saves reading
+        the ledger again for each call."""
+        done = self.done_ids() if done is None else done
         return [t.filter(pc.invert(pc.is_in(_input_ids(t), value_set=done))) for t in tables]
 
     def append(self, rows: list[dict[str, Any]], run: str, commit: int) -> Path | None:

@@ -128,3 +128,30 @@ def test_ledger_summary_and_done_filter_use_arrow(tmp_path):
         "quality:static": 2
     }
     assert json.loads(read_ledger(tmp_path).to_pylist()[8]["clips_rejected"]) == {"static": 2}
+
+
+def test_the_listing_is_in_the_output_only_while_a_run_lasts(tmp_path, monkeypatch):
+    # every row is rejected while listing, so no Ray starts
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps({"path": "", "caption": f"no path {i}"}) for i in range(5)) + "\n")
+    out = tmp_path / "out"
+    seen = []
+    receive = curate._Driver.receive
+
+    def spy(self, rows):
+        seen.append(sorted(p.name for p in (out / curate.LISTING_DIR).iterdir()))
+        receive(self, rows)
+
+    monkeypatch.setattr(curate._Driver, "receive", spy)
+    cfg = settings.load(curate.CurateConfig, None, ["progress=false"])
+    monkeypatch.setenv(curate.CRASH_ENV, "2")
+    with pytest.raises(curate.SimulatedCrash):
+        curate.run(cfg, str(manifest), out)
+    assert seen == [["rejected-00000.parquet"]]
+    assert not (out / curate.LISTING_DIR).exists()  # a failed run leaves no listing: resuming uses the ledger
+
+    monkeypatch.delenv(curate.CRASH_ENV)
+    summary = curate.run(cfg, str(manifest), out)
+    assert (summary["inputs"], summary["processed"], summary["rejected"]) == (5, 5, 5)
+    assert not (out / curate.LISTING_DIR).exists()
+    assert curate.run(cfg, str(manifest), out)["skipped_done"] == 5

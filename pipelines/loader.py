@@ -23,8 +23,13 @@ stages; what holds after each:
 Resume is exact to the sample: a position is (epoch, shard in the epoch's plan, samples of that shard already
 used), and replaying the seeded plan and shuffle reproduces the same order, so a resumed run sees exactly the
 samples the interrupted one would have seen next (only raw bytes of the current shard are re-read, not
-decoded). That holds while the shard set and the number of workers stay the same; when either changed the
-stream restarts at the beginning of the saved epoch (a warning says so).
+decoded). That holds while the shard set and the number of workers stay the same. When the number of workers
+changed (a resharded resume) the data position carries over as a count (``samples_taken``, ``resharded_position``):
+the samples all old ranks took together since the run started, which fixes the epoch and how much of it is used;
+each new rank skips the same share of its own plan of that epoch, so the run finishes the epoch with as many
+samples as the old ranks still had to read, not replaying it from its start (the samples skipped are the new
+plan's, so an epoch cut by a reshard can repeat or miss a few samples). When the shard set changed the stream
+restarts at the beginning of the saved epoch (a warning says so).
 
 Bad data is counted, never silent: ``DataHealth`` counts skipped samples and missing shards (the training
 loop logs them as metrics) and stops training with ``DataError`` once more than ``max_bad_fraction`` of the
@@ -262,6 +267,34 @@ def plan_epoch(
     return plan
 
 
+def plan_sizes(plan: list[tuple[str, list[int] | None]], urls: list[str], counts: list[int]) -> list[int]:
+    """Samples of each entry of a ``plan_epoch`` plan."""
+    n = dict(zip(urls, counts))
+    return [n[url] if keep is None else len(keep) for url, keep in plan]
+
+
+def samples_taken(position: Position, plan_of) -> int:
+    """Samples a rank's stream took from the start of the run up to ``position``: its whole plans of the earlier
+    epochs plus the used part of this epoch's. ``plan_of(epoch)``: that rank's plan sizes (``plan_sizes``)."""
+    done = sum(sum(plan_of(e)) for e in range(position.epoch))
+    return done + sum(plan_of(position.epoch)[: position.shard]) + position.offset
+
+
+def resharded_position(taken: int, epoch_size: int, sizes_of, fingerprint: str) -> Position:
+    """Where one rank of a new world size continues a stream whose old ranks took ``taken`` samples together
+    (``samples_taken`` summed over them). The run is in epoch ``taken // epoch_size`` with ``taken % epoch_size``
+    of its samples used; this rank skips that share of its plan of the epoch (``sizes_of(epoch)``, its plan sizes),
+    rounded down, so the new ranks together read about what the old ones still had to read of the epoch."""
+    epoch, used = divmod(taken, max(1, epoch_size))
+    sizes = sizes_of(epoch)
+    skip = used * sum(sizes) // max(1, epoch_size)
+    shard = 0
+    while shard < len(sizes) and skip >= sizes[shard]:
+        skip -= sizes[shard]
+        shard += 1
+    return Position(epoch, shard, skip, fingerprint)
+
+
 def _log_and_continue(exn: Exception) -> bool:
     log.warning("skipping a corrupt shard member: %s", exn)
     return True
@@ -290,7 +323,10 @@ class KindStream:
         health: DataHealth | None = None,
         shape: str | None = None,
         members: list[list[int]] | None = None,
+        resharded_from: list[Position] | None = None,
     ):
+        """``resharded_from``: every old rank's position, in rank order, when the checkpoint was written by another
+        number of workers (``position`` is then ignored); see the module docstring."""
         self.kind, self.urls, self.counts = kind, urls, counts
         self.health = health or DataHealth(len(urls), 1.0)
         self.rank, self.world_size, self.seed = rank, world_size, seed
@@ -300,6 +336,8 @@ class KindStream:
         if shape is not None:
             self.stream_id = int(hashlib.sha1(f"{kind}@{shape}".encode()).hexdigest()[:8], 16)
         self.fingerprint = _fingerprint(urls, counts, world_size)
+        if resharded_from:
+            position = self._resharded(resharded_from)
         self.start = position or Position(fingerprint=self.fingerprint)
         if self.start.fingerprint != self.fingerprint:
             log.warning(
@@ -310,6 +348,30 @@ class KindStream:
                 self.start.epoch,
             )
             self.start = Position(epoch=self.start.epoch, fingerprint=self.fingerprint)
+
+    def _sizes(self, rank: int, world_size: int, epoch: int) -> list[int]:
+        plan = plan_epoch(self.urls, self.counts, rank, world_size, self.seed, self.stream_id, epoch, self.members)
+        return plan_sizes(plan, self.urls, self.counts)
+
+    def _resharded(self, old: list[Position]) -> Position:
+        old_world = len(old)
+        if any(p.fingerprint != _fingerprint(self.urls, self.counts, old_world) for p in old):
+            return Position(epoch=min(p.epoch for p in old))  # the shard set changed too: the warning below
+        taken = sum(samples_taken(p, lambda e, r=r: self._sizes(r, old_world, e)) for r, p in enumerate(old))
+        epoch_size = sum(self.counts) if self.members is None else sum(len(m) for m in self.members)
+        start = resharded_position(
+            taken, epoch_size, lambda e: self._sizes(self.rank, self.world_size, e), self.fingerprint
+        )
+        log.info(
+            "%s stream resharded from %d to %d workers: %d samples taken, rank %d continues at %s",
+            self.kind,
+            old_world,
+            self.world_size,
+            taken,
+            self.rank,
+            start,
+        )
+        return start
 
     def _shard_samples(self, url: str, keep: list[int] | None, epoch: int, shard: int) -> Iterator[dict]:
         """This rank's samples of one shard in their shuffled order (deterministic given epoch and shard)."""
@@ -766,6 +828,8 @@ class TrainLoader:
     """Endless iterator of ``StepBatch`` for one rank, decoded ahead in a background thread.
 
     ``state`` is a ``StepBatch.position`` from a checkpoint: the stream continues right after that batch.
+    ``resharded_from`` replaces it when the checkpoint was written by another number of workers: every old rank's
+    ``StepBatch.position``, in rank order; the streams continue from the samples they took together.
     """
 
     def __init__(
@@ -775,13 +839,15 @@ class TrainLoader:
         world_size: int = 1,
         state: dict | None = None,
         shard_sets: list[ShardSet] | None = None,
+        resharded_from: list[dict] | None = None,
     ):
         self.spec = spec
         self.sets = shard_sets if shard_sets is not None else find_shard_sets(spec.data)
         self.seen: dict[str, int] = {}  # shape -> samples this rank delivered (the bucket histogram)
         self.batches = 0  # step batches produced (bucket mode: numbers the per-step bucket draws)
+        old = resharded_from or []
         if spec.shapes == "buckets":
-            self._init_buckets(rank, world_size, state or {})
+            self._init_buckets(rank, world_size, state or {}, old)
             return
         self.plan: BucketPlan | None = None
         by_kind = urls_by_kind(self.sets)
@@ -802,6 +868,7 @@ class TrainLoader:
                 spec.shuffle_block,
                 Position(**state[kind]) if kind in state else None,
                 self.health,
+                resharded_from=_old_positions(old, kind),
             )
             for kind in used
         }
@@ -820,7 +887,7 @@ class TrainLoader:
         )
         self._start_threads()
 
-    def _init_buckets(self, rank: int, world_size: int, state: dict) -> None:
+    def _init_buckets(self, rank: int, world_size: int, state: dict, old: list[dict]) -> None:
         """Bucket batches: one stream per (kind, shape), each its own seeded, resumable ``KindStream``; the state
         is every stream's position plus the number of batches made (which numbers the bucket draws)."""
         spec = self.spec
@@ -834,6 +901,11 @@ class TrainLoader:
         positions = state.get("streams", {})
         self.batches = int(state.get("batches", 0))
         self._made: dict[str, int] = dict(state.get("seen", {}))
+        if old and all("streams" in o for o in old):
+            # the bucket draws are numbered alike on every rank; the histogram's totals are split over the new ranks
+            self.batches = int(old[0].get("batches", 0))
+            totals = {k: sum(o.get("seen", {}).get(k, 0) for o in old) for k in old[0].get("seen", {})}
+            self._made = {k: n // world_size + (n % world_size if rank == 0 else 0) for k, n in totals.items()}
         self.seen = dict(self._made)
         urls = {u for name in used for u in inventory[name.split("@")[0]][name.split("@")[1]][0]}
         self.health = DataHealth(len(urls), spec.max_bad_fraction)
@@ -853,6 +925,7 @@ class TrainLoader:
                 self.health,
                 shape=shape,
                 members=members,
+                resharded_from=_old_positions([o.get("streams", {}) for o in old], name),
             )
         self.decoder = Decoder(
             None,
@@ -978,6 +1051,13 @@ class TrainLoader:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _old_positions(old: list[dict], name: str) -> list[Position] | None:
+    """Every old rank's position of one stream, or None when a rank has none (the stream then starts afresh)."""
+    if not old or any(name not in o for o in old):
+        return None
+    return [Position(**o[name]) for o in old]
 
 
 def collate_frames(items: list[Item]) -> torch.Tensor:

@@ -21,9 +21,10 @@ RUN_FILE = "mlflow_run.json"  # the MLflow run this output directory logs to (re
 EXPORT_DIR = "model"
 RAY_DIR = "ray"
 RAY_RUN_NAME = "train"
-# Settings a checkpoint depends on (architecture, and how ZeRO partitioned the optimizer state across ranks):
-# resuming with another value is refused. Everything else (steps, lr, batch sizes, data) may change on resume.
-RESUME_FIXED = ("model", "model_overrides", "init_from", "num_workers", "zero_stage")
+# Settings a checkpoint depends on (the architecture): resuming with another value is refused. Everything else
+# (steps, lr, batch sizes, data) may change on resume; another num_workers or zero_stage resumes from the
+# consolidated weights with a fresh optimizer state (worker.Reshard).
+RESUME_FIXED = ("model", "model_overrides", "init_from")
 
 
 @dataclass

@@ -149,7 +149,8 @@ def state_from_checkpoint(ckpt_dir: str | Path) -> tuple[dict[str, Tensor], dict
     ema = None
     rank0 = d / worker_state_file(0)
     if info["zero_stage"] < 3 and rank0.is_file():
-        tensors = torch.load(rank0, map_location="cpu", weights_only=True).get("ema")
+        saved = torch.load(rank0, map_location="cpu", weights_only=True).get("ema") or {}
+        tensors = saved.get("tensors")  # Ema.state(): {"updates", "tensors"}
         if tensors is not None:
             ema = {name: t.reshape(raw[name].shape).float() for name, t in zip(info["param_names"], tensors)}
             ema.update({k: v for k, v in raw.items() if k not in ema})  # buffers: as trained

@@ -68,9 +68,11 @@ def _init_state(cfg: TrainConfig, model_config, t2v_checkpoint: bool) -> dict[st
     return unet.state_dict()
 
 
-def build_model(cfg: TrainConfig, device: torch.device, ds_config: dict, mc, t2v_checkpoint: bool):
+def build_model(cfg: TrainConfig, device: torch.device, ds_config: dict, mc, t2v_checkpoint: bool, weights=None):
     """TextToVideo whose UNet is partitioned by ZeRO-3 from construction on (see the module docstring). ``mc``:
-    the ModelConfig (``worker.resolve_model_config``); ``t2v_checkpoint``: ``init_from`` is a TextToVideo file."""
+    the ModelConfig (``worker.resolve_model_config``); ``t2v_checkpoint``: ``init_from`` is a TextToVideo file;
+    ``weights``: a full UNet state dict on rank 0 that replaces the initial weights (a resharded resume); the other
+    ranks pass an empty dict (all ranks take part in the copy, or none)."""
     import deepspeed
     import torch.distributed as dist
 
@@ -85,9 +87,11 @@ def build_model(cfg: TrainConfig, device: torch.device, ds_config: dict, mc, t2v
     # the parameter dtype follows the config (bf16 when enabled), as deepspeed.initialize casts a plain module
     with deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device=remote), zero_init_partitioned():
         unet = build_video_unet(mc)
-    if cfg.init_from:
+    if cfg.init_from or weights is not None:
         rank = dist.get_rank()
-        state = _init_state(cfg, mc, t2v_checkpoint) if rank == 0 else None
+        state = None
+        if rank == 0:
+            state = weights if weights is not None else _init_state(cfg, mc, t2v_checkpoint)
         for name, p in unet.named_parameters():
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
                 if rank == 0:

@@ -645,15 +645,77 @@ def load_checkpoint(engine, ema: Ema, checkpoint, rank: int, world_size: int, cf
     with checkpoint.as_directory() as d:
         info = json.loads((Path(d) / export.TRAIN_STATE_FILE).read_text(encoding="utf-8"))
         if info["world_size"] != world_size or info["zero_stage"] != cfg.zero_stage:
-            raise RuntimeError(
-                f"checkpoint {d} was written by {info['world_size']} workers with ZeRO stage "
-                f"{info['zero_stage']}; resume with num_workers={info['world_size']} and "
-                f"zero_stage={info['zero_stage']}, or start a new output directory"
-            )
+            raise RuntimeError(f"checkpoint {d} is of another world size or ZeRO stage: resume it with Reshard")
         engine.load_checkpoint(d, tag=export.DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
         state = torch.load(Path(d) / export.worker_state_file(rank), map_location="cpu", weights_only=True)
     ema.load(state["ema"])
     return int(state["step"]), state["loader"]
+
+
+class Reshard:
+    """Resume from a checkpoint another number of workers (or ZeRO stage) wrote.
+
+    DeepSpeed's own checkpoint holds optimizer partitions for its world size, so the run starts from the
+    consolidated fp32 weights (``export.state_from_checkpoint``) loaded before ``deepspeed.initialize`` with a fresh
+    optimizer state (Adam moments restart; under bf16 the master weights start from the bf16-cast module, as a new
+    run's do). Kept: the step (and so the LR schedule), the EMA (its saved copy when ZeRO 0-2 wrote it and
+    this run is ZeRO 0-2, else the consolidated weights) and the data position: every old rank's loader state,
+    which ``loader.TrainLoader(resharded_from=...)`` turns into the samples all ranks took (see pipelines/loader.py).
+    """
+
+    def __init__(self, info: dict, world_size: int, zero_stage: int, loader_states: list, weights, ema, ema_updates):
+        self.info, self.world_size, self.zero_stage = info, world_size, zero_stage
+        self.loader_states, self.weights, self.ema, self.ema_updates = loader_states, weights, ema, ema_updates
+
+    @classmethod
+    def read(cls, checkpoint, rank: int, world_size: int, cfg: TrainConfig) -> Reshard | None:
+        """None when the checkpoint's world size and ZeRO stage are this run's (the full DeepSpeed load applies)."""
+        with checkpoint.as_directory() as d:
+            d = Path(d)
+            info = json.loads((d / export.TRAIN_STATE_FILE).read_text(encoding="utf-8"))
+            if info["world_size"] == world_size and info["zero_stage"] == cfg.zero_stage:
+                return None
+            states = [
+                torch.load(d / export.worker_state_file(r), map_location="cpu", weights_only=True)
+                for r in range(info["world_size"])
+            ]
+            weights, ema = {}, None  # ZeRO-3 copies rank 0's weights in (sharded.build_model)
+            if rank == 0 or cfg.zero_stage < 3:
+                weights, ema, _ = export.state_from_checkpoint(d)
+        return cls(
+            info, world_size, cfg.zero_stage, [s["loader"] for s in states], weights, ema, states[0]["ema"]["updates"]
+        )
+
+    def message(self) -> str:
+        old, new = self.info["world_size"], self.world_size
+        text = f"optimizer state restarts: checkpoint was saved by {old} workers, this run has {new}"
+        if self.info["zero_stage"] != self.zero_stage:
+            text += f" (ZeRO stage {self.info['zero_stage']} -> {self.zero_stage})"
+        return text
+
+    def tags(self) -> dict[str, str]:
+        return {
+            "resumed_from_workers": str(self.info["world_size"]),
+            "resumed_from_zero_stage": str(self.info["zero_stage"]),
+            "resumed_at_step": str(self.info["step"]),
+            "reshard": self.message(),
+        }
+
+    def resume(self, engine, scheduler, ema: Ema, rank: int) -> int:
+        """Step, LR schedule and EMA of the checkpoint on the freshly initialised engine -> the step."""
+        step = int(self.info["step"])
+        if rank == 0:
+            log.warning("%s; step, EMA and data position carry over", self.message())
+        scheduler.last_epoch = step - 1
+        scheduler.step()  # the learning rate of step ``step``, as the loaded schedule state would give
+        engine.global_steps = step
+        engine.global_samples = step * engine.train_batch_size()
+        ema.updates = int(self.ema_updates)
+        if self.ema is not None and ema.holder and not ema.partitioned:
+            names = [name for name, _ in engine.module.named_parameters()]
+            ema.tensors = [self.ema[n].to(e.device, torch.float32) for n, e in zip(names, ema.tensors)]
+        self.weights = self.ema = None  # host memory: the engine holds the weights now
+        return step
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -828,13 +890,23 @@ def train_loop_per_worker(config: dict) -> None:
     # -- model and DeepSpeed -------------------------------------------------------------------------------------
     branches = int(cfg.image_batch_size > 0) + int(cfg.video_batch_size > 0)
     speed_on = speed.check(cfg, device)
+    checkpoint = ray.train.get_checkpoint()
+    # another world size or ZeRO stage: the weights come consolidated, before DeepSpeed partitions them
+    reshard = Reshard.read(checkpoint, rank, world_size, cfg) if checkpoint is not None else None
     if cfg.zero_stage == 3:  # partitioned from construction on: no rank holds the whole UNet
         ds_config = deepspeed_config(cfg, world_size, branches)
         model = sharded.build_model(
-            cfg, device, ds_config, resolve_model_config(cfg), _is_t2v_checkpoint(cfg.init_from)
+            cfg,
+            device,
+            ds_config,
+            resolve_model_config(cfg),
+            _is_t2v_checkpoint(cfg.init_from),
+            weights=reshard.weights if reshard is not None else None,
         )
     else:
         model = build_model(cfg, device)
+        if reshard is not None:
+            model.unet.load_state_dict(reshard.weights)
     model.unet.train()
     speed.prepare_unet(model.unet, cfg)
     engine, _, _, scheduler = deepspeed.initialize(
@@ -849,13 +921,21 @@ def train_loop_per_worker(config: dict) -> None:
 
     # -- resume --------------------------------------------------------------------------------------------------
     step, loader_state = 0, None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+    if reshard is not None:
+        step = reshard.resume(engine, scheduler, ema, rank)
+        log.info("resumed from step %d (resharded)", step)
+    elif checkpoint is not None:
         step, loader_state = load_checkpoint(engine, ema, checkpoint, rank, world_size, cfg)
         log.info("resumed from step %d", step)
 
     # -- data ----------------------------------------------------------------------------------------------------
-    data = loader.TrainLoader(loader_spec(cfg, model), rank, world_size, state=loader_state)
+    data = loader.TrainLoader(
+        loader_spec(cfg, model),
+        rank,
+        world_size,
+        state=loader_state,
+        resharded_from=reshard.loader_states if reshard is not None else None,
+    )
     cond = Conditioner(model, cfg, device)
 
     # -- tracking (rank 0 only) ----------------------------------------------------------------------------------
@@ -883,6 +963,8 @@ def train_loop_per_worker(config: dict) -> None:
             }
         )
         tracker.set_tags(run_facts.hardware_tags(device, world_size, cfg.cpus_per_worker))
+        if reshard is not None:
+            tracker.set_tags(reshard.tags())
     exporter = Exporter(model, engine, ema, rank, cfg, out, tracker)
     evaluator = PeriodicEvaluator(cfg.periodic_eval, rank, world_size, tracker)
     throughput = run_facts.Throughput()

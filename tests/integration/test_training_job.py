@@ -219,8 +219,67 @@ def test_zero2_run_resume_and_mlflow_contents(ray_session, shards, train_config,
         == resumed
     )
     # resuming with settings that change what the checkpoint means is refused
-    with pytest.raises(settings.ConfigError, match="num_workers"):
-        train.run(train_config(shards, out, store, zero_stage=2, steps=8, num_workers=1))
+    with pytest.raises(settings.ConfigError, match="model_overrides"):
+        train.run(train_config(shards, out, store, zero_stage=2, steps=8, model_overrides={}))
+
+
+def _samples_taken(shards, ckpt, kind: str) -> int:
+    """The samples of ``kind`` all ranks of a checkpoint took since the run started (its data position)."""
+    from pipelines import loader, schema
+
+    urls, counts = loader.urls_by_kind(loader.find_shard_sets([str(shards)]))[kind]
+    world = json.loads((ckpt / export.TRAIN_STATE_FILE).read_text())["world_size"]
+
+    def sizes(rank: int, epoch: int) -> list[int]:
+        plan = loader.plan_epoch(urls, counts, rank, world, 0, schema.KINDS.index(kind), epoch)
+        return loader.plan_sizes(plan, urls, counts)
+
+    total = 0
+    for r in range(world):
+        state = torch.load(ckpt / export.worker_state_file(r), weights_only=True)["loader"][kind]
+        total += loader.samples_taken(loader.Position(**state), lambda e, r=r: sizes(r, e))
+    return total
+
+
+def test_resume_on_another_number_of_workers(ray_session, shards, train_config, mlflow_uri, tmp_path):
+    """2 workers -> 1 -> 2: the step, the LR schedule and the data position carry over; the optimizer restarts
+    (the MLflow run says so)."""
+    from mlflow import MlflowClient
+
+    from pipelines.training.worker import lr_factor
+
+    out = tmp_path / "reshard"
+    ckpts = out / "ray" / "train"
+    run = lambda workers, steps: train.run(  # noqa: E731
+        train_config(
+            shards, out, mlflow_uri, zero_stage=2, steps=steps, num_workers=workers, log_model=False, save_final=False
+        )
+    )
+    first = run(2, 2)
+    per_step = {"image": 2}  # image samples a worker takes a step
+    assert _samples_taken(shards, ckpts / "step_00000002", "image") == 2 * 2 * per_step["image"]
+    client = MlflowClient(mlflow_uri)
+
+    one = run(1, 4)
+    tags = client.get_run(first["run_id"]).data.tags
+    assert one["run_id"] == first["run_id"] and one["steps"] == 4
+    assert tags["resumed_from_workers"] == "2"
+    assert tags["reshard"] == "optimizer state restarts: checkpoint was saved by 2 workers, this run has 1"
+    # one worker continues the epoch after the 8 samples the two took, not from its start
+    assert _samples_taken(shards, ckpts / "step_00000004", "image") == 8 + 2 * per_step["image"]
+
+    two = run(2, 6)
+    assert two["steps"] == 6
+    assert client.get_run(first["run_id"]).data.tags["resumed_from_workers"] == "1"
+    # the two new workers split what is left of the epoch: each skips its share, rounded down
+    assert 12 + 8 - 1 <= _samples_taken(shards, ckpts / "step_00000006", "image") <= 12 + 8
+    losses = history(client, first["run_id"], "loss")
+    assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6] and all(math.isfinite(v) for _, v in losses)
+    # the LR schedule goes on from the step (a fresh one would be back in its warm-up at full lr)
+    lrs = dict(history(client, first["run_id"], "lr"))
+    for step, steps in ((3, 4), (5, 6)):
+        cfg = train_config(shards, out, None, steps=steps)
+        assert lrs[step] == pytest.approx(cfg.lr * lr_factor(step, cfg)) and lrs[step] < cfg.lr
 
 
 def test_zero3_gathers_partitioned_weights_for_export(ray_session, shards, train_config, small_model, tmp_path):

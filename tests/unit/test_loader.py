@@ -184,3 +184,35 @@ def test_image_condition_frame_is_the_middle_or_first_frame(shards):
         expected = item.frames[0] if frame == "first" else item.frames[2]
         np.testing.assert_array_equal(item.cond_frame, expected)
     assert not np.array_equal(items["middle"].cond_frame, items["first"].cond_frame)  # the shapes move
+
+
+def test_data_position_arithmetic_across_world_sizes():
+    sizes = {0: [3, 2], 1: [2, 2], 2: [4, 1]}  # one rank's plan sizes per epoch
+    at = loader.Position(epoch=2, shard=1, offset=1)
+    assert loader.samples_taken(at, sizes.__getitem__) == 5 + 4 + 4 + 1
+    # the old ranks took 23 samples of a 10-sample epoch: epoch 2, 3 used; a rank holding 6 of them skips 6 * 3 // 10
+    assert loader.resharded_position(23, 10, lambda e: [4, 2], "f") == loader.Position(2, 0, 1, "f")
+    # one rank holds the whole epoch: it skips exactly what was used, across shard boundaries
+    assert loader.resharded_position(7, 10, lambda e: [4, 6], "f") == loader.Position(0, 1, 3, "f")
+    assert loader.resharded_position(10, 10, lambda e: [4, 6], "f") == loader.Position(1, 0, 0, "f")
+
+
+def test_a_resharded_stream_continues_the_epoch_instead_of_replaying_it(shards):
+    urls, counts = loader.urls_by_kind(loader.find_shard_sets([str(shards)]))["video_text"]
+    n = sum(counts)
+
+    def positions(stream, k):
+        it = iter(stream)
+        return [next(it)[1] for _ in range(k)]
+
+    # 2 workers took 2 samples each; 1 worker reads the other n - 4 of epoch 0, then epoch 1
+    old = [positions(loader.KindStream("video_text", urls, counts, r, 2, seed=3), 2)[-1] for r in range(2)]
+    one = loader.KindStream("video_text", urls, counts, 0, 1, seed=3, resharded_from=old)
+    assert [p.epoch for p in positions(one, n - 3)] == [0] * (n - 4) + [1]
+    # 1 worker took 3 samples; the 2 new workers together read the other n - 3 (to rounding) of epoch 0
+    old = [positions(loader.KindStream("video_text", urls, counts, 0, 1, seed=3), 3)[-1]]
+    left = []
+    for r in range(2):
+        stream = loader.KindStream("video_text", urls, counts, r, 2, seed=3, resharded_from=old)
+        left.append(sum(p.epoch == 0 for p in positions(stream, n)))
+    assert n - 3 <= sum(left) <= n - 3 + 2

@@ -172,6 +172,7 @@ class TextToVideo:
         conditions: dict[str, torch.Tensor] | None = None,
         concat: Tensor | None = None,
         guide_conditions: bool = False,
+        composite: bool = True,
     ) -> np.ndarray:
         """Prompts (and optionally a conditioning image) -> videos uint8 [b, f, h, w, 3].
 
@@ -188,6 +189,8 @@ class TextToVideo:
         saw.
         ``concat``: [1 or b, extra_in_channels, f, h', w'] given to both sides of guidance (masked conditioning,
         ``model/masked.py``, whose given content is pasted back over the result); not with ``conditions``.
+        ``composite=False`` returns the model's own output without the given content pasted back (to measure how
+        well the model itself keeps it).
         """
         if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be a non-empty list of strings, e.g. ['a red circle moving left']")
@@ -242,7 +245,7 @@ class TextToVideo:
             )
         finally:
             self.unet.train(was_training)
-        if concat is not None and self.config.masked is not None:
+        if composite and concat is not None and self.config.masked is not None:
             from model.masked import composite
 
             latents = composite(latents, cond["concat"].expand(b, *concat.shape[1:]).to(latents))

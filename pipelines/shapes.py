@@ -275,6 +275,13 @@ def foreground(frames: np.ndarray, threshold: float = 60.0) -> np.ndarray:
     return np.linalg.norm(x - background[:, None, None, :], axis=-1) > threshold
 
 
+def nearest_colour(rgb: np.ndarray) -> str:
+    """The palette entry (``COLOURS``) nearest to an RGB colour."""
+    names = list(COLOURS)
+    palette = np.array([COLOURS[n] for n in names], np.float32)
+    return names[int(np.argmin(np.linalg.norm(palette - np.asarray(rgb, np.float32), axis=1)))]
+
+
 def detect(frames: np.ndarray, min_motion: float = 0.08, threshold: float = 60.0) -> Detection:
     """Classify colour and motion direction of the shape in uint8 [f, h, w, 3] frames (or one [h, w, 3] image).
 
@@ -295,10 +302,7 @@ def detect(frames: np.ndarray, min_motion: float = 0.08, threshold: float = 60.0
     if mask.sum() == 0:
         return Detection(None, None, (0.0, 0.0), 0.0)
 
-    mean_colour = x[mask].mean(axis=0)
-    names = list(COLOURS)
-    palette = np.array([COLOURS[n] for n in names], np.float32)
-    colour = names[int(np.argmin(np.linalg.norm(palette - mean_colour, axis=1)))]
+    colour = nearest_colour(x[mask].mean(axis=0))
 
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
     cx, cy, valid = [], [], []

@@ -17,6 +17,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "train": ("flows.benchmarks.train", "training throughput with Ray Train + DeepSpeed"),
     "learn": ("flows.benchmarks.learn", "what the model learns on the shapes corpus (accuracy vs steps)"),
     "conditions": ("flows.benchmarks.conditions", "whether motion and edge-map conditions steer generation"),
+    "masked": ("flows.benchmarks.masked", "image-to-video and inpainting with masked conditioning on held-out shapes"),
     "scale": ("flows.benchmarks.scale", "curation driver memory and files written on a 1M-row manifest"),
     "buckets": ("flows.benchmarks.buckets", "crop waste and loader throughput per bucket against one size"),
     "gpu": ("flows.benchmarks.gpu", "small and modelscope-1.7b on one GPU: clips/s, MFU, memory, vs a plain loop"),

@@ -14,18 +14,15 @@ conditioned figures sit next to the unconditioned ones of the same model, seeds 
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from flows.benchmarks.shapes_bench import curate_and_train, main_for, reference_clip, write_report
 from flows.demo import DEMO_CORPUS, DEMO_FLOW, FRAMES, SIDE
-from pipelines import logs, settings
+from pipelines import settings
 from pipelines.curation.config import CurateConfig
 from pipelines.settings import check
 from pipelines.shapes import CorpusConfig
@@ -74,22 +71,13 @@ class ConditionsBenchConfig:
 
 
 def references(n: int, fps: float) -> list[dict[str, Any]]:
-    """Held-out combinations as the model sees clips: rendered at the corpus size, scaled to the model's, with the
-    conditions curation would store for them."""
-    from pipelines import media, shapes
+    """Held-out combinations as the model sees clips, with the conditions curation would store for them."""
+    from pipelines import shapes
     from pipelines.curation.stages.conditions import edge_map, motion_field
-    from pipelines.loader import resize_frames
 
-    corpus = _corpus()
     out = []
     for i, (_, colour, shape, direction) in enumerate(shapes.heldout_prompts(n)):
-        size = 0.4 * min(corpus.width, corpus.height)
-        video = shapes.render_video(
-            colour, shape, direction, corpus.width, corpus.height, FRAMES, size, corpus.travel, OFFSETS[i % 2]
-        )
-        clip = resize_frames(video, SIDE, SIDE)
-        mp4 = media.encode_mp4(clip, fps)
-        clip = media.decode_mp4(mp4)  # what curation stores: the encoded clip
+        clip, mp4 = reference_clip(colour, shape, direction, _corpus(), OFFSETS[i % 2], fps)
         out.append(
             {
                 "prompt": shapes.caption_for(colour, shape),  # no direction word
@@ -160,62 +148,15 @@ def render(rows: dict[str, dict[str, float]], cfg: ConditionsBenchConfig, steps:
 
 
 def run(cfg: ConditionsBenchConfig) -> dict[str, Any]:
-    from pipelines import schema, shapes
-    from pipelines.curation import job as curate
-    from pipelines.training import job as train
-
-    out = Path(cfg.output).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    curated = out / "curated"
-    if not schema.shard_urls(curated, "video_text"):
-        manifest = shapes.generate(cfg.corpus, out / "corpus", progress=False)
-        curate.run(cfg.curate, str(manifest), str(curated))
-    print(f"[bench_conditions] data ready in {time.time() - t0:.0f}s: {curated}", flush=True)
-    tcfg = settings.from_dict(
-        TrainConfig,
-        settings.merge(
-            settings.to_dict(cfg.train),
-            {
-                "data": [str(curated)],
-                "output": str(out / f"train-{cfg.minutes:g}min"),
-                "time_limit_minutes": cfg.minutes,
-                "seed": cfg.seed,
-                "log_model": False,
-                "mlflow": {"tracking_uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": "bench-conditions"},
-            },
-        ),
-    )
-    result = train.run(tcfg)
+    result = curate_and_train(cfg.output, cfg.corpus, cfg.curate, cfg.train, cfg.minutes, cfg.seed, "conditions")
     rows = evaluate(result["ema_checkpoint"] or result["checkpoint"], cfg)
-    text = render(rows, cfg, int(result["steps"]))
     report = {"config": settings.to_dict(cfg), "steps": result["steps"], "ways": rows}
-    path = out / f"bench_conditions-{cfg.minutes:g}min.json"
-    path.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
-    print()
-    print(text)
-    print(f"\n[bench_conditions] figures: {path}")
+    write_report(cfg.output, "conditions", cfg.minutes, report, render(rows, cfg, int(result["steps"])))
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="t2v bench conditions", description=__doc__.split("\n\n")[1])
-    settings.add_arguments(parser)
-    parser.add_argument("--minutes", type=float, default=None, help="training minutes")
-    parser.add_argument("--samples", type=int, default=None, help="held-out videos per way of generating")
-    parser.add_argument("--output", default=None, help="output directory")
-    args = parser.parse_args(argv)
-    cfg = settings.resolve(
-        parser,
-        ConditionsBenchConfig,
-        args,
-        {"minutes": args.minutes, "samples": args.samples, "output": args.output},
-    )
-    if cfg is None:
-        return 0
-    logs.setup()
-    run(cfg)
-    return 0
+    return main_for("conditions", __doc__, ConditionsBenchConfig, run, "held-out videos per way of generating", argv)
 
 
 if __name__ == "__main__":

@@ -94,4 +94,14 @@ def test_bench_dispatches_by_name(capsys):
 
     assert bench.main([]) == 0 and "curate" in capsys.readouterr().out
     assert bench.main(["nope"]) == 2 and "unknown benchmark 'nope'" in capsys.readouterr().err
-    assert set(bench.BENCHMARKS) == {"model", "curate", "train", "learn", "conditions", "scale", "buckets", "gpu"}
+    assert set(bench.BENCHMARKS) == {
+        "model",
+        "curate",
+        "train",
+        "learn",
+        "conditions",
+        "masked",
+        "scale",
+        "buckets",
+        "gpu",
+    }

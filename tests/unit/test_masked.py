@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from flows.benchmarks import masked as bench
+from flows.benchmarks.masked import psnr
 from flows.masked_inputs import masked_concat
 from flows.sample import main
 from model import masked
@@ -96,11 +98,6 @@ def masked_checkpoint(tmp_path_factory):
     return model.save(tmp_path_factory.mktemp("masked") / "model.pt")
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
 def _png(path, image):
     from PIL import Image
 
@@ -118,6 +115,9 @@ def test_given_pixels_come_back_exactly_and_the_rest_is_generated(masked_checkpo
     keep = region.numpy() == 0
     assert np.abs(out[:, keep].astype(int) - video[:, keep]).max() <= 1  # kept exactly (up to uint8 rounding)
     assert np.abs(out[:, ~keep].astype(int) - video[:, ~keep]).mean() > 10  # the region is new content
+    raw = model.generate(["a red circle moving left"], steps=2, seed=0, concat=concat, composite=False)[0]
+    assert np.array_equal(raw[:, ~keep], out[:, ~keep])  # the same sample, only the given pixels not pasted back
+    assert psnr(raw, video, keep) < psnr(out, video, keep)
 
 
 def test_sample_inpaint_image_and_cinemagraph_keep_what_is_given(masked_checkpoint, tmp_path):
@@ -134,16 +134,16 @@ def test_sample_inpaint_image_and_cinemagraph_keep_what_is_given(masked_checkpoi
     assert main([*common, "--inpaint", str(tmp_path / "in.mp4"), "--mask", mask, "--out", str(tmp_path / "a.mp4")]) == 0
     out = media.decode_video_file(tmp_path / "a.mp4")
     keep = region[..., 0] == 0
-    assert out.shape == video.shape and _psnr(out[:, keep], video[:, keep]) >= 30  # unmasked pixels kept
+    assert out.shape == video.shape and psnr(out[:, keep], video[:, keep]) >= 30  # unmasked pixels kept
 
     first = _png(tmp_path / "first.png", video[0])
     assert main([*common, "--image", first, "--out", str(tmp_path / "b.mp4")]) == 0
-    assert _psnr(media.decode_video_file(tmp_path / "b.mp4")[0], video[0]) >= 30  # the video starts from it
+    assert psnr(media.decode_video_file(tmp_path / "b.mp4")[0], video[0]) >= 30  # the video starts from it
 
     assert main([*common, "--cinemagraph", first, "--mask", mask, "--out", str(tmp_path / "c.mp4")]) == 0
     out = media.decode_video_file(tmp_path / "c.mp4")
     for j in range(F):  # outside the region every frame is the image
-        assert _psnr(out[j][keep], video[0][keep]) >= 30
+        assert psnr(out[j][keep], video[0][keep]) >= 30
 
 
 def test_bad_masked_inputs_are_usage_errors_that_say_what_is_expected(
@@ -176,3 +176,64 @@ def test_bad_masked_inputs_are_usage_errors_that_say_what_is_expected(
     with pytest.raises(SystemExit):
         main([*common, "--mask", right])  # a mask alone
     assert "--mask goes with --inpaint" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# t2v bench masked: its scores and its command line (the benchmark itself trains; it is not run here)
+
+
+def test_psnr_counts_only_the_kept_pixels():
+    reference = np.full((2, 4, 4, 3), 100, np.uint8)
+    video = reference + np.uint8(10)  # off by 10 everywhere: MSE 100
+    keep = np.ones((4, 4), bool)
+    keep[1:3, 1:3] = False
+    video[:, 1:3, 1:3] = 0  # far off, but inside the box
+    assert psnr(video, reference, keep) == pytest.approx(10 * np.log10(255**2 / 100))  # 28.13 dB
+    assert psnr(video, reference) < 20  # the box counts when nothing is left out
+    assert psnr(reference, reference, keep) == float("inf")
+
+
+def test_the_box_colour_is_read_inside_the_box_only():
+    from pipelines import shapes
+
+    def clip(colour):
+        return shapes.render_video(colour, "circle", "right", 16, 16, 6, size=6.4, travel=0.8)
+
+    box = bench.path_box(clip("red"), margin=1)
+    assert box[8].all() and not box[0].any()  # the band the shape crosses, full width
+    assert bench.region_colour(clip("red"), box) == "red"
+    assert bench.region_colour(clip("blue"), box) == "blue"  # a wrong-colour clip does not pass as red
+    outside = clip("blue")
+    assert not box[1:3, 4:12].any()
+    outside[:, 1:3, 4:12] = shapes.COLOURS["green"]  # another shape outside the box does not count
+    assert bench.region_colour(outside, box) == "blue"
+    assert bench.region_colour(clip("red"), ~box) is None  # nothing there
+
+
+def test_the_masked_benchmark_scores_generation_from_a_first_frame_and_inpainting(tmp_path):
+    cfg = bench.MaskedBenchConfig(samples=2, steps=1)
+    overrides = {"unet.model_channels": 8, "unet.num_groups": 4}
+    torch.manual_seed(0)
+    mc = get_config("tiny", {**bench.settings.to_dict(cfg.train)["model_overrides"], **overrides})
+    path = TextToVideo.build(mc).save(tmp_path / "model.pt")
+    refs = bench.references(2, mc.fps, cfg.corpus, cfg.margin)
+    assert all(r["inpaint_colour"] != r["colour"] and r["inpaint_colour"] in r["inpaint_prompt"] for r in refs)
+    assert all(bench.region_colour(r["clip"], r["box"]) == r["colour"] for r in refs)  # the box holds the shape
+    rows = bench.evaluate(str(path), cfg)
+    assert list(rows) == list(bench.WAYS)
+    assert all(0 <= r["colour_accuracy"] <= 1 and 0 <= r["direction_accuracy"] <= 1 for r in list(rows.values())[:2])
+    # an untrained model keeps the given pixels only because they are pasted back
+    assert rows["inpainting"]["psnr_user_db"] >= 30 > rows["inpainting"]["psnr_raw_db"]
+    assert "PSNR outside the box" in bench.render(rows, cfg, steps=10)
+
+
+def test_t2v_bench_masked_command_line(capsys):
+    assert bench.main(["--dry-run", "--minutes", "1", "--samples", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "minutes: 1.0" in out and "samples: 4" in out and "image_to_video: 0.3" in out
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--samples", "0", "--dry-run"])
+    assert e.value.code == 2 and "samples and steps must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--bogus"])
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err

@@ -246,9 +246,9 @@ class TextToVideo:
         finally:
             self.unet.train(was_training)
         if composite and concat is not None and self.config.masked is not None:
-            from model.masked import composite
+            from model.masked import composite as paste_given
 
-            latents = composite(latents, cond["concat"].expand(b, *concat.shape[1:]).to(latents))
+            latents = paste_given(latents, cond["concat"].expand(b, *concat.shape[1:]).to(latents))
         return self.decode(latents)
 
     def _condition_input(self, given: dict[str, Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:

@@ -38,9 +38,8 @@ from pipelines.curation.ledger import (
     Ledger,
     input_result,
     quarantine_unreadable,
-    read_ledger,
     remove_uncommitted,
-    summarize,
+    summarize_ledger,
 )
 from pipelines.curation.stages import OK, REJECTED, STAGES, TRANSIENT, to_table
 from pipelines.lease import Lease
@@ -497,7 +496,7 @@ def _summary(driver: _Driver, input: str, out: Path, listed, todo, removed, star
             "mb_written": round(driver.sink.bytes_written / 1e6, 3),
         },
         "removed_partial_shards": len(removed),
-        "totals": summarize(read_ledger(out, ["status", "stage", "reason", "kinds"])),
+        "totals": summarize_ledger(out),
         "shards": {k: len(schema.shard_urls(out, k)) for k in schema.KINDS},
     }
 

@@ -68,6 +68,26 @@ def ledger_dir(output: str | os.PathLike) -> Path:
     return Path(output) / schema.LEDGER_FILE
 
 
+def summarize_ledger(output: str | os.PathLike) -> dict[str, Any]:
+    """``summarize`` of a whole ledger, a part at a time, so its cost does not grow with the corpus."""
+    columns = ["status", "stage", "reason", "kinds"]
+    parts = [p for p in sorted(ledger_dir(output).glob("part-*.parquet"))] if ledger_dir(output).is_dir() else []
+    total = summarize(LEDGER_SCHEMA.empty_table().select(columns))
+    for p in parts:
+        try:
+            part = summarize(pq.read_table(p, schema=LEDGER_SCHEMA, columns=columns))
+        except Exception as e:  # as read_ledger: an unreadable part is left out, the next run redoes it
+            log.warning("ledger part %s cannot be read (%s); it is left out", p, f"{type(e).__name__}: {e}")
+            continue
+        for key in ("inputs", "accepted", "rejected"):
+            total[key] += part[key]
+        for key in ("samples", "rejected_by_reason"):
+            for name, n in part[key].items():
+                total[key][name] = total[key].get(name, 0) + n
+    total["rejected_by_reason"] = dict(sorted(total["rejected_by_reason"].items()))
+    return total
+
+
 QUARANTINE_DIR = ".quarantine"  # hidden: parquet readers of the ledger directory skip it
 
 

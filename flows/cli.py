@@ -35,7 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("flows.sweep", "train one variant per value of swept settings, grouped as MLflow parent/child runs"),
     "compare": ("flows.compare", "compare MLflow runs: differing settings, final and best metrics, plots"),
     "plan": ("pipelines.training.memory_plan", "per-GPU memory and largest batch per ZeRO stage and offload choice"),
-    "bench": ("flows.benchmarks", "run a benchmark (curate | model | train | learn | scale | buckets | gpu)"),
+    "bench": ("flows.benchmarks", "run a benchmark (t2v bench --help lists them)"),
 }
 
 ROOT = Path(__file__).resolve().parent.parent

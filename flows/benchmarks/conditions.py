@@ -1,4 +1,4 @@
-"""t2v bench conditions [--minutes 7] [--samples 24] [--output runs/bench_conditions]
+"""t2v bench conditions [--minutes 10] [--samples 24] [--output runs/bench_conditions]
 
 Do structure conditions steer generation? Curates the shapes corpus (the main job's recipe, with paths anywhere in
 the frame) with motion vectors and edge maps, trains the tiny model with a condition encoder for a time budget
@@ -6,10 +6,12 @@ the frame) with motion vectors and edge maps, trains the tiny model with a condi
 direction word ("a red circle"), three ways: text only, text + the motion vectors of a reference clip, text + the
 edge maps of a reference clip whose path runs beside the centre. The detector reads direction (against the
 reference's; chance 0.25) and where the shape sits (IoU of its box with the edge map's box, per frame), so the
-conditioned figures sit next to the unconditioned ones of the same model, seeds and prompts. Targets: direction
+conditioned figures sit next to the unconditioned ones of the same model, seeds and prompts. Guidance contrasts
+prompt + conditions with neither (``guide_conditions``); 30% of the corpus' captions leave the motion out, as real
+captions often do, so the model has a reason to read it from the motion vectors. Targets: direction
 >= 0.9 with motion, IoU >= 0.5 with the edge map. Writes ``<output>/bench_conditions-<minutes>min.json``.
 
-    t2v bench conditions --minutes 7
+    t2v bench conditions --minutes 10
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def _train() -> TrainConfig:
 @dataclass
 class ConditionsBenchConfig:
     output: str = "runs/bench_conditions"
-    minutes: float = 7.0  # training time budget (start-up excluded)
+    minutes: float = 10.0  # training time budget (start-up excluded)
     samples: int = 24  # held-out videos per way of generating
     steps: int = 25  # DDIM steps
     guidance: float = 7.0

@@ -17,6 +17,7 @@ temporary directory first.
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import sys
 import tempfile
@@ -209,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{b.threads} CPUs",
                 flush=True,
             )
-            local_ray.start(num_cpus=max(b.threads, 1))  # with the dashboard: Ray Train polls its state API
+            # with the dashboard, as the training job starts it: Ray Train polls its state API
+            local_ray.start(num_cpus=max(b.threads, 1), logging_level=logging.WARNING)
             try:
                 times, waits, wall = ray_deepspeed(train_config(b, data, work / f"run{r}", total))
             finally:

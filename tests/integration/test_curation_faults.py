@@ -40,7 +40,7 @@ def test_poison_inputs_are_rejected_with_a_reason_and_the_run_goes_on(
     manifest = _manifest(tmp_path, [tmp_path / n for n in ("a.mp4", "kill.mp4", "hang.mp4", "b.mp4")])
     monkeypatch.setenv(KILL_ENV, "kill.mp4")  # the probe SIGKILLs its own worker on this file
     monkeypatch.setenv(HANG_ENV, "hang.mp4")  # ... and sleeps for ever on this one
-    cfg = settings.load(curate.CurateConfig, None, [*SETTINGS, "input_limit_s=2", "task_retries=0"])
+    cfg = settings.load(curate.CurateConfig, None, [*SETTINGS, "input_limit_s=5", "task_retries=0"])
     out = tmp_path / "out"
 
     summary = curate.run(cfg, str(manifest), out)

@@ -141,15 +141,18 @@ def ddim_sample(
     return x
 
 
-def guided(unet: Callable[..., Tensor], cond: dict, uncond: dict | None = None, guidance: float = 9.0) -> ModelFn:
+def guided(
+    unet: Callable[..., Tensor], cond: dict, uncond: dict | None = None, guidance: float | Tensor = 9.0
+) -> ModelFn:
     """Classifier-free guidance (Ho & Salimans 2022, arXiv 2207.12598): out = u + g (c - u).
 
     cond/uncond: keyword arguments for ``unet(x, t, **kw)`` (context, image_embedding, concat), each tensor with
     the batch first (a batch of 1 broadcasts). The unconditional pass uses the negative-prompt embedding (as TF-T2V
     does). Both passes run as one doubled batch when they have the same conditions. guidance == 1 (or no uncond) is
-    the plain conditional prediction.
+    the plain conditional prediction. ``guidance`` may be a tensor that broadcasts to the output ([1 or b, 1, f, h,
+    w]): a scale per position.
     """
-    if uncond is None or guidance == 1.0:
+    if uncond is None or (not isinstance(guidance, Tensor) and guidance == 1.0):
         return lambda x, t: unet(x, t, **_expand(cond, x.shape[0]))
 
     keys = sorted(set(cond) | set(uncond))
@@ -193,7 +196,7 @@ def sample(
     *,
     cond: dict,
     uncond: dict | None = None,
-    guidance: float = 9.0,
+    guidance: float | Tensor = 9.0,
     steps: int = 50,
     eta: float = 0.0,
     seed: int = 0,

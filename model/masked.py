@@ -11,8 +11,9 @@ text-to-video, image-to-video, inpainting and cinemagraphs.
 
 Training draws the task per sample at the rates of ``MaskedConfig`` (``training_condition``); for cinemagraphs the
 target outside the region is the first frame held still, so the model learns to keep it still. Sampling builds the
-same condition from the user's inputs (``image_to_video``, ``inpaint``, ``cinemagraph``) and pastes the given
-content back over the result (``composite``), so given pixels come back exactly in pixel space.
+same condition from the user's inputs (``image_to_video``, ``inpaint``, ``cinemagraph``), guides only where the
+model generates (``guidance_map``) and pastes the given content back over the result (``composite``), so given
+pixels come back exactly in pixel space.
 """
 
 from __future__ import annotations
@@ -63,6 +64,15 @@ def composite(x: Tensor, concat: Tensor) -> Tensor:
     """Put the given content of ``concat`` back over ``x`` (both [b, c, f, h, w] / [b, c + 1, f, h, w])."""
     given, mask = concat[:, :-1], concat[:, -1:]
     return mask * given + (1 - mask) * x
+
+
+def guidance_map(concat: Tensor, guidance: float) -> Tensor | float:
+    """Classifier-free guidance per position: ``guidance`` where the model generates (M = 0), none (1) where the
+    content is given, since the text has nothing to add there and amplifying the two passes' small disagreement
+    there moves the given content. [b, c + 1, f, h, w] concat -> [b, 1, f, h, w]."""
+    if guidance == 1.0:
+        return guidance
+    return 1.0 + (guidance - 1.0) * (1.0 - concat[:, -1:])
 
 
 def draw_tasks(b: int, cfg: MaskedConfig, gen: torch.Generator | None = None) -> list[str]:
@@ -151,6 +161,7 @@ __all__ = [
     "TASKS",
     "condition",
     "composite",
+    "guidance_map",
     "draw_tasks",
     "training_condition",
     "image_to_video",

@@ -188,7 +188,8 @@ class TextToVideo:
         together with neither. A model with a condition encoder given none sees what training's all-dropped samples
         saw.
         ``concat``: [1 or b, extra_in_channels, f, h', w'] given to both sides of guidance (masked conditioning,
-        ``model/masked.py``, whose given content is pasted back over the result); not with ``conditions``.
+        ``model/masked.py``, whose given content is pasted back over the result); not with ``conditions``. Guidance
+        then acts only where the model generates (``masked.guidance_map``): given content has no text to follow.
         ``composite=False`` returns the model's own output without the given content pasted back (to measure how
         well the model itself keeps it).
         """
@@ -218,6 +219,10 @@ class TextToVideo:
             if conditions:
                 raise ValueError("give structure conditions or a masked-conditioning concat, not both")
             cond["concat"] = uncond["concat"] = concat.to(self.device, dtype)
+            if self.config.masked is not None:
+                from model.masked import guidance_map
+
+                guidance = guidance_map(cond["concat"], guidance)
         shape = self.latent_shape(b, *(size or (None, None, None)))
         if self.config.unet.conditions.kinds and concat is None:
             given = {k: v.to(self.device, dtype).expand(b, -1, -1, -1, -1) for k, v in (conditions or {}).items()}

@@ -103,6 +103,12 @@ def test_guidance_one_is_the_conditional_prediction_and_g_extrapolates(image):
         assert torch.allclose(S.guided(unet, cond, uncond, 1.0)(x, t), c, atol=1e-5)
         assert torch.allclose(S.guided(unet, cond, uncond, 3.0)(x, t), u + 3.0 * (c - u), atol=1e-4)
         assert not torch.allclose(c, u, atol=1e-4)  # the conditions really differ
+        # a scale per position: 3 in the left half, none (1) in the right half
+        scale = torch.ones(1, 1, 3, 8, 8)
+        scale[..., :4] = 3.0
+        mixed = S.guided(unet, cond, uncond, scale)(x, t)
+        assert torch.allclose(mixed[..., :4], (u + 3.0 * (c - u))[..., :4], atol=1e-4)
+        assert torch.allclose(mixed[..., 4:], c[..., 4:], atol=1e-5)
 
 
 def test_videofusion_initial_noise_is_used_when_configured():

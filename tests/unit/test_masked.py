@@ -120,6 +120,25 @@ def test_given_pixels_come_back_exactly_and_the_rest_is_generated(masked_checkpo
     assert psnr(raw, video, keep) < psnr(out, video, keep)
 
 
+def test_guidance_acts_only_where_the_model_generates(masked_checkpoint, monkeypatch):
+    model = TextToVideo.from_checkpoint(masked_checkpoint)
+    region = torch.zeros(H, W)
+    region[4:12, 4:12] = 1
+    concat = masked.inpaint(torch.zeros(model.config.unet.in_channels, F, H, W), region)
+    scale = masked.guidance_map(concat, 7.0)  # [1, 1, f, h, w]
+    assert scale.shape == (1, 1, F, H, W)
+    assert (scale[0, 0][:, region == 1] == 7.0).all() and (scale[0, 0][:, region == 0] == 1.0).all()
+    assert masked.guidance_map(concat, 1.0) == 1.0
+
+    from model import ddim
+
+    seen, real = [], ddim.guided  # the scale the sampler is given, recorded on its way in
+    monkeypatch.setattr(ddim, "guided", lambda unet, c, u, g: seen.append(g) or real(unet, c, u, g))
+    model.generate(["a red circle moving left"], steps=1, guidance=7.0, seed=0, concat=concat)
+    model.generate(["a red circle moving left"], steps=1, guidance=7.0, seed=0)
+    assert torch.equal(seen[0], scale.to(seen[0])) and seen[1] == 7.0  # text-to-video: one scale everywhere
+
+
 def test_sample_inpaint_image_and_cinemagraph_keep_what_is_given(masked_checkpoint, tmp_path):
     # Smooth content: the output goes through H.264 (4:2:0 chroma), which blurs pixel noise across the mask edge.
     ramp = np.linspace(40, 220, W, dtype=np.float64)
@@ -224,6 +243,7 @@ def test_the_masked_benchmark_scores_generation_from_a_first_frame_and_inpaintin
     assert all(0 <= r["colour_accuracy"] <= 1 and 0 <= r["direction_accuracy"] <= 1 for r in list(rows.values())[:2])
     # an untrained model keeps the given pixels only because they are pasted back
     assert rows["inpainting"]["psnr_user_db"] >= 30 > rows["inpainting"]["psnr_raw_db"]
+    assert rows["inpainting, no guidance"]["psnr_user_db"] >= 30
     assert "PSNR outside the box" in bench.render(rows, cfg, steps=10)
 
 

@@ -161,8 +161,11 @@ def test_sample_inpaint_image_and_cinemagraph_keep_what_is_given(masked_checkpoi
 
     assert main([*common, "--cinemagraph", first, "--mask", mask, "--out", str(tmp_path / "c.mp4")]) == 0
     out = media.decode_video_file(tmp_path / "c.mp4")
+    # H.264's transform blocks carry some of the untrained model's noise inside the region past its edge
+    far = np.ones((H, W), bool)
+    far[2:14, 2:14] = False
     for j in range(F):  # outside the region every frame is the image
-        assert psnr(out[j][keep], video[0][keep]) >= 30
+        assert psnr(out[j][far], video[0][far]) >= 30
 
 
 def test_bad_masked_inputs_are_usage_errors_that_say_what_is_expected(

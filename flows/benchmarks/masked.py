@@ -173,13 +173,15 @@ def evaluate(checkpoint: str, cfg: MaskedBenchConfig) -> dict[str, dict[str, flo
                 "colour_accuracy": float(np.mean([f.colour == r["colour"] for f, r in zip(found, refs)])),
                 "direction_accuracy": float(np.mean([f.direction == r["direction"] for f, r in zip(found, refs)])),
             }
+        concats = []
+        for i, r in enumerate(refs):
+            video = d / f"input{i}.mp4"
+            video.write_bytes(r["mp4"])
+            mask = _png(np.repeat(r["box"][..., None] * np.uint8(255), 3, axis=-1), d / f"mask{i}.png")
+            concats.append(masked_concat(model, None, str(video), None, mask))
         for way, guidance in zip(WAYS[2:], (cfg.guidance, 1.0)):
             raw_db, user_db, right = [], [], []
-            for i, r in enumerate(refs):
-                video = d / f"input{i}.mp4"
-                video.write_bytes(r["mp4"])
-                mask = _png(np.repeat(r["box"][..., None] * np.uint8(255), 3, axis=-1), d / f"mask{i}.png")
-                concat = masked_concat(model, None, str(video), None, mask)
+            for i, (r, concat) in enumerate(zip(refs, concats)):
                 raw = gen(r["inpaint_prompt"], i, concat, composite=False, guidance=guidance)
                 user = media.decode_mp4(media.encode_mp4(gen(r["inpaint_prompt"], i, concat, guidance=guidance), fps))
                 raw_db.append(psnr(raw, r["clip"], ~r["box"]))

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from flows.benchmarks.shapes_bench import curate_and_train, main_for, reference_clip, write_report
+from flows.benchmarks.shapes_bench import main_for, reference_clip, train_and_report
 from flows.demo import DEMO_CORPUS, DEMO_FLOW, FRAMES, SIDE
 from pipelines import settings
 from pipelines.curation.config import CurateConfig
@@ -150,11 +150,7 @@ def render(rows: dict[str, dict[str, float]], cfg: ConditionsBenchConfig, steps:
 
 
 def run(cfg: ConditionsBenchConfig) -> dict[str, Any]:
-    result = curate_and_train(cfg.output, cfg.corpus, cfg.curate, cfg.train, cfg.minutes, cfg.seed, "conditions")
-    rows = evaluate(result["ema_checkpoint"] or result["checkpoint"], cfg)
-    report = {"config": settings.to_dict(cfg), "steps": result["steps"], "ways": rows}
-    write_report(cfg.output, "conditions", cfg.minutes, report, render(rows, cfg, int(result["steps"])))
-    return report
+    return train_and_report("conditions", cfg, evaluate, render)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from flows.benchmarks.shapes_bench import curate_and_train, main_for, reference_clip, write_report
+from flows.benchmarks.shapes_bench import main_for, reference_clip, train_and_report
 from flows.demo import DEMO_CORPUS, DEMO_FLOW
 from pipelines import settings
 from pipelines.curation.config import CurateConfig
@@ -231,11 +231,7 @@ def render(rows: dict[str, dict[str, float]], cfg: MaskedBenchConfig, steps: int
 
 
 def run(cfg: MaskedBenchConfig) -> dict[str, Any]:
-    result = curate_and_train(cfg.output, cfg.corpus, cfg.curate, cfg.train, cfg.minutes, cfg.seed, "masked")
-    rows = evaluate(result["ema_checkpoint"] or result["checkpoint"], cfg)
-    report = {"config": settings.to_dict(cfg), "steps": result["steps"], "ways": rows}
-    write_report(cfg.output, "masked", cfg.minutes, report, render(rows, cfg, int(result["steps"])))
-    return report
+    return train_and_report("masked", cfg, evaluate, render)
 
 
 def main(argv: list[str] | None = None) -> int:

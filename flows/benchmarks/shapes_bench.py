@@ -76,14 +76,19 @@ def curate_and_train(
     return train.run(tcfg)
 
 
-def write_report(output: str, name: str, minutes: float, report: dict[str, Any], text: str) -> Path:
-    """``<output>/bench_<name>-<minutes>min.json``, and the table printed."""
-    path = Path(output).resolve() / f"bench_{name}-{minutes:g}min.json"
+def train_and_report(name: str, cfg: Any, evaluate: Callable, render: Callable) -> dict[str, Any]:
+    """Curate and train with ``cfg`` (a bench config with output, corpus, curate, train, minutes, seed), score the
+    EMA model with ``evaluate(checkpoint, cfg)``, write ``<output>/bench_<name>-<minutes>min.json`` and print the
+    table ``render(rows, cfg, steps)``."""
+    result = curate_and_train(cfg.output, cfg.corpus, cfg.curate, cfg.train, cfg.minutes, cfg.seed, name)
+    rows = evaluate(result["ema_checkpoint"] or result["checkpoint"], cfg)
+    report = {"config": settings.to_dict(cfg), "steps": result["steps"], "ways": rows}
+    path = Path(cfg.output).resolve() / f"bench_{name}-{cfg.minutes:g}min.json"
     path.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
     print()
-    print(text)
+    print(render(rows, cfg, int(result["steps"])))
     print(f"\n[bench_{name}] figures: {path}")
-    return path
+    return report
 
 
 def main_for(name: str, doc: str, cls: type, run: Callable[[Any], Any], samples: str, argv: list[str] | None) -> int:

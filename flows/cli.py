@@ -69,14 +69,13 @@ def run_tests(argv: list[str]) -> int:
         ),
     ]
     rerun = "see the failures above; rerun one with `t2v test tests/<tier>/<file>.py::<test>`"
+    pytest = [sys.executable, "-m", "flows.run_pytest"]  # pytest without the interpreter teardown after it
     if any(a.startswith("tests") or a.endswith(".py") or "::" in a for a in argv):
-        steps.append(("pytest", [sys.executable, "-m", "pytest", *argv], rerun))
+        steps.append(("pytest", [*pytest, *argv], rerun))
     else:
         # the unit tier on one process per core (its tests share nothing); the integration tier shares one Ray
-        steps.append(
-            ("pytest unit", [sys.executable, "-m", "pytest", "tests/unit", "-n", str(UNIT_WORKERS), *argv], rerun)
-        )
-        steps.append(("pytest integration", [sys.executable, "-m", "pytest", "tests/integration", *argv], rerun))
+        steps.append(("pytest unit", [*pytest, "tests/unit", "-n", str(UNIT_WORKERS), *argv], rerun))
+        steps.append(("pytest integration", [*pytest, "tests/integration", *argv], rerun))
     for name, cmd, fix in steps:
         print("+", " ".join(cmd), flush=True)
         try:

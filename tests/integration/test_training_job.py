@@ -108,11 +108,30 @@ def test_initialisation_from_local_pretrained_files(shards, train_config, small_
         build_model(train_config(shards, tmp_path, None, init_from=str(tmp_path / "missing.pth")), torch.device("cpu"))
 
 
-def test_zero2_run_resume_and_mlflow_contents(ray_session, shards, train_config, mlflow_uri, tmp_path):
+def _samples_taken(shards, ckpt, kind: str) -> int:
+    """The samples of ``kind`` all ranks of a checkpoint took since the run started (its data position)."""
+    from pipelines import loader, schema
+
+    urls, counts = loader.urls_by_kind(loader.find_shard_sets([str(shards)]))[kind]
+    world = json.loads((ckpt / export.TRAIN_STATE_FILE).read_text())["world_size"]
+
+    def sizes(rank: int, epoch: int) -> list[int]:
+        plan = loader.plan_epoch(urls, counts, rank, world, 0, schema.KINDS.index(kind), epoch)
+        return loader.plan_sizes(plan, urls, counts)
+
+    total = 0
+    for r in range(world):
+        state = torch.load(ckpt / export.worker_state_file(r), weights_only=True)["loader"][kind]
+        total += loader.samples_taken(loader.Position(**state), lambda e, r=r: sizes(r, e))
+    return total
+
+
+def test_zero2_run_then_resume_on_one_worker_and_on_two(ray_session, shards, train_config, mlflow_uri, tmp_path):
     import mlflow
     from mlflow import MlflowClient
 
     from pipelines import pyfunc, tracking
+    from pipelines.training.worker import lr_factor
 
     store = mlflow_uri
     out = tmp_path / "run"
@@ -177,109 +196,51 @@ def test_zero2_run_resume_and_mlflow_contents(ray_session, shards, train_config,
         )
     assert pyfunc.frames_from_predictions(predictions)[0].shape == (4, 16, 16, 3)
 
-    # the same command with more steps resumes: same MLflow run, steps 5-6 only, schedule and data continue
-    resumed = train.run(
+    # the same command with more steps and 1 worker resumes: same MLflow run, steps 5-6 only, the step, the LR
+    # schedule and the data position carry over; the optimizer restarts (the run says so)
+    ckpts = out / "ray" / "train"
+    assert _samples_taken(shards, ckpts / "step_00000004", "image") == 2 * 4 * 2  # 2 workers x 4 steps x 2 images
+    resume = lambda workers, steps, **extra: train.run(  # noqa: E731
         train_config(
             shards,
             out,
             store,
             zero_stage=2,
-            steps=6,
-            mlflow={
-                "tracking_uri": store,
-                "experiment": "test-train",
-                "system_metrics_s": 0.0,
-                "tags": {"hub_token": "s3cret-value"},
-            },
+            steps=steps,
+            num_workers=workers,
+            mlflow={"tracking_uri": store, "experiment": "test-train", "tags": {"hub_token": "s3cret-value"}},
             log_model=False,
+            **extra,
         )
     )
-    assert resumed["run_id"] == result["run_id"] and resumed["steps"] == 6
-    steps = [s for s, _ in history(client, result["run_id"], "loss")]
-    assert steps == [1, 2, 3, 4, 5, 6]  # each step once: training went on from step 4
-    assert run.data.params["train.steps"] == "4"
-    assert client.get_run(result["run_id"]).data.tags["changed_param.train.steps"] == "6"
-    # ... and once finished, running it again does nothing
-    assert (
-        train.run(
-            train_config(
-                shards,
-                out,
-                store,
-                zero_stage=2,
-                steps=6,
-                mlflow={
-                    "tracking_uri": store,
-                    "experiment": "test-train",
-                    "tags": {"hub_token": "s3cret-value"},
-                },
-                log_model=False,
-            )
-        )
-        == resumed
-    )
-    # resuming with settings that change what the checkpoint means is refused
-    with pytest.raises(settings.ConfigError, match="model_overrides"):
-        train.run(train_config(shards, out, store, zero_stage=2, steps=8, model_overrides={}))
-
-
-def _samples_taken(shards, ckpt, kind: str) -> int:
-    """The samples of ``kind`` all ranks of a checkpoint took since the run started (its data position)."""
-    from pipelines import loader, schema
-
-    urls, counts = loader.urls_by_kind(loader.find_shard_sets([str(shards)]))[kind]
-    world = json.loads((ckpt / export.TRAIN_STATE_FILE).read_text())["world_size"]
-
-    def sizes(rank: int, epoch: int) -> list[int]:
-        plan = loader.plan_epoch(urls, counts, rank, world, 0, schema.KINDS.index(kind), epoch)
-        return loader.plan_sizes(plan, urls, counts)
-
-    total = 0
-    for r in range(world):
-        state = torch.load(ckpt / export.worker_state_file(r), weights_only=True)["loader"][kind]
-        total += loader.samples_taken(loader.Position(**state), lambda e, r=r: sizes(r, e))
-    return total
-
-
-def test_resume_on_another_number_of_workers(ray_session, shards, train_config, mlflow_uri, tmp_path):
-    """2 workers -> 1 -> 2: the step, the LR schedule and the data position carry over; the optimizer restarts
-    (the MLflow run says so)."""
-    from mlflow import MlflowClient
-
-    from pipelines.training.worker import lr_factor
-
-    out = tmp_path / "reshard"
-    ckpts = out / "ray" / "train"
-    run = lambda workers, steps: train.run(  # noqa: E731
-        train_config(
-            shards, out, mlflow_uri, zero_stage=2, steps=steps, num_workers=workers, log_model=False, save_final=False
-        )
-    )
-    first = run(2, 2)
-    per_step = {"image": 2}  # image samples a worker takes a step
-    assert _samples_taken(shards, ckpts / "step_00000002", "image") == 2 * 2 * per_step["image"]
-    client = MlflowClient(mlflow_uri)
-
-    one = run(1, 4)
-    tags = client.get_run(first["run_id"]).data.tags
-    assert one["run_id"] == first["run_id"] and one["steps"] == 4
+    one = resume(1, 6)
+    assert one["run_id"] == result["run_id"] and one["steps"] == 6
+    tags = client.get_run(result["run_id"]).data.tags
     assert tags["resumed_from_workers"] == "2"
     assert tags["reshard"] == "optimizer state restarts: checkpoint was saved by 2 workers, this run has 1"
-    # one worker continues the epoch after the 8 samples the two took, not from its start
-    assert _samples_taken(shards, ckpts / "step_00000004", "image") == 8 + 2 * per_step["image"]
+    assert tags["changed_param.train.steps"] == "6" and run.data.params["train.steps"] == "4"
+    # one worker continues the epoch after the 16 images the two took, not from its start
+    assert _samples_taken(shards, ckpts / "step_00000006", "image") == 16 + 2 * 2
 
-    two = run(2, 6)
-    assert two["steps"] == 6
-    assert client.get_run(first["run_id"]).data.tags["resumed_from_workers"] == "1"
-    # the two new workers split what is left of the epoch: each skips its share, rounded down
-    assert 12 + 8 - 1 <= _samples_taken(shards, ckpts / "step_00000006", "image") <= 12 + 8
-    losses = history(client, first["run_id"], "loss")
-    assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6] and all(math.isfinite(v) for _, v in losses)
+    # ... and back on 2 workers: they split what is left of the epoch, each skipping its share, rounded down
+    two = resume(2, 8)
+    assert two["steps"] == 8
+    assert client.get_run(result["run_id"]).data.tags["resumed_from_workers"] == "1"
+    assert 20 + 8 - 1 <= _samples_taken(shards, ckpts / "step_00000008", "image") <= 20 + 8
+    losses = history(client, result["run_id"], "loss")
+    assert [s for s, _ in losses] == list(range(1, 9))  # each step once: training went on where it stopped
+    assert all(math.isfinite(v) for _, v in losses)
     # the LR schedule goes on from the step (a fresh one would be back in its warm-up at full lr)
-    lrs = dict(history(client, first["run_id"], "lr"))
-    for step, steps in ((3, 4), (5, 6)):
+    lrs = dict(history(client, result["run_id"], "lr"))
+    for step, steps in ((5, 6), (7, 8)):
         cfg = train_config(shards, out, None, steps=steps)
         assert lrs[step] == pytest.approx(cfg.lr * lr_factor(step, cfg)) and lrs[step] < cfg.lr
+
+    # once finished, running it again does nothing
+    assert resume(2, 8) == two
+    # resuming with settings that change what the checkpoint means is refused
+    with pytest.raises(settings.ConfigError, match="model_overrides"):
+        train.run(train_config(shards, out, store, zero_stage=2, steps=10, model_overrides={}))
 
 
 def test_zero3_gathers_partitioned_weights_for_export(ray_session, shards, train_config, small_model, tmp_path):

@@ -1,8 +1,10 @@
 """The ``t2v`` command's own logic: ``t2v test`` runs the checks in order and stops at the first failure with a fix,
-and ``t2v bench`` dispatches by name. The commands themselves are not run here."""
+and ``t2v bench`` dispatches by name. The commands themselves are not run here, except the pytest runner on a
+one-line test (its exit code)."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -38,8 +40,8 @@ def test_t2v_test_runs_lint_format_layering_then_pytest(calls, capsys):
     assert cmds[1] == [sys.executable, "-m", "ruff", "format", "--check", "."]
     assert cmds[2][0].endswith("lint-imports") and cmds[2][0].startswith(str(Path(sys.executable).parent))
     # the unit tier runs on a process per core, then the integration tier; pytest arguments go to both
-    unit = [sys.executable, "-m", "pytest", "tests/unit", "-n", str(cli.UNIT_WORKERS), "-x", "-k", "loader"]
-    assert cmds[3:] == [unit, [sys.executable, "-m", "pytest", "tests/integration", "-x", "-k", "loader"]]
+    unit = [sys.executable, "-m", "flows.run_pytest", "tests/unit", "-n", str(cli.UNIT_WORKERS), "-x", "-k", "loader"]
+    assert cmds[3:] == [unit, [sys.executable, "-m", "flows.run_pytest", "tests/integration", "-x", "-k", "loader"]]
     assert all(cwd == cli.ROOT for _, cwd in calls)  # the project's own settings (pyproject.toml) apply
     assert capsys.readouterr().err == ""
 
@@ -49,11 +51,25 @@ def test_t2v_test_given_a_path_runs_just_that(calls):
     assert calls[-1][0] == [
         sys.executable,
         "-m",
-        "pytest",
+        "flows.run_pytest",
         "tests/unit/test_cli.py::test_bench_dispatches_by_name",
         "-q",
     ]
     assert len(calls) == 4
+
+
+@pytest.mark.parametrize("body, code", [("assert True", 0), ("assert False", 1)])
+def test_the_pytest_runner_exits_with_pytests_code(tmp_path, body, code):
+    (tmp_path / "test_one.py").write_text(f"def test_one():\n    {body}\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.run_pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "test_one.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == code, done.stdout + done.stderr
+    assert ("1 passed" if code == 0 else "1 failed") in done.stdout  # the report was written before the exit
 
 
 @pytest.mark.parametrize(

@@ -104,10 +104,11 @@ def register_project_clip_configs() -> None:
         return
     import open_clip
 
-    folder = Path(tempfile.mkdtemp(prefix="t2v-openclip-configs-"))
-    for name, cfg in PROJECT_CLIP_CONFIGS.items():
-        (folder / f"{name}.json").write_text(json.dumps(cfg), encoding="utf-8")
-    open_clip.add_model_config(folder)
+    # open_clip reads the files as it adds the folder and keeps what it read, so the folder can go at once
+    with tempfile.TemporaryDirectory(prefix="t2v-openclip-configs-") as folder:
+        for name, cfg in PROJECT_CLIP_CONFIGS.items():
+            (Path(folder) / f"{name}.json").write_text(json.dumps(cfg), encoding="utf-8")
+        open_clip.add_model_config(folder)
     _registered = True
 
 

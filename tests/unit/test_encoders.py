@@ -105,6 +105,18 @@ def test_random_clip_is_deterministic_from_seed_and_loads_from_a_local_file(tmp_
     assert torch.equal(loaded(p), text0(p))
 
 
+def test_project_clip_configs_register_without_leaving_files(tmp_path, monkeypatch):
+    import tempfile
+
+    from model import encoders
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(encoders, "_registered", False)
+    encoders.register_project_clip_configs()
+    assert clip_dims("t2v-small-clip") == (64, 64)
+    assert list(tmp_path.iterdir()) == []  # every process that builds a CLIP used to leave a folder in /tmp
+
+
 def test_clip_loading_errors_say_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="clip_pretrained"):
         load_openclip("t2v-tiny-clip", pretrained=str(tmp_path / "missing.bin"))

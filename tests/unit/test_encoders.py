@@ -114,7 +114,7 @@ def test_project_clip_configs_register_without_leaving_files(tmp_path, monkeypat
     monkeypatch.setattr(encoders, "_registered", False)
     encoders.register_project_clip_configs()
     assert clip_dims("t2v-small-clip") == (64, 64)
-    assert list(tmp_path.iterdir()) == []  # every process that builds a CLIP used to leave a folder in /tmp
+    assert list(tmp_path.iterdir()) == []  # else every process building a CLIP leaves a folder in /tmp
 
 
 def test_clip_loading_errors_say_what_to_do(tmp_path):

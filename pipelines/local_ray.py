@@ -69,8 +69,5 @@ def start(**init_args: Any) -> Any:
         init_args.setdefault("dashboard_host", LOOPBACK)
     # One machine is never preempted; Ray Train's preemption watcher would only log an error at start-up.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    # Ray Train sees a run start and end at its controller's next poll (every 2 s by default): on one machine a
-    # poll is cheap, and short runs (tests, the demo, resumes) end sooner
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     with _loopback_node_address():
         return ray.init(**init_args)

@@ -19,6 +19,9 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+# Ray Train sees a run start and end at its controller's next poll (2 s by default); the suite's runs are short
+# enough for the wait to matter, long runs are not
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 ROOT = Path(__file__).resolve().parent.parent
 

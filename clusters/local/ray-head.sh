@@ -21,6 +21,8 @@ fi
 export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$token" RAY_USAGE_STATS_ENABLED=0
 # a worker per curation decode-task slot (tasks ask for 0.5 CPU; see pipelines/curation/job.py local_ray_system_config)
 export RAY_num_workers_soft_limit="${RAY_num_workers_soft_limit:-$(( 2 * $(nproc) ))}"
+# workers at the services' niceness, not Ray's 15 (see pipelines/local_ray.py: few cores, preempted training threads)
+export RAY_worker_niceness="${RAY_worker_niceness:-0}"
 # `python` in a job must be the project's interpreter
 export PATH="$venv/bin:$PATH"
 echo "[ray-head] job server: http://$host:$port (Ctrl-C stops this head)" >&2

@@ -1,9 +1,11 @@
 """A local Ray started the way curation and training start it listens on the loopback interface only: every
-listening socket of every Ray process (GCS, raylet, dashboard and its agents, workers, the driver)."""
+listening socket of every Ray process (GCS, raylet, dashboard and its agents, workers, the driver). Its workers run
+at the driver's niceness, not below Ray's own services."""
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 
 import psutil
@@ -49,3 +51,14 @@ def test_local_ray_listens_on_loopback_only(own_ray):
     assert {"gcs_server", "raylet", "dashboard"} <= names and any(n.startswith("ray::") for n in names), sockets
     exposed = [s for s in sockets if not _is_loopback(s[1])]
     assert not exposed, f"Ray sockets reachable from other machines: {exposed}"
+
+
+def test_local_ray_workers_run_at_the_drivers_niceness(ray_session):
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, 0)
+
+    # Ray's default is 15: every wakeup of the GCS, raylet or dashboard would preempt a training worker
+    assert ray.get(niceness.remote()) == os.getpriority(os.PRIO_PROCESS, 0)

@@ -4,6 +4,7 @@ Ray Train and DeepSpeed."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -30,10 +31,14 @@ def test_schedule_config_and_conditioning_without_ray(shards, train_config, tmp_
     # a time limit that runs out first drives the decay: half the minutes used at step 20 -> the cosine midpoint
     assert lr_factor(20, cfg, time_used=0.5) == pytest.approx(0.55) and lr_factor(20, cfg, time_used=1.0) == 0.1
     ds = deepspeed_config(cfg, world_size=2, branches=2)
-    assert ds["gradient_accumulation_steps"] == 2 and ds["zero_optimization"] == {"stage": 2}
-    assert ds["train_batch_size"] == 2 * 2 * 2 and ds["bf16"]["enabled"] is False
-    site = train_config(shards, tmp_path, None, deepspeed={"zero_optimization": {"contiguous_gradients": False}})
-    assert deepspeed_config(site, 2, 2)["zero_optimization"] == {"stage": 2, "contiguous_gradients": False}
+    assert ds["gradient_accumulation_steps"] == 2 and ds["train_batch_size"] == 2 * 2 * 2
+    assert ds["bf16"]["enabled"] is False
+    # ZeRO-2 on CPU copies no gradient into a contiguous buffer; on GPUs DeepSpeed's default (on) stays
+    assert ds["zero_optimization"] == {"stage": 2, "contiguous_gradients": False}
+    gpu = dataclasses.replace(cfg, use_gpu=True)
+    assert deepspeed_config(gpu, 2, 2)["zero_optimization"] == {"stage": 2}
+    site = train_config(shards, tmp_path, None, deepspeed={"zero_optimization": {"contiguous_gradients": True}})
+    assert deepspeed_config(site, 2, 2)["zero_optimization"] == {"stage": 2, "contiguous_gradients": True}
 
     model = build_model(cfg, torch.device("cpu"))
     groups = param_groups(model.unet, cfg)

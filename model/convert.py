@@ -236,9 +236,10 @@ def unet_from_diffusers(model: Any, **overrides: Any) -> UNet3D:
 
 def unet_to_diffusers(unet: UNet3D, *, drop_image_condition: bool = False) -> Any:
     """A diffusers ``UNet3DConditionModel`` carrying this UNet's weights."""
+    config = diffusers_config(unet.cfg)  # raises ConversionError before the import of diffusers (seconds)
     from diffusers import UNet3DConditionModel
 
-    model = UNet3DConditionModel(**diffusers_config(unet.cfg))
+    model = UNet3DConditionModel(**config)
     state = modelscope_to_diffusers(unet.state_dict(), unet.cfg, drop_image_condition=drop_image_condition)
     model.load_state_dict(state, strict=True)
     return model.train(unet.training)

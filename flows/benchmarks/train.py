@@ -7,7 +7,10 @@ process, and prints the figures:
    batches, threads, optimizer and step (``pipelines.training.worker.joint_step``), as a ratio of median step
    times after ``warmup`` steps (target <= 1.10). The contenders alternate, ``rounds`` Ray jobs each between two
    plain loops, and the ratio is of their means: the machine's speed drifts over minutes when it is shared;
-2. loader throughput (samples/s, ``TrainLoader`` alone) against the rate training consumes samples, and the share
+2. the CPU that Ray's other processes (raylet, GCS, dashboard, Ray Train's controller and helper actors) use while
+   the Ray job's measured steps run, in cores: where the training threads take every core, that is time they wait
+   for, and it bounds the ratio above; ``--threads`` below the machine's cores leaves them room;
+3. loader throughput (samples/s, ``TrainLoader`` alone) against the rate training consumes samples, and the share
    of step time training spent waiting for data (the loader must not be the bottleneck).
 
 Without ``--data`` a small shapes corpus is generated and curated (``t2v corpus`` + ``t2v curate``) into a
@@ -18,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,19 +143,65 @@ def plain_loop(cfg, steps: int) -> tuple[list[float], list[float]]:
     return times, waits
 
 
-def ray_deepspeed(cfg) -> tuple[list[float], list[float], float]:
-    """(step times, data wait times, wall seconds of train.run) of the real training job with one worker."""
+class RayCpu:
+    """Samples, every ``every`` seconds while a Ray job runs, the CPU seconds used so far by this process's
+    descendants (Ray's services and workers) other than the training worker; ``cores(t0, t1)`` is their rate between
+    two wall-clock times. This process is left out: the sampler runs in it."""
+
+    def __init__(self, every: float = 2.0) -> None:
+        self.every = every
+        self.samples: list[tuple[float, dict[int, float]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ray-cpu", daemon=True)
+
+    def __enter__(self) -> RayCpu:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.wait(self.every):
+            used = {}
+            for p in psutil.Process(os.getpid()).children(recursive=True):
+                try:
+                    if "RayTrainWorker" not in p.name() + " ".join(p.cmdline()):
+                        used[p.pid] = sum(p.cpu_times()[:2])
+                except psutil.Error:  # gone since the listing
+                    pass
+            self.samples.append((time.time(), used))
+
+    def cores(self, t0: float, t1: float) -> float | None:
+        """Mean cores used between the first sample after ``t0`` and the last before ``t1`` (None: too few)."""
+        inside = [(t, used) for t, used in self.samples if t0 <= t <= t1]
+        if len(inside) < 2:
+            return None
+        (ta, a), (tb, b) = inside[0], inside[-1]
+        return sum(cpu - a.get(pid, 0.0) for pid, cpu in b.items()) / (tb - ta)
+
+
+def ray_deepspeed(cfg, warmup: int) -> tuple[list[float], list[float], float, float | None]:
+    """(step times, data wait times, wall seconds of train.run, cores Ray's other processes used during the steps
+    after ``warmup``) of the real training job with one worker."""
     from mlflow import MlflowClient
 
     from pipelines.training import job as train
 
     t0 = time.perf_counter()
-    result = train.run(cfg)
+    with RayCpu() as ray_cpu:
+        result = train.run(cfg)
     wall = time.perf_counter() - t0
     client = MlflowClient(cfg.mlflow.tracking_uri)
-    times = [m.value for m in sorted(client.get_metric_history(result["run_id"], "step_time_s"), key=lambda m: m.step)]
-    waits = [m.value for m in sorted(client.get_metric_history(result["run_id"], "data_wait_s"), key=lambda m: m.step)]
-    return times, waits, wall
+    history = lambda key: sorted(client.get_metric_history(result["run_id"], key), key=lambda m: m.step)  # noqa: E731
+    steps = history("step_time_s")
+    waits = [m.value for m in history("data_wait_s")]
+    # metric timestamps (ms) are taken as each step is logged: the window is the end of warm-up to the last step
+    others = ray_cpu.cores(steps[warmup - 1].timestamp / 1000 if warmup else 0.0, steps[-1].timestamp / 1000)
+    return [m.value for m in steps], waits, wall, others
 
 
 def loader_rate(cfg, batches: int) -> float:
@@ -199,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         # Plain loops and Ray jobs alternate (plain, Ray, plain, ..., plain): on a shared machine the speed drifts
         # by several percent over minutes, and alternating spreads that drift over both contenders instead of
         # silently skewing the ratio one way.
-        plain, ds, ds_waits, walls = [], [], [], []
+        plain, ds, ds_waits, walls, others = [], [], [], [], []
         for r in range(b.rounds):
             print(
                 f"[bench] round {r + 1}/{b.rounds}: plain PyTorch loop, {total} steps, {b.threads} threads", flush=True
@@ -213,12 +264,13 @@ def main(argv: list[str] | None = None) -> int:
             # with the dashboard, as the training job starts it: Ray Train polls its state API
             local_ray.start(num_cpus=max(b.threads, 1), logging_level=logging.WARNING)
             try:
-                times, waits, wall = ray_deepspeed(train_config(b, data, work / f"run{r}", total))
+                times, waits, wall, cores = ray_deepspeed(train_config(b, data, work / f"run{r}", total), b.warmup)
             finally:
                 ray.shutdown()
             ds.append(times)
             ds_waits.append(waits)
             walls.append(wall)
+            others.append(cores)
         print("[bench] plain PyTorch loop, last", flush=True)
         plain.append(plain_loop(cfg, total))
         print("[bench] loader alone", flush=True)
@@ -255,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
         f"target <= 1.10; per round, against the plain loops either side: {pairs})"
     )
     print(f"  Ray job wall time incl. start-up         {' / '.join(f'{x:.1f}' for x in walls)} s")
+    print(
+        f"  Ray's other processes during the steps   {' / '.join('-' if c is None else f'{c:.3f}' for c in others)}"
+        f" cores of {os.cpu_count()}   (the plain loop has none; threads {b.threads})"
+    )
     print(f"  loader alone                             {rate:8.1f} samples/s")
     print(
         f"  training consumes                        {consume:8.1f} samples/s   loader / training = "

@@ -279,7 +279,7 @@ def _finish(
     log.info(
         "done: %d steps, final loss %s, model %s%s",
         result["steps"],
-        result["final_loss"],
+        "-" if result["final_loss"] is None else f"{result['final_loss']:.4f}",
         result["checkpoint"],
         f", logged as {model_uri}" if model_uri else "",
     )

@@ -797,20 +797,26 @@ class Exporter:
             host.unet.load_state_dict(state)
             host.save(self.out / EXPORT_DIR / "snapshots" / f"model_ema_{step:08d}.pt", step=step, ema=True)
 
-    def final(self, step: int, metrics: dict) -> None:
+    def final(self, step: int, metrics: dict) -> str | None:
+        """Writes the final model (rank 0); returns what it wrote, for the log, or None."""
         if not self.cfg.save_final:  # what the driver reads, without weights (tens of GiB for the large sizes)
             if self.rank == 0:
                 (self.out / EXPORT_DIR).mkdir(parents=True, exist_ok=True)
                 (self.out / EXPORT_DIR / "export.json").write_text(json.dumps({"step": step, "checkpoint": None}))
                 (self.out / EXPORT_DIR / "final_metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
-            return
+            return None
         raw = self.gather(ema=False)
         ema = self.gather(ema=True)
         if self.rank == 0:
             host = self._copy(torch.device("cpu"))
             files = export.write_models(host, raw, ema, self.out / EXPORT_DIR, step, dtype=self.cfg.export_dtype)
             (self.out / EXPORT_DIR / "final_metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
-            log.info("exported %s", files)
+            where = self.out / EXPORT_DIR
+            names = [
+                os.path.relpath(files[k], where) for k in ("checkpoint", "ema_checkpoint", "diffusers") if files.get(k)
+            ]
+            return f"{', '.join(names)} to {where}"
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1086,8 +1092,9 @@ def train_loop_per_worker(config: dict) -> None:
     if cfg.sample_every and step % cfg.sample_every != 0 and metrics:
         exporter.samples(step)
     t_export = time.perf_counter()
-    exporter.final(step, metrics)
-    log.info("exported the model in %.1fs", time.perf_counter() - t_export)
+    written = exporter.final(step, metrics)
+    if written:
+        log.info("exported %s in %.1fs", written, time.perf_counter() - t_export)
     if rank == 0:
         summary = throughput.summary(run_facts.peak_flops(device, cfg.bf16, cfg.device_peak_tflops))
         tracker.log_metrics({"train_time_s": time.perf_counter() - t_start, **summary}, step)
